@@ -1,0 +1,68 @@
+//! Reads a project folder from disk into `ProjectFiles`: the only file reads of planning.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use sluice_core::config::CONFIG_FILE;
+use sluice_core::project::{EXTERNAL_MODELS_FILE, ProjectFiles};
+
+/// Folders never read as part of a project.
+const SKIPPED_FOLDERS: &[&str] = &[".sluice", "target", ".git", "node_modules", ".cache"];
+
+fn walk(root: &Path, folder: &Path, found: &mut Vec<String>) -> Result<()> {
+    let entries = fs::read_dir(folder).with_context(|| format!("while listing {}", folder.display()))?;
+    let mut paths: Vec<_> = entries.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect();
+    paths.sort();
+    for path in paths {
+        let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+        if path.is_dir() {
+            if !SKIPPED_FOLDERS.contains(&name) && !name.starts_with('.') {
+                walk(root, &path, found)?;
+            }
+            continue;
+        }
+        let relative = path.strip_prefix(root).unwrap_or(&path);
+        let relative: Vec<String> =
+            relative.components().map(|component| component.as_os_str().to_string_lossy().into_owned()).collect();
+        found.push(relative.join("/"));
+    }
+    Ok(())
+}
+
+fn read(root: &Path, relative: &str) -> Result<String> {
+    let path = root.join(relative);
+    fs::read_to_string(&path).with_context(|| format!("while reading {}", path.display()))
+}
+
+/// Reads `config.yaml`, `external_models.yaml`, `models/**/*.sql` and every CSV file of the project.
+pub fn read_project_files(root: &Path) -> Result<ProjectFiles> {
+    if !root.is_dir() {
+        bail!("project folder {} does not exist", root.display());
+    }
+    let mut files = ProjectFiles::default();
+    if root.join(CONFIG_FILE).is_file() {
+        files.config = Some(read(root, CONFIG_FILE)?);
+    }
+    if root.join(EXTERNAL_MODELS_FILE).is_file() {
+        files.external_models = Some(read(root, EXTERNAL_MODELS_FILE)?);
+    }
+    let mut paths = Vec::new();
+    walk(root, root, &mut paths)?;
+    let mut models = BTreeMap::new();
+    let mut csv_files = BTreeMap::new();
+    for path in paths {
+        if path.starts_with("models/") && path.ends_with(".sql") {
+            models.insert(path.clone(), read(root, &path)?);
+        } else if path.ends_with(".csv") {
+            csv_files.insert(path.clone(), read(root, &path)?);
+        }
+    }
+    if models.is_empty() {
+        bail!("project folder {} has no models/*.sql files", root.display());
+    }
+    files.models = models;
+    files.csv_files = csv_files;
+    Ok(files)
+}

@@ -1,0 +1,15 @@
+//! sluice's pure core: project files in, plans and task graphs out. Nothing here does I/O.
+
+pub mod config;
+pub mod cron;
+pub mod error;
+pub mod interval;
+pub mod model;
+pub mod model_file;
+pub mod names;
+pub mod plan;
+pub mod plan_text;
+pub mod project;
+pub mod query;
+pub mod snapshot;
+pub mod task_graph;

@@ -1,0 +1,121 @@
+//! The model: one `MODEL (...)` block and its query, as read from a project file.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cron::Cron;
+use crate::interval::Timestamp;
+use crate::names::ModelName;
+use crate::query::ModelQuery;
+
+/// How a model's data is materialized, as SQLMesh's `kind` property says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelKind {
+    /// A view over its query; nothing is stored.
+    View,
+    /// The whole table is rebuilt from the query on every run.
+    Full,
+    /// One cron interval at a time: each run replaces the rows whose `time_column` lies in the interval.
+    IncrementalByTimeRange {
+        time_column: String,
+        batch_size: Option<u32>,
+        batch_concurrency: Option<u32>,
+        lookback: u32,
+        forward_only: bool,
+    },
+    /// Rows are upserted by `unique_key`.
+    IncrementalByUniqueKey { unique_key: Vec<String>, batch_size: Option<u32>, forward_only: bool },
+    /// Loaded from a CSV file.
+    Seed { path: String, batch_size: Option<u32> },
+    /// Never stored: inlined into the queries that read it.
+    Embedded,
+}
+
+impl ModelKind {
+    /// The SQLMesh name of the kind, as `@model_kind_name` renders it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ModelKind::View => "VIEW",
+            ModelKind::Full => "FULL",
+            ModelKind::IncrementalByTimeRange { .. } => "INCREMENTAL_BY_TIME_RANGE",
+            ModelKind::IncrementalByUniqueKey { .. } => "INCREMENTAL_BY_UNIQUE_KEY",
+            ModelKind::Seed { .. } => "SEED",
+            ModelKind::Embedded => "EMBEDDED",
+        }
+    }
+
+    pub fn is_time_range(&self) -> bool {
+        matches!(self, ModelKind::IncrementalByTimeRange { .. })
+    }
+
+    pub fn batch_size(&self) -> Option<u32> {
+        match self {
+            ModelKind::IncrementalByTimeRange { batch_size, .. }
+            | ModelKind::IncrementalByUniqueKey { batch_size, .. }
+            | ModelKind::Seed { batch_size, .. } => *batch_size,
+            _ => None,
+        }
+    }
+
+    pub fn lookback(&self) -> u32 {
+        match self {
+            ModelKind::IncrementalByTimeRange { lookback, .. } => *lookback,
+            _ => 0,
+        }
+    }
+
+    pub fn is_forward_only(&self) -> bool {
+        matches!(
+            self,
+            ModelKind::IncrementalByTimeRange { forward_only: true, .. }
+                | ModelKind::IncrementalByUniqueKey { forward_only: true, .. }
+        )
+    }
+
+    /// Whether the model's snapshot has a physical table (or view) of its own.
+    pub fn is_materialized(&self) -> bool {
+        !matches!(self, ModelKind::Embedded)
+    }
+}
+
+/// The rows of a SEED model's CSV file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedData {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+/// One model of a project.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Model {
+    pub name: ModelName,
+    /// The project-relative path of the model's file.
+    pub file: String,
+    pub kind: ModelKind,
+    pub cron: Cron,
+    pub start: Timestamp,
+    pub end: Option<Timestamp>,
+    pub owner: Option<String>,
+    pub description: Option<String>,
+    pub grain: Vec<String>,
+    pub gateway: String,
+    pub dialect: String,
+    pub tags: Vec<String>,
+    /// Declared columns, name and type as written.
+    pub columns: Vec<(String, String)>,
+    pub enabled: bool,
+    /// Statements run before the query, macros rendered.
+    pub pre_statements: Vec<String>,
+    /// Statements run after the query, macros rendered.
+    pub post_statements: Vec<String>,
+    /// The query; `None` for SEED models.
+    pub query: Option<ModelQuery>,
+    /// The CSV rows of a SEED model.
+    pub seed: Option<SeedData>,
+}
+
+impl Model {
+    /// Whether the query reads the model's own table (`@this_model` or its own name).
+    pub fn is_self_referencing(&self) -> bool {
+        self.query.as_ref().is_some_and(|query| query.references.iter().any(|reference| reference == &self.name.to_string()))
+    }
+}

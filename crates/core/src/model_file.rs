@@ -1,0 +1,791 @@
+//! Reads one SQLMesh model file: the `MODEL (...)` block, statements before and after the
+//! query, `@DEF` locals and every macro, into a [`Model`].
+
+use std::collections::BTreeMap;
+
+use sqlparser::dialect::GenericDialect;
+use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer, Whitespace};
+
+use crate::config::{Config, VariableValue};
+use crate::cron::Cron;
+use crate::error::{ErrorSink, ProjectError, SourceLocation};
+use crate::interval::{TimeMacro, Timestamp};
+use crate::model::{Model, ModelKind, SeedData};
+use crate::names::{IDENTIFIER_EXPECTATION, ModelName, is_valid_identifier};
+use crate::query::{dialect_for, parse_query, time_placeholder};
+
+/// What a model file is read against: the config and the project's CSV files by project-relative path.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelFileContext<'a> {
+    pub config: &'a Config,
+    pub csv_files: &'a BTreeMap<String, String>,
+}
+
+/// A model and the warnings its file produced.
+#[derive(Debug)]
+pub struct ParsedModel {
+    pub model: Model,
+    pub warnings: Vec<ProjectError>,
+}
+
+/// Model properties sluice reads.
+const PROPERTIES: &[&str] = &[
+    "name",
+    "kind",
+    "cron",
+    "start",
+    "end",
+    "owner",
+    "description",
+    "grain",
+    "grains",
+    "gateway",
+    "dialect",
+    "tags",
+    "columns",
+    "enabled",
+];
+/// Properties SQLMesh accepts that sluice does not use yet: a warning, not an error.
+const SQLMESH_ONLY_PROPERTIES: &[&str] = &[
+    "audits",
+    "references",
+    "partitioned_by",
+    "clustered_by",
+    "storage_format",
+    "physical_properties",
+    "virtual_properties",
+    "session_properties",
+    "allow_partials",
+    "signals",
+    "table_format",
+    "stamp",
+    "optimize_query",
+    "formatting",
+    "ignored_rules",
+    "column_descriptions",
+    "interval_unit",
+    "physical_version",
+    "project",
+    "validate_query",
+    "enabled_audits",
+    "cron_tz",
+];
+
+/// Non-whitespace tokens of a slice, with their index in it.
+fn significant(tokens: &[TokenWithSpan]) -> Vec<&TokenWithSpan> {
+    tokens.iter().filter(|token| !matches!(token.token, Token::Whitespace(_))).collect()
+}
+
+fn is_word(token: &Token, expected: &str) -> bool {
+    matches!(token, Token::Word(word) if word.quote_style.is_none() && word.value.eq_ignore_ascii_case(expected))
+}
+
+/// Splits tokens at commas that are not inside parentheses or brackets.
+fn split_top_level_commas<'t>(tokens: &[&'t TokenWithSpan]) -> Vec<Vec<&'t TokenWithSpan>> {
+    let mut items = Vec::new();
+    let mut current = Vec::new();
+    let mut depth = 0i32;
+    for token in tokens {
+        match token.token {
+            Token::LParen | Token::LBracket => depth += 1,
+            Token::RParen | Token::RBracket => depth -= 1,
+            Token::Comma if depth == 0 => {
+                items.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(*token);
+    }
+    if !current.is_empty() {
+        items.push(current);
+    }
+    items
+}
+
+/// Joins tokens back into text without the spaces the tokenizer dropped around punctuation.
+fn join_tokens(tokens: &[&TokenWithSpan]) -> String {
+    let mut text = String::new();
+    let mut previous: Option<&Token> = None;
+    for token in tokens {
+        let glue = matches!(token.token, Token::LParen | Token::RParen | Token::Comma | Token::Period)
+            || matches!(previous, Some(Token::LParen | Token::Period) | None);
+        if !glue {
+            text.push(' ');
+        }
+        text.push_str(&token.token.to_string());
+        previous = Some(&token.token);
+    }
+    text
+}
+
+struct FileReader<'a> {
+    file: &'a str,
+    errors: ErrorSink,
+    warnings: Vec<ProjectError>,
+}
+
+impl FileReader<'_> {
+    fn at(&self, token: &TokenWithSpan) -> SourceLocation {
+        SourceLocation::new(self.file, token.span.start.line, token.span.start.column)
+    }
+
+    fn error(&mut self, token: &TokenWithSpan, message: impl Into<String>) {
+        let location = self.at(token);
+        self.errors.push(location, message);
+    }
+
+    fn warn(&mut self, token: &TokenWithSpan, message: impl Into<String>) {
+        let location = self.at(token);
+        self.warnings.push(ProjectError::new(location, message));
+    }
+
+    /// A scalar property value: a string, a number, a word or a dotted name.
+    fn scalar(&mut self, key: &TokenWithSpan, value: &[&TokenWithSpan]) -> Option<String> {
+        let expected = "expected a string, a number or a name";
+        let Some(first) = value.first() else {
+            self.error(key, format!("{expected} after {}", key.token));
+            return None;
+        };
+        if value.len() == 1 {
+            return match &first.token {
+                Token::SingleQuotedString(text) | Token::DoubleQuotedString(text) => Some(text.replace("''", "'")),
+                Token::Number(number, _) => Some(number.clone()),
+                Token::Word(word) => Some(word.value.clone()),
+                other => {
+                    self.error(first, format!("{expected}, found {other}"));
+                    None
+                }
+            };
+        }
+        // A dotted name: word (. word)*
+        let mut parts = Vec::new();
+        for (index, token) in value.iter().enumerate() {
+            match (&token.token, index % 2) {
+                (Token::Word(word), 0) => parts.push(word.value.clone()),
+                (Token::Period, 1) => {}
+                (other, _) => {
+                    self.error(token, format!("{expected}, found {other}"));
+                    return None;
+                }
+            }
+        }
+        Some(parts.join("."))
+    }
+
+    /// A list value: `[a, b]`, `(a, b)` or a single scalar.
+    fn list(&mut self, key: &TokenWithSpan, value: &[&TokenWithSpan]) -> Option<Vec<String>> {
+        let inner = match (value.first().map(|t| &t.token), value.last().map(|t| &t.token)) {
+            (Some(Token::LBracket), Some(Token::RBracket)) | (Some(Token::LParen), Some(Token::RParen)) => {
+                &value[1..value.len() - 1]
+            }
+            _ => return self.scalar(key, value).map(|item| vec![item]),
+        };
+        let mut items = Vec::new();
+        for item in split_top_level_commas(inner) {
+            items.push(self.scalar(key, &item)?);
+        }
+        Some(items)
+    }
+
+    fn boolean(&mut self, key: &TokenWithSpan, value: &[&TokenWithSpan]) -> Option<bool> {
+        let text = self.scalar(key, value)?;
+        match text.to_ascii_lowercase().as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => {
+                self.error(value[0], format!("expected true or false, found {text}"));
+                None
+            }
+        }
+    }
+
+    fn count(&mut self, key: &TokenWithSpan, value: &[&TokenWithSpan], minimum: u32) -> Option<u32> {
+        let text = self.scalar(key, value)?;
+        match text.parse::<u32>() {
+            Ok(number) if number >= minimum => Some(number),
+            _ => {
+                self.error(value[0], format!("expected a whole number of at least {minimum} for {}, found {text}", key.token));
+                None
+            }
+        }
+    }
+
+    fn timestamp(&mut self, key: &TokenWithSpan, value: &[&TokenWithSpan]) -> Option<Timestamp> {
+        let text = self.scalar(key, value)?;
+        match Timestamp::parse(&text) {
+            Ok(timestamp) => Some(timestamp),
+            Err(error) => {
+                self.error(value[0], error.to_string());
+                None
+            }
+        }
+    }
+}
+
+/// The parsed `kind` property.
+fn read_kind(reader: &mut FileReader, key: &TokenWithSpan, value: &[&TokenWithSpan]) -> Option<ModelKind> {
+    const KINDS: &str = "VIEW, FULL, INCREMENTAL_BY_TIME_RANGE, INCREMENTAL_BY_UNIQUE_KEY, SEED or EMBEDDED";
+    let Some(first) = value.first() else {
+        reader.error(key, format!("expected a model kind ({KINDS})"));
+        return None;
+    };
+    let Token::Word(word) = &first.token else {
+        reader.error(first, format!("expected a model kind ({KINDS}), found {}", first.token));
+        return None;
+    };
+    let kind_name = word.value.to_ascii_uppercase();
+    let mut arguments: BTreeMap<String, (&TokenWithSpan, Vec<&TokenWithSpan>)> = BTreeMap::new();
+    if value.len() > 1 {
+        let well_formed = matches!(value[1].token, Token::LParen)
+            && matches!(value.last().map(|t| &t.token), Some(Token::RParen));
+        if !well_formed {
+            reader.error(value[1], format!("expected ( after {kind_name} for its arguments, found {}", value[1].token));
+            return None;
+        }
+        for item in split_top_level_commas(&value[2..value.len() - 1]) {
+            let Some((argument_key, argument_value)) = item.split_first() else { continue };
+            let Token::Word(argument_word) = &argument_key.token else {
+                reader.error(argument_key, format!("expected a {kind_name} argument name, found {}", argument_key.token));
+                continue;
+            };
+            arguments.insert(argument_word.value.to_ascii_lowercase(), (*argument_key, argument_value.to_vec()));
+        }
+    }
+    let mut take = |name: &str| arguments.remove(name);
+    let kind = match kind_name.as_str() {
+        "VIEW" => {
+            if let Some((token, _)) = take("materialized") {
+                reader.warn(token, "VIEW argument materialized is accepted by SQLMesh but not used by sluice yet");
+            }
+            ModelKind::View
+        }
+        "FULL" => ModelKind::Full,
+        "EMBEDDED" => ModelKind::Embedded,
+        "INCREMENTAL_BY_TIME_RANGE" => {
+            let time_column = match take("time_column") {
+                Some((token, tokens)) => {
+                    // `time_column ds` or `time_column (ds, '%Y-%m-%d')`.
+                    let column_tokens = match tokens.first().map(|t| &t.token) {
+                        Some(Token::LParen) => split_top_level_commas(&tokens[1..tokens.len().saturating_sub(1)])
+                            .into_iter()
+                            .next()
+                            .unwrap_or_default(),
+                        _ => tokens.clone(),
+                    };
+                    reader.scalar(token, &column_tokens)?.to_ascii_lowercase()
+                }
+                None => {
+                    reader.error(first, "INCREMENTAL_BY_TIME_RANGE needs a time_column argument");
+                    return None;
+                }
+            };
+            let batch_size = take("batch_size").and_then(|(t, v)| reader.count(t, &v, 1));
+            let batch_concurrency = take("batch_concurrency").and_then(|(t, v)| reader.count(t, &v, 1));
+            let lookback = take("lookback").and_then(|(t, v)| reader.count(t, &v, 0)).unwrap_or(0);
+            let forward_only = take("forward_only").and_then(|(t, v)| reader.boolean(t, &v)).unwrap_or(false);
+            ModelKind::IncrementalByTimeRange { time_column, batch_size, batch_concurrency, lookback, forward_only }
+        }
+        "INCREMENTAL_BY_UNIQUE_KEY" => {
+            let unique_key = match take("unique_key") {
+                Some((token, tokens)) => reader.list(token, &tokens)?,
+                None => {
+                    reader.error(first, "INCREMENTAL_BY_UNIQUE_KEY needs a unique_key argument");
+                    return None;
+                }
+            };
+            let batch_size = take("batch_size").and_then(|(t, v)| reader.count(t, &v, 1));
+            let forward_only = take("forward_only").and_then(|(t, v)| reader.boolean(t, &v)).unwrap_or(false);
+            let unique_key = unique_key.into_iter().map(|column| column.to_ascii_lowercase()).collect();
+            ModelKind::IncrementalByUniqueKey { unique_key, batch_size, forward_only }
+        }
+        "SEED" => {
+            let path = match take("path") {
+                Some((token, tokens)) => reader.scalar(token, &tokens)?,
+                None => {
+                    reader.error(first, "SEED needs a path argument naming its CSV file");
+                    return None;
+                }
+            };
+            let batch_size = take("batch_size").and_then(|(t, v)| reader.count(t, &v, 1));
+            ModelKind::Seed { path, batch_size }
+        }
+        _ => {
+            reader.error(first, format!("unknown model kind {}; expected {KINDS}", word.value));
+            return None;
+        }
+    };
+    const SQLMESH_ONLY_KIND_ARGUMENTS: &[&str] = &[
+        "on_destructive_change",
+        "on_additive_change",
+        "auto_restatement_cron",
+        "auto_restatement_intervals",
+        "partition_by_time_column",
+        "disable_restatement",
+        "when_matched",
+        "merge_filter",
+        "csv_settings",
+        "min_interval_end_offset",
+    ];
+    for (name, (token, _)) in arguments {
+        if SQLMESH_ONLY_KIND_ARGUMENTS.contains(&name.as_str()) {
+            reader.warn(token, format!("{kind_name} argument {name} is accepted by SQLMesh but not used by sluice yet"));
+        } else {
+            reader.error(token, format!("unknown {kind_name} argument {name}"));
+        }
+    }
+    Some(kind)
+}
+
+/// Resolves `relative` against the folder of `file`, both project-relative with `/` separators.
+fn resolve_relative(file: &str, relative: &str) -> Option<String> {
+    let mut parts: Vec<&str> = file.split('/').collect();
+    parts.pop();
+    for part in relative.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            other => parts.push(other),
+        }
+    }
+    Some(parts.join("/"))
+}
+
+fn read_seed(text: &str) -> Result<SeedData, String> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(text.as_bytes());
+    let columns: Vec<String> = reader
+        .headers()
+        .map_err(|error| format!("not valid CSV: {error}"))?
+        .iter()
+        .map(|column| column.trim().to_ascii_lowercase())
+        .collect();
+    for column in &columns {
+        if !is_valid_identifier(column) {
+            return Err(format!("CSV header {column:?} is not {IDENTIFIER_EXPECTATION}"));
+        }
+    }
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|error| format!("not valid CSV: {error}"))?;
+        rows.push(record.iter().map(str::to_string).collect());
+    }
+    Ok(SeedData { columns, rows })
+}
+
+/// Values the macros of one model render to.
+struct MacroScope<'a> {
+    model_name: Option<&'a ModelName>,
+    gateway: &'a str,
+    kind_name: &'a str,
+    variables: &'a BTreeMap<String, VariableValue>,
+    locals: BTreeMap<String, String>,
+}
+
+const MACRO_EXPECTATION: &str = "expected a time macro such as @start_ds or @end_ts, @this_model, @gateway, @model_kind_name, @VAR('name') or a name defined with @DEF";
+
+/// Renders one statement's tokens to SQL text with every macro replaced, keeping line numbers.
+fn render_statement(reader: &mut FileReader, tokens: &[TokenWithSpan], scope: &MacroScope) -> Option<String> {
+    let mut text = String::new();
+    let mut index = 0;
+    let mut ok = true;
+    while index < tokens.len() {
+        let token = &tokens[index];
+        index += 1;
+        match &token.token {
+            Token::Whitespace(Whitespace::SingleLineComment { comment, .. }) => {
+                text.push_str(&"\n".repeat(comment.matches('\n').count()));
+            }
+            Token::Whitespace(Whitespace::MultiLineComment(comment)) => {
+                let newlines = comment.matches('\n').count();
+                text.push_str(if newlines == 0 { " " } else { "" });
+                text.push_str(&"\n".repeat(newlines));
+            }
+            Token::SingleQuotedString(_) => text.push_str(&token.token.to_string()),
+            Token::Word(word) if word.quote_style.is_none() && word.value.starts_with('@') => {
+                let name = word.value[1..].to_ascii_lowercase();
+                if let Some(time_macro) = TimeMacro::from_name(&name) {
+                    text.push_str(&time_placeholder(time_macro));
+                } else if name == "this_model" {
+                    match scope.model_name {
+                        Some(model_name) => text.push_str(&model_name.to_string()),
+                        None => {
+                            reader.error(token, "@this_model needs the model's name");
+                            ok = false;
+                        }
+                    }
+                } else if name == "gateway" {
+                    text.push_str(&format!("'{}'", scope.gateway));
+                } else if name == "model_kind_name" {
+                    text.push_str(&format!("'{}'", scope.kind_name));
+                } else if name == "var" {
+                    // @VAR('name') or @VAR('name', default)
+                    let rest: Vec<(usize, &TokenWithSpan)> = tokens[index..]
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, t)| !matches!(t.token, Token::Whitespace(_)))
+                        .collect();
+                    let Some(close) = rest.iter().position(|(_, t)| matches!(t.token, Token::RParen)) else {
+                        reader.error(token, "expected @VAR('name') with a closing parenthesis");
+                        return None;
+                    };
+                    let arguments: Vec<&TokenWithSpan> = rest[..close].iter().map(|(_, t)| *t).collect();
+                    index += rest[close].0 + 1;
+                    let (Some(Token::LParen), Some(Token::SingleQuotedString(variable))) =
+                        (arguments.first().map(|t| &t.token), arguments.get(1).map(|t| &t.token))
+                    else {
+                        reader.error(token, "expected @VAR('name') or @VAR('name', default)");
+                        ok = false;
+                        continue;
+                    };
+                    match scope.variables.get(&variable.to_ascii_lowercase()) {
+                        Some(value) => text.push_str(&value.to_sql()),
+                        None if arguments.len() > 3 => text.push_str(&join_tokens(&arguments[3..])),
+                        None => {
+                            reader.error(
+                                token,
+                                format!("unknown variable {variable:?}; expected a key of variables in config.yaml"),
+                            );
+                            ok = false;
+                        }
+                    }
+                } else if let Some(value) = scope.locals.get(&name) {
+                    text.push_str(value);
+                } else {
+                    reader.error(token, format!("unknown macro {}; {MACRO_EXPECTATION}", word.value));
+                    ok = false;
+                }
+            }
+            other => text.push_str(&other.to_string()),
+        }
+    }
+    ok.then_some(text)
+}
+
+/// Reads one model file. `file` is its project-relative path, used in messages and for seed paths.
+pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Result<ParsedModel, Vec<ProjectError>> {
+    let mut reader = FileReader { file, errors: ErrorSink::default(), warnings: Vec::new() };
+    let tokens = match Tokenizer::new(&GenericDialect {}, text).with_unescape(false).tokenize_with_location() {
+        Ok(tokens) => tokens,
+        Err(error) => {
+            let location = SourceLocation::new(file, error.location.line, error.location.column);
+            return Err(vec![ProjectError::new(location, format!("cannot read SQL: {}", error.message))]);
+        }
+    };
+    let all_significant = significant(&tokens);
+    let model_start = all_significant.first().copied();
+    let opens_with_model = matches!(
+        (all_significant.first().map(|t| &t.token), all_significant.get(1).map(|t| &t.token)),
+        (Some(first), Some(Token::LParen)) if is_word(first, "MODEL")
+    );
+    if !opens_with_model {
+        let location = model_start.map(|t| reader.at(t)).unwrap_or_else(|| SourceLocation::new(file, 1, 1));
+        return Err(vec![ProjectError::new(location, "expected the file to start with a MODEL (...) block")]);
+    }
+    // Find the closing parenthesis of the MODEL block in the full token list.
+    let mut depth = 0i32;
+    let mut block_end = None;
+    let mut block_tokens = Vec::new();
+    let opening_index = tokens.iter().position(|t| matches!(t.token, Token::LParen)).unwrap_or(0);
+    for (index, token) in tokens.iter().enumerate().skip(opening_index) {
+        match token.token {
+            Token::LParen | Token::LBracket => depth += 1,
+            Token::RParen | Token::RBracket => depth -= 1,
+            _ => {}
+        }
+        if depth == 0 {
+            block_end = Some(index);
+            break;
+        }
+        if index > opening_index && !matches!(token.token, Token::Whitespace(_)) {
+            block_tokens.push(token);
+        }
+    }
+    let Some(block_end) = block_end else {
+        let location = model_start.map(|t| reader.at(t)).unwrap_or_else(|| SourceLocation::new(file, 1, 1));
+        return Err(vec![ProjectError::new(location, "the MODEL block has no closing parenthesis")]);
+    };
+
+    // Properties.
+    let mut properties: BTreeMap<String, (&TokenWithSpan, Vec<&TokenWithSpan>)> = BTreeMap::new();
+    for item in split_top_level_commas(&block_tokens) {
+        let Some((key, value)) = item.split_first() else { continue };
+        let Token::Word(word) = &key.token else {
+            reader.error(key, format!("expected a property name, found {}", key.token));
+            continue;
+        };
+        let name = word.value.to_ascii_lowercase();
+        if SQLMESH_ONLY_PROPERTIES.contains(&name.as_str()) {
+            reader.warn(key, format!("property {name} is accepted by SQLMesh but not used by sluice yet"));
+            continue;
+        }
+        if !PROPERTIES.contains(&name.as_str()) {
+            reader.error(key, format!("unknown property {name}; expected one of {}", PROPERTIES.join(", ")));
+            continue;
+        }
+        if properties.contains_key(&name) {
+            reader.error(key, format!("property {name} is given twice"));
+            continue;
+        }
+        properties.insert(name, (*key, value.to_vec()));
+    }
+    let model_token = model_start.unwrap_or(&tokens[0]);
+    let config = context.config;
+    let mut take = |name: &str| properties.remove(name);
+
+    let name = match take("name") {
+        Some((key, value)) => reader.scalar(key, &value).and_then(|text| match ModelName::parse(&text) {
+            Ok(name) => Some(name),
+            Err(message) => {
+                reader.error(value.first().copied().unwrap_or(key), message);
+                None
+            }
+        }),
+        None => {
+            reader.error(model_token, "the MODEL block has no name property; expected name schema.table");
+            None
+        }
+    };
+    let kind = match take("kind") {
+        Some((key, value)) => read_kind(&mut reader, key, &value),
+        None => match &config.model_defaults.kind {
+            Some(default) => match default.to_ascii_uppercase().as_str() {
+                "VIEW" => Some(ModelKind::View),
+                "FULL" => Some(ModelKind::Full),
+                "EMBEDDED" => Some(ModelKind::Embedded),
+                other => {
+                    reader.error(model_token, format!("model_defaults.kind {other} needs arguments; give kind in the model"));
+                    None
+                }
+            },
+            None => Some(ModelKind::View),
+        },
+    };
+    let cron = match take("cron") {
+        Some((key, value)) => reader.scalar(key, &value).and_then(|text| match Cron::parse(&text) {
+            Ok(cron) => Some(cron),
+            Err(error) => {
+                reader.error(value[0], error.to_string());
+                None
+            }
+        }),
+        None => config.model_defaults.cron.clone().or_else(|| Cron::parse("@daily").ok()),
+    };
+    let start = match take("start") {
+        Some((key, value)) => reader.timestamp(key, &value),
+        None => {
+            if config.model_defaults.start.is_none() {
+                reader.error(model_token, "the model has no start; expected a start property or model_defaults.start in config.yaml");
+            }
+            config.model_defaults.start
+        }
+    };
+    let end = take("end").and_then(|(key, value)| reader.timestamp(key, &value));
+    let owner = take("owner").and_then(|(key, value)| reader.scalar(key, &value));
+    let description = take("description").and_then(|(key, value)| reader.scalar(key, &value));
+    let grain = take("grain")
+        .or_else(|| take("grains"))
+        .and_then(|(key, value)| reader.list(key, &value))
+        .unwrap_or_default();
+    let tags = take("tags").and_then(|(key, value)| reader.list(key, &value)).unwrap_or_default();
+    let enabled = take("enabled").and_then(|(key, value)| reader.boolean(key, &value)).unwrap_or(true);
+    let gateway = match take("gateway") {
+        Some((key, value)) => reader.scalar(key, &value).and_then(|gateway| {
+            if config.gateways.contains_key(&gateway) {
+                Some(gateway)
+            } else {
+                let known: Vec<&str> = config.gateways.keys().map(String::as_str).collect();
+                reader.error(value[0], format!("unknown gateway {gateway:?}; expected one of: {}", known.join(", ")));
+                None
+            }
+        }),
+        None => Some(config.default_gateway.clone()),
+    };
+    let default_dialect = gateway
+        .as_ref()
+        .and_then(|gateway| config.gateways.get(gateway))
+        .map(|gateway| gateway.connection.default_dialect().to_string());
+    let dialect = match take("dialect") {
+        Some((key, value)) => reader.scalar(key, &value).map(|dialect| dialect.to_ascii_lowercase()),
+        None => config.model_defaults.dialect.clone().or(default_dialect),
+    };
+    if let Some(dialect_name) = &dialect
+        && dialect_for(dialect_name).is_none()
+    {
+        reader.error(model_token, format!("unknown dialect {dialect_name:?}; expected duckdb, postgres, mysql or another sqlparser dialect"));
+    }
+    let columns = match take("columns") {
+        Some((key, value)) => {
+            let wrapped = matches!(value.first().map(|t| &t.token), Some(Token::LParen))
+                && matches!(value.last().map(|t| &t.token), Some(Token::RParen));
+            if !wrapped {
+                reader.error(key, "expected columns (name TYPE, ...)");
+                Vec::new()
+            } else {
+                let mut columns = Vec::new();
+                for item in split_top_level_commas(&value[1..value.len() - 1]) {
+                    match item.split_first() {
+                        Some((column, column_type)) if !column_type.is_empty() => {
+                            let column_name = match &column.token {
+                                Token::Word(word) => word.value.to_ascii_lowercase(),
+                                other => other.to_string(),
+                            };
+                            if !is_valid_identifier(&column_name) {
+                                reader.error(column, format!("column name {column_name:?} is not {IDENTIFIER_EXPECTATION}"));
+                            }
+                            columns.push((column_name, join_tokens(column_type)));
+                        }
+                        Some((column, _)) => reader.error(column, "expected a column name followed by its type"),
+                        None => {}
+                    }
+                }
+                columns
+            }
+        }
+        None => Vec::new(),
+    };
+
+    // Statements after the MODEL block.
+    let mut statements: Vec<&[TokenWithSpan]> = Vec::new();
+    let mut statement_start = block_end + 1;
+    let mut depth = 0i32;
+    for index in block_end + 1..tokens.len() {
+        match tokens[index].token {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            Token::SemiColon if depth == 0 => {
+                statements.push(&tokens[statement_start..index]);
+                statement_start = index + 1;
+            }
+            _ => {}
+        }
+    }
+    statements.push(&tokens[statement_start..]);
+    let kind_name = kind.as_ref().map(ModelKind::name).unwrap_or("VIEW");
+    let mut scope = MacroScope {
+        model_name: name.as_ref(),
+        gateway: gateway.as_deref().unwrap_or(""),
+        kind_name,
+        variables: &config.variables,
+        locals: BTreeMap::new(),
+    };
+    let mut pre_statements = Vec::new();
+    let mut post_statements = Vec::new();
+    let mut query = None;
+    let mut query_token = None;
+    for statement in statements {
+        let statement_significant = significant(statement);
+        let Some(first) = statement_significant.first() else { continue };
+        if is_word(&first.token, "@DEF") {
+            // @DEF(name, value)
+            let inner = &statement_significant[1..];
+            let well_formed = matches!(inner.first().map(|t| &t.token), Some(Token::LParen))
+                && matches!(inner.last().map(|t| &t.token), Some(Token::RParen));
+            let items = if well_formed { split_top_level_commas(&inner[1..inner.len() - 1]) } else { Vec::new() };
+            let [local_name, value] = items.as_slice() else {
+                reader.error(first, "expected @DEF(name, value)");
+                continue;
+            };
+            let (Some(Token::Word(local_word)), 1) = (local_name.first().map(|t| &t.token), local_name.len()) else {
+                reader.error(first, "expected @DEF(name, value) with a plain name");
+                continue;
+            };
+            let local_key = local_word.value.to_ascii_lowercase();
+            let value_tokens: Vec<TokenWithSpan> = value.iter().map(|t| (*t).clone()).collect();
+            // Spaces between value tokens were dropped: render them with single spaces between.
+            let mut spaced = Vec::new();
+            for (position, token) in value_tokens.into_iter().enumerate() {
+                if position > 0 {
+                    spaced.push(TokenWithSpan::wrap(Token::Whitespace(Whitespace::Space)));
+                }
+                spaced.push(token);
+            }
+            if let Some(rendered) = render_statement(&mut reader, &spaced, &scope) {
+                scope.locals.insert(local_key, rendered);
+            }
+            continue;
+        }
+        let starts_query = matches!(first.token, Token::LParen)
+            || ["SELECT", "WITH", "FROM", "VALUES"].iter().any(|keyword| is_word(&first.token, keyword));
+        let Some(rendered) = render_statement(&mut reader, statement, &scope) else { continue };
+        if query_token.is_none() && starts_query {
+            query_token = Some(*first);
+            // Pad so that the parser's line numbers are the file's.
+            let first_token = &statement[0];
+            let padding = "\n".repeat(first_token.span.start.line.saturating_sub(1) as usize)
+                + &" ".repeat(first_token.span.start.column.saturating_sub(1) as usize);
+            query = Some(padding + &rendered);
+        } else if query_token.is_none() {
+            pre_statements.push(rendered.trim().to_string());
+        } else {
+            post_statements.push(rendered.trim().to_string());
+        }
+    }
+
+    let mut seed = None;
+    let mut model_query = None;
+    match (&kind, query, query_token) {
+        (Some(ModelKind::Seed { path, .. }), query, _) => {
+            if query.is_some() {
+                reader.error(model_token, "a SEED model takes its rows from its CSV file and has no query");
+            }
+            match resolve_relative(file, path).and_then(|resolved| context.csv_files.get(&resolved).map(|t| (resolved, t))) {
+                Some((resolved, csv_text)) => match read_seed(csv_text) {
+                    Ok(data) => seed = Some(data),
+                    Err(message) => reader.errors.push(SourceLocation::file(resolved), message),
+                },
+                None => reader.error(model_token, format!("seed file {path:?} not found (paths are relative to the model file)")),
+            }
+        }
+        (_, None, _) => {
+            reader.error(model_token, "the model has no query; expected a SELECT (or WITH ...) statement after the MODEL block")
+        }
+        (_, Some(query_text), Some(query_token)) => {
+            if let Some(dialect_name) = &dialect
+                && dialect_for(dialect_name).is_some()
+            {
+                match parse_query(&query_text, dialect_name) {
+                    Ok(parsed) => model_query = Some(parsed),
+                    Err(error) => {
+                        let location = if error.line == 0 {
+                            reader.at(query_token)
+                        } else {
+                            SourceLocation::new(file, error.line, error.column)
+                        };
+                        reader.errors.push(location, format!("SQL does not parse ({dialect_name}): {}", error.message));
+                    }
+                }
+            }
+        }
+        (_, Some(_), None) => {}
+    }
+
+    let FileReader { errors, warnings, .. } = reader;
+    let (Some(name), Some(kind), Some(cron), Some(start), Some(gateway), Some(dialect)) =
+        (name, kind, cron, start, gateway, dialect)
+    else {
+        return Err(errors.finish(()).err().map(|e| e.0).unwrap_or_default());
+    };
+    let model = Model {
+        name,
+        file: file.to_string(),
+        kind,
+        cron,
+        start,
+        end,
+        owner,
+        description,
+        grain,
+        gateway,
+        dialect,
+        tags,
+        columns,
+        enabled,
+        pre_statements,
+        post_statements,
+        query: model_query,
+        seed,
+    };
+    errors.finish(ParsedModel { model, warnings }).map_err(|errors| errors.0)
+}

@@ -1,0 +1,421 @@
+//! The plan: a project against one environment's snapshots. Which models are added, removed,
+//! directly or indirectly modified (with a category), which version each snapshot writes, the
+//! missing intervals to backfill in batches, and the views that change. A plan is a value:
+//! printing, storing and applying it are other modules' jobs.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sqlparser::ast::Query;
+
+use crate::cron::{Cron, batch_intervals, missing_intervals};
+use crate::interval::{Interval, IntervalSet, Timestamp};
+use crate::model::{Model, ModelKind};
+use crate::names::{EnvironmentName, ModelName, PhysicalTable, PlanId, SnapshotId, Version, short_hash};
+use crate::project::Project;
+use crate::query::{Replacement, only_adds_projections, rewrite_references};
+use crate::snapshot::{ChangeCategory, Fingerprint, Snapshot, fingerprint_project};
+
+/// An environment as the state store knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvironmentState {
+    pub name: EnvironmentName,
+    /// The plan whose snapshots the environment's views show.
+    pub plan_id: Option<PlanId>,
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// What a plan is computed against; every value comes from the caller (core does no I/O).
+#[derive(Clone, Copy, Debug)]
+pub struct PlanContext<'a> {
+    pub environment: &'a EnvironmentName,
+    /// The environment's own state; `None` when it does not exist yet.
+    pub current: Option<&'a EnvironmentState>,
+    /// What changes are computed against: `current`, or prod's state for a new environment.
+    pub base: Option<&'a EnvironmentState>,
+    /// Snapshots the state store already holds, by id, from any environment: a snapshot with
+    /// the same fingerprint is reused with its physical table.
+    pub known_snapshots: &'a BTreeMap<SnapshotId, Snapshot>,
+    /// Intervals recorded per physical table.
+    pub recorded_intervals: &'a BTreeMap<(ModelName, Version), IntervalSet>,
+    /// The plan's time: intervals end at or before it.
+    pub now: Timestamp,
+    /// `--forward-only`: every direct change is forward-only.
+    pub forward_only: bool,
+}
+
+/// How a model changed against the base environment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    Unchanged,
+    Added,
+    Direct(ChangeCategory),
+    /// A parent changed; `breaking` when a parent's table changed, `via` the directly modified ancestors.
+    Indirect { breaking: bool, via: Vec<ModelName> },
+}
+
+/// Up to `batch_size` contiguous intervals of one snapshot: one task.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackfillBatch {
+    pub interval: Interval,
+    pub interval_count: u32,
+}
+
+/// One model's part of a plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedSnapshot {
+    pub snapshot: Snapshot,
+    pub change: Change,
+    /// The base environment's snapshot of the same model.
+    pub previous: Option<Snapshot>,
+    /// Missing intervals, merged into ranges.
+    pub missing_ranges: Vec<Interval>,
+    pub missing_interval_count: u64,
+    /// The tasks to run for this snapshot.
+    pub batches: Vec<BackfillBatch>,
+    /// Indices (into `Plan::snapshots`) of the materialized snapshots this one's tasks wait for.
+    pub materialized_parents: Vec<u32>,
+}
+
+/// A change of one view of the environment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ViewChange {
+    /// Create or replace the view `name` in the environment to read `table`.
+    Point { name: ModelName, table: PhysicalTable },
+    /// Drop the view of a removed model.
+    Drop { name: ModelName },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub id: PlanId,
+    pub environment: EnvironmentName,
+    /// The plan the environment showed when this plan was made; apply refuses if it moved.
+    pub previous_plan_id: Option<PlanId>,
+    pub created_at: Timestamp,
+    pub forward_only: bool,
+    /// Every enabled model's snapshot, parents before children.
+    pub snapshots: Vec<PlannedSnapshot>,
+    /// Snapshots of the base environment whose models no longer exist.
+    pub removed: Vec<Snapshot>,
+    /// Whether the environment exists yet.
+    pub environment_exists: bool,
+}
+
+impl Plan {
+    pub fn uncategorized(&self) -> Vec<&ModelName> {
+        self.snapshots
+            .iter()
+            .filter(|planned| planned.change == Change::Direct(ChangeCategory::Uncategorized))
+            .map(|planned| &planned.snapshot.name)
+            .collect()
+    }
+
+    pub fn task_count(&self) -> usize {
+        self.snapshots.iter().map(|planned| planned.batches.len()).sum()
+    }
+
+    /// The views to create, replace or drop when the plan is promoted.
+    pub fn view_changes(&self, current: Option<&EnvironmentState>) -> Vec<ViewChange> {
+        let current_versions: BTreeMap<&ModelName, &Version> = current
+            .map(|state| state.snapshots.iter().map(|s| (&s.name, &s.version)).collect())
+            .unwrap_or_default();
+        let mut changes = Vec::new();
+        for planned in &self.snapshots {
+            let Some(table) = planned.snapshot.physical_table() else { continue };
+            if current_versions.get(&planned.snapshot.name) != Some(&&planned.snapshot.version) {
+                changes.push(ViewChange::Point { name: planned.snapshot.name.clone(), table });
+            }
+        }
+        let planned_names: BTreeSet<&ModelName> = self.snapshots.iter().map(|p| &p.snapshot.name).collect();
+        if let Some(current) = current {
+            for snapshot in &current.snapshots {
+                if !planned_names.contains(&snapshot.name) && snapshot.kind.is_materialized() {
+                    changes.push(ViewChange::Drop { name: snapshot.name.clone() });
+                }
+            }
+        }
+        changes
+    }
+
+    /// True when applying would change nothing: no model changes, nothing to backfill, no view to move.
+    pub fn has_nothing_to_do(&self, current: Option<&EnvironmentState>) -> bool {
+        self.removed.is_empty()
+            && self.snapshots.iter().all(|planned| planned.change == Change::Unchanged && planned.batches.is_empty())
+            && self.view_changes(current).is_empty()
+    }
+}
+
+/// The cron intervals a snapshot covers up to `now`: `[first tick, last end)`, or `None` when empty.
+fn covered_range(cron: &Cron, start: Timestamp, end: Option<Timestamp>, now: Timestamp) -> Option<Interval> {
+    let bound = end.map_or(now, |end| end.min(now));
+    let first = cron.tick_at_or_after(start);
+    let last = cron.tick_at_or_before(bound);
+    (first < last).then(|| Interval::new(first, last))
+}
+
+struct Backfill {
+    missing_ranges: Vec<Interval>,
+    missing_interval_count: u64,
+    batches: Vec<BackfillBatch>,
+}
+
+fn compute_backfill(snapshot: &Snapshot, cron: &Cron, recorded: Option<&IntervalSet>, now: Timestamp) -> Backfill {
+    let empty = IntervalSet::new();
+    let recorded = recorded.unwrap_or(&empty);
+    let nothing = Backfill { missing_ranges: Vec::new(), missing_interval_count: 0, batches: Vec::new() };
+    let Some(range) = covered_range(cron, snapshot.start, snapshot.end, now) else {
+        return nothing;
+    };
+    match &snapshot.kind {
+        ModelKind::Embedded => nothing,
+        ModelKind::View | ModelKind::Seed { .. } | ModelKind::Full => {
+            let missing = missing_intervals(cron, range.start, range.end, recorded);
+            // Views and seeds are built once per version; a FULL model is rebuilt whenever an interval is missing.
+            let build = if matches!(snapshot.kind, ModelKind::Full) { !missing.is_empty() } else { recorded.is_empty() };
+            if !build {
+                return nothing;
+            }
+            let count = missing.len() as u64;
+            Backfill {
+                missing_ranges: IntervalSet::from_intervals(missing).ranges().to_vec(),
+                missing_interval_count: count,
+                batches: vec![BackfillBatch { interval: range, interval_count: count.min(u32::MAX as u64) as u32 }],
+            }
+        }
+        ModelKind::IncrementalByTimeRange { batch_size, lookback, .. } => {
+            let missing = missing_intervals(cron, range.start, range.end, recorded);
+            let batches = batch_intervals(cron, &missing, *batch_size, *lookback, range.start);
+            Backfill {
+                missing_interval_count: missing.len() as u64,
+                missing_ranges: IntervalSet::from_intervals(missing).ranges().to_vec(),
+                batches: batches
+                    .into_iter()
+                    .map(|batch| BackfillBatch { interval: batch.interval, interval_count: batch.interval_count })
+                    .collect(),
+            }
+        }
+        ModelKind::IncrementalByUniqueKey { batch_size, .. } => {
+            let missing = missing_intervals(cron, range.start, range.end, recorded);
+            let batches = batch_intervals(cron, &missing, *batch_size, 0, range.start);
+            Backfill {
+                missing_interval_count: missing.len() as u64,
+                missing_ranges: IntervalSet::from_intervals(missing).ranges().to_vec(),
+                batches: batches
+                    .into_iter()
+                    .map(|batch| BackfillBatch { interval: batch.interval, interval_count: batch.interval_count })
+                    .collect(),
+            }
+        }
+    }
+}
+
+/// Categorizes a direct change of `model` against the base snapshot `old`.
+fn categorize(model: &Model, new: &Fingerprint, old: &Snapshot, forward_only: bool) -> ChangeCategory {
+    if new.data_hash == old.fingerprint.data_hash {
+        return ChangeCategory::MetadataOnly;
+    }
+    if forward_only || model.kind.is_forward_only() {
+        return ChangeCategory::ForwardOnly;
+    }
+    if model.kind != old.kind && model.kind.name() != old.kind.name() {
+        return ChangeCategory::Breaking;
+    }
+    match (&model.query, &old.normalized_query) {
+        (Some(new_query), Some(old_query)) => {
+            let same_statements =
+                model.pre_statements == old.pre_statements && model.post_statements == old.post_statements;
+            match only_adds_projections(old_query, new_query, &model.dialect) {
+                Some(true) if same_statements && model.columns.is_empty() => ChangeCategory::NonBreaking,
+                Some(_) => ChangeCategory::Breaking,
+                None => ChangeCategory::Uncategorized,
+            }
+        }
+        (None, None) => ChangeCategory::Breaking,
+        _ => ChangeCategory::Uncategorized,
+    }
+}
+
+/// Computes the plan of `project` against the environment in `context`.
+pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
+    let fingerprints = fingerprint_project(project);
+    let base_by_name: BTreeMap<&ModelName, &Snapshot> =
+        context.base.map(|base| base.snapshots.iter().map(|s| (&s.name, s)).collect()).unwrap_or_default();
+
+    let mut planned: Vec<PlannedSnapshot> = Vec::with_capacity(project.order.len());
+    let mut index_of: BTreeMap<&ModelName, usize> = BTreeMap::new();
+    let mut embedded_queries: BTreeMap<&ModelName, Box<Query>> = BTreeMap::new();
+    for name in &project.order {
+        let model = &project.models[name];
+        let fingerprint = &fingerprints[name];
+        let id = fingerprint.snapshot_id(name);
+        let previous = base_by_name.get(name).copied();
+        let parents = project.parents.get(name).cloned().unwrap_or_default();
+
+        // The change, against the base environment.
+        let direct_parents_changed: Vec<&PlannedSnapshot> = parents
+            .iter()
+            .filter_map(|parent| index_of.get(parent).map(|i| &planned[*i]))
+            .filter(|parent| parent.change != Change::Unchanged)
+            .collect();
+        let change = match previous {
+            None => Change::Added,
+            Some(old) if old.id == id => Change::Unchanged,
+            Some(old)
+                if old.fingerprint.data_hash != fingerprint.data_hash
+                    || old.fingerprint.metadata_hash != fingerprint.metadata_hash =>
+            {
+                Change::Direct(categorize(model, fingerprint, old, context.forward_only))
+            }
+            Some(_) => {
+                let mut via = BTreeSet::new();
+                let mut breaking = false;
+                for parent in &direct_parents_changed {
+                    match &parent.change {
+                        Change::Direct(_) | Change::Added => {
+                            via.insert(parent.snapshot.name.clone());
+                        }
+                        Change::Indirect { via: parent_via, .. } => via.extend(parent_via.iter().cloned()),
+                        Change::Unchanged => {}
+                    }
+                    let parent_version_changed =
+                        parent.previous.as_ref().is_none_or(|old| old.version != parent.snapshot.version);
+                    if parent_version_changed {
+                        breaking = true;
+                    }
+                }
+                Change::Indirect { breaking, via: via.into_iter().collect() }
+            }
+        };
+
+        // The version: reuse a known snapshot with this fingerprint, else decide from the change.
+        let reused = match previous {
+            Some(old) if old.id == id => Some(old.clone()),
+            _ => context.known_snapshots.get(&id).cloned(),
+        };
+        let version = match (&reused, &change, previous) {
+            (Some(snapshot), _, _) => snapshot.version.clone(),
+            (None, Change::Direct(ChangeCategory::ForwardOnly | ChangeCategory::MetadataOnly), Some(old)) => {
+                old.version.clone()
+            }
+            (None, Change::Indirect { breaking: false, .. }, Some(old)) => old.version.clone(),
+            _ => fingerprint.new_version(),
+        };
+
+        let snapshot = match reused {
+            Some(snapshot) => snapshot,
+            None => {
+                // Render the executable query against the chosen versions of every model it reads.
+                let rendered_query = model.query.as_ref().map(|query| {
+                    let resolve = |reference: &str| -> Option<Replacement> {
+                        if reference == name.to_string() {
+                            let table = PhysicalTable::of(name, &version);
+                            return Some(Replacement::Table { schema: table.schema, table: table.table });
+                        }
+                        let parent = parents.iter().find(|parent| parent.to_string() == reference)?;
+                        if let Some(embedded) = embedded_queries.get(parent) {
+                            return Some(Replacement::Subquery(embedded.clone()));
+                        }
+                        let parent_snapshot = &planned[*index_of.get(parent)?].snapshot;
+                        let table = parent_snapshot.physical_table()?;
+                        Some(Replacement::Table { schema: table.schema, table: table.table })
+                    };
+                    rewrite_references(&query.query, &resolve)
+                });
+                let category = match &change {
+                    Change::Direct(category) => Some(*category),
+                    Change::Indirect { breaking: true, .. } | Change::Added => Some(ChangeCategory::Breaking),
+                    Change::Indirect { breaking: false, .. } => Some(ChangeCategory::NonBreaking),
+                    Change::Unchanged => None,
+                };
+                if let (ModelKind::Embedded, Some(rendered)) = (&model.kind, &rendered_query) {
+                    embedded_queries.insert(name, rendered.clone());
+                }
+                Snapshot {
+                    id: id.clone(),
+                    name: name.clone(),
+                    fingerprint: fingerprint.clone(),
+                    version,
+                    kind: model.kind.clone(),
+                    cron: model.cron.text().to_string(),
+                    start: model.start,
+                    end: model.end,
+                    gateway: model.gateway.clone(),
+                    dialect: model.dialect.clone(),
+                    columns: model.columns.clone(),
+                    owner: model.owner.clone(),
+                    description: model.description.clone(),
+                    tags: model.tags.clone(),
+                    grain: model.grain.clone(),
+                    parents: parents.iter().map(|parent| fingerprints[parent].snapshot_id(parent)).collect(),
+                    normalized_query: model.query.as_ref().map(|query| query.normalized.clone()),
+                    pretty_query: model.query.as_ref().map(|query| query.pretty.clone()),
+                    rendered_query: rendered_query.map(|query| query.to_string()),
+                    pre_statements: model.pre_statements.clone(),
+                    post_statements: model.post_statements.clone(),
+                    seed: model.seed.clone(),
+                    change_category: category,
+                    self_referencing: model.is_self_referencing(),
+                }
+            }
+        };
+        if matches!(snapshot.kind, ModelKind::Embedded)
+            && !embedded_queries.contains_key(name)
+            && let Some(rendered) = &snapshot.rendered_query
+            && let Ok(parsed) = crate::query::parse_query(rendered, &snapshot.dialect)
+        {
+            embedded_queries.insert(name, parsed.query);
+        }
+
+        let recorded = context.recorded_intervals.get(&(name.clone(), snapshot.version.clone()));
+        let backfill = compute_backfill(&snapshot, &model.cron, recorded, context.now);
+        let materialized_parents = project
+            .materialized_parents(name)
+            .iter()
+            .filter_map(|parent| index_of.get(parent).map(|index| *index as u32))
+            .collect();
+        index_of.insert(name, planned.len());
+        planned.push(PlannedSnapshot {
+            snapshot,
+            change,
+            previous: previous.cloned(),
+            missing_ranges: backfill.missing_ranges,
+            missing_interval_count: backfill.missing_interval_count,
+            batches: backfill.batches,
+            materialized_parents,
+        });
+    }
+
+    let removed: Vec<Snapshot> = context
+        .base
+        .map(|base| base.snapshots.iter().filter(|s| !project.models.contains_key(&s.name)).cloned().collect())
+        .unwrap_or_default();
+    let previous_plan_id = context.current.and_then(|current| current.plan_id.clone());
+
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(context.environment.as_str().as_bytes());
+    hasher.update(&[0]);
+    hasher.update(previous_plan_id.as_ref().map_or("", |id| id.0.as_str()).as_bytes());
+    hasher.update(&[0]);
+    for planned_snapshot in &planned {
+        hasher.update(planned_snapshot.snapshot.id.0.as_bytes());
+        hasher.update(planned_snapshot.snapshot.version.0.as_bytes());
+        hasher.update(&[0]);
+    }
+    for snapshot in &removed {
+        hasher.update(snapshot.id.0.as_bytes());
+    }
+    hasher.update(&context.now.0.to_le_bytes());
+    hasher.update(&[u8::from(context.forward_only)]);
+
+    Plan {
+        id: PlanId(short_hash(&hasher.finalize(), 6)),
+        environment: context.environment.clone(),
+        previous_plan_id,
+        created_at: context.now,
+        forward_only: context.forward_only,
+        snapshots: planned,
+        removed,
+        environment_exists: context.current.is_some(),
+    }
+}

@@ -1,0 +1,252 @@
+//! A whole project: config, models and external models, checked together, with the model
+//! dependency graph in topological order. Files are read by the caller and passed in as text.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use petgraph::algo::tarjan_scc;
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde_yaml_ng::Value;
+
+use crate::config::{CONFIG_FILE, Config, parse_config};
+use crate::error::{ErrorSink, ProjectError, ProjectErrors, SourceLocation};
+use crate::model::{Model, ModelKind};
+use crate::model_file::{ModelFileContext, parse_model_file};
+use crate::names::ModelName;
+
+pub const EXTERNAL_MODELS_FILE: &str = "external_models.yaml";
+
+/// The text of a project's files, keyed by project-relative path with `/` separators.
+#[derive(Clone, Debug, Default)]
+pub struct ProjectFiles {
+    /// `config.yaml`, when the project has one.
+    pub config: Option<String>,
+    /// Every `models/**/*.sql` file.
+    pub models: BTreeMap<String, String>,
+    /// Every CSV file (seeds).
+    pub csv_files: BTreeMap<String, String>,
+    /// `external_models.yaml`, when present.
+    pub external_models: Option<String>,
+}
+
+/// A checked project.
+#[derive(Clone, Debug)]
+pub struct Project {
+    pub config: Config,
+    /// Enabled models by name.
+    pub models: BTreeMap<ModelName, Model>,
+    /// Model names, parents before children.
+    pub order: Vec<ModelName>,
+    /// Each model's parent models (other models it reads, embedded ones included; itself excluded).
+    pub parents: BTreeMap<ModelName, Vec<ModelName>>,
+    /// Tables declared in `external_models.yaml`.
+    pub external_models: BTreeSet<String>,
+    pub warnings: Vec<ProjectError>,
+}
+
+impl Project {
+    /// The materialized models a model's tasks wait for: its parents, with EMBEDDED parents
+    /// replaced by their own parents, transitively.
+    pub fn materialized_parents(&self, name: &ModelName) -> Vec<ModelName> {
+        let mut result = BTreeSet::new();
+        let mut pending: Vec<&ModelName> = self.parents.get(name).map(|p| p.iter().collect()).unwrap_or_default();
+        let mut seen = BTreeSet::new();
+        while let Some(parent) = pending.pop() {
+            if !seen.insert(parent) {
+                continue;
+            }
+            match self.models.get(parent).map(|model| &model.kind) {
+                Some(ModelKind::Embedded) => pending.extend(self.parents.get(parent).into_iter().flatten()),
+                Some(_) => {
+                    result.insert(parent.clone());
+                }
+                None => {}
+            }
+        }
+        result.into_iter().collect()
+    }
+}
+
+fn read_external_models(text: &str, errors: &mut ErrorSink) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let document: Value = match serde_yaml_ng::from_str(text) {
+        Ok(document) => document,
+        Err(error) => {
+            let (line, column) = error.location().map(|l| (l.line() as u64, l.column() as u64)).unwrap_or((0, 0));
+            errors.push(SourceLocation::new(EXTERNAL_MODELS_FILE, line, column), format!("not valid YAML: {error}"));
+            return names;
+        }
+    };
+    let Value::Sequence(entries) = document else {
+        if !document.is_null() {
+            errors.push(SourceLocation::file(EXTERNAL_MODELS_FILE), "expected a list of tables, each with a name");
+        }
+        return names;
+    };
+    for (index, entry) in entries.iter().enumerate() {
+        match entry.get("name").and_then(Value::as_str) {
+            Some(name) => {
+                names.insert(name.to_ascii_lowercase());
+            }
+            None => errors.push(
+                SourceLocation::file(EXTERNAL_MODELS_FILE),
+                format!("entry {}: expected a name", index + 1),
+            ),
+        }
+    }
+    names
+}
+
+/// Reads and checks a whole project; every error of every file is reported together.
+pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
+    let mut errors = ErrorSink::default();
+    let mut warnings = Vec::new();
+    let config = match &files.config {
+        Some(text) => {
+            let outcome = parse_config(CONFIG_FILE, text);
+            warnings.extend(outcome.warnings);
+            for error in outcome.errors {
+                errors.push_error(error);
+            }
+            outcome.config
+        }
+        None => Some(Config::default()),
+    };
+    let Some(config) = config else {
+        return errors.finish(unreachable_project());
+    };
+    let context = ModelFileContext { config: &config, csv_files: &files.csv_files };
+    let mut models: BTreeMap<ModelName, Model> = BTreeMap::new();
+    for (path, text) in &files.models {
+        match parse_model_file(path, text, context) {
+            Ok(parsed) => {
+                warnings.extend(parsed.warnings);
+                let model = parsed.model;
+                if let Some(existing) = models.get(&model.name) {
+                    errors.push(
+                        SourceLocation::file(path),
+                        format!("duplicate model name {}; {} already defines it", model.name, existing.file),
+                    );
+                    continue;
+                }
+                if model.enabled {
+                    models.insert(model.name.clone(), model);
+                }
+            }
+            Err(file_errors) => {
+                for error in file_errors {
+                    errors.push_error(error);
+                }
+            }
+        }
+    }
+    let external_models = match &files.external_models {
+        Some(text) => read_external_models(text, &mut errors),
+        None => BTreeSet::new(),
+    };
+
+    // Parents: table references that name another model.
+    let by_key: BTreeMap<String, ModelName> = models.keys().map(|name| (name.to_string(), name.clone())).collect();
+    let mut parents: BTreeMap<ModelName, Vec<ModelName>> = BTreeMap::new();
+    for (name, model) in &models {
+        let mut model_parents = Vec::new();
+        for reference in model.query.iter().flat_map(|query| &query.references) {
+            match by_key.get(reference) {
+                Some(parent) if parent != name => model_parents.push(parent.clone()),
+                Some(_) => {}
+                None if external_models.contains(reference) || files.external_models.is_none() => {}
+                None => warnings.push(ProjectError::new(
+                    SourceLocation::file(&model.file),
+                    format!("{reference} is neither a model nor declared in {EXTERNAL_MODELS_FILE}; it is read as written"),
+                )),
+            }
+        }
+        if model.is_self_referencing() && !model.kind.is_time_range() && !matches!(model.kind, ModelKind::IncrementalByUniqueKey { .. }) {
+            errors.push(
+                SourceLocation::file(&model.file),
+                format!("{name} reads itself; only incremental models may reference their own table"),
+            );
+        }
+        if matches!(model.kind, ModelKind::Embedded) && model.is_self_referencing() {
+            errors.push(SourceLocation::file(&model.file), format!("the EMBEDDED model {name} cannot read itself"));
+        }
+        parents.insert(name.clone(), model_parents);
+    }
+
+    // Topological order (Kahn's, smallest name first, so that it is stable); a cycle is named in full.
+    let mut waiting: BTreeMap<&ModelName, usize> = parents.iter().map(|(name, p)| (name, p.len())).collect();
+    let mut children: BTreeMap<&ModelName, Vec<&ModelName>> = BTreeMap::new();
+    for (child, child_parents) in &parents {
+        for parent in child_parents {
+            children.entry(parent).or_default().push(child);
+        }
+    }
+    let mut ready: BTreeSet<&ModelName> = waiting.iter().filter(|(_, count)| **count == 0).map(|(name, _)| *name).collect();
+    let mut order = Vec::with_capacity(models.len());
+    while let Some(name) = ready.pop_first() {
+        order.push(name.clone());
+        for child in children.get(name).into_iter().flatten() {
+            if let Some(count) = waiting.get_mut(child) {
+                *count -= 1;
+                if *count == 0 {
+                    ready.insert(child);
+                }
+            }
+        }
+    }
+    if order.len() < models.len() {
+        report_cycles(&models, &parents, &mut errors);
+    }
+    warnings.sort();
+    errors.finish(Project { config, models, order, parents, external_models, warnings })
+}
+
+/// Names every dependency cycle, walking each from its smallest model name.
+fn report_cycles(models: &BTreeMap<ModelName, Model>, parents: &BTreeMap<ModelName, Vec<ModelName>>, errors: &mut ErrorSink) {
+    let mut graph: DiGraph<&ModelName, ()> = DiGraph::new();
+    let mut nodes: BTreeMap<&ModelName, NodeIndex> = BTreeMap::new();
+    for name in models.keys() {
+        nodes.insert(name, graph.add_node(name));
+    }
+    for (child, child_parents) in parents {
+        for parent in child_parents {
+            graph.add_edge(nodes[parent], nodes[child], ());
+        }
+    }
+    for component in tarjan_scc(&graph) {
+        if component.len() < 2 {
+            continue;
+        }
+        let members: BTreeSet<&ModelName> = component.iter().map(|node| graph[*node]).collect();
+        let Some(first) = members.first().copied() else { continue };
+        // Follow child edges inside the component until the walk returns to the first model.
+        let mut path = vec![first];
+        let mut current = first;
+        while path.len() <= members.len() {
+            let next = parents
+                .iter()
+                .filter(|(child, child_parents)| members.contains(child) && child_parents.contains(current))
+                .map(|(child, _)| child)
+                .find(|child| *child == first || !path.contains(child));
+            let Some(next) = next else { break };
+            path.push(next);
+            if next == first {
+                break;
+            }
+            current = next;
+        }
+        let names: Vec<String> = path.iter().map(ToString::to_string).collect();
+        errors.push(SourceLocation::file(&models[first].file), format!("dependency cycle: {}", names.join(" -> ")));
+    }
+}
+
+/// Only returned inside an `Err` (the sink has errors whenever the config failed to read).
+fn unreachable_project() -> Project {
+    Project {
+        config: Config::default(),
+        models: BTreeMap::new(),
+        order: Vec::new(),
+        parents: BTreeMap::new(),
+        external_models: BTreeSet::new(),
+        warnings: Vec::new(),
+    }
+}

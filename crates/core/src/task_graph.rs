@@ -1,0 +1,208 @@
+//! The task graph: one task per (snapshot, interval batch), edges from the parent tasks each
+//! task waits for, and in-degree counters so that readiness is O(1) per completion.
+//!
+//! A time-range child's batch waits only for the parent batches whose intervals overlap it
+//! (interval-level pipelining). A FULL, VIEW, SEED, unique-key or self-referencing child waits
+//! for all of its parents' tasks; the batches of unique-key and self-referencing models run in
+//! order. Tasks are numbered parents first, so the numbering is itself a topological order.
+
+use petgraph::Direction;
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use crate::interval::Interval;
+use crate::model::ModelKind;
+use crate::names::TaskId;
+use crate::plan::Plan;
+
+/// One unit of backfill work.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub id: TaskId,
+    /// Index into `Plan::snapshots`.
+    pub snapshot: u32,
+    pub interval: Interval,
+    pub interval_count: u32,
+}
+
+/// Tasks and their dependencies.
+#[derive(Debug)]
+pub struct TaskGraph {
+    pub tasks: Vec<Task>,
+    graph: DiGraph<(), (), u32>,
+    /// Per snapshot, the range of its tasks' indices.
+    snapshot_tasks: Vec<std::ops::Range<u32>>,
+}
+
+/// How a child's batches relate to one parent's.
+fn waits_for_all_parent_tasks(child: &ModelKind, child_self_referencing: bool, parent: &ModelKind) -> bool {
+    !(child.is_time_range() && parent.is_time_range() && !child_self_referencing)
+}
+
+impl TaskGraph {
+    /// Builds the graph of a plan's batches.
+    pub fn build(plan: &Plan) -> TaskGraph {
+        let task_count = plan.task_count();
+        let mut tasks = Vec::with_capacity(task_count);
+        let mut graph: DiGraph<(), (), u32> = DiGraph::with_capacity(task_count, task_count * 2);
+        let mut snapshot_tasks = Vec::with_capacity(plan.snapshots.len());
+        for (snapshot_index, planned) in plan.snapshots.iter().enumerate() {
+            let first = tasks.len() as u32;
+            for batch in &planned.batches {
+                tasks.push(Task {
+                    id: TaskId::compute(&planned.snapshot.id, batch.interval.start.0, batch.interval.end.0),
+                    snapshot: snapshot_index as u32,
+                    interval: batch.interval,
+                    interval_count: batch.interval_count,
+                });
+                graph.add_node(());
+            }
+            snapshot_tasks.push(first..tasks.len() as u32);
+        }
+        for (snapshot_index, planned) in plan.snapshots.iter().enumerate() {
+            let own = snapshot_tasks[snapshot_index].clone();
+            if own.is_empty() {
+                continue;
+            }
+            let kind = &planned.snapshot.kind;
+            let sequential =
+                planned.snapshot.self_referencing || matches!(kind, ModelKind::IncrementalByUniqueKey { .. });
+            if sequential {
+                for task in own.start + 1..own.end {
+                    graph.add_edge(NodeIndex::new(task as usize - 1), NodeIndex::new(task as usize), ());
+                }
+            }
+            for &parent_index in &planned.materialized_parents {
+                let parent = &plan.snapshots[parent_index as usize];
+                let parent_range = snapshot_tasks[parent_index as usize].clone();
+                if parent_range.is_empty() {
+                    continue;
+                }
+                if waits_for_all_parent_tasks(kind, planned.snapshot.self_referencing, &parent.snapshot.kind) {
+                    // With sequential batches the first one carries the wait for the rest.
+                    let waiting: std::ops::Range<u32> = if sequential { own.start..own.start + 1 } else { own.clone() };
+                    for child in waiting {
+                        for parent_task in parent_range.clone() {
+                            graph.add_edge(NodeIndex::new(parent_task as usize), NodeIndex::new(child as usize), ());
+                        }
+                    }
+                    continue;
+                }
+                // Overlap: parent batches are sorted and disjoint, so binary search the first one
+                // ending after the child's start and walk while they start before its end.
+                let parent_tasks = &tasks[parent_range.start as usize..parent_range.end as usize];
+                for child in own.clone() {
+                    let child_interval = tasks[child as usize].interval;
+                    let first = parent_tasks.partition_point(|task| task.interval.end <= child_interval.start);
+                    for (offset, parent_task) in parent_tasks[first..].iter().enumerate() {
+                        if parent_task.interval.start >= child_interval.end {
+                            break;
+                        }
+                        let parent_node = parent_range.start as usize + first + offset;
+                        graph.add_edge(NodeIndex::new(parent_node), NodeIndex::new(child as usize), ());
+                    }
+                }
+            }
+        }
+        TaskGraph { tasks, graph, snapshot_tasks }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    pub fn edge_count(&self) -> usize {
+        self.graph.edge_count()
+    }
+
+    /// The tasks of one snapshot (by its index in the plan).
+    pub fn snapshot_tasks(&self, snapshot_index: usize) -> std::ops::Range<u32> {
+        self.snapshot_tasks[snapshot_index].clone()
+    }
+
+    /// Tasks that wait for `task`.
+    pub fn children(&self, task: u32) -> impl Iterator<Item = u32> + '_ {
+        self.graph.neighbors_directed(NodeIndex::new(task as usize), Direction::Outgoing).map(|node| node.index() as u32)
+    }
+
+    /// Tasks `task` waits for.
+    pub fn parents(&self, task: u32) -> impl Iterator<Item = u32> + '_ {
+        self.graph.neighbors_directed(NodeIndex::new(task as usize), Direction::Incoming).map(|node| node.index() as u32)
+    }
+
+    /// Each task's number of parents: the counters a dependency gate starts from.
+    pub fn parent_counts(&self) -> Vec<u32> {
+        let mut counts = vec![0u32; self.tasks.len()];
+        for edge in self.graph.raw_edges() {
+            counts[edge.target().index()] += 1;
+        }
+        counts
+    }
+
+    /// The longest chain of tasks, counted in tasks (0 for an empty graph).
+    pub fn critical_path_length(&self) -> u32 {
+        // Task numbering is topological: every edge goes from a lower to a higher index.
+        let mut longest = vec![1u32; self.tasks.len()];
+        let mut best = 0;
+        for task in 0..self.tasks.len() {
+            let length = longest[task];
+            best = best.max(length);
+            for child in self.children(task as u32) {
+                let slot = &mut longest[child as usize];
+                *slot = (*slot).max(length + 1);
+            }
+        }
+        best
+    }
+
+    /// Whether the graph has a topological order (it always should: tasks only wait for earlier tasks).
+    pub fn is_acyclic(&self) -> bool {
+        petgraph::algo::toposort(&self.graph, None).is_ok()
+    }
+}
+
+/// In-degree counters: completing a task returns the children it made ready, in O(children).
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    remaining: Vec<u32>,
+    done: Vec<bool>,
+    outstanding: usize,
+}
+
+impl Readiness {
+    pub fn new(graph: &TaskGraph) -> Readiness {
+        Readiness { remaining: graph.parent_counts(), done: vec![false; graph.len()], outstanding: graph.len() }
+    }
+
+    /// Tasks with no unfinished parent and not done.
+    pub fn ready(&self) -> Vec<u32> {
+        (0..self.remaining.len() as u32)
+            .filter(|task| self.remaining[*task as usize] == 0 && !self.done[*task as usize])
+            .collect()
+    }
+
+    /// Marks `task` done (idempotently) and returns the children that became ready.
+    pub fn complete(&mut self, graph: &TaskGraph, task: u32) -> Vec<u32> {
+        if std::mem::replace(&mut self.done[task as usize], true) {
+            return Vec::new();
+        }
+        self.outstanding -= 1;
+        let mut ready = Vec::new();
+        for child in graph.children(task) {
+            let slot = &mut self.remaining[child as usize];
+            *slot -= 1;
+            if *slot == 0 {
+                ready.push(child);
+            }
+        }
+        ready
+    }
+
+    /// Tasks not yet done.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+}

@@ -1,0 +1,13 @@
+MODEL (
+  name sushi.customer_totals,
+  kind FULL,
+  end '2024-04-01',
+  grain customer_id
+);
+
+SELECT
+  customer_id,
+  COUNT(*) AS order_count,
+  SUM(quantity) AS items
+FROM sushi.orders
+GROUP BY customer_id

@@ -1,0 +1,7 @@
+MODEL (
+  name sushi.items,
+  kind SEED (path '../seeds/items.csv'),
+  columns (item_id INT, name TEXT, price DOUBLE),
+  grain item_id,
+  description 'The menu'
+);
