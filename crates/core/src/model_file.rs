@@ -674,6 +674,7 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
     let mut post_statements = Vec::new();
     let mut query = None;
     let mut query_token = None;
+    let mut query_failed = false;
     for statement in statements {
         let statement_significant = significant(statement);
         let Some(first) = statement_significant.first() else { continue };
@@ -708,7 +709,13 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
         }
         let starts_query = matches!(first.token, Token::LParen)
             || ["SELECT", "WITH", "FROM", "VALUES"].iter().any(|keyword| is_word(&first.token, keyword));
-        let Some(rendered) = render_statement(&mut reader, statement, &scope) else { continue };
+        let rendered = render_statement(&mut reader, statement, &scope);
+        if query_token.is_none() && starts_query && rendered.is_none() {
+            query_token = Some(*first);
+            query_failed = true;
+            continue;
+        }
+        let Some(rendered) = rendered else { continue };
         if query_token.is_none() && starts_query {
             query_token = Some(*first);
             // Pad so that the parser's line numbers are the file's.
@@ -738,6 +745,7 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
                 None => reader.error(model_token, format!("seed file {path:?} not found (paths are relative to the model file)")),
             }
         }
+        (_, None, _) if query_failed => {}
         (_, None, _) => {
             reader.error(model_token, "the model has no query; expected a SELECT (or WITH ...) statement after the MODEL block")
         }

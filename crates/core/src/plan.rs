@@ -278,11 +278,16 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
                         Change::Indirect { via: parent_via, .. } => via.extend(parent_via.iter().cloned()),
                         Change::Unchanged => {}
                     }
-                    let parent_version_changed =
-                        parent.previous.as_ref().is_none_or(|old| old.version != parent.snapshot.version);
-                    if parent_version_changed {
-                        breaking = true;
-                    }
+                    // A child is rebuilt only when a parent's change can change the rows it reads.
+                    let parent_breaking = match &parent.change {
+                        Change::Added => true,
+                        Change::Direct(category) => {
+                            matches!(category, ChangeCategory::Breaking | ChangeCategory::Uncategorized)
+                        }
+                        Change::Indirect { breaking, .. } => *breaking,
+                        Change::Unchanged => false,
+                    };
+                    breaking |= parent_breaking;
                 }
                 Change::Indirect { breaking, via: via.into_iter().collect() }
             }

@@ -218,15 +218,16 @@ fn report_cycles(models: &BTreeMap<ModelName, Model>, parents: &BTreeMap<ModelNa
         }
         let members: BTreeSet<&ModelName> = component.iter().map(|node| graph[*node]).collect();
         let Some(first) = members.first().copied() else { continue };
-        // Follow child edges inside the component until the walk returns to the first model.
+        // Follow parent edges inside the component until the walk returns to the first model.
         let mut path = vec![first];
         let mut current = first;
         while path.len() <= members.len() {
             let next = parents
-                .iter()
-                .filter(|(child, child_parents)| members.contains(child) && child_parents.contains(current))
-                .map(|(child, _)| child)
-                .find(|child| *child == first || !path.contains(child));
+                .get(current)
+                .into_iter()
+                .flatten()
+                .filter(|parent| members.contains(parent))
+                .find(|parent| *parent == first || !path.contains(parent));
             let Some(next) = next else { break };
             path.push(next);
             if next == first {
@@ -235,7 +236,7 @@ fn report_cycles(models: &BTreeMap<ModelName, Model>, parents: &BTreeMap<ModelNa
             current = next;
         }
         let names: Vec<String> = path.iter().map(ToString::to_string).collect();
-        errors.push(SourceLocation::file(&models[first].file), format!("dependency cycle: {}", names.join(" -> ")));
+        errors.push(SourceLocation::file(&models[first].file), format!("dependency cycle: {} (each model reads the next)", names.join(" -> ")));
     }
 }
 

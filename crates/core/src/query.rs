@@ -23,6 +23,23 @@ pub fn time_placeholder(time_macro: TimeMacro) -> String {
     format!("'{TIME_PLACEHOLDER_PREFIX}{}{TIME_PLACEHOLDER_SUFFIX}'", time_macro.name())
 }
 
+/// Shows time placeholders as the macros they stand for (`@start_ds`), for people to read.
+pub fn display_macros(sql: &str) -> String {
+    let opening = format!("'{TIME_PLACEHOLDER_PREFIX}");
+    let mut shown = String::with_capacity(sql.len());
+    let mut rest = sql;
+    while let Some(position) = rest.find(&opening) {
+        let after = &rest[position + opening.len()..];
+        let Some(end) = after.find(&format!("{TIME_PLACEHOLDER_SUFFIX}'")) else { break };
+        shown.push_str(&rest[..position]);
+        shown.push('@');
+        shown.push_str(&after[..end]);
+        rest = &after[end + TIME_PLACEHOLDER_SUFFIX.len() + 1..];
+    }
+    shown.push_str(rest);
+    shown
+}
+
 /// The sqlparser dialect for a SQLMesh dialect name.
 pub fn dialect_for(name: &str) -> Option<Box<dyn Dialect>> {
     dialect_from_str(match name {
@@ -134,7 +151,7 @@ fn model_query_from(query: Box<Query>) -> ModelQuery {
         .filter(|table| table.contains('.') || !collector.ctes.contains(table))
         .collect();
     let normalized = query.to_string();
-    let pretty = format!("{:#}", Statement::Query(query.clone()));
+    let pretty = display_macros(&format!("{:#}", Statement::Query(query.clone()))) + "\n";
     ModelQuery { query, normalized, pretty, references }
 }
 

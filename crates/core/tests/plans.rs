@@ -1,0 +1,496 @@
+//! Data-driven plan tests: a small project written inline and an environment in, the printed
+//! plan out. Update the expectations with `UPDATE_EXPECT=1 cargo test -p sluice-core --test plans`.
+
+use std::collections::BTreeMap;
+
+use expect_test::{Expect, expect};
+use sluice_core::interval::{IntervalSet, Timestamp};
+use sluice_core::names::{EnvironmentName, ModelName, SnapshotId, Version};
+use sluice_core::plan::{EnvironmentState, Plan, PlanContext, build_plan};
+use sluice_core::plan_text::format_plan;
+use sluice_core::project::{Project, ProjectFiles, load_project};
+use sluice_core::snapshot::Snapshot;
+use sluice_core::task_graph::TaskGraph;
+
+const CONFIG: &str = "
+gateways:
+  local:
+    connection:
+      type: duckdb
+      database: shop.duckdb
+model_defaults:
+  dialect: duckdb
+  start: 2024-01-01
+  cron: '@daily'
+";
+
+const ORDERS: &str = "
+MODEL (
+  name shop.orders,
+  kind INCREMENTAL_BY_TIME_RANGE (time_column ds),
+  end '2024-01-06'
+);
+SELECT id, ds, amount FROM raw.events WHERE ds BETWEEN @start_ds AND @end_ds
+";
+
+const DAILY: &str = "
+MODEL (
+  name shop.daily,
+  kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 2),
+  end '2024-01-06'
+);
+SELECT ds, SUM(amount) AS total
+FROM shop.orders
+WHERE ds BETWEEN @start_ds AND @end_ds
+GROUP BY ds
+";
+
+const SUMMARY: &str = "
+MODEL (name shop.summary, kind FULL, end '2024-01-06');
+SELECT COUNT(*) AS n FROM shop.daily
+";
+
+fn project(models: &[(&str, &str)]) -> Project {
+    let files = ProjectFiles {
+        config: Some(CONFIG.to_string()),
+        models: models.iter().map(|(path, text)| (path.to_string(), text.to_string())).collect(),
+        csv_files: BTreeMap::new(),
+        external_models: None,
+    };
+    match load_project(&files) {
+        Ok(project) => project,
+        Err(errors) => panic!("{errors}"),
+    }
+}
+
+fn shop(daily: &str) -> Project {
+    project(&[("models/orders.sql", ORDERS), ("models/daily.sql", daily), ("models/summary.sql", SUMMARY)])
+}
+
+/// A state store in memory: what applying plans leaves behind.
+#[derive(Default)]
+struct State {
+    environments: BTreeMap<EnvironmentName, EnvironmentState>,
+    known: BTreeMap<SnapshotId, Snapshot>,
+    recorded: BTreeMap<(ModelName, Version), IntervalSet>,
+}
+
+impl State {
+    fn plan(&self, project: &Project, environment: &str, forward_only: bool) -> Plan {
+        let environment = EnvironmentName::parse(environment).unwrap();
+        let current = self.environments.get(&environment);
+        let base = current.or_else(|| self.environments.get(&EnvironmentName::prod()));
+        build_plan(
+            project,
+            PlanContext {
+                environment: &environment,
+                current,
+                base,
+                known_snapshots: &self.known,
+                recorded_intervals: &self.recorded,
+                now: Timestamp::parse("2024-01-10").unwrap(),
+                forward_only,
+            },
+        )
+    }
+
+    fn print(&self, plan: &Plan, expected: Expect) {
+        let graph = TaskGraph::build(plan);
+        expected.assert_eq(&format_plan(plan, self.environments.get(&plan.environment), Some(&graph)));
+    }
+
+    /// Records every batch as done and points the environment at the plan's snapshots.
+    fn apply(&mut self, plan: &Plan) {
+        for planned in &plan.snapshots {
+            let key = (planned.snapshot.name.clone(), planned.snapshot.version.clone());
+            let recorded = self.recorded.entry(key).or_default();
+            for batch in &planned.batches {
+                recorded.insert(batch.interval);
+            }
+            self.known.insert(planned.snapshot.id.clone(), planned.snapshot.clone());
+        }
+        let state = EnvironmentState {
+            name: plan.environment.clone(),
+            plan_id: Some(plan.id.clone()),
+            snapshots: plan.snapshots.iter().map(|planned| planned.snapshot.clone()).collect(),
+        };
+        self.environments.insert(plan.environment.clone(), state);
+    }
+}
+
+const DAILY_BREAKING: &str = "
+MODEL (
+  name shop.daily,
+  kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 2),
+  end '2024-01-06'
+);
+SELECT ds, SUM(amount) AS total
+FROM shop.orders
+WHERE ds BETWEEN @start_ds AND @end_ds AND amount > 0
+GROUP BY ds
+";
+
+#[test]
+fn first_plan_to_prod_backfills_everything() {
+    let state = State::default();
+    let plan = state.plan(&shop(DAILY), "prod", false);
+    state.print(
+        &plan,
+        expect![[r#"
+            Plan bbefcdee7163 for environment prod (replaces plan none)
+
+            Models:
+              + shop.orders: added (INCREMENTAL_BY_TIME_RANGE)
+              + shop.daily: added (INCREMENTAL_BY_TIME_RANGE)
+              + shop.summary: added (FULL)
+
+            Backfill: 15 intervals in 5 tasks
+              shop.orders   INCREMENTAL_BY_TIME_RANGE  5 intervals in 1 task ([2024-01-01, 2024-01-06))
+              shop.daily    INCREMENTAL_BY_TIME_RANGE  5 intervals in 3 tasks ([2024-01-01, 2024-01-06))
+              shop.summary  FULL                       5 intervals, rebuilt in full
+
+            Views:
+              shop.orders -> sluice__shop.shop__orders__a8e028a6da
+              shop.daily -> sluice__shop.shop__daily__5b2b00213f
+              shop.summary -> sluice__shop.shop__summary__8dbc6a7103
+
+            Task graph: 5 tasks, 6 dependencies, critical path 3 tasks
+              shop.orders: 1 task
+              shop.daily: 3 tasks, after shop.orders
+              shop.summary: 1 task, after shop.daily
+        "#]],
+    );
+}
+
+#[test]
+fn breaking_change_in_dev_backfills_only_the_model_and_its_descendants_then_prod_reuses_dev() {
+    let mut state = State::default();
+    state.apply(&state.plan(&shop(DAILY), "prod", false));
+
+    let dev = state.plan(&shop(DAILY_BREAKING), "dev", false);
+    state.print(
+        &dev,
+        expect![[r#"
+            Plan 215b41fa612d for environment dev (replaces plan none)
+
+            Models:
+              ~ shop.daily: directly modified, breaking
+              ~ shop.summary: indirectly modified, breaking (via shop.daily)
+              = 1 model unchanged
+
+            Diffs:
+              shop.daily:
+                --- current
+                +++ planned
+                @@ -4,6 +4,6 @@
+                 FROM
+                   shop.orders
+                 WHERE
+                -  ds BETWEEN @start_ds AND @end_ds
+                +  ds BETWEEN @start_ds AND @end_ds AND amount > 0
+                 GROUP BY
+                   ds
+
+            Backfill: 10 intervals in 4 tasks
+              shop.daily    INCREMENTAL_BY_TIME_RANGE  5 intervals in 3 tasks ([2024-01-01, 2024-01-06))
+              shop.summary  FULL                       5 intervals, rebuilt in full
+
+            Views:
+              shop__dev.orders -> sluice__shop.shop__orders__a8e028a6da
+              shop__dev.daily -> sluice__shop.shop__daily__bc14618129
+              shop__dev.summary -> sluice__shop.shop__summary__90df868e0e
+
+            Task graph: 4 tasks, 3 dependencies, critical path 2 tasks
+              shop.daily: 3 tasks, after shop.orders
+              shop.summary: 1 task, after shop.daily
+        "#]],
+    );
+    state.apply(&dev);
+
+    let prod = state.plan(&shop(DAILY_BREAKING), "prod", false);
+    state.print(
+        &prod,
+        expect![[r#"
+            Plan 831afdaba168 for environment prod (replaces plan bbefcdee7163)
+
+            Models:
+              ~ shop.daily: directly modified, breaking
+              ~ shop.summary: indirectly modified, breaking (via shop.daily)
+              = 1 model unchanged
+
+            Diffs:
+              shop.daily:
+                --- current
+                +++ planned
+                @@ -4,6 +4,6 @@
+                 FROM
+                   shop.orders
+                 WHERE
+                -  ds BETWEEN @start_ds AND @end_ds
+                +  ds BETWEEN @start_ds AND @end_ds AND amount > 0
+                 GROUP BY
+                   ds
+
+            Backfill: nothing to backfill
+
+            Views:
+              shop.daily -> sluice__shop.shop__daily__bc14618129
+              shop.summary -> sluice__shop.shop__summary__90df868e0e
+
+            Task graph: 0 tasks, 0 dependencies, critical path 0 tasks
+        "#]],
+    );
+}
+
+#[test]
+fn added_projection_is_non_breaking_and_children_keep_their_tables() {
+    let mut state = State::default();
+    state.apply(&state.plan(&shop(DAILY), "prod", false));
+    let added_column = DAILY.replace("SUM(amount) AS total", "SUM(amount) AS total, COUNT(*) AS orders");
+    let plan = state.plan(&shop(&added_column), "prod", false);
+    state.print(
+        &plan,
+        expect![[r#"
+            Plan cbfd44a0185f for environment prod (replaces plan bbefcdee7163)
+
+            Models:
+              ~ shop.daily: directly modified, non-breaking
+              ~ shop.summary: indirectly modified, non-breaking (via shop.daily)
+              = 1 model unchanged
+
+            Diffs:
+              shop.daily:
+                --- current
+                +++ planned
+                @@ -1,6 +1,7 @@
+                 SELECT
+                   ds,
+                -  SUM(amount) AS total
+                +  SUM(amount) AS total,
+                +  COUNT(*) AS orders
+                 FROM
+                   shop.orders
+                 WHERE
+
+            Backfill: 5 intervals in 3 tasks
+              shop.daily    INCREMENTAL_BY_TIME_RANGE  5 intervals in 3 tasks ([2024-01-01, 2024-01-06))
+
+            Views:
+              shop.daily -> sluice__shop.shop__daily__8ab201eb65
+
+            Task graph: 3 tasks, 0 dependencies, critical path 1 task
+              shop.daily: 3 tasks, after shop.orders
+        "#]],
+    );
+}
+
+#[test]
+fn metadata_and_whitespace_changes_rebuild_nothing() {
+    let mut state = State::default();
+    state.apply(&state.plan(&shop(DAILY), "prod", false));
+    let reformatted = DAILY.replace("GROUP BY ds", "-- one row a day\n   GROUP   BY ds");
+    let plan = state.plan(&shop(&reformatted), "prod", false);
+    state.print(
+        &plan,
+        expect![[r#"
+            Plan 823bd8f7f4c7 for environment prod (replaces plan bbefcdee7163)
+
+            Models:
+              = 3 models unchanged
+
+            Backfill: nothing to backfill
+
+            Views: no change
+
+            Task graph: 0 tasks, 0 dependencies, critical path 0 tasks
+        "#]],
+    );
+    let owned = ORDERS.replace("end '2024-01-06'", "end '2024-01-06', owner 'jane'");
+    let plan = state.plan(
+        &project(&[("models/orders.sql", &owned), ("models/daily.sql", DAILY), ("models/summary.sql", SUMMARY)]),
+        "prod",
+        false,
+    );
+    state.print(
+        &plan,
+        expect![[r#"
+            Plan b94907032be1 for environment prod (replaces plan bbefcdee7163)
+
+            Models:
+              ~ shop.orders: directly modified, metadata-only
+              ~ shop.daily: indirectly modified, non-breaking (via shop.orders)
+              ~ shop.summary: indirectly modified, non-breaking (via shop.orders)
+
+            Backfill: nothing to backfill
+
+            Views: no change
+
+            Task graph: 0 tasks, 0 dependencies, critical path 0 tasks
+        "#]],
+    );
+}
+
+#[test]
+fn forward_only_keeps_the_table_and_backfills_nothing() {
+    let mut state = State::default();
+    state.apply(&state.plan(&shop(DAILY), "prod", false));
+    let plan = state.plan(&shop(DAILY_BREAKING), "prod", true);
+    state.print(
+        &plan,
+        expect![[r#"
+            Plan e983a1571cb7 for environment prod (replaces plan bbefcdee7163)
+            All changes are forward-only.
+
+            Models:
+              ~ shop.daily: directly modified, forward-only
+              ~ shop.summary: indirectly modified, non-breaking (via shop.daily)
+              = 1 model unchanged
+
+            Diffs:
+              shop.daily:
+                --- current
+                +++ planned
+                @@ -4,6 +4,6 @@
+                 FROM
+                   shop.orders
+                 WHERE
+                -  ds BETWEEN @start_ds AND @end_ds
+                +  ds BETWEEN @start_ds AND @end_ds AND amount > 0
+                 GROUP BY
+                   ds
+
+            Backfill: nothing to backfill
+
+            Views: no change
+
+            Task graph: 0 tasks, 0 dependencies, critical path 0 tasks
+        "#]],
+    );
+}
+
+#[test]
+fn a_change_that_cannot_be_compared_is_uncategorized() {
+    let mut state = State::default();
+    state.apply(&state.plan(&shop(DAILY), "prod", false));
+    // A stored definition this version cannot read back.
+    let prod = state.environments.get_mut(&EnvironmentName::prod()).unwrap();
+    for snapshot in &mut prod.snapshots {
+        if snapshot.name.table == "daily" {
+            snapshot.normalized_query = Some("SELECT FROM WHERE (".to_string());
+        }
+    }
+    let plan = state.plan(&shop(DAILY_BREAKING), "prod", false);
+    assert_eq!(plan.uncategorized().len(), 1);
+    state.print(
+        &plan,
+        expect![[r#"
+            Plan 831afdaba168 for environment prod (replaces plan bbefcdee7163)
+
+            Models:
+              ~ shop.daily: directly modified, uncategorized
+              ~ shop.summary: indirectly modified, breaking (via shop.daily)
+              = 1 model unchanged
+              ! uncategorized changes block apply: shop.daily (plan again with --forward-only, or make the change comparable)
+
+            Diffs:
+              shop.daily:
+                --- current
+                +++ planned
+                @@ -4,6 +4,6 @@
+                 FROM
+                   shop.orders
+                 WHERE
+                -  ds BETWEEN @start_ds AND @end_ds
+                +  ds BETWEEN @start_ds AND @end_ds AND amount > 0
+                 GROUP BY
+                   ds
+
+            Backfill: 10 intervals in 4 tasks
+              shop.daily    INCREMENTAL_BY_TIME_RANGE  5 intervals in 3 tasks ([2024-01-01, 2024-01-06))
+              shop.summary  FULL                       5 intervals, rebuilt in full
+
+            Views:
+              shop.daily -> sluice__shop.shop__daily__bc14618129
+              shop.summary -> sluice__shop.shop__summary__90df868e0e
+
+            Task graph: 4 tasks, 3 dependencies, critical path 2 tasks
+              shop.daily: 3 tasks, after shop.orders
+              shop.summary: 1 task, after shop.daily
+        "#]],
+    );
+}
+
+#[test]
+fn removed_models_drop_their_views_and_new_intervals_are_missing() {
+    let mut state = State::default();
+    state.apply(&state.plan(&shop(DAILY), "prod", false));
+    let plan = state.plan(&project(&[("models/orders.sql", ORDERS), ("models/daily.sql", DAILY)]), "prod", false);
+    state.print(
+        &plan,
+        expect![[r#"
+            Plan 48c05d91fc54 for environment prod (replaces plan bbefcdee7163)
+
+            Models:
+              - shop.summary: removed
+              = 2 models unchanged
+
+            Backfill: nothing to backfill
+
+            Views:
+              drop shop.summary
+
+            Task graph: 0 tasks, 0 dependencies, critical path 0 tasks
+        "#]],
+    );
+    let unchanged = state.plan(&shop(DAILY), "prod", false);
+    assert!(unchanged.has_nothing_to_do(state.environments.get(&EnvironmentName::prod())));
+}
+
+fn errors_of(models: &[(&str, &str)], config: &str) -> String {
+    let files = ProjectFiles {
+        config: Some(config.to_string()),
+        models: models.iter().map(|(path, text)| (path.to_string(), text.to_string())).collect(),
+        csv_files: BTreeMap::new(),
+        external_models: None,
+    };
+    match load_project(&files) {
+        Ok(_) => panic!("the project loaded"),
+        Err(errors) => errors.to_string(),
+    }
+}
+
+#[test]
+fn every_error_of_a_project_is_reported_with_file_line_and_column() {
+    let text = errors_of(
+        &[
+            ("models/a.sql", "MODEL (name shop.a, kind SNAPSHOT);\nSELECT 1 AS x"),
+            ("models/b.sql", "MODEL (name shop.b, colour 'red');\nSELECT 1 AS x"),
+            ("models/c.sql", "MODEL (kind FULL);\nSELECT 1 AS x"),
+            ("models/d.sql", "MODEL (name shop.d);\nSELECT @nope AS x"),
+            ("models/e.sql", "MODEL (name shop.e);\nSELECT x FROM WHERE"),
+            ("models/f.sql", "MODEL (name shop.f, gateway elsewhere);\nSELECT 1 AS x"),
+            ("models/g.sql", "MODEL (name \"shop\".\"g; drop table x\");\nSELECT 1 AS x"),
+            ("models/h.sql", "MODEL (name shop.h);\nSELECT 1 AS x"),
+            ("models/h2.sql", "MODEL (name shop.h);\nSELECT 2 AS x"),
+            ("models/i.sql", "MODEL (name shop.i, kind FULL);\nSELECT * FROM shop.j"),
+            ("models/j.sql", "MODEL (name shop.j, kind FULL);\nSELECT * FROM shop.k"),
+            ("models/k.sql", "MODEL (name shop.k, kind FULL);\nSELECT * FROM shop.i"),
+            ("models/l.sql", "SELECT 1"),
+        ],
+        CONFIG,
+    );
+    expect![[r#"
+        the project has 10 errors:
+          models/a.sql:1:26: unknown model kind SNAPSHOT; expected VIEW, FULL, INCREMENTAL_BY_TIME_RANGE, INCREMENTAL_BY_UNIQUE_KEY, SEED or EMBEDDED
+          models/b.sql:1:21: unknown property colour; expected one of name, kind, cron, start, end, owner, description, grain, grains, gateway, dialect, tags, columns, enabled
+          models/c.sql:1:1: the MODEL block has no name property; expected name schema.table
+          models/d.sql:2:8: unknown macro @nope; expected a time macro such as @start_ds or @end_ts, @this_model, @gateway, @model_kind_name, @VAR('name') or a name defined with @DEF
+          models/e.sql:2:15: SQL does not parse (duckdb): Expected: table name, found: WHERE
+          models/f.sql:1:29: unknown gateway "elsewhere"; expected one of: local
+          models/g.sql:1:13: expected a model name of the form schema.table where each part is a lowercase identifier of letters, digits and underscores that starts with a letter or underscore (at most 63 characters) without a double underscore, found "shop.g; drop table x"
+          models/h2.sql: duplicate model name shop.h; models/h.sql already defines it
+          models/i.sql: dependency cycle: shop.i -> shop.j -> shop.k -> shop.i (each model reads the next)
+          models/l.sql:1:1: expected the file to start with a MODEL (...) block
+    "#]]
+    .assert_eq(&text);
+}
