@@ -1,5 +1,6 @@
 //! The `sluice` binary: every subcommand.
 
+mod bench;
 mod project_files;
 
 use std::collections::BTreeMap;
@@ -41,6 +42,25 @@ enum Command {
         /// The plan's time (default now): intervals end at or before it. A date or timestamp, UTC.
         #[arg(long)]
         now: Option<String>,
+    },
+    /// Benchmarks anyone can rerun.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Plan a synthetic project (default: 100 models x 10,000 hourly intervals = a million tasks).
+    Plan {
+        #[arg(long, default_value_t = 100)]
+        models: usize,
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        #[arg(long, default_value_t = 10_000)]
+        intervals: usize,
+        /// Recorded intervals for the missing-interval measurement.
+        #[arg(long, default_value_t = 1_000_000)]
+        recorded: usize,
     },
 }
 
@@ -87,6 +107,14 @@ fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Plan { environment, explain, forward_only, now } => {
             plan_command(cli, environment, *explain, *forward_only, now.as_deref())
+        }
+        Command::Bench(BenchCommand::Plan { models, layers, intervals, recorded }) => {
+            bench::bench_plan(bench::PlanBenchConfig {
+                models: *models,
+                layers: *layers,
+                intervals: *intervals,
+                recorded: *recorded,
+            })
         }
     }
 }

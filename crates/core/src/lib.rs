@@ -12,4 +12,5 @@ pub mod plan_text;
 pub mod project;
 pub mod query;
 pub mod snapshot;
+pub mod synthetic;
 pub mod task_graph;

@@ -206,3 +206,171 @@ impl Readiness {
         self.outstanding
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::interval::{IntervalSet, Timestamp};
+    use crate::names::EnvironmentName;
+    use crate::plan::{PlanContext, build_plan};
+    use crate::project::{ProjectFiles, load_project};
+    use crate::synthetic::SyntheticProject;
+
+    fn plan_of(files: &ProjectFiles, recorded: &BTreeMap<(crate::names::ModelName, crate::names::Version), IntervalSet>, now: Timestamp) -> Plan {
+        let project = load_project(files).unwrap();
+        let known = BTreeMap::new();
+        build_plan(
+            &project,
+            PlanContext {
+                environment: &EnvironmentName::prod(),
+                current: None,
+                base: None,
+                known_snapshots: &known,
+                recorded_intervals: recorded,
+                now,
+                forward_only: false,
+            },
+        )
+    }
+
+    /// Runs the graph to completion with in-degree counters, returning the completion order.
+    fn drain(graph: &TaskGraph) -> Vec<u32> {
+        let mut readiness = Readiness::new(graph);
+        let mut queue = readiness.ready();
+        let mut order = Vec::new();
+        while let Some(task) = queue.pop() {
+            order.push(task);
+            queue.extend(readiness.complete(graph, task));
+            // A duplicate completion is a no-op.
+            assert!(readiness.complete(graph, task).is_empty());
+        }
+        assert_eq!(readiness.outstanding(), 0);
+        order
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn synthetic_graphs_are_acyclic_pipelined_and_drain(
+            models in 1usize..10,
+            layers in 1usize..4,
+            intervals in 1usize..30,
+            hourly in any::<bool>(),
+            batch_size in proptest::option::of(1u32..5),
+            recorded_mask in proptest::collection::vec(any::<bool>(), 30),
+        ) {
+            let shape = SyntheticProject { batch_size, ..SyntheticProject::duckdb(models, layers, intervals, hourly) };
+            let files = shape.files();
+            let start = Timestamp::parse("2024-01-01").unwrap();
+            let now = Timestamp(start.0 + shape.span_seconds() + 7200);
+            let first = plan_of(&files, &BTreeMap::new(), now);
+            // Record a random subset of every model's intervals, then plan again.
+            let step = if hourly { 3600 } else { 86_400 };
+            let mut recorded = BTreeMap::new();
+            for planned in &first.snapshots {
+                let mut set = IntervalSet::new();
+                for (index, keep) in recorded_mask.iter().enumerate().take(intervals) {
+                    if *keep {
+                        let begin = start.0 + index as i64 * step;
+                        set.insert(Interval::new(Timestamp(begin), Timestamp(begin + step)));
+                    }
+                }
+                recorded.insert((planned.snapshot.name.clone(), planned.snapshot.version.clone()), set);
+            }
+            let plan = plan_of(&files, &recorded, now);
+            let graph = TaskGraph::build(&plan);
+
+            prop_assert!(graph.is_acyclic());
+            prop_assert_eq!(graph.len(), plan.task_count());
+            for task in 0..graph.len() as u32 {
+                for parent in graph.parents(task) {
+                    // Parents exist and come first: the numbering is a topological order.
+                    prop_assert!(parent < task);
+                }
+            }
+            // Batches cover exactly what is missing.
+            for planned in &plan.snapshots {
+                let key = (planned.snapshot.name.clone(), planned.snapshot.version.clone());
+                let mut covered = recorded[&key].clone();
+                for batch in &planned.batches {
+                    for interval in covered.ranges() {
+                        prop_assert!(interval.end <= batch.interval.start || interval.start >= batch.interval.end,
+                            "batch {} overlaps recorded {}", batch.interval, interval);
+                    }
+                    covered.insert(batch.interval);
+                }
+                let all = Interval::new(start, Timestamp(start.0 + shape.span_seconds()));
+                prop_assert!(covered.covers(all));
+            }
+            // A time-range child's batch waits for exactly the parent batches that overlap it.
+            for (index, planned) in plan.snapshots.iter().enumerate() {
+                for child in graph.snapshot_tasks(index) {
+                    let child_interval = graph.tasks[child as usize].interval;
+                    let actual: BTreeSet<u32> = graph.parents(child).collect();
+                    let mut expected = BTreeSet::new();
+                    for parent_index in &planned.materialized_parents {
+                        for parent_task in graph.snapshot_tasks(*parent_index as usize) {
+                            let parent_interval = graph.tasks[parent_task as usize].interval;
+                            if parent_interval.start < child_interval.end && child_interval.start < parent_interval.end {
+                                expected.insert(parent_task);
+                            }
+                        }
+                    }
+                    prop_assert_eq!(actual, expected);
+                }
+            }
+            let order = drain(&graph);
+            prop_assert_eq!(order.len(), graph.len());
+            prop_assert_eq!(order.iter().collect::<BTreeSet<_>>().len(), graph.len());
+            prop_assert!(graph.critical_path_length() as usize <= graph.len());
+        }
+    }
+
+    const CONFIG: &str = "model_defaults:\n  start: 2024-01-01\n  cron: '@daily'\n";
+
+    #[test]
+    fn full_unique_key_and_self_referencing_children_wait_for_all_parent_tasks_and_run_in_order() {
+        let files = ProjectFiles {
+            config: Some(CONFIG.to_string()),
+            models: BTreeMap::from([
+                (
+                    "models/a.sql".to_string(),
+                    "MODEL (name s.a, kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 1), end '2024-01-05');\nSELECT 1 AS ds".to_string(),
+                ),
+                ("models/f.sql".to_string(), "MODEL (name s.f, kind FULL, end '2024-01-05');\nSELECT * FROM s.a".to_string()),
+                (
+                    "models/u.sql".to_string(),
+                    "MODEL (name s.u, kind INCREMENTAL_BY_UNIQUE_KEY (unique_key id, batch_size 1), end '2024-01-05');\nSELECT * FROM s.a".to_string(),
+                ),
+                (
+                    "models/r.sql".to_string(),
+                    "MODEL (name s.r, kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 1), end '2024-01-05');\nSELECT * FROM s.a UNION ALL SELECT * FROM @this_model".to_string(),
+                ),
+            ]),
+            ..ProjectFiles::default()
+        };
+        let plan = plan_of(&files, &BTreeMap::new(), Timestamp::parse("2024-02-01").unwrap());
+        let graph = TaskGraph::build(&plan);
+        let index = |table: &str| plan.snapshots.iter().position(|p| p.snapshot.name.table == table).unwrap();
+        let parent_tasks: BTreeSet<u32> = graph.snapshot_tasks(index("a")).collect();
+        assert_eq!(parent_tasks.len(), 4);
+        let full = graph.snapshot_tasks(index("f"));
+        assert_eq!(full.len(), 1);
+        assert_eq!(graph.parents(full.start).collect::<BTreeSet<_>>(), parent_tasks);
+        for sequential in ["u", "r"] {
+            let tasks = graph.snapshot_tasks(index(sequential));
+            assert_eq!(tasks.len(), 4, "{sequential}");
+            assert_eq!(graph.parents(tasks.start).collect::<BTreeSet<_>>(), parent_tasks, "{sequential}");
+            for task in tasks.start + 1..tasks.end {
+                assert_eq!(graph.parents(task).collect::<Vec<_>>(), vec![task - 1], "{sequential}");
+            }
+        }
+        assert_eq!(graph.critical_path_length(), 5);
+        assert_eq!(drain(&graph).len(), graph.len());
+    }
+}

@@ -1,6 +1,8 @@
 //! Data-driven plan tests: a small project written inline and an environment in, the printed
 //! plan out. Update the expectations with `UPDATE_EXPECT=1 cargo test -p sluice-core --test plans`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 
 use expect_test::{Expect, expect};

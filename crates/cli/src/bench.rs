@@ -1,0 +1,120 @@
+//! `sluice bench`: measurements anyone can rerun. `bench plan` times planning a synthetic
+//! project (a million tasks by default) and missing-interval computation against a million
+//! recorded intervals, and reports peak memory.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow};
+use sluice_core::cron::{Cron, missing_intervals};
+use sluice_core::interval::{Interval, IntervalSet, Timestamp};
+use sluice_core::names::EnvironmentName;
+use sluice_core::plan::{PlanContext, build_plan};
+use sluice_core::project::load_project;
+use sluice_core::synthetic::SyntheticProject;
+use sluice_core::task_graph::{Readiness, TaskGraph};
+
+/// Peak resident memory of this process so far (VmHWM), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn seconds(duration: Duration) -> String {
+    format!("{:.3} s", duration.as_secs_f64())
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PlanBenchConfig {
+    pub models: usize,
+    pub layers: usize,
+    pub intervals: usize,
+    pub recorded: usize,
+}
+
+pub fn bench_plan(config: PlanBenchConfig) -> Result<()> {
+    let shape = SyntheticProject::duckdb(config.models, config.layers, config.intervals, true);
+    let files = shape.files();
+    let start = Timestamp::parse(sluice_core::synthetic::SYNTHETIC_START).map_err(|e| anyhow!("{e}"))?;
+    let now = Timestamp(start.0 + shape.span_seconds());
+    println!(
+        "sluice bench plan: {} models in {} layers x {} hourly intervals, batch_size 1",
+        config.models, config.layers, config.intervals
+    );
+
+    let began = Instant::now();
+    let project = load_project(&files).map_err(|errors| anyhow!("{errors}"))?;
+    let loaded = began.elapsed();
+
+    let known = BTreeMap::new();
+    let recorded = BTreeMap::new();
+    let environment = EnvironmentName::prod();
+    let context = PlanContext {
+        environment: &environment,
+        current: None,
+        base: None,
+        known_snapshots: &known,
+        recorded_intervals: &recorded,
+        now,
+        forward_only: false,
+    };
+    let plan_began = Instant::now();
+    let plan = build_plan(&project, context);
+    let planned = plan_began.elapsed();
+
+    let graph_began = Instant::now();
+    let graph = TaskGraph::build(&plan);
+    let built = graph_began.elapsed();
+
+    let counters_began = Instant::now();
+    let readiness = Readiness::new(&graph);
+    let ready = readiness.ready();
+    let counted = counters_began.elapsed();
+    let total = began.elapsed();
+
+    println!("  project loaded (parse, dependencies)   {}", seconds(loaded));
+    println!("  plan (fingerprints, missing, batches)  {}", seconds(planned));
+    println!("  task graph ({} tasks, {} edges)  {}", graph.len(), graph.edge_count(), seconds(built));
+    println!("  counters + ready set ({} ready)        {}", ready.len(), seconds(counted));
+    println!("  total                                  {}", seconds(total));
+    println!("  critical path                          {} tasks", graph.critical_path_length());
+    if let Some(peak) = peak_rss_mib() {
+        println!("  peak RSS                               {peak:.0} MiB");
+    }
+
+    // Missing intervals of one model against a million recorded hourly intervals, half of them
+    // missing every other hour (the worst case for compaction: 500,000 ranges).
+    let hourly = Cron::parse("@hourly").map_err(|e| anyhow!("{e}"))?;
+    let mut contiguous = IntervalSet::new();
+    let mut fragmented = IntervalSet::new();
+    for hour in 0..config.recorded as i64 {
+        let interval = Interval::new(Timestamp(start.0 + hour * 3600), Timestamp(start.0 + (hour + 1) * 3600));
+        contiguous.insert(interval);
+        if hour % 2 == 0 {
+            fragmented.insert(interval);
+        }
+    }
+    let end = Timestamp(start.0 + (config.recorded as i64 + 24) * 3600);
+    let missing_began = Instant::now();
+    let missing_contiguous = missing_intervals(&hourly, start, end, &contiguous);
+    let contiguous_time = missing_began.elapsed();
+    let missing_began = Instant::now();
+    let missing_fragmented = missing_intervals(&hourly, start, end, &fragmented);
+    let fragmented_time = missing_began.elapsed();
+    println!(
+        "  missing vs {} recorded (1 range)      {} ({} missing)",
+        config.recorded,
+        seconds(contiguous_time),
+        missing_contiguous.len()
+    );
+    println!(
+        "  missing vs {} recorded ({} ranges)  {} ({} missing)",
+        config.recorded / 2,
+        fragmented.ranges().len(),
+        seconds(fragmented_time),
+        missing_fragmented.len()
+    );
+    Ok(())
+}
