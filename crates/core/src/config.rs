@@ -48,9 +48,23 @@ impl fmt::Display for Secret {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Connection {
     /// An embedded DuckDB file, relative to the project folder (or `:memory:`).
-    DuckDb { database: String },
-    Postgres { host: String, port: u16, user: String, password: Secret, database: String },
-    MySql { host: String, port: u16, user: String, password: Secret, database: String },
+    DuckDb {
+        database: String,
+    },
+    Postgres {
+        host: String,
+        port: u16,
+        user: String,
+        password: Secret,
+        database: String,
+    },
+    MySql {
+        host: String,
+        port: u16,
+        user: String,
+        password: Secret,
+        database: String,
+    },
 }
 
 impl Connection {
@@ -279,7 +293,10 @@ impl Reader<'_> {
                 }
             }
             other => {
-                self.error(&format!("{field}.type"), format!("expected one of duckdb, postgres, mysql, found {other:?}"));
+                self.error(
+                    &format!("{field}.type"),
+                    format!("expected one of duckdb, postgres, mysql, found {other:?}"),
+                );
                 return None;
             }
         };
@@ -381,9 +398,8 @@ pub fn parse_config(file: &str, text: &str) -> ConfigOutcome {
                                 state_connection =
                                     reader.connection(&format!("{field}.state_connection"), gateway_field_value)
                             }
-                            Some(other) => {
-                                reader.warn(&format!("{field}.{other}"), "accepted by SQLMesh but not used by sluice yet")
-                            }
+                            Some(other) => reader
+                                .warn(&format!("{field}.{other}"), "accepted by SQLMesh but not used by sluice yet"),
                             None => reader.error(&field, "expected string keys"),
                         }
                     }
@@ -465,10 +481,7 @@ pub fn parse_config(file: &str, text: &str) -> ConfigOutcome {
             other if SQLMESH_ONLY_KEYS.contains(&other) => {
                 reader.warn(other, "accepted by SQLMesh but not used by sluice yet")
             }
-            other => reader.warn(
-                other,
-                format!("unknown key, ignored (sluice reads {})", USED_KEYS.join(", ")),
-            ),
+            other => reader.warn(other, format!("unknown key, ignored (sluice reads {})", USED_KEYS.join(", "))),
         }
     }
     if !config.gateways.contains_key(&config.default_gateway) {
@@ -544,7 +557,8 @@ project: sushi
 
     #[test]
     fn reports_every_error_with_its_field() {
-        let text = "gateways:\n  a:\n    connection:\n      type: oracle\ndefault_gateway: nope\nenvironment_ttl: soon\n";
+        let text =
+            "gateways:\n  a:\n    connection:\n      type: oracle\ndefault_gateway: nope\nenvironment_ttl: soon\n";
         let outcome = parse_config("config.yaml", text);
         let errors: Vec<String> = outcome.errors.iter().map(ToString::to_string).collect();
         assert_eq!(

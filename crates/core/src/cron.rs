@@ -21,13 +21,9 @@ const FIRST_SUNDAY_AFTER_EPOCH: i64 = 3 * SECONDS_PER_DAY;
 /// Why a text is not a usable cron schedule.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CronError {
-    #[error(
-        "expected @hourly, @daily, @weekly, @monthly or a five-field cron expression, found {text:?}: {reason}"
-    )]
+    #[error("expected @hourly, @daily, @weekly, @monthly or a five-field cron expression, found {text:?}: {reason}")]
     InvalidExpression { text: String, reason: String },
-    #[error(
-        "expected a cron expression that fires at least once, found {text:?}, which never fires"
-    )]
+    #[error("expected a cron expression that fires at least once, found {text:?}, which never fires")]
     NeverFires { text: String },
 }
 
@@ -44,10 +40,7 @@ pub struct Cron {
 #[derive(Clone, Debug)]
 enum CronSchedule {
     /// Ticks at every `offset_seconds + k * period_seconds`, for every integer `k`.
-    FixedPeriod {
-        period_seconds: i64,
-        offset_seconds: i64,
-    },
+    FixedPeriod { period_seconds: i64, offset_seconds: i64 },
     /// Anything else, evaluated by croner in UTC.
     General(Box<croner::Cron>),
 }
@@ -77,39 +70,26 @@ impl Cron {
         let trimmed = text.trim();
         let expression = expand_nickname(trimmed).unwrap_or(trimmed);
         if use_fast_paths && let Some(schedule) = recognise_fixed_period(expression) {
-            return Ok(Cron {
-                text: text.to_string(),
-                schedule,
-            });
+            return Ok(Cron { text: text.to_string(), schedule });
         }
         if let Some(reason) = describe_shape_problem(expression) {
-            return Err(CronError::InvalidExpression {
-                text: text.to_string(),
-                reason,
-            });
+            return Err(CronError::InvalidExpression { text: text.to_string(), reason });
         }
         let parser = croner::parser::CronParser::builder()
             .seconds(croner::parser::Seconds::Disallowed)
             .year(croner::parser::Year::Disallowed)
             .build();
-        let parsed = parser
-            .parse(expression)
-            .map_err(|error| CronError::InvalidExpression {
-                text: text.to_string(),
-                reason: lowercase_reason(&error.to_string()),
-            })?;
+        let parsed = parser.parse(expression).map_err(|error| CronError::InvalidExpression {
+            text: text.to_string(),
+            reason: lowercase_reason(&error.to_string()),
+        })?;
         // A five-field expression has no year, so one that fires at all fires within a few
         // years of any start (29 February is at most eight years away).
         let epoch = DateTime::<Utc>::UNIX_EPOCH;
         if parsed.find_next_occurrence(&epoch, true).is_err() {
-            return Err(CronError::NeverFires {
-                text: text.to_string(),
-            });
+            return Err(CronError::NeverFires { text: text.to_string() });
         }
-        Ok(Cron {
-            text: text.to_string(),
-            schedule: CronSchedule::General(Box::new(parsed)),
-        })
+        Ok(Cron { text: text.to_string(), schedule: CronSchedule::General(Box::new(parsed)) })
     }
 
     /// The text this schedule was parsed from, unchanged.
@@ -128,36 +108,22 @@ impl Cron {
     /// or past the end of `i64` seconds).
     pub fn next_tick_after(&self, t: Timestamp) -> Timestamp {
         match &self.schedule {
-            CronSchedule::FixedPeriod {
-                period_seconds,
-                offset_seconds,
-            } => {
+            CronSchedule::FixedPeriod { period_seconds, offset_seconds } => {
                 let floor = fixed_floor(i128::from(t.0), *period_seconds, *offset_seconds);
                 saturate(floor + i128::from(*period_seconds))
             }
-            CronSchedule::General(parsed) => {
-                croner_search(parsed, t, false, croner::Direction::Forward)
-            }
+            CronSchedule::General(parsed) => croner_search(parsed, t, false, croner::Direction::Forward),
         }
     }
 
     /// The first tick at or after `t`; [`Timestamp::MAX`] when there is none.
     pub fn tick_at_or_after(&self, t: Timestamp) -> Timestamp {
         match &self.schedule {
-            CronSchedule::FixedPeriod {
-                period_seconds,
-                offset_seconds,
-            } => {
+            CronSchedule::FixedPeriod { period_seconds, offset_seconds } => {
                 let floor = fixed_floor(i128::from(t.0), *period_seconds, *offset_seconds);
-                if floor == i128::from(t.0) {
-                    t
-                } else {
-                    saturate(floor + i128::from(*period_seconds))
-                }
+                if floor == i128::from(t.0) { t } else { saturate(floor + i128::from(*period_seconds)) }
             }
-            CronSchedule::General(parsed) => {
-                croner_search(parsed, t, true, croner::Direction::Forward)
-            }
+            CronSchedule::General(parsed) => croner_search(parsed, t, true, croner::Direction::Forward),
         }
     }
 
@@ -165,41 +131,29 @@ impl Cron {
     /// for general expressions, or before the start of `i64` seconds).
     pub fn tick_at_or_before(&self, t: Timestamp) -> Timestamp {
         match &self.schedule {
-            CronSchedule::FixedPeriod {
-                period_seconds,
-                offset_seconds,
-            } => saturate(fixed_floor(
-                i128::from(t.0),
-                *period_seconds,
-                *offset_seconds,
-            )),
-            CronSchedule::General(parsed) => {
-                croner_search(parsed, t, true, croner::Direction::Backward)
+            CronSchedule::FixedPeriod { period_seconds, offset_seconds } => {
+                saturate(fixed_floor(i128::from(t.0), *period_seconds, *offset_seconds))
             }
+            CronSchedule::General(parsed) => croner_search(parsed, t, true, croner::Direction::Backward),
         }
     }
 
     /// Whether `t` is a tick.
     pub fn is_tick(&self, t: Timestamp) -> bool {
         match &self.schedule {
-            CronSchedule::FixedPeriod {
-                period_seconds,
-                offset_seconds,
-            } => fixed_floor(i128::from(t.0), *period_seconds, *offset_seconds) == i128::from(t.0),
-            CronSchedule::General(parsed) => to_chrono(t)
-                .is_some_and(|instant| parsed.is_time_matching(&instant).unwrap_or(false)),
+            CronSchedule::FixedPeriod { period_seconds, offset_seconds } => {
+                fixed_floor(i128::from(t.0), *period_seconds, *offset_seconds) == i128::from(t.0)
+            }
+            CronSchedule::General(parsed) => {
+                to_chrono(t).is_some_and(|instant| parsed.is_time_matching(&instant).unwrap_or(false))
+            }
         }
     }
 
     /// The intervals `[tick, next tick)` from `tick_at_or_after(start)` for as long as they end
     /// at or before `end`.
     pub fn intervals(&self, start: Timestamp, end: Timestamp) -> CronIntervals<'_> {
-        CronIntervals {
-            cron: self,
-            next_start: self.tick_at_or_after(start),
-            end,
-            finished: false,
-        }
+        CronIntervals { cron: self, next_start: self.tick_at_or_after(start), end, finished: false }
     }
 
     /// Walks up to `count` ticks forward from the tick `from` without passing `limit`; returns
@@ -265,10 +219,7 @@ fn expand_nickname(trimmed: &str) -> Option<&'static str> {
         ("@yearly", "0 0 1 1 *"),
         ("@annually", "0 0 1 1 *"),
     ];
-    NICKNAMES
-        .iter()
-        .find(|(nickname, _)| nickname.eq_ignore_ascii_case(trimmed))
-        .map(|(_, expression)| *expression)
+    NICKNAMES.iter().find(|(nickname, _)| nickname.eq_ignore_ascii_case(trimmed)).map(|(_, expression)| *expression)
 }
 
 /// Says what is wrong with an expression that is not even shaped like five cron fields.
@@ -291,13 +242,7 @@ fn describe_shape_problem(expression: &str) -> Option<String> {
 /// Recognises the fixed-period expressions computed without croner.
 fn recognise_fixed_period(expression: &str) -> Option<CronSchedule> {
     let mut fields = expression.split_whitespace();
-    let five: [&str; 5] = [
-        fields.next()?,
-        fields.next()?,
-        fields.next()?,
-        fields.next()?,
-        fields.next()?,
-    ];
+    let five: [&str; 5] = [fields.next()?, fields.next()?, fields.next()?, fields.next()?, fields.next()?];
     if fields.next().is_some() {
         return None;
     }
@@ -306,18 +251,13 @@ fn recognise_fixed_period(expression: &str) -> Option<CronSchedule> {
         ["0", "*", "*", "*", "*"] => (SECONDS_PER_HOUR, 0),
         ["0", "0", "*", "*", "*"] => (SECONDS_PER_DAY, 0),
         ["0", "0", "*", "*", day_of_week]
-            if day_of_week == "0"
-                || day_of_week == "7"
-                || day_of_week.eq_ignore_ascii_case("sun") =>
+            if day_of_week == "0" || day_of_week == "7" || day_of_week.eq_ignore_ascii_case("sun") =>
         {
             (SECONDS_PER_WEEK, FIRST_SUNDAY_AFTER_EPOCH)
         }
         _ => return None,
     };
-    Some(CronSchedule::FixedPeriod {
-        period_seconds,
-        offset_seconds,
-    })
+    Some(CronSchedule::FixedPeriod { period_seconds, offset_seconds })
 }
 
 /// The latest `offset + k * period` at or before `t`.
@@ -334,12 +274,7 @@ fn to_chrono(t: Timestamp) -> Option<DateTime<Utc>> {
 }
 
 /// One croner search; a failed search answers with the sentinel for its direction.
-fn croner_search(
-    parsed: &croner::Cron,
-    t: Timestamp,
-    inclusive: bool,
-    direction: croner::Direction,
-) -> Timestamp {
+fn croner_search(parsed: &croner::Cron, t: Timestamp, inclusive: bool, direction: croner::Direction) -> Timestamp {
     let not_found = match direction {
         croner::Direction::Forward => Timestamp::MAX,
         croner::Direction::Backward => Timestamp::MIN,
@@ -409,10 +344,7 @@ fn first_range_ending_after(ranges: &[Interval], from: usize, t: Timestamp) -> u
             _ => return index,
         }
     }
-    index
-        + ranges
-            .get(index..)
-            .map_or(0, |rest| rest.partition_point(|range| range.end <= t))
+    index + ranges.get(index..).map_or(0, |rest| rest.partition_point(|range| range.end <= t))
 }
 
 /// Every interval of `cron.intervals(start, end)` that `recorded` does not fully cover, in order.
@@ -420,12 +352,7 @@ fn first_range_ending_after(ranges: &[Interval], from: usize, t: Timestamp) -> u
 /// Walks the recorded ranges with a cursor and jumps over a covering range in one step, so the
 /// cost grows with the number of missing intervals and recorded ranges in the window, not with
 /// the number of covered intervals.
-pub fn missing_intervals(
-    cron: &Cron,
-    start: Timestamp,
-    end: Timestamp,
-    recorded: &IntervalSet,
-) -> Vec<Interval> {
+pub fn missing_intervals(cron: &Cron, start: Timestamp, end: Timestamp, recorded: &IntervalSet) -> Vec<Interval> {
     let ranges = recorded.ranges();
     let mut missing = Vec::new();
     let mut range_index = 0;
@@ -445,10 +372,7 @@ pub fn missing_intervals(
             current = cron.tick_at_or_before(range.end).max(next);
             continue;
         }
-        missing.push(Interval {
-            start: current,
-            end: next,
-        });
+        missing.push(Interval { start: current, end: next });
         current = next;
     }
     missing
@@ -480,10 +404,7 @@ pub fn batch_intervals(
     let floor = cron.tick_at_or_after(earliest_start);
     let mut runs: Vec<Interval> = Vec::new();
     for interval in missing.iter().filter(|interval| !interval.is_empty()) {
-        debug_assert!(
-            runs.last().is_none_or(|last| last.start <= interval.start),
-            "missing intervals must be sorted"
-        );
+        debug_assert!(runs.last().is_none_or(|last| last.start <= interval.start), "missing intervals must be sorted");
         let widened_start = if lookback == 0 || interval.start <= floor {
             interval.start
         } else {
@@ -493,10 +414,7 @@ pub fn batch_intervals(
             Some(last) if widened_start <= last.end => {
                 last.end = last.end.max(interval.end);
             }
-            _ => runs.push(Interval {
-                start: widened_start,
-                end: interval.end,
-            }),
+            _ => runs.push(Interval { start: widened_start, end: interval.end }),
         }
     }
 
@@ -509,22 +427,10 @@ pub fn batch_intervals(
             if interval_count == 0 {
                 // The run does not end on a tick of this schedule; keep its tail as one batch
                 // rather than lose it.
-                batches.push(Batch {
-                    interval: Interval {
-                        start: chunk_start,
-                        end: run.end,
-                    },
-                    interval_count: 1,
-                });
+                batches.push(Batch { interval: Interval { start: chunk_start, end: run.end }, interval_count: 1 });
                 break;
             }
-            batches.push(Batch {
-                interval: Interval {
-                    start: chunk_start,
-                    end: chunk_end,
-                },
-                interval_count,
-            });
+            batches.push(Batch { interval: Interval { start: chunk_start, end: chunk_end }, interval_count });
             chunk_start = chunk_end;
         }
     }
@@ -578,23 +484,12 @@ mod tests {
         assert!(!cron("30 2 * * 1-5").is_fixed_period());
         assert_eq!(cron("@daily"), cron("@daily"));
         assert_ne!(cron("@daily"), cron("0 0 * * *"));
-        assert_eq!(
-            cron("@annually").next_tick_after(timestamp("2024-03-01")),
-            timestamp("2025-01-01")
-        );
+        assert_eq!(cron("@annually").next_tick_after(timestamp("2024-03-01")), timestamp("2025-01-01"));
     }
 
     #[test]
     fn rejects_bad_expressions_saying_what_was_expected() {
-        for text in [
-            "",
-            "@reboot",
-            "0 0 * *",
-            "0 0 0 * * *",
-            "61 * * * *",
-            "x y z w v",
-            "@every 5m",
-        ] {
+        for text in ["", "@reboot", "0 0 * *", "0 0 0 * * *", "61 * * * *", "x y z w v", "@every 5m"] {
             let error = Cron::parse(text).unwrap_err();
             let message = error.to_string();
             assert!(
@@ -618,45 +513,22 @@ mod tests {
              @monthly, @yearly, @annually"
         );
         assert!(message("61 * * * *").ends_with(": component error: Number out of bounds"));
-        assert_eq!(
-            Cron::parse("0 0 30 2 *"),
-            Err(CronError::NeverFires {
-                text: "0 0 30 2 *".to_string()
-            })
-        );
+        assert_eq!(Cron::parse("0 0 30 2 *"), Err(CronError::NeverFires { text: "0 0 30 2 *".to_string() }));
     }
 
     #[test]
     fn ticks_of_known_schedules() {
         let weekly = cron("@weekly");
         // 2024-01-07 was a Sunday.
-        assert_eq!(
-            weekly.tick_at_or_after(timestamp("2024-01-03 12:00:00")),
-            timestamp("2024-01-07")
-        );
-        assert_eq!(
-            weekly.tick_at_or_before(timestamp("2024-01-07")),
-            timestamp("2024-01-07")
-        );
-        assert_eq!(
-            weekly.next_tick_after(timestamp("2024-01-07")),
-            timestamp("2024-01-14")
-        );
+        assert_eq!(weekly.tick_at_or_after(timestamp("2024-01-03 12:00:00")), timestamp("2024-01-07"));
+        assert_eq!(weekly.tick_at_or_before(timestamp("2024-01-07")), timestamp("2024-01-07"));
+        assert_eq!(weekly.next_tick_after(timestamp("2024-01-07")), timestamp("2024-01-14"));
         let monthly = cron("@monthly");
-        assert_eq!(
-            monthly.next_tick_after(timestamp("2024-01-31 23:59:59")),
-            timestamp("2024-02-01")
-        );
-        assert_eq!(
-            monthly.tick_at_or_before(timestamp("2024-03-15")),
-            timestamp("2024-03-01")
-        );
+        assert_eq!(monthly.next_tick_after(timestamp("2024-01-31 23:59:59")), timestamp("2024-02-01"));
+        assert_eq!(monthly.tick_at_or_before(timestamp("2024-03-15")), timestamp("2024-03-01"));
         let weekdays = cron("30 2 * * 1-5");
         // 2024-01-05 is a Friday; the next weekday is Monday 2024-01-08.
-        assert_eq!(
-            weekdays.next_tick_after(timestamp("2024-01-05 02:30:00")),
-            timestamp("2024-01-08 02:30:00")
-        );
+        assert_eq!(weekdays.next_tick_after(timestamp("2024-01-05 02:30:00")), timestamp("2024-01-08 02:30:00"));
         let daily = cron("@daily");
         assert_eq!(daily.tick_at_or_before(Timestamp(-1)), Timestamp(-86_400));
         assert!(daily.is_tick(timestamp("2024-01-01")));
@@ -668,12 +540,8 @@ mod tests {
     #[test]
     fn intervals_run_between_consecutive_ticks_up_to_the_end() {
         let daily = cron("@daily");
-        let days: Vec<Interval> = daily
-            .intervals(
-                timestamp("2024-01-01 05:00:00"),
-                timestamp("2024-01-04 12:00:00"),
-            )
-            .collect();
+        let days: Vec<Interval> =
+            daily.intervals(timestamp("2024-01-01 05:00:00"), timestamp("2024-01-04 12:00:00")).collect();
         assert_eq!(
             days,
             vec![
@@ -681,18 +549,8 @@ mod tests {
                 Interval::new(timestamp("2024-01-03"), timestamp("2024-01-04")),
             ]
         );
-        assert_eq!(
-            daily
-                .intervals(timestamp("2024-01-01"), timestamp("2024-01-01 23:00:00"))
-                .count(),
-            0
-        );
-        assert_eq!(
-            daily
-                .intervals(Timestamp(i64::MAX - 10), Timestamp::MAX)
-                .count(),
-            0
-        );
+        assert_eq!(daily.intervals(timestamp("2024-01-01"), timestamp("2024-01-01 23:00:00")).count(), 0);
+        assert_eq!(daily.intervals(Timestamp(i64::MAX - 10), Timestamp::MAX).count(), 0);
     }
 
     #[test]
@@ -740,32 +598,18 @@ mod tests {
     fn batches_widen_by_lookback_and_split_by_size() {
         let daily = cron("@daily");
         let day = |n: i64| Timestamp(n * 86_400);
-        let missing: Vec<Interval> = [3, 4, 5, 9, 10]
-            .iter()
-            .map(|n| Interval::new(day(*n), day(n + 1)))
-            .collect();
-        let batch = |start, end, interval_count| Batch {
-            interval: Interval::new(day(start), day(end)),
-            interval_count,
-        };
-        assert_eq!(
-            batch_intervals(&daily, &missing, None, 0, day(0)),
-            vec![batch(3, 6, 3), batch(9, 11, 2)]
-        );
+        let missing: Vec<Interval> = [3, 4, 5, 9, 10].iter().map(|n| Interval::new(day(*n), day(n + 1))).collect();
+        let batch =
+            |start, end, interval_count| Batch { interval: Interval::new(day(start), day(end)), interval_count };
+        assert_eq!(batch_intervals(&daily, &missing, None, 0, day(0)), vec![batch(3, 6, 3), batch(9, 11, 2)]);
         assert_eq!(
             batch_intervals(&daily, &missing, Some(2), 0, day(0)),
             vec![batch(3, 5, 2), batch(5, 6, 1), batch(9, 11, 2)]
         );
         // A lookback of 2 widens the second run to day 7, which does not touch day 6.
-        assert_eq!(
-            batch_intervals(&daily, &missing, None, 2, day(2)),
-            vec![batch(2, 6, 4), batch(7, 11, 4)]
-        );
+        assert_eq!(batch_intervals(&daily, &missing, None, 2, day(2)), vec![batch(2, 6, 4), batch(7, 11, 4)]);
         // A lookback of 3 makes the runs touch, so they merge.
-        assert_eq!(
-            batch_intervals(&daily, &missing, None, 3, day(0)),
-            vec![batch(0, 11, 11)]
-        );
+        assert_eq!(batch_intervals(&daily, &missing, None, 3, day(0)), vec![batch(0, 11, 11)]);
         assert_eq!(
             batch_intervals(&daily, &missing, Some(5), 3, day(0)),
             vec![batch(0, 5, 5), batch(5, 10, 5), batch(10, 11, 1)]

@@ -14,9 +14,7 @@ const MICROSECONDS_PER_SECOND: u32 = 1_000_000;
 /// Why a text could not be read as a [`Timestamp`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TimeParseError {
-    #[error(
-        "expected a date like 2024-01-01 or a timestamp like 2024-01-01 00:00:00, found {text:?}"
-    )]
+    #[error("expected a date like 2024-01-01 or a timestamp like 2024-01-01 00:00:00, found {text:?}")]
     UnrecognisedFormat { text: String },
     #[error("expected a real calendar date and time of day, found {text:?}")]
     NotACalendarDateTime { text: String },
@@ -25,9 +23,7 @@ pub enum TimeParseError {
 }
 
 /// Seconds since the Unix epoch, UTC.
-#[derive(
-    Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Timestamp(pub i64);
 
 impl Timestamp {
@@ -52,12 +48,8 @@ impl Timestamp {
         if !bytes.is_empty() && bytes.iter().all(u8::is_ascii_digit) {
             return parse_all_digit_timestamp(text, bytes);
         }
-        let unrecognised = || TimeParseError::UnrecognisedFormat {
-            text: text.to_string(),
-        };
-        let not_a_calendar_date_time = || TimeParseError::NotACalendarDateTime {
-            text: text.to_string(),
-        };
+        let unrecognised = || TimeParseError::UnrecognisedFormat { text: text.to_string() };
+        let not_a_calendar_date_time = || TimeParseError::NotACalendarDateTime { text: text.to_string() };
 
         let mut cursor = ByteCursor { bytes, position: 0 };
         let year = cursor.fixed_digits(4).ok_or_else(unrecognised)?;
@@ -112,8 +104,7 @@ impl Timestamp {
                 if offset_hours > 23 || offset_minutes > 59 {
                     return Err(not_a_calendar_date_time());
                 }
-                let magnitude =
-                    offset_hours * SECONDS_PER_HOUR + offset_minutes * SECONDS_PER_MINUTE;
+                let magnitude = offset_hours * SECONDS_PER_HOUR + offset_minutes * SECONDS_PER_MINUTE;
                 if sign == b'-' { -magnitude } else { magnitude }
             }
             Some(_) => return Err(unrecognised()),
@@ -122,8 +113,7 @@ impl Timestamp {
             return Err(unrecognised());
         }
 
-        let local_seconds =
-            days * SECONDS_PER_DAY + hour * SECONDS_PER_HOUR + minute * SECONDS_PER_MINUTE + second;
+        let local_seconds = days * SECONDS_PER_DAY + hour * SECONDS_PER_HOUR + minute * SECONDS_PER_MINUTE + second;
         Ok(Timestamp(local_seconds - offset_seconds))
     }
 
@@ -146,39 +136,24 @@ impl fmt::Display for Timestamp {
 /// Reads the all-digit forms: eight digits as `%Y%m%d`, ten or more as epoch milliseconds.
 fn parse_all_digit_timestamp(text: &str, digits: &[u8]) -> Result<Timestamp, TimeParseError> {
     if digits.len() == 8 {
-        let mut cursor = ByteCursor {
-            bytes: digits,
-            position: 0,
-        };
-        let parts = (
-            cursor.fixed_digits(4),
-            cursor.fixed_digits(2),
-            cursor.fixed_digits(2),
-        );
+        let mut cursor = ByteCursor { bytes: digits, position: 0 };
+        let parts = (cursor.fixed_digits(4), cursor.fixed_digits(2), cursor.fixed_digits(2));
         if let (Some(year), Some(month), Some(day)) = parts
             && is_calendar_date(year, month, day)
         {
-            return Ok(Timestamp(
-                days_from_civil(year, month, day) * SECONDS_PER_DAY,
-            ));
+            return Ok(Timestamp(days_from_civil(year, month, day) * SECONDS_PER_DAY));
         }
-        return Err(TimeParseError::NotACalendarDateTime {
-            text: text.to_string(),
-        });
+        return Err(TimeParseError::NotACalendarDateTime { text: text.to_string() });
     }
     if digits.len() < 10 {
-        return Err(TimeParseError::UnrecognisedFormat {
-            text: text.to_string(),
-        });
+        return Err(TimeParseError::UnrecognisedFormat { text: text.to_string() });
     }
     let mut epoch_milliseconds: i64 = 0;
     for digit in digits {
         epoch_milliseconds = epoch_milliseconds
             .checked_mul(10)
             .and_then(|value| value.checked_add(i64::from(digit - b'0')))
-            .ok_or_else(|| TimeParseError::EpochMillisecondsOutOfRange {
-                text: text.to_string(),
-            })?;
+            .ok_or_else(|| TimeParseError::EpochMillisecondsOutOfRange { text: text.to_string() })?;
     }
     Ok(Timestamp(epoch_milliseconds.div_euclid(1000)))
 }
@@ -286,16 +261,11 @@ impl CivilDateTime {
         let shifted_days = days + 719_468;
         let era = shifted_days.div_euclid(146_097);
         let day_of_era = shifted_days.rem_euclid(146_097);
-        let year_of_era =
-            (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+        let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
         let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
         let month_from_march = (5 * day_of_year + 2) / 153;
         let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
-        let month = if month_from_march < 10 {
-            month_from_march + 3
-        } else {
-            month_from_march - 9
-        };
+        let month = if month_from_march < 10 { month_from_march + 3 } else { month_from_march - 9 };
         let year = year_of_era + era * 400 + i64::from(month <= 2);
         // Every narrowed value below is bounded by the arithmetic above (day <= 31,
         // month <= 12, second_of_day < 86400), so the casts are lossless.
@@ -333,11 +303,7 @@ fn write_date<W: fmt::Write>(out: &mut W, civil: &CivilDateTime) -> fmt::Result 
 }
 
 /// Writes `2024-01-01 05:00:00`, followed by `.ffffff` when `microseconds` is not zero.
-fn write_date_time<W: fmt::Write>(
-    out: &mut W,
-    civil: &CivilDateTime,
-    microseconds: u32,
-) -> fmt::Result {
+fn write_date_time<W: fmt::Write>(out: &mut W, civil: &CivilDateTime, microseconds: u32) -> fmt::Result {
     write_date(out, civil)?;
     let mut buffer = *b" 00:00:00.000000";
     put_two_digits(&mut buffer, 1, civil.hour);
@@ -357,9 +323,7 @@ fn write_date_time<W: fmt::Write>(
 }
 
 /// A half-open time range `[start, end)`.
-#[derive(
-    Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Interval {
     pub start: Timestamp,
     pub end: Timestamp,
@@ -368,10 +332,7 @@ pub struct Interval {
 impl Interval {
     /// `[start, end)`; `start` must be before `end`.
     pub fn new(start: Timestamp, end: Timestamp) -> Interval {
-        debug_assert!(
-            start < end,
-            "an interval must start before it ends: [{start}, {end})"
-        );
+        debug_assert!(start < end, "an interval must start before it ends: [{start}, {end})");
         Interval { start, end }
     }
 
@@ -382,11 +343,7 @@ impl Interval {
 
     /// Length in seconds (zero for an empty interval).
     pub fn duration_seconds(&self) -> i64 {
-        if self.is_empty() {
-            0
-        } else {
-            self.end.0.saturating_sub(self.start.0)
-        }
+        if self.is_empty() { 0 } else { self.end.0.saturating_sub(self.start.0) }
     }
 }
 
@@ -415,10 +372,7 @@ impl IntervalSet {
 
     /// Builds a compacted set from intervals in any order; empty intervals are ignored.
     pub fn from_intervals(intervals: impl IntoIterator<Item = Interval>) -> IntervalSet {
-        let mut unsorted: Vec<Interval> = intervals
-            .into_iter()
-            .filter(|interval| !interval.is_empty())
-            .collect();
+        let mut unsorted: Vec<Interval> = intervals.into_iter().filter(|interval| !interval.is_empty()).collect();
         unsorted.sort_unstable();
         let mut ranges: Vec<Interval> = Vec::with_capacity(unsorted.len().min(16));
         for interval in unsorted {
@@ -456,30 +410,19 @@ impl IntervalSet {
             Some(_) => {}
         }
         // First range that overlaps or touches the new interval, or comes after it.
-        let first_touching = self
-            .ranges
-            .partition_point(|range| range.end < interval.start);
+        let first_touching = self.ranges.partition_point(|range| range.end < interval.start);
         // One past the last range that overlaps or touches the new interval.
-        let past_last_touching = self
-            .ranges
-            .partition_point(|range| range.start <= interval.end);
+        let past_last_touching = self.ranges.partition_point(|range| range.start <= interval.end);
         if first_touching >= past_last_touching {
             self.ranges.insert(first_touching, interval);
             return;
         }
-        let merged_start = self
-            .ranges
-            .get(first_touching)
-            .map_or(interval.start, |range| range.start.min(interval.start));
-        let merged_end = self
-            .ranges
-            .get(past_last_touching - 1)
-            .map_or(interval.end, |range| range.end.max(interval.end));
+        let merged_start =
+            self.ranges.get(first_touching).map_or(interval.start, |range| range.start.min(interval.start));
+        let merged_end =
+            self.ranges.get(past_last_touching - 1).map_or(interval.end, |range| range.end.max(interval.end));
         if let Some(slot) = self.ranges.get_mut(first_touching) {
-            *slot = Interval {
-                start: merged_start,
-                end: merged_end,
-            };
+            *slot = Interval { start: merged_start, end: merged_end };
         }
         self.ranges.drain(first_touching + 1..past_last_touching);
     }
@@ -489,12 +432,8 @@ impl IntervalSet {
         if interval.is_empty() {
             return true;
         }
-        let candidate = self
-            .ranges
-            .partition_point(|range| range.end <= interval.start);
-        self.ranges
-            .get(candidate)
-            .is_some_and(|range| range.start <= interval.start && interval.end <= range.end)
+        let candidate = self.ranges.partition_point(|range| range.end <= interval.start);
+        self.ranges.get(candidate).is_some_and(|range| range.start <= interval.start && interval.end <= range.end)
     }
 
     /// The compacted ranges: sorted, disjoint and non-adjacent.
@@ -508,9 +447,7 @@ impl IntervalSet {
 
     /// Total number of seconds in the set (saturating).
     pub fn total_seconds(&self) -> i64 {
-        self.ranges.iter().fold(0_i64, |total, range| {
-            total.saturating_add(range.duration_seconds())
-        })
+        self.ranges.iter().fold(0_i64, |total, range| total.saturating_add(range.duration_seconds()))
     }
 }
 
@@ -544,11 +481,7 @@ pub enum TimeMacroPrefix {
 }
 
 impl TimeMacroPrefix {
-    pub const ALL: [TimeMacroPrefix; 3] = [
-        TimeMacroPrefix::Start,
-        TimeMacroPrefix::End,
-        TimeMacroPrefix::Execution,
-    ];
+    pub const ALL: [TimeMacroPrefix; 3] = [TimeMacroPrefix::Start, TimeMacroPrefix::End, TimeMacroPrefix::Execution];
 
     /// The prefix as written in a macro name, like `start`.
     pub fn name(self) -> &'static str {
@@ -625,17 +558,7 @@ const TIME_MACRO_NAMES: [[&str; 9]; 3] = [
         "start_millis",
         "start_hour",
     ],
-    [
-        "end_dt",
-        "end_dtntz",
-        "end_date",
-        "end_ds",
-        "end_ts",
-        "end_tstz",
-        "end_epoch",
-        "end_millis",
-        "end_hour",
-    ],
+    ["end_dt", "end_dtntz", "end_date", "end_ds", "end_ts", "end_tstz", "end_epoch", "end_millis", "end_hour"],
     [
         "execution_dt",
         "execution_dtntz",
@@ -659,10 +582,7 @@ pub struct TimeMacro {
 impl TimeMacro {
     /// Every time macro, prefix-major.
     pub const ALL: [TimeMacro; 27] = {
-        let mut all = [TimeMacro {
-            prefix: TimeMacroPrefix::Start,
-            suffix: TimeMacroSuffix::Dt,
-        }; 27];
+        let mut all = [TimeMacro { prefix: TimeMacroPrefix::Start, suffix: TimeMacroSuffix::Dt }; 27];
         let mut prefix_index = 0;
         while prefix_index < 3 {
             let mut suffix_index = 0;
@@ -681,12 +601,8 @@ impl TimeMacro {
     /// Recognises a macro name without the `@`, case-insensitively: `start_ds`, `END_TS`.
     pub fn from_name(name: &str) -> Option<TimeMacro> {
         let (prefix_text, suffix_text) = name.split_once('_')?;
-        let prefix = TimeMacroPrefix::ALL
-            .into_iter()
-            .find(|prefix| prefix.name().eq_ignore_ascii_case(prefix_text))?;
-        let suffix = TimeMacroSuffix::ALL
-            .into_iter()
-            .find(|suffix| suffix.name().eq_ignore_ascii_case(suffix_text))?;
+        let prefix = TimeMacroPrefix::ALL.into_iter().find(|prefix| prefix.name().eq_ignore_ascii_case(prefix_text))?;
+        let suffix = TimeMacroSuffix::ALL.into_iter().find(|suffix| suffix.name().eq_ignore_ascii_case(suffix_text))?;
         Some(TimeMacro { prefix, suffix })
     }
 
@@ -707,11 +623,7 @@ impl fmt::Display for TimeMacro {
 ///
 /// `start` reads `interval.start`, `end` reads `interval.end` minus one microsecond and
 /// `execution` reads `execution_time`; see [`TimeMacroSuffix`] for the shapes.
-pub fn render_time_macro(
-    time_macro: TimeMacro,
-    interval: Interval,
-    execution_time: Timestamp,
-) -> String {
+pub fn render_time_macro(time_macro: TimeMacro, interval: Interval, execution_time: Timestamp) -> String {
     let mut rendered = String::with_capacity(48);
     // Writing into a String cannot fail.
     let _ = write_time_macro(&mut rendered, time_macro, interval, execution_time);
@@ -728,10 +640,7 @@ pub fn write_time_macro<W: fmt::Write>(
     // (whole seconds, microseconds within the second)
     let (epoch_seconds, microseconds) = match time_macro.prefix {
         TimeMacroPrefix::Start => (interval.start.0, 0),
-        TimeMacroPrefix::End => (
-            interval.end.0.saturating_sub(1),
-            MICROSECONDS_PER_SECOND - 1,
-        ),
+        TimeMacroPrefix::End => (interval.end.0.saturating_sub(1), MICROSECONDS_PER_SECOND - 1),
         TimeMacroPrefix::Execution => (execution_time.0, 0),
     };
     let civil = CivilDateTime::from_epoch_seconds(epoch_seconds);
@@ -768,8 +677,7 @@ pub fn write_time_macro<W: fmt::Write>(
         }
         TimeMacroSuffix::Epoch => write!(out, "{epoch_seconds}"),
         TimeMacroSuffix::Millis => {
-            let epoch_milliseconds =
-                i128::from(epoch_seconds) * 1000 + i128::from(microseconds / 1000);
+            let epoch_milliseconds = i128::from(epoch_seconds) * 1000 + i128::from(microseconds / 1000);
             write!(out, "{epoch_milliseconds}")
         }
         TimeMacroSuffix::Hour => write!(out, "{}", civil.hour),
@@ -820,11 +728,7 @@ mod tests {
             ("0000000001", 0),
         ];
         for (text, expected) in cases {
-            assert_eq!(
-                Timestamp::parse(text),
-                Ok(Timestamp(*expected)),
-                "parsing {text:?}"
-            );
+            assert_eq!(Timestamp::parse(text), Ok(Timestamp(*expected)), "parsing {text:?}");
         }
     }
 
@@ -849,9 +753,7 @@ mod tests {
         for text in unrecognised {
             assert_eq!(
                 Timestamp::parse(text),
-                Err(TimeParseError::UnrecognisedFormat {
-                    text: text.to_string()
-                }),
+                Err(TimeParseError::UnrecognisedFormat { text: text.to_string() }),
                 "parsing {text:?}"
             );
         }
@@ -869,9 +771,7 @@ mod tests {
         for text in not_calendar {
             assert_eq!(
                 Timestamp::parse(text),
-                Err(TimeParseError::NotACalendarDateTime {
-                    text: text.to_string()
-                }),
+                Err(TimeParseError::NotACalendarDateTime { text: text.to_string() }),
                 "parsing {text:?}"
             );
         }
@@ -891,10 +791,7 @@ mod tests {
         assert_eq!(Timestamp(1_704_085_200).to_string(), "2024-01-01 05:00:00");
         assert_eq!(Timestamp(-1).to_string(), "1969-12-31 23:59:59");
         assert_eq!(Timestamp(1_709_164_800).date_string(), "2024-02-29");
-        assert_eq!(
-            interval(1_704_067_200, 1_704_153_600).to_string(),
-            "[2024-01-01 00:00:00, 2024-01-02 00:00:00)"
-        );
+        assert_eq!(interval(1_704_067_200, 1_704_153_600).to_string(), "[2024-01-01 00:00:00, 2024-01-02 00:00:00)");
         // Far outside four-digit years the output is still well-formed, just longer.
         assert_eq!(timestamp("0001-01-01").date_string(), "0001-01-01");
         assert!(Timestamp::MAX.to_string().starts_with("292277026596-12-04"));
@@ -906,10 +803,7 @@ mod tests {
         let day = Interval::new(timestamp("2024-01-01"), timestamp("2024-01-02"));
         let execution = timestamp("2024-01-02 03:04:05");
         let cases: &[(&str, &str)] = &[
-            (
-                "start_dt",
-                "CAST('2024-01-01 00:00:00+00:00' AS TIMESTAMPTZ)",
-            ),
+            ("start_dt", "CAST('2024-01-01 00:00:00+00:00' AS TIMESTAMPTZ)"),
             ("start_dtntz", "CAST('2024-01-01 00:00:00' AS TIMESTAMP)"),
             ("start_date", "CAST('2024-01-01' AS DATE)"),
             ("start_ds", "'2024-01-01'"),
@@ -918,14 +812,8 @@ mod tests {
             ("start_epoch", "1704067200"),
             ("start_millis", "1704067200000"),
             ("start_hour", "0"),
-            (
-                "end_dt",
-                "CAST('2024-01-01 23:59:59.999999+00:00' AS TIMESTAMPTZ)",
-            ),
-            (
-                "end_dtntz",
-                "CAST('2024-01-01 23:59:59.999999' AS TIMESTAMP)",
-            ),
+            ("end_dt", "CAST('2024-01-01 23:59:59.999999+00:00' AS TIMESTAMPTZ)"),
+            ("end_dtntz", "CAST('2024-01-01 23:59:59.999999' AS TIMESTAMP)"),
             ("end_date", "CAST('2024-01-01' AS DATE)"),
             ("end_ds", "'2024-01-01'"),
             ("end_ts", "'2024-01-01 23:59:59.999999'"),
@@ -933,14 +821,8 @@ mod tests {
             ("end_epoch", "1704153599"),
             ("end_millis", "1704153599999"),
             ("end_hour", "23"),
-            (
-                "execution_dt",
-                "CAST('2024-01-02 03:04:05+00:00' AS TIMESTAMPTZ)",
-            ),
-            (
-                "execution_dtntz",
-                "CAST('2024-01-02 03:04:05' AS TIMESTAMP)",
-            ),
+            ("execution_dt", "CAST('2024-01-02 03:04:05+00:00' AS TIMESTAMPTZ)"),
+            ("execution_dtntz", "CAST('2024-01-02 03:04:05' AS TIMESTAMP)"),
             ("execution_date", "CAST('2024-01-02' AS DATE)"),
             ("execution_ds", "'2024-01-02'"),
             ("execution_ts", "'2024-01-02 03:04:05'"),
@@ -953,11 +835,7 @@ mod tests {
         for (name, expected) in cases {
             let time_macro = TimeMacro::from_name(name).unwrap();
             assert_eq!(time_macro.name(), *name);
-            assert_eq!(
-                render_time_macro(time_macro, day, execution),
-                *expected,
-                "rendering @{name}"
-            );
+            assert_eq!(render_time_macro(time_macro, day, execution), *expected, "rendering @{name}");
         }
         for time_macro in TimeMacro::ALL {
             assert!(cases.iter().any(|(name, _)| *name == time_macro.name()));
@@ -967,31 +845,15 @@ mod tests {
     #[test]
     fn renders_the_epoch_day_end_as_the_spec_says() {
         let first_day = interval(0, 86_400);
-        let end = |suffix| {
-            render_time_macro(
-                TimeMacro {
-                    prefix: TimeMacroPrefix::End,
-                    suffix,
-                },
-                first_day,
-                Timestamp(0),
-            )
-        };
+        let end =
+            |suffix| render_time_macro(TimeMacro { prefix: TimeMacroPrefix::End, suffix }, first_day, Timestamp(0));
         assert_eq!(end(TimeMacroSuffix::Epoch), "86399");
         assert_eq!(end(TimeMacroSuffix::Millis), "86399999");
         assert_eq!(end(TimeMacroSuffix::Hour), "23");
         // Before the epoch the epoch values floor rather than truncate.
         let day_before = interval(-86_400, 0);
-        let before = |suffix| {
-            render_time_macro(
-                TimeMacro {
-                    prefix: TimeMacroPrefix::End,
-                    suffix,
-                },
-                day_before,
-                Timestamp(0),
-            )
-        };
+        let before =
+            |suffix| render_time_macro(TimeMacro { prefix: TimeMacroPrefix::End, suffix }, day_before, Timestamp(0));
         assert_eq!(before(TimeMacroSuffix::Epoch), "-1");
         assert_eq!(before(TimeMacroSuffix::Millis), "-1");
         assert_eq!(before(TimeMacroSuffix::Ts), "'1969-12-31 23:59:59.999999'");
@@ -1001,27 +863,13 @@ mod tests {
     fn time_macro_names_are_case_insensitive_and_strict() {
         assert_eq!(
             TimeMacro::from_name("START_DS"),
-            Some(TimeMacro {
-                prefix: TimeMacroPrefix::Start,
-                suffix: TimeMacroSuffix::Ds
-            })
+            Some(TimeMacro { prefix: TimeMacroPrefix::Start, suffix: TimeMacroSuffix::Ds })
         );
         assert_eq!(
             TimeMacro::from_name("Execution_Millis"),
-            Some(TimeMacro {
-                prefix: TimeMacroPrefix::Execution,
-                suffix: TimeMacroSuffix::Millis
-            })
+            Some(TimeMacro { prefix: TimeMacroPrefix::Execution, suffix: TimeMacroSuffix::Millis })
         );
-        for name in [
-            "start",
-            "start_",
-            "_ds",
-            "@start_ds",
-            "start_ds_x",
-            "latest_ds",
-            "startds",
-        ] {
+        for name in ["start", "start_", "_ds", "@start_ds", "start_ds_x", "latest_ds", "startds"] {
             assert_eq!(TimeMacro::from_name(name), None, "{name:?}");
         }
     }
@@ -1039,24 +887,17 @@ mod tests {
         assert_eq!(set.ranges(), &[interval(0, 25), interval(30, 40)]);
         set.insert(interval(24, 31));
         assert_eq!(set.ranges(), &[interval(0, 40)]);
-        set.insert(Interval {
-            start: Timestamp(50),
-            end: Timestamp(50),
-        });
+        set.insert(Interval { start: Timestamp(50), end: Timestamp(50) });
         assert_eq!(set.ranges(), &[interval(0, 40)]);
         assert_eq!(set.total_seconds(), 40);
         assert!(set.covers(interval(0, 40)));
         assert!(!set.covers(interval(0, 41)));
-        assert_eq!(
-            IntervalSet::from_intervals([interval(30, 40), interval(0, 30)]),
-            set
-        );
+        assert_eq!(IntervalSet::from_intervals([interval(30, 40), interval(0, 30)]), set);
     }
 
     #[test]
     fn interval_set_serialises_as_a_plain_compacted_list() {
-        let set =
-            IntervalSet::from_intervals([interval(0, 10), interval(10, 20), interval(30, 40)]);
+        let set = IntervalSet::from_intervals([interval(0, 10), interval(10, 20), interval(30, 40)]);
         let json = serde_json_like(&set);
         assert_eq!(json, vec![interval(0, 20), interval(30, 40)]);
     }
@@ -1092,10 +933,7 @@ mod tests {
             assert!(range.start < range.end, "empty range {range:?}");
         }
         for pair in set.ranges().windows(2) {
-            assert!(
-                pair[0].end < pair[1].start,
-                "ranges not separated: {pair:?}"
-            );
+            assert!(pair[0].end < pair[1].start, "ranges not separated: {pair:?}");
         }
     }
 

@@ -116,6 +116,8 @@ pub struct Model {
 impl Model {
     /// Whether the query reads the model's own table (`@this_model` or its own name).
     pub fn is_self_referencing(&self) -> bool {
-        self.query.as_ref().is_some_and(|query| query.references.iter().any(|reference| reference == &self.name.to_string()))
+        self.query
+            .as_ref()
+            .is_some_and(|query| query.references.iter().any(|reference| reference == &self.name.to_string()))
     }
 }

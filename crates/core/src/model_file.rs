@@ -205,7 +205,10 @@ impl FileReader<'_> {
         match text.parse::<u32>() {
             Ok(number) if number >= minimum => Some(number),
             _ => {
-                self.error(value[0], format!("expected a whole number of at least {minimum} for {}, found {text}", key.token));
+                self.error(
+                    value[0],
+                    format!("expected a whole number of at least {minimum} for {}, found {text}", key.token),
+                );
                 None
             }
         }
@@ -237,8 +240,8 @@ fn read_kind(reader: &mut FileReader, key: &TokenWithSpan, value: &[&TokenWithSp
     let kind_name = word.value.to_ascii_uppercase();
     let mut arguments: BTreeMap<String, (&TokenWithSpan, Vec<&TokenWithSpan>)> = BTreeMap::new();
     if value.len() > 1 {
-        let well_formed = matches!(value[1].token, Token::LParen)
-            && matches!(value.last().map(|t| &t.token), Some(Token::RParen));
+        let well_formed =
+            matches!(value[1].token, Token::LParen) && matches!(value.last().map(|t| &t.token), Some(Token::RParen));
         if !well_formed {
             reader.error(value[1], format!("expected ( after {kind_name} for its arguments, found {}", value[1].token));
             return None;
@@ -246,7 +249,8 @@ fn read_kind(reader: &mut FileReader, key: &TokenWithSpan, value: &[&TokenWithSp
         for item in split_top_level_commas(&value[2..value.len() - 1]) {
             let Some((argument_key, argument_value)) = item.split_first() else { continue };
             let Token::Word(argument_word) = &argument_key.token else {
-                reader.error(argument_key, format!("expected a {kind_name} argument name, found {}", argument_key.token));
+                reader
+                    .error(argument_key, format!("expected a {kind_name} argument name, found {}", argument_key.token));
                 continue;
             };
             arguments.insert(argument_word.value.to_ascii_lowercase(), (*argument_key, argument_value.to_vec()));
@@ -329,7 +333,8 @@ fn read_kind(reader: &mut FileReader, key: &TokenWithSpan, value: &[&TokenWithSp
     ];
     for (name, (token, _)) in arguments {
         if SQLMESH_ONLY_KIND_ARGUMENTS.contains(&name.as_str()) {
-            reader.warn(token, format!("{kind_name} argument {name} is accepted by SQLMesh but not used by sluice yet"));
+            reader
+                .warn(token, format!("{kind_name} argument {name} is accepted by SQLMesh but not used by sluice yet"));
         } else {
             reader.error(token, format!("unknown {kind_name} argument {name}"));
         }
@@ -555,7 +560,10 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
                 "FULL" => Some(ModelKind::Full),
                 "EMBEDDED" => Some(ModelKind::Embedded),
                 other => {
-                    reader.error(model_token, format!("model_defaults.kind {other} needs arguments; give kind in the model"));
+                    reader.error(
+                        model_token,
+                        format!("model_defaults.kind {other} needs arguments; give kind in the model"),
+                    );
                     None
                 }
             },
@@ -576,7 +584,10 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
         Some((key, value)) => reader.timestamp(key, &value),
         None => {
             if config.model_defaults.start.is_none() {
-                reader.error(model_token, "the model has no start; expected a start property or model_defaults.start in config.yaml");
+                reader.error(
+                    model_token,
+                    "the model has no start; expected a start property or model_defaults.start in config.yaml",
+                );
             }
             config.model_defaults.start
         }
@@ -584,10 +595,8 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
     let end = take("end").and_then(|(key, value)| reader.timestamp(key, &value));
     let owner = take("owner").and_then(|(key, value)| reader.scalar(key, &value));
     let description = take("description").and_then(|(key, value)| reader.scalar(key, &value));
-    let grain = take("grain")
-        .or_else(|| take("grains"))
-        .and_then(|(key, value)| reader.list(key, &value))
-        .unwrap_or_default();
+    let grain =
+        take("grain").or_else(|| take("grains")).and_then(|(key, value)| reader.list(key, &value)).unwrap_or_default();
     let tags = take("tags").and_then(|(key, value)| reader.list(key, &value)).unwrap_or_default();
     let enabled = take("enabled").and_then(|(key, value)| reader.boolean(key, &value)).unwrap_or(true);
     let gateway = match take("gateway") {
@@ -613,7 +622,10 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
     if let Some(dialect_name) = &dialect
         && dialect_for(dialect_name).is_none()
     {
-        reader.error(model_token, format!("unknown dialect {dialect_name:?}; expected duckdb, postgres, mysql or another sqlparser dialect"));
+        reader.error(
+            model_token,
+            format!("unknown dialect {dialect_name:?}; expected duckdb, postgres, mysql or another sqlparser dialect"),
+        );
     }
     let columns = match take("columns") {
         Some((key, value)) => {
@@ -632,7 +644,10 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
                                 other => other.to_string(),
                             };
                             if !is_valid_identifier(&column_name) {
-                                reader.error(column, format!("column name {column_name:?} is not {IDENTIFIER_EXPECTATION}"));
+                                reader.error(
+                                    column,
+                                    format!("column name {column_name:?} is not {IDENTIFIER_EXPECTATION}"),
+                                );
                             }
                             columns.push((column_name, join_tokens(column_type)));
                         }
@@ -737,18 +752,22 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
             if query.is_some() {
                 reader.error(model_token, "a SEED model takes its rows from its CSV file and has no query");
             }
-            match resolve_relative(file, path).and_then(|resolved| context.csv_files.get(&resolved).map(|t| (resolved, t))) {
+            match resolve_relative(file, path)
+                .and_then(|resolved| context.csv_files.get(&resolved).map(|t| (resolved, t)))
+            {
                 Some((resolved, csv_text)) => match read_seed(csv_text) {
                     Ok(data) => seed = Some(data),
                     Err(message) => reader.errors.push(SourceLocation::file(resolved), message),
                 },
-                None => reader.error(model_token, format!("seed file {path:?} not found (paths are relative to the model file)")),
+                None => reader
+                    .error(model_token, format!("seed file {path:?} not found (paths are relative to the model file)")),
             }
         }
         (_, None, _) if query_failed => {}
-        (_, None, _) => {
-            reader.error(model_token, "the model has no query; expected a SELECT (or WITH ...) statement after the MODEL block")
-        }
+        (_, None, _) => reader.error(
+            model_token,
+            "the model has no query; expected a SELECT (or WITH ...) statement after the MODEL block",
+        ),
         (_, Some(query_text), Some(query_token)) => {
             if let Some(dialect_name) = &dialect
                 && dialect_for(dialect_name).is_some()

@@ -18,8 +18,7 @@ pub fn is_valid_identifier(text: &str) -> bool {
 }
 
 /// What an identifier must look like, for error messages.
-pub const IDENTIFIER_EXPECTATION: &str =
-    "a lowercase identifier of letters, digits and underscores that starts with a letter or underscore (at most 63 characters)";
+pub const IDENTIFIER_EXPECTATION: &str = "a lowercase identifier of letters, digits and underscores that starts with a letter or underscore (at most 63 characters)";
 
 /// A model's name `schema.table`, both parts validated identifiers.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -51,7 +51,10 @@ pub enum Change {
     Added,
     Direct(ChangeCategory),
     /// A parent changed; `breaking` when a parent's table changed, `via` the directly modified ancestors.
-    Indirect { breaking: bool, via: Vec<ModelName> },
+    Indirect {
+        breaking: bool,
+        via: Vec<ModelName>,
+    },
 }
 
 /// Up to `batch_size` contiguous intervals of one snapshot: one task.
@@ -117,9 +120,8 @@ impl Plan {
 
     /// The views to create, replace or drop when the plan is promoted.
     pub fn view_changes(&self, current: Option<&EnvironmentState>) -> Vec<ViewChange> {
-        let current_versions: BTreeMap<&ModelName, &Version> = current
-            .map(|state| state.snapshots.iter().map(|s| (&s.name, &s.version)).collect())
-            .unwrap_or_default();
+        let current_versions: BTreeMap<&ModelName, &Version> =
+            current.map(|state| state.snapshots.iter().map(|s| (&s.name, &s.version)).collect()).unwrap_or_default();
         let mut changes = Vec::new();
         for planned in &self.snapshots {
             let Some(table) = planned.snapshot.physical_table() else { continue };
@@ -172,7 +174,8 @@ fn compute_backfill(snapshot: &Snapshot, cron: &Cron, recorded: Option<&Interval
         ModelKind::View | ModelKind::Seed { .. } | ModelKind::Full => {
             let missing = missing_intervals(cron, range.start, range.end, recorded);
             // Views and seeds are built once per version; a FULL model is rebuilt whenever an interval is missing.
-            let build = if matches!(snapshot.kind, ModelKind::Full) { !missing.is_empty() } else { recorded.is_empty() };
+            let build =
+                if matches!(snapshot.kind, ModelKind::Full) { !missing.is_empty() } else { recorded.is_empty() };
             if !build {
                 return nothing;
             }

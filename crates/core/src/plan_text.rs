@@ -83,7 +83,11 @@ pub fn format_plan(plan: &Plan, current: Option<&EnvironmentState>, graph: Optio
         let _ = writeln!(out, "  {}:", planned.snapshot.name);
         let diff = similar::TextDiff::from_lines(old, new);
         let unified = diff.unified_diff().context_radius(3).header("current", "planned").to_string();
-        let unified = if unified.is_empty() { "(the query is unchanged; other data properties changed)\n".to_string() } else { unified };
+        let unified = if unified.is_empty() {
+            "(the query is unchanged; other data properties changed)\n".to_string()
+        } else {
+            unified
+        };
         for line in unified.lines() {
             let _ = writeln!(out, "    {line}");
         }
@@ -99,12 +103,7 @@ pub fn format_plan(plan: &Plan, current: Option<&EnvironmentState>, graph: Optio
     if task_count == 0 {
         let _ = writeln!(out, "\nBackfill: nothing to backfill");
     } else {
-        let _ = writeln!(
-            out,
-            "\nBackfill: {} in {}",
-            plural(interval_count, "interval"),
-            plural(task_count, "task")
-        );
+        let _ = writeln!(out, "\nBackfill: {} in {}", plural(interval_count, "interval"), plural(task_count, "task"));
         let width = plan.snapshots.iter().map(|p| p.snapshot.name.to_string().len()).max().unwrap_or(0);
         for planned in &plan.snapshots {
             if planned.batches.is_empty() {

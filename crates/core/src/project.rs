@@ -87,10 +87,9 @@ fn read_external_models(text: &str, errors: &mut ErrorSink) -> BTreeSet<String> 
             Some(name) => {
                 names.insert(name.to_ascii_lowercase());
             }
-            None => errors.push(
-                SourceLocation::file(EXTERNAL_MODELS_FILE),
-                format!("entry {}: expected a name", index + 1),
-            ),
+            None => {
+                errors.push(SourceLocation::file(EXTERNAL_MODELS_FILE), format!("entry {}: expected a name", index + 1))
+            }
         }
     }
     names
@@ -156,11 +155,16 @@ pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
                 None if external_models.contains(reference) || files.external_models.is_none() => {}
                 None => warnings.push(ProjectError::new(
                     SourceLocation::file(&model.file),
-                    format!("{reference} is neither a model nor declared in {EXTERNAL_MODELS_FILE}; it is read as written"),
+                    format!(
+                        "{reference} is neither a model nor declared in {EXTERNAL_MODELS_FILE}; it is read as written"
+                    ),
                 )),
             }
         }
-        if model.is_self_referencing() && !model.kind.is_time_range() && !matches!(model.kind, ModelKind::IncrementalByUniqueKey { .. }) {
+        if model.is_self_referencing()
+            && !model.kind.is_time_range()
+            && !matches!(model.kind, ModelKind::IncrementalByUniqueKey { .. })
+        {
             errors.push(
                 SourceLocation::file(&model.file),
                 format!("{name} reads itself; only incremental models may reference their own table"),
@@ -180,7 +184,8 @@ pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
             children.entry(parent).or_default().push(child);
         }
     }
-    let mut ready: BTreeSet<&ModelName> = waiting.iter().filter(|(_, count)| **count == 0).map(|(name, _)| *name).collect();
+    let mut ready: BTreeSet<&ModelName> =
+        waiting.iter().filter(|(_, count)| **count == 0).map(|(name, _)| *name).collect();
     let mut order = Vec::with_capacity(models.len());
     while let Some(name) = ready.pop_first() {
         order.push(name.clone());
@@ -201,7 +206,11 @@ pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
 }
 
 /// Names every dependency cycle, walking each from its smallest model name.
-fn report_cycles(models: &BTreeMap<ModelName, Model>, parents: &BTreeMap<ModelName, Vec<ModelName>>, errors: &mut ErrorSink) {
+fn report_cycles(
+    models: &BTreeMap<ModelName, Model>,
+    parents: &BTreeMap<ModelName, Vec<ModelName>>,
+    errors: &mut ErrorSink,
+) {
     let mut graph: DiGraph<&ModelName, ()> = DiGraph::new();
     let mut nodes: BTreeMap<&ModelName, NodeIndex> = BTreeMap::new();
     for name in models.keys() {
@@ -236,7 +245,10 @@ fn report_cycles(models: &BTreeMap<ModelName, Model>, parents: &BTreeMap<ModelNa
             current = next;
         }
         let names: Vec<String> = path.iter().map(ToString::to_string).collect();
-        errors.push(SourceLocation::file(&models[first].file), format!("dependency cycle: {} (each model reads the next)", names.join(" -> ")));
+        errors.push(
+            SourceLocation::file(&models[first].file),
+            format!("dependency cycle: {} (each model reads the next)", names.join(" -> ")),
+        );
     }
 }
 

@@ -85,7 +85,9 @@ pub fn object_name_key(name: &ObjectName) -> String {
     let mut parts = Vec::with_capacity(name.0.len());
     for part in &name.0 {
         match part {
-            ObjectNamePart::Identifier(ident) if ident.quote_style.is_none() => parts.push(ident.value.to_ascii_lowercase()),
+            ObjectNamePart::Identifier(ident) if ident.quote_style.is_none() => {
+                parts.push(ident.value.to_ascii_lowercase())
+            }
             ObjectNamePart::Identifier(ident) => parts.push(ident.value.clone()),
             ObjectNamePart::Function(function) => parts.push(function.name.value.clone()),
         }
@@ -145,11 +147,8 @@ pub fn parse_query(text: &str, dialect_name: &str) -> Result<ModelQuery, QueryPa
 fn model_query_from(query: Box<Query>) -> ModelQuery {
     let mut collector = ReferenceCollector::default();
     let _ = query.visit(&mut collector);
-    let references = collector
-        .tables
-        .into_iter()
-        .filter(|table| table.contains('.') || !collector.ctes.contains(table))
-        .collect();
+    let references =
+        collector.tables.into_iter().filter(|table| table.contains('.') || !collector.ctes.contains(table)).collect();
     let normalized = query.to_string();
     let pretty = display_macros(&format!("{:#}", Statement::Query(query.clone()))) + "\n";
     ModelQuery { query, normalized, pretty, references }
@@ -336,10 +335,7 @@ mod tests {
         let template = QueryTemplate::from_sql(&query.normalized);
         assert!(template.uses_time());
         let day = Interval::new(Timestamp(86_400), Timestamp(2 * 86_400));
-        assert_eq!(
-            template.fill(day, Timestamp(0)),
-            "SELECT * FROM t WHERE ds BETWEEN '1970-01-02' AND '1970-01-02'"
-        );
+        assert_eq!(template.fill(day, Timestamp(0)), "SELECT * FROM t WHERE ds BETWEEN '1970-01-02' AND '1970-01-02'");
     }
 
     #[test]

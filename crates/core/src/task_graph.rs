@@ -125,12 +125,16 @@ impl TaskGraph {
 
     /// Tasks that wait for `task`.
     pub fn children(&self, task: u32) -> impl Iterator<Item = u32> + '_ {
-        self.graph.neighbors_directed(NodeIndex::new(task as usize), Direction::Outgoing).map(|node| node.index() as u32)
+        self.graph
+            .neighbors_directed(NodeIndex::new(task as usize), Direction::Outgoing)
+            .map(|node| node.index() as u32)
     }
 
     /// Tasks `task` waits for.
     pub fn parents(&self, task: u32) -> impl Iterator<Item = u32> + '_ {
-        self.graph.neighbors_directed(NodeIndex::new(task as usize), Direction::Incoming).map(|node| node.index() as u32)
+        self.graph
+            .neighbors_directed(NodeIndex::new(task as usize), Direction::Incoming)
+            .map(|node| node.index() as u32)
     }
 
     /// Each task's number of parents: the counters a dependency gate starts from.
@@ -220,7 +224,11 @@ mod tests {
     use crate::project::{ProjectFiles, load_project};
     use crate::synthetic::SyntheticProject;
 
-    fn plan_of(files: &ProjectFiles, recorded: &BTreeMap<(crate::names::ModelName, crate::names::Version), IntervalSet>, now: Timestamp) -> Plan {
+    fn plan_of(
+        files: &ProjectFiles,
+        recorded: &BTreeMap<(crate::names::ModelName, crate::names::Version), IntervalSet>,
+        now: Timestamp,
+    ) -> Plan {
         let project = load_project(files).unwrap();
         let known = BTreeMap::new();
         build_plan(

@@ -18,12 +18,9 @@ pub struct DuckDbWarehouse {
 impl DuckDbWarehouse {
     /// Opens (creating if needed) the database file at `path`; `:memory:` opens an in-memory one.
     pub fn open(path: &str) -> Result<Self, EngineError> {
-        let connection = if path == ":memory:" {
-            duckdb::Connection::open_in_memory()
-        } else {
-            duckdb::Connection::open(path)
-        }
-        .map_err(|source| EngineError::Open { path: path.to_string(), source })?;
+        let connection =
+            if path == ":memory:" { duckdb::Connection::open_in_memory() } else { duckdb::Connection::open(path) }
+                .map_err(|source| EngineError::Open { path: path.to_string(), source })?;
         Ok(Self { connection })
     }
 
