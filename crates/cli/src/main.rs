@@ -9,11 +9,12 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
-use sluice_core::interval::Timestamp;
-use sluice_core::names::EnvironmentName;
+use sluice_core::interval::{Interval, Timestamp};
+use sluice_core::names::{EnvironmentName, ModelName};
 use sluice_core::plan::{PlanContext, build_plan};
 use sluice_core::plan_text::format_plan;
 use sluice_core::project::load_project;
+use sluice_core::query::QueryTemplate;
 use sluice_core::task_graph::TaskGraph;
 
 #[derive(Parser, Debug)]
@@ -42,6 +43,17 @@ enum Command {
         /// The plan's time (default now): intervals end at or before it. A date or timestamp, UTC.
         #[arg(long)]
         now: Option<String>,
+    },
+    /// Print a model's executable SQL for one interval (physical tables, embedded models inlined).
+    Render {
+        /// The model, schema.table.
+        model: String,
+        /// The interval's start (default: the model's first interval).
+        #[arg(long)]
+        start: Option<String>,
+        /// The interval's end (default: one cron tick after the start).
+        #[arg(long)]
+        end: Option<String>,
     },
     /// Benchmarks anyone can rerun.
     #[command(subcommand)]
@@ -103,11 +115,55 @@ fn plan_command(cli: &Cli, environment: &str, explain: bool, forward_only: bool,
     Ok(())
 }
 
+fn render_command(cli: &Cli, model: &str, start: Option<&str>, end: Option<&str>) -> Result<()> {
+    let name = ModelName::parse(model).map_err(|message| anyhow!("model: {message}"))?;
+    let files = project_files::read_project_files(&cli.project)?;
+    let project = load_project(&files).map_err(|errors| anyhow!("{}", errors.to_string().trim_end()))?;
+    let Some(model) = project.models.get(&name) else {
+        let known: Vec<String> = project.models.keys().map(ToString::to_string).collect();
+        return Err(anyhow!("no model {name}; the project has {}", known.join(", ")));
+    };
+    let start = match start {
+        Some(text) => Timestamp::parse(text).map_err(|error| anyhow!("--start: {error}"))?,
+        None => model.cron.tick_at_or_after(model.start),
+    };
+    let end = match end {
+        Some(text) => Timestamp::parse(text).map_err(|error| anyhow!("--end: {error}"))?,
+        None => model.cron.next_tick_after(start),
+    };
+    if end <= start {
+        return Err(anyhow!("--end must be after --start"));
+    }
+    let known = BTreeMap::new();
+    let recorded = BTreeMap::new();
+    let environment = EnvironmentName::prod();
+    let context = PlanContext {
+        environment: &environment,
+        current: None,
+        base: None,
+        known_snapshots: &known,
+        recorded_intervals: &recorded,
+        now: end,
+        forward_only: false,
+    };
+    let plan = build_plan(&project, context);
+    let Some(planned) = plan.snapshots.iter().find(|planned| planned.snapshot.name == name) else {
+        return Err(anyhow!("{name} is not in the plan"));
+    };
+    let Some(rendered) = &planned.snapshot.rendered_query else {
+        return Err(anyhow!("{name} is a {} model and has no query", planned.snapshot.kind.name()));
+    };
+    let template = QueryTemplate::from_sql(rendered);
+    println!("{}", template.fill(Interval::new(start, end), end));
+    Ok(())
+}
+
 fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Plan { environment, explain, forward_only, now } => {
             plan_command(cli, environment, *explain, *forward_only, now.as_deref())
         }
+        Command::Render { model, start, end } => render_command(cli, model, start.as_deref(), end.as_deref()),
         Command::Bench(BenchCommand::Plan { models, layers, intervals, recorded }) => {
             bench::bench_plan(bench::PlanBenchConfig {
                 models: *models,

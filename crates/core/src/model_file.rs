@@ -816,3 +816,123 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
     };
     errors.finish(ParsedModel { model, warnings }).map_err(|errors| errors.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_config;
+    use crate::interval::Interval;
+    use crate::query::QueryTemplate;
+
+    fn config() -> Config {
+        let text = "gateways:\n  wh:\n    connection:\n      type: duckdb\nmodel_defaults:\n  start: 2024-01-01\nvariables:\n  region: eu\n  limit: 5\n";
+        parse_config("config.yaml", text).config.unwrap()
+    }
+
+    fn parse(text: &str) -> Result<ParsedModel, Vec<ProjectError>> {
+        let config = config();
+        let csv_files = BTreeMap::from([("seeds/x.csv".to_string(), "id,name\n1,a\n2,b\n".to_string())]);
+        parse_model_file("models/m.sql", text, ModelFileContext { config: &config, csv_files: &csv_files })
+    }
+
+    fn messages(errors: Vec<ProjectError>) -> Vec<String> {
+        errors.into_iter().map(|error| error.to_string()).collect()
+    }
+
+    #[test]
+    fn renders_every_kind_of_macro() {
+        let text = "MODEL (
+  name s.m,
+  kind INCREMENTAL_BY_TIME_RANGE (time_column ds, lookback 2, batch_size 3),
+  cron '0 * * * *',
+  owner jane,
+  tags [a, 'b'],
+  grain (id, ds),
+  columns (id INT, amount DECIMAL(10, 2))
+);
+@DEF(threshold, 10 + 1);
+SET threads = 1;
+SELECT id, @gateway AS g, @model_kind_name AS k, @VAR('region') AS r, @VAR('missing', 7) AS d,
+  @start_ds AS s, @end_ts AS e, @execution_epoch AS x
+FROM @this_model
+WHERE amount > @threshold -- a comment
+LIMIT @VAR('limit');
+ANALYZE;
+";
+        let parsed = parse(text).unwrap();
+        let model = parsed.model;
+        assert_eq!(model.name.to_string(), "s.m");
+        assert_eq!(
+            model.kind,
+            ModelKind::IncrementalByTimeRange {
+                time_column: "ds".into(),
+                batch_size: Some(3),
+                batch_concurrency: None,
+                lookback: 2,
+                forward_only: false
+            }
+        );
+        assert_eq!(model.owner.as_deref(), Some("jane"));
+        assert_eq!(model.tags, vec!["a", "b"]);
+        assert_eq!(model.grain, vec!["id", "ds"]);
+        assert_eq!(model.columns, vec![("id".into(), "INT".into()), ("amount".into(), "DECIMAL(10, 2)".into())]);
+        assert_eq!(model.pre_statements, vec!["SET threads = 1"]);
+        assert_eq!(model.post_statements, vec!["ANALYZE"]);
+        assert!(model.is_self_referencing());
+        let query = model.query.unwrap();
+        let template = QueryTemplate::from_sql(&query.normalized);
+        let hour = Interval::new(Timestamp(3600), Timestamp(7200));
+        assert_eq!(
+            template.fill(hour, Timestamp(10_000)),
+            "SELECT id, 'wh' AS g, 'INCREMENTAL_BY_TIME_RANGE' AS k, 'eu' AS r, 7 AS d, '1970-01-01' AS s, \
+             '1970-01-01 01:59:59.999999' AS e, 10000 AS x FROM s.m WHERE amount > 10 + 1 LIMIT 5"
+        );
+        assert!(parsed.warnings.is_empty());
+    }
+
+    #[test]
+    fn seeds_read_their_csv_relative_to_the_model_file() {
+        let parsed = parse("MODEL (name s.seed, kind SEED (path '../seeds/x.csv'));").unwrap();
+        let seed = parsed.model.seed.unwrap();
+        assert_eq!(seed.columns, vec!["id", "name"]);
+        assert_eq!(seed.rows.len(), 2);
+        let missing = parse("MODEL (name s.seed, kind SEED (path 'nope.csv'));").unwrap_err();
+        assert_eq!(
+            messages(missing),
+            vec!["models/m.sql:1:1: seed file \"nope.csv\" not found (paths are relative to the model file)"]
+        );
+    }
+
+    #[test]
+    fn properties_sqlmesh_has_but_sluice_does_not_use_are_warnings() {
+        let parsed = parse(
+            "MODEL (name s.m, kind FULL, audits (not_null(columns := [id])), partitioned_by ds);\nSELECT 1 AS id",
+        )
+        .unwrap();
+        let warnings = messages(parsed.warnings);
+        assert_eq!(
+            warnings,
+            vec![
+                "models/m.sql:1:29: property audits is accepted by SQLMesh but not used by sluice yet",
+                "models/m.sql:1:65: property partitioned_by is accepted by SQLMesh but not used by sluice yet",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_position_and_what_was_expected() {
+        let errors = parse(
+            "MODEL (\n  name s.m,\n  kind INCREMENTAL_BY_TIME_RANGE (batch_size 0),\n  cron 'sometimes',\n  start 'yesterday-ish',\n  enabled maybe\n);\nSELECT 1",
+        )
+        .unwrap_err();
+        let errors = messages(errors);
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("models/m.sql:3:8: INCREMENTAL_BY_TIME_RANGE needs a time_column argument"),
+            "{errors:#?}"
+        );
+        assert!(errors[1].starts_with("models/m.sql:4:8: expected @hourly, @daily"), "{errors:#?}");
+        assert!(errors[2].starts_with("models/m.sql:5:9: expected a date"), "{errors:#?}");
+        assert!(errors[3].starts_with("models/m.sql:6:11: expected true or false"), "{errors:#?}");
+    }
+}

@@ -16,7 +16,7 @@ MODEL (
 @DEF(orders_per_day, @VAR('orders_per_day'));
 
 SELECT
-  CAST(EXTRACT(epoch FROM d.order_day) AS BIGINT) / 86400 * 1000 + g.n AS order_id,
+  CAST(EXTRACT(epoch FROM d.order_day) / 86400 AS BIGINT) * 1000 + g.n AS order_id,
   CAST(g.n % 7 AS INT) + 1 AS customer_id,
   CAST((g.n * 3) % 5 AS INT) + 1 AS item_id,
   CAST(g.n % 4 AS INT) + 1 AS quantity,
