@@ -1,3 +1,150 @@
-//! Warehouse adapters: one trait, one implementation per engine (DuckDB first).
+//! Warehouse adapters behind one trait, `Warehouse`: embedded DuckDB and PostgreSQL (MySQL/MariaDB not yet).
 
+use std::path::Path;
+
+use async_trait::async_trait;
+use sluice_core::config::{Connection, Gateway};
+use sluice_core::interval::Interval;
+use sluice_core::model::SeedData;
+use sluice_core::names::PhysicalTable;
+
+#[cfg(feature = "duckdb")]
 pub mod duckdb_adapter;
+mod error;
+pub mod postgres_adapter;
+mod sql;
+
+pub use error::EngineError;
+
+/// One warehouse connection, held by one worker (or the promoter) for a whole run.
+///
+/// Implemented for DuckDB (`duckdb_adapter::DuckDbWarehouse`, embedded, one shared database per file per process)
+/// and PostgreSQL (`postgres_adapter::PostgresWarehouse`, one `PgConnection`). Every identifier the adapter puts
+/// into SQL is double-quoted; queries are run as given. Each data write is one transaction, so a retried task
+/// replaces exactly what it wrote before.
+#[async_trait]
+pub trait Warehouse: Send {
+    /// `duckdb` or `postgres`.
+    fn engine_name(&self) -> &'static str;
+
+    /// Checks the connection answers (reconnecting first if it was lost).
+    async fn ping(&mut self) -> Result<(), EngineError>;
+
+    /// Runs statements as given (a model's pre/post statements).
+    async fn execute(&mut self, sql: &str) -> Result<(), EngineError>;
+
+    /// Creates the physical table's schema and the table from the query's shape if it does not exist
+    /// (`CREATE TABLE IF NOT EXISTS t AS SELECT * FROM (query) AS q WHERE 1 = 0`). Idempotent and safe when two
+    /// workers race.
+    async fn ensure_table(&mut self, table: &PhysicalTable, query: &str) -> Result<(), EngineError>;
+
+    /// One transaction: delete rows whose `time_column` lies in `[start, end)`, insert the query's rows that lie in
+    /// `[start, end)`. Returns the rows inserted.
+    async fn replace_interval(
+        &mut self,
+        table: &PhysicalTable,
+        time_column: &str,
+        interval: Interval,
+        query: &str,
+    ) -> Result<u64, EngineError>;
+
+    /// One transaction: delete every row, insert the query's rows. Returns the rows inserted.
+    async fn replace_all(&mut self, table: &PhysicalTable, query: &str) -> Result<u64, EngineError>;
+
+    /// One transaction: delete rows whose unique key appears in the query's rows (SQL `=`: a NULL key matches
+    /// nothing, as in `MERGE`), insert the query's rows. Returns the rows inserted.
+    async fn upsert(&mut self, table: &PhysicalTable, unique_key: &[String], query: &str) -> Result<u64, EngineError>;
+
+    /// Creates (schema and) the table from the declared columns (or TEXT columns named after the CSV header when
+    /// none are declared) if absent, and replaces its rows with the CSV rows cast to the declared types, in one
+    /// transaction. An empty CSV field is NULL. Returns the rows loaded.
+    async fn load_seed(
+        &mut self,
+        table: &PhysicalTable,
+        columns: &[(String, String)],
+        seed: &SeedData,
+    ) -> Result<u64, EngineError>;
+
+    /// The physical object of a VIEW model: `CREATE OR REPLACE VIEW` at the physical name (and its schema).
+    async fn create_physical_view(&mut self, view: &PhysicalTable, query: &str) -> Result<(), EngineError>;
+
+    /// Environment views, all in one transaction: creates each view schema if absent, then for each update drops
+    /// the view if it exists and, when `target` is `Some`, creates `schema.name` as `SELECT * FROM target`. Any
+    /// failure rolls everything back: the views stay exactly as they were.
+    async fn promote(&mut self, updates: &[ViewUpdate]) -> Result<(), EngineError>;
+
+    /// Drops the table, or the view of that name (VIEW models); nothing when neither exists.
+    async fn drop_table(&mut self, table: &PhysicalTable) -> Result<(), EngineError>;
+
+    /// Row count and an order-independent checksum of a table or view, for comparing runs on one engine.
+    async fn checksum(&mut self, schema: &str, name: &str) -> Result<TableChecksum, EngineError>;
+
+    /// The first column of the first row as an integer; `None` for no row or NULL.
+    async fn query_i64(&mut self, sql: &str) -> Result<Option<i64>, EngineError>;
+
+    /// Which relation the view `schema.name` selects from, as `schema.table` (`None` when the view does not
+    /// exist). Used by tests and the promoter's checks.
+    async fn view_target(&mut self, schema: &str, name: &str) -> Result<Option<String>, EngineError>;
+}
+
+/// One environment view to point at a physical table (`Some`) or to remove (`None`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ViewUpdate {
+    pub schema: String,
+    pub name: String,
+    pub target: Option<PhysicalTable>,
+}
+
+/// A table's row count and an order-independent checksum of its rows (comparable on one engine only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableChecksum {
+    pub rows: i64,
+    pub checksum: String,
+}
+
+/// Opens the gateway's warehouse. A DuckDB path is relative to `project_root` (or `:memory:`). Errors name the
+/// gateway and never contain its password.
+pub async fn connect(gateway: &Gateway, project_root: &Path) -> Result<Box<dyn Warehouse>, EngineError> {
+    match &gateway.connection {
+        Connection::DuckDb { database } => connect_duckdb(gateway, database, project_root).await,
+        Connection::Postgres { host, port, user, password, database } => {
+            let settings = postgres_adapter::PostgresSettings {
+                host: host.clone(),
+                port: *port,
+                user: user.clone(),
+                password: password.clone(),
+                database: database.clone(),
+            };
+            let warehouse = postgres_adapter::PostgresWarehouse::connect(&gateway.name, settings).await?;
+            Ok(Box::new(warehouse))
+        }
+        Connection::MySql { .. } => Err(EngineError::Unsupported {
+            gateway: gateway.name.clone(),
+            what: "mysql/mariadb warehouses are not supported yet".to_string(),
+        }),
+    }
+}
+
+#[cfg(feature = "duckdb")]
+async fn connect_duckdb(
+    gateway: &Gateway,
+    database: &str,
+    project_root: &Path,
+) -> Result<Box<dyn Warehouse>, EngineError> {
+    let location = duckdb_adapter::DuckDbLocation::resolve(database, project_root);
+    let warehouse =
+        duckdb_adapter::DuckDbWarehouse::open(location).await.map_err(|error| error.for_gateway(&gateway.name))?;
+    Ok(Box::new(warehouse))
+}
+
+#[cfg(not(feature = "duckdb"))]
+async fn connect_duckdb(
+    gateway: &Gateway,
+    _database: &str,
+    _project_root: &Path,
+) -> Result<Box<dyn Warehouse>, EngineError> {
+    Err(EngineError::Unsupported {
+        gateway: gateway.name.clone(),
+        what: "this sluice was built without DuckDB (cargo feature `duckdb`)".to_string(),
+    })
+}
