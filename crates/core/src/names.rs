@@ -151,6 +151,22 @@ impl fmt::Display for PlanId {
     }
 }
 
+/// A run's id: one attempt to apply one plan, `<plan id>-<attempt>`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RunId(pub String);
+
+impl RunId {
+    pub fn for_attempt(plan: &PlanId, attempt: u32) -> RunId {
+        RunId(format!("{plan}-{attempt}"))
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A task's id: 16 bytes of blake3 over its snapshot id and its interval batch, so that the
 /// same work always has the same id.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -103,6 +103,10 @@ pub struct Plan {
     pub removed: Vec<Snapshot>,
     /// Whether the environment exists yet.
     pub environment_exists: bool,
+    /// How long the environment lives after this plan is applied (`None` for prod: forever).
+    pub environment_ttl_seconds: Option<i64>,
+    /// Where the run summary is posted when the plan has been applied.
+    pub notification_webhook: Option<String>,
 }
 
 impl Plan {
@@ -425,5 +429,7 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
         snapshots: planned,
         removed,
         environment_exists: context.current.is_some(),
+        environment_ttl_seconds: (!context.environment.is_prod()).then_some(project.config.environment_ttl_seconds),
+        notification_webhook: project.config.notification_webhook.clone(),
     }
 }

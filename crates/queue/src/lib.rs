@@ -16,23 +16,8 @@ mod conformance;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+pub use sluice_core::names::RunId;
 use sluice_core::names::{PlanId, TaskId};
-
-/// A run's id: the plan id and the attempt number, `<plan>-<n>`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct RunId(pub String);
-
-impl RunId {
-    pub fn new(plan: &PlanId, attempt: u32) -> RunId {
-        RunId(format!("{plan}-{attempt}"))
-    }
-}
-
-impl std::fmt::Display for RunId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// One task on a gateway's queue.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

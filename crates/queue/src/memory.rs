@@ -256,11 +256,18 @@ impl DependencyGate for MemoryGate {
     }
 }
 
+/// Settled runs waiting for a promoter, and whether the bus is shut down.
+#[derive(Default)]
+struct SettledRuns {
+    runs: VecDeque<(RunId, PlanId)>,
+    shut_down: bool,
+}
+
 /// A broadcast channel for events and a FIFO of settled runs for the promoter.
 #[derive(Clone)]
 pub struct MemoryEvents {
     sender: broadcast::Sender<RunEvent>,
-    settled: Arc<Mutex<(VecDeque<(RunId, PlanId)>, bool)>>,
+    settled: Arc<Mutex<SettledRuns>>,
     notify: Arc<Notify>,
 }
 
@@ -287,7 +294,7 @@ impl MemoryEvents {
 impl EventBus for MemoryEvents {
     async fn publish(&self, event: RunEvent) -> Result<(), QueueError> {
         if let RunEvent::RunSettled { run_id, plan_id } = &event {
-            lock(&self.settled).0.push_back((run_id.clone(), plan_id.clone()));
+            lock(&self.settled).runs.push_back((run_id.clone(), plan_id.clone()));
             self.notify.notify_waiters();
         }
         // No subscriber is not an error.
@@ -306,10 +313,10 @@ impl EventBus for MemoryEvents {
             notified.as_mut().enable();
             {
                 let mut settled = lock(&self.settled);
-                if settled.1 {
+                if settled.shut_down {
                     return Ok(None);
                 }
-                if let Some(next) = settled.0.pop_front() {
+                if let Some(next) = settled.runs.pop_front() {
                     return Ok(Some(next));
                 }
             }
@@ -318,7 +325,7 @@ impl EventBus for MemoryEvents {
     }
 
     async fn shut_down(&self) {
-        lock(&self.settled).1 = true;
+        lock(&self.settled).shut_down = true;
         self.notify.notify_waiters();
     }
 }

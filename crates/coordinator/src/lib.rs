@@ -1,0 +1,316 @@
+//! The coordinator role: apply a stored plan and follow it to its end.
+//!
+//! 1. validate: the plan exists, has no uncategorized change, is not stale (the environment
+//!    still shows the plan it was made against), has work to do, and every involved gateway
+//!    answers;
+//! 2. push state in one transaction (`begin_run`: plan, snapshots, environment lease, run);
+//! 3. build the task graph, mark what earlier runs finished (tasks done, intervals recorded),
+//!    load the dependency counters and publish the ready tasks;
+//! 4. follow the run's events until the promoter finishes it, renewing the lease; on Ctrl-C or
+//!    a breaker tripped by `sluice abort`, purge the queued tasks, let in-flight ones end, and
+//!    settle the run as aborted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sluice_core::interval::Timestamp;
+use sluice_core::names::{EnvironmentName, PlanId, RunId};
+use sluice_core::plan::{Change, Plan};
+use sluice_core::task_graph::TaskGraph;
+use sluice_queue::{DependencyGate, EventBus, QueueError, RunEvent, TaskMessage, TaskQueue};
+use sluice_state::{RunRecord, RunStart, StateError, StateStore};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Checks that a gateway's warehouse answers (the CLI implements it with the engine adapters).
+#[async_trait]
+pub trait GatewayCheck: Send + Sync {
+    async fn check(&self, gateway: &str) -> Result<(), String>;
+}
+
+/// Receives progress while a run is followed (an indicatif bar on a terminal, log lines otherwise).
+pub trait Progress: Send + Sync {
+    fn started(&self, plan: &Plan, run_id: &RunId, total_tasks: u64, done_tasks: u64, total_intervals: u64);
+    fn task_done(&self, intervals: u32, skipped: bool);
+    fn task_failed(&self, model: &str, interval: &str, error: &str);
+    fn message(&self, text: &str);
+    fn finished(&self);
+}
+
+#[derive(Clone, Debug)]
+pub struct ApplyConfig {
+    /// How long the environment lease lasts without renewal (renewed every third of it).
+    pub lease_ttl_seconds: i64,
+    pub user: String,
+    /// Return once the ready tasks are published instead of following the run.
+    pub detach: bool,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        ApplyConfig { lease_ttl_seconds: 60, user: "sluice".to_string(), detach: false }
+    }
+}
+
+#[derive(Clone)]
+pub struct CoordinatorDeps {
+    pub state: Arc<dyn StateStore>,
+    pub queue: Arc<dyn TaskQueue>,
+    pub gate: Arc<dyn DependencyGate>,
+    pub events: Arc<dyn EventBus>,
+    pub gateways: Arc<dyn GatewayCheck>,
+}
+
+#[derive(Debug)]
+pub enum ApplyOutcome {
+    /// Nothing to change; the reason says why.
+    NothingToDo(String),
+    /// The run ended (promoted, failed or aborted): its record.
+    Finished(RunRecord),
+    /// `detach`: tasks are queued and the run goes on without this process.
+    Detached(RunId),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("no plan {0} in the state store; `sluice plan` prints the id of each plan it stores")]
+    UnknownPlan(PlanId),
+    #[error("plan {plan} has uncategorized changes ({models}); plan again with --forward-only or make the change comparable")]
+    Uncategorized { plan: PlanId, models: String },
+    #[error(
+        "plan {plan} is stale: it was made against plan {expected} of environment {environment}, which now shows plan {actual}; plan again"
+    )]
+    Stale { plan: PlanId, environment: EnvironmentName, expected: String, actual: String },
+    #[error("gateway {gateway} does not answer: {reason}")]
+    GatewayUnreachable { gateway: String, reason: String },
+    #[error("state store: {0}")]
+    State(#[from] StateError),
+    #[error("queue: {0}")]
+    Queue(#[from] QueueError),
+    #[error("the event stream ended before the run finished")]
+    EventsClosed,
+    #[error("building the task graph failed: {0}")]
+    Join(String),
+}
+
+fn plan_label(id: Option<&PlanId>) -> String {
+    id.map_or_else(|| "none".to_string(), ToString::to_string)
+}
+
+fn now() -> Timestamp {
+    let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Timestamp(seconds as i64)
+}
+
+/// Validation before any work: returns the plan, or why it must not (or need not) be applied.
+pub async fn validate(deps: &CoordinatorDeps, plan_id: &PlanId) -> Result<Result<Plan, String>, ApplyError> {
+    let plan = deps.state.get_plan(plan_id).await?.ok_or_else(|| ApplyError::UnknownPlan(plan_id.clone()))?;
+    let uncategorized = plan.uncategorized();
+    if !uncategorized.is_empty() {
+        let models = uncategorized.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        return Err(ApplyError::Uncategorized { plan: plan.id.clone(), models });
+    }
+    let environment = deps.state.get_environment(&plan.environment).await?;
+    let current_plan = environment.as_ref().and_then(|record| record.state.plan_id.clone());
+    if current_plan.as_ref() == Some(&plan.id) {
+        return Ok(Err(format!("plan {} is already applied to environment {}", plan.id, plan.environment)));
+    }
+    if current_plan != plan.previous_plan_id {
+        return Err(ApplyError::Stale {
+            plan: plan.id.clone(),
+            environment: plan.environment.clone(),
+            expected: plan_label(plan.previous_plan_id.as_ref()),
+            actual: plan_label(current_plan.as_ref()),
+        });
+    }
+    if plan.has_nothing_to_do(environment.as_ref().map(|record| &record.state)) {
+        return Ok(Err(format!("plan {} changes nothing in environment {}", plan.id, plan.environment)));
+    }
+    let mut gateways = BTreeSet::new();
+    for planned in &plan.snapshots {
+        if planned.change != Change::Unchanged || !planned.batches.is_empty() || !plan.environment_exists {
+            gateways.insert(planned.snapshot.gateway.clone());
+        }
+    }
+    for snapshot in &plan.removed {
+        gateways.insert(snapshot.gateway.clone());
+    }
+    for gateway in gateways {
+        if let Err(reason) = deps.gateways.check(&gateway).await {
+            return Err(ApplyError::GatewayUnreachable { gateway, reason });
+        }
+    }
+    Ok(Ok(plan))
+}
+
+/// Applies a stored plan: validate, push state, queue the ready tasks, follow the run.
+pub async fn apply(
+    plan_id: &PlanId,
+    config: &ApplyConfig,
+    deps: &CoordinatorDeps,
+    progress: Arc<dyn Progress>,
+    shutdown: CancellationToken,
+) -> Result<ApplyOutcome, ApplyError> {
+    let plan = match validate(deps, plan_id).await? {
+        Ok(plan) => plan,
+        Err(reason) => return Ok(ApplyOutcome::NothingToDo(reason)),
+    };
+    let state = &deps.state;
+    // Applying again resumes: an earlier abort's breaker no longer applies.
+    state.reset_breaker(&plan.id).await?;
+    let attempt = state.runs_of_plan(&plan.id).await?.len() as u32 + 1;
+    let run_id = RunId::for_attempt(&plan.id, attempt);
+    let snapshots: Vec<_> = plan.snapshots.iter().map(|planned| planned.snapshot.clone()).collect();
+    let started_at = now();
+    let run = state
+        .begin_run(RunStart {
+            plan: &plan,
+            run_id: &run_id,
+            snapshots: &snapshots,
+            lease_ttl_seconds: config.lease_ttl_seconds,
+            now: started_at,
+            user: &config.user,
+        })
+        .await?;
+    info!(plan_id = %plan.id, run_id = %run.id, environment = %plan.environment, "run started");
+
+    // The graph, and what earlier runs already finished.
+    let graph_plan = plan.clone();
+    let graph = tokio::task::spawn_blocking(move || TaskGraph::build(&graph_plan))
+        .await
+        .map_err(|error| ApplyError::Join(error.to_string()))?;
+    let done_ids = state.done_tasks_of_plan(&plan.id).await?;
+    let keys: Vec<_> = plan
+        .snapshots
+        .iter()
+        .filter(|planned| !planned.batches.is_empty())
+        .map(|planned| (planned.snapshot.name.clone(), planned.snapshot.version.clone()))
+        .collect();
+    let recorded = state.get_intervals(&keys).await?;
+    let mut done = vec![false; graph.len()];
+    for (index, task) in graph.tasks.iter().enumerate() {
+        let snapshot = &plan.snapshots[task.snapshot as usize].snapshot;
+        let key = (snapshot.name.clone(), snapshot.version.clone());
+        done[index] = done_ids.contains(&task.id) || recorded.get(&key).is_some_and(|set| set.covers(task.interval));
+    }
+    let mut unfinished_parents = vec![0u32; graph.len()];
+    for (index, slot) in unfinished_parents.iter_mut().enumerate() {
+        *slot = graph.parents(index as u32).filter(|parent| !done[*parent as usize]).count() as u32;
+    }
+    deps.gate.load(&run.id, &unfinished_parents, &done).await?;
+    let done_count = done.iter().filter(|done| **done).count() as u64;
+    let total_intervals: u64 = graph.tasks.iter().map(|task| u64::from(task.interval_count)).sum();
+    progress.started(&plan, &run.id, graph.len() as u64, done_count, total_intervals);
+
+    // Subscribe before publishing so that no event of this run is missed.
+    let mut stream = deps.events.subscribe().await?;
+    let ready: Vec<TaskMessage> = (0..graph.len())
+        .filter(|index| !done[*index] && unfinished_parents[*index] == 0)
+        .map(|index| {
+            let task = graph.tasks[index];
+            TaskMessage {
+                plan_id: plan.id.clone(),
+                run_id: run.id.clone(),
+                task_index: index as u32,
+                task_id: task.id,
+                gateway: plan.snapshots[task.snapshot as usize].snapshot.gateway.clone(),
+                attempt: 0,
+            }
+        })
+        .collect();
+    deps.queue.publish(&ready).await?;
+    info!(run_id = %run.id, tasks = graph.len(), done = done_count, ready = ready.len(), "tasks published");
+    if done_count == graph.len() as u64 {
+        deps.events.publish(RunEvent::RunSettled { run_id: run.id.clone(), plan_id: plan.id.clone() }).await?;
+    }
+    if config.detach {
+        return Ok(ApplyOutcome::Detached(run.id));
+    }
+
+    let models: BTreeMap<u32, String> = graph
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(index, task)| (index as u32, plan.snapshots[task.snapshot as usize].snapshot.name.to_string()))
+        .collect();
+    let renew_every = Duration::from_secs((config.lease_ttl_seconds.max(3) / 3) as u64);
+    let mut ticker = tokio::time::interval(renew_every.min(Duration::from_secs(1)));
+    let mut last_renewal = tokio::time::Instant::now();
+    let mut aborting: Option<String> = None;
+    let mut settled_by_abort = false;
+    loop {
+        tokio::select! {
+            event = stream.next() => {
+                let Some(event) = event else { return Err(ApplyError::EventsClosed) };
+                if event.run_id() != &run.id {
+                    continue;
+                }
+                match event {
+                    RunEvent::TaskDone { intervals, skipped, .. } => progress.task_done(intervals, skipped),
+                    RunEvent::TaskFailed { task_index, error, .. } => {
+                        let model = models.get(&task_index).map_or("?", String::as_str);
+                        let interval = graph.tasks.get(task_index as usize).map(|task| task.interval.to_string()).unwrap_or_default();
+                        progress.task_failed(model, &interval, &error);
+                    }
+                    RunEvent::TaskAborted { .. } | RunEvent::RunSettled { .. } => {}
+                    RunEvent::RunFinished { .. } => break,
+                }
+            }
+            _ = shutdown.cancelled(), if aborting.is_none() => {
+                aborting = Some("interrupted".to_string());
+                progress.message("interrupted: stopping between intervals; apply the plan again to resume");
+                state.trip_breaker(&plan.id, "interrupted (Ctrl-C)").await?;
+                deps.queue.purge_run(&run.id).await?;
+            }
+            _ = ticker.tick() => {
+                if last_renewal.elapsed() >= renew_every {
+                    if let Err(error) = state.renew_lease(&plan.environment, &run.id, config.lease_ttl_seconds, now()).await {
+                        warn!(error = %error, "renewing the environment lease failed");
+                    }
+                    last_renewal = tokio::time::Instant::now();
+                }
+                if aborting.is_none() && let Some(reason) = state.breaker(&plan.id).await? {
+                    progress.message(&format!("aborted ({reason}): stopping between intervals"));
+                    deps.queue.purge_run(&run.id).await?;
+                    aborting = Some(reason);
+                }
+            }
+        }
+        // Once aborting and nothing is queued or in flight, settle what will never run.
+        if aborting.is_some() && !settled_by_abort && deps.queue.pending(&run.id).await? == 0 {
+            let everything: Vec<u32> = (0..graph.len() as u32).collect();
+            deps.gate.skip(&run.id, &everything).await?;
+            deps.events.publish(RunEvent::RunSettled { run_id: run.id.clone(), plan_id: plan.id.clone() }).await?;
+            settled_by_abort = true;
+        }
+    }
+    progress.finished();
+    deps.gate.clear(&run.id).await?;
+    let record = state.get_run(&run.id).await?.ok_or_else(|| ApplyError::State(StateError::NotFound { what: format!("run {}", run.id) }))?;
+    Ok(ApplyOutcome::Finished(record))
+}
+
+/// What `abort` did.
+#[derive(Debug)]
+pub struct AbortOutcome {
+    pub run: Option<RunRecord>,
+    pub purged: u64,
+}
+
+/// Trips the plan's circuit breaker (workers stop between tasks, the following coordinator
+/// settles the run as aborted) and purges the queued tasks of its latest run.
+pub async fn abort(deps: &CoordinatorDeps, plan_id: &PlanId, reason: &str) -> Result<AbortOutcome, ApplyError> {
+    let state = &deps.state;
+    if state.get_plan(plan_id).await?.is_none() {
+        return Err(ApplyError::UnknownPlan(plan_id.clone()));
+    }
+    state.trip_breaker(plan_id, reason).await?;
+    let run = state.latest_run(plan_id).await?;
+    let purged = match &run {
+        Some(run) => deps.queue.purge_run(&run.id).await?,
+        None => 0,
+    };
+    Ok(AbortOutcome { run, purged })
+}

@@ -1,0 +1,411 @@
+//! The promoter role: finalize settled runs. A run whose every task is done is promoted — the
+//! environment's views swapped to the plan's physical tables in one transaction per gateway,
+//! then the environment record compare-and-swapped — and a failed or aborted one is closed
+//! without touching a view. Either way the lease is released, an audit row written and the
+//! summary sent to the notifier.
+
+pub mod notify;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::Serialize;
+use sluice_core::interval::Timestamp;
+use sluice_core::names::{EnvironmentName, ModelName, PlanId};
+use sluice_core::plan::{EnvironmentState, Plan, ViewChange};
+use sluice_core::task_graph::TaskGraph;
+use sluice_engine::{EngineError, ViewUpdate, WarehouseFactory};
+use sluice_queue::{EventBus, QueueError, RunEvent, RunId};
+use sluice_state::{AuditEntry, EnvironmentPromotion, RunOutcome, RunRecord, RunStatus, StateError, StateStore};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, instrument, warn};
+
+use crate::notify::Notifier;
+
+#[derive(Clone)]
+pub struct PromoterDeps {
+    pub state: Arc<dyn StateStore>,
+    pub events: Arc<dyn EventBus>,
+    pub warehouses: Arc<dyn WarehouseFactory>,
+    pub notifier: Arc<dyn Notifier>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PromoterError {
+    #[error("state store: {0}")]
+    State(#[from] StateError),
+    #[error("events: {0}")]
+    Queue(#[from] QueueError),
+    #[error("gateway {gateway}: {source}")]
+    Warehouse { gateway: String, source: EngineError },
+    #[error("run {0} is not in the state store")]
+    UnknownRun(RunId),
+    #[error("plan {0} is not in the state store")]
+    UnknownPlan(PlanId),
+    #[error("building the task graph failed: {0}")]
+    Join(String),
+}
+
+/// What a finished run did, as printed and sent to notification targets.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct RunSummary {
+    pub plan_id: String,
+    pub run_id: String,
+    pub environment: String,
+    /// `promoted`, `failed` or `aborted`.
+    pub outcome: String,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub tasks: u64,
+    pub intervals: u64,
+    pub models: u64,
+    pub retries: u64,
+    pub error: Option<String>,
+}
+
+fn now() -> Timestamp {
+    let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Timestamp(seconds as i64)
+}
+
+fn summary(run: &RunRecord, plan: &Plan, outcome: &str, error: Option<String>, finished_at: Timestamp) -> RunSummary {
+    let models = plan.snapshots.iter().filter(|planned| !planned.batches.is_empty()).count() as u64;
+    RunSummary {
+        plan_id: plan.id.to_string(),
+        run_id: run.id.to_string(),
+        environment: plan.environment.to_string(),
+        outcome: outcome.to_string(),
+        started_at: run.started_at.0,
+        finished_at: finished_at.0,
+        tasks: run.tasks_done,
+        intervals: run.intervals_done,
+        models,
+        retries: run.retries,
+        error,
+    }
+}
+
+/// The view updates of a plan, grouped by the gateway whose warehouse holds them.
+fn updates_by_gateway(plan: &Plan, current: Option<&EnvironmentState>) -> BTreeMap<String, Vec<ViewUpdate>> {
+    let gateway_of_current: BTreeMap<&ModelName, &str> = current
+        .map(|state| state.snapshots.iter().map(|s| (&s.name, s.gateway.as_str())).collect())
+        .unwrap_or_default();
+    let gateway_of_planned: BTreeMap<&ModelName, &str> =
+        plan.snapshots.iter().map(|p| (&p.snapshot.name, p.snapshot.gateway.as_str())).collect();
+    let mut updates: BTreeMap<String, Vec<ViewUpdate>> = BTreeMap::new();
+    for change in plan.view_changes(current) {
+        let (name, target) = match change {
+            ViewChange::Point { name, table } => (name, Some(table)),
+            ViewChange::Drop { name } => (name, None),
+        };
+        let gateway = match &target {
+            Some(_) => gateway_of_planned.get(&name).copied(),
+            None => gateway_of_current.get(&name).copied(),
+        };
+        let Some(gateway) = gateway else { continue };
+        let update = ViewUpdate { schema: plan.environment.view_schema(&name.schema), name: name.table.clone(), target };
+        updates.entry(gateway.to_string()).or_default().push(update);
+    }
+    // A model moved to another gateway leaves a view behind on the old one: drop it there.
+    if let Some(current) = current {
+        for snapshot in &current.snapshots {
+            if let Some(planned_gateway) = gateway_of_planned.get(&snapshot.name)
+                && *planned_gateway != snapshot.gateway
+                && snapshot.kind.is_materialized()
+            {
+                let update = ViewUpdate {
+                    schema: plan.environment.view_schema(&snapshot.name.schema),
+                    name: snapshot.name.table.clone(),
+                    target: None,
+                };
+                updates.entry(snapshot.gateway.clone()).or_default().push(update);
+            }
+        }
+    }
+    updates
+}
+
+/// Finalizes one settled run. Idempotent: a run already finished is only summarized again.
+#[instrument(skip_all, fields(run_id = %run_id, plan_id = %plan_id))]
+pub async fn finalize_run(deps: &PromoterDeps, run_id: &RunId, plan_id: &PlanId) -> Result<RunSummary, PromoterError> {
+    let state = &deps.state;
+    let run = state.get_run(run_id).await?.ok_or_else(|| PromoterError::UnknownRun(run_id.clone()))?;
+    let plan = state.get_plan(plan_id).await?.ok_or_else(|| PromoterError::UnknownPlan(plan_id.clone()))?;
+    if run.status != RunStatus::Running {
+        let outcome = match run.status {
+            RunStatus::Succeeded => "promoted",
+            RunStatus::Failed => "failed",
+            RunStatus::Aborted => "aborted",
+            RunStatus::Running => "running",
+        };
+        return Ok(summary(&run, &plan, outcome, run.error.clone(), run.finished_at.unwrap_or(run.started_at)));
+    }
+
+    let (status, outcome, error) = if let Some(reason) = state.breaker(plan_id).await? {
+        (RunStatus::Aborted, "aborted", Some(reason))
+    } else {
+        let failures = state.task_failures(run_id).await?;
+        if let Some(first) = failures.first() {
+            let error = format!(
+                "{} failed for {} ({} attempts): {}{}",
+                first.model,
+                first.interval,
+                first.attempts,
+                first.error,
+                if failures.len() > 1 { format!(" (and {} more failures)", failures.len() - 1) } else { String::new() }
+            );
+            (RunStatus::Failed, "failed", Some(error))
+        } else {
+            match promote(deps, &plan).await {
+                Ok(()) => (RunStatus::Succeeded, "promoted", None),
+                Err(error) => {
+                    warn!(error = %error, "promotion failed; the environment's views are unchanged");
+                    (RunStatus::Failed, "failed", Some(format!("promotion failed: {error}")))
+                }
+            }
+        }
+    };
+    let finished_at = now();
+    state.finish_run(run_id, RunOutcome { status, error: error.clone(), finished_at }).await?;
+    state.release_lease(&plan.environment, run_id).await?;
+    let run = state.get_run(run_id).await?.unwrap_or(run);
+    let result = summary(&run, &plan, outcome, error, finished_at);
+    state
+        .append_audit(&AuditEntry {
+            plan_id: plan.id.clone(),
+            run_id: run_id.clone(),
+            environment: plan.environment.clone(),
+            user: run.user.clone(),
+            started_at: run.started_at,
+            finished_at,
+            intervals: result.intervals,
+            models: result.models,
+            retries: result.retries,
+            outcome: outcome.to_string(),
+        })
+        .await?;
+    deps.notifier.notify(&result, plan.notification_webhook.as_deref()).await;
+    deps.events.publish(RunEvent::RunFinished { run_id: run_id.clone(), outcome: outcome.to_string() }).await?;
+    info!(outcome, "run finalized");
+    Ok(result)
+}
+
+/// Checks every task is done, swaps the views, then compare-and-swaps the environment record.
+async fn promote(deps: &PromoterDeps, plan: &Plan) -> Result<(), PromoterError> {
+    let state = &deps.state;
+    let graph_plan = plan.clone();
+    let task_ids = tokio::task::spawn_blocking(move || {
+        TaskGraph::build(&graph_plan).tasks.iter().map(|task| task.id).collect::<BTreeSet<_>>()
+    })
+    .await
+    .map_err(|error| PromoterError::Join(error.to_string()))?;
+    let done = state.done_tasks_of_plan(&plan.id).await?;
+    let missing = task_ids.difference(&done).count();
+    if missing > 0 {
+        return Err(PromoterError::State(StateError::NotFound {
+            what: format!("{missing} of the plan's tasks are not done; apply the plan again to resume"),
+        }));
+    }
+    let current = state.get_environment(&plan.environment).await?;
+    let current_state = current.as_ref().map(|record| &record.state);
+    let current_plan = current_state.and_then(|state| state.plan_id.clone());
+    if current_plan != plan.previous_plan_id {
+        return Err(PromoterError::State(StateError::StaleEnvironment {
+            environment: plan.environment.clone(),
+            expected: plan.previous_plan_id.clone(),
+            actual: current_plan,
+        }));
+    }
+    for (gateway, updates) in updates_by_gateway(plan, current_state) {
+        let mut warehouse = deps
+            .warehouses
+            .connect(&gateway)
+            .await
+            .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
+        warehouse.promote(&updates).await.map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
+        info!(gateway = %gateway, views = updates.len(), "views promoted");
+    }
+    let new_state = EnvironmentState {
+        name: plan.environment.clone(),
+        plan_id: Some(plan.id.clone()),
+        snapshots: plan.snapshots.iter().map(|planned| planned.snapshot.clone()).collect(),
+    };
+    let now = now();
+    let expires_at = plan.environment_ttl_seconds.map(|ttl| Timestamp(now.0 + ttl));
+    let promotion =
+        EnvironmentPromotion { state: &new_state, expected_plan: plan.previous_plan_id.as_ref(), expires_at, now };
+    state.promote_environment(promotion).await?;
+    Ok(())
+}
+
+/// Runs the promoter until `shutdown`: finalizes every settled run it is handed.
+pub async fn run(deps: PromoterDeps, shutdown: CancellationToken) -> Result<(), PromoterError> {
+    info!("promoter starting");
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            next = deps.events.next_settled() => next?,
+        };
+        let Some((run_id, plan_id)) = next else { break };
+        if let Err(error) = finalize_run(&deps, &run_id, &plan_id).await {
+            warn!(run_id = %run_id, error = %error, "finalizing the run failed");
+            deps.events.publish(RunEvent::RunFinished { run_id, outcome: format!("error: {error}") }).await?;
+        }
+    }
+    info!("promoter stopped");
+    Ok(())
+}
+
+/// Refuses when another run holds the environment.
+async fn ensure_not_leased(state: &Arc<dyn StateStore>, environment: &EnvironmentName, now: Timestamp) -> Result<(), PromoterError> {
+    if let Some(lease) = state.get_lease(environment).await?
+        && lease.expires_at > now
+    {
+        return Err(PromoterError::State(StateError::LeaseHeld {
+            environment: environment.clone(),
+            holder_plan: lease.plan_id,
+            holder_run: lease.run_id,
+            expires_at: lease.expires_at,
+        }));
+    }
+    Ok(())
+}
+
+/// Points the environment's views back at the snapshots of the plan it showed before (no
+/// backfill: those tables are complete), then compare-and-swaps the record. Returns the plan the
+/// environment shows now.
+pub async fn rollback(
+    state: &Arc<dyn StateStore>,
+    warehouses: &dyn WarehouseFactory,
+    environment: &EnvironmentName,
+    now: Timestamp,
+) -> Result<Option<PlanId>, PromoterError> {
+    let record = state
+        .get_environment(environment)
+        .await?
+        .ok_or_else(|| StateError::NotFound { what: format!("environment {environment}") })?;
+    let previous = record
+        .previous
+        .clone()
+        .ok_or_else(|| StateError::NotFound { what: format!("an earlier plan of environment {environment} to roll back to") })?;
+    ensure_not_leased(state, environment, now).await?;
+    let current_versions: BTreeMap<&ModelName, (&sluice_core::names::Version, &str)> =
+        record.state.snapshots.iter().map(|s| (&s.name, (&s.version, s.gateway.as_str()))).collect();
+    let mut updates: BTreeMap<String, Vec<ViewUpdate>> = BTreeMap::new();
+    for snapshot in &previous.snapshots {
+        let Some(table) = snapshot.physical_table() else { continue };
+        if current_versions.get(&snapshot.name).map(|(version, _)| *version) != Some(&snapshot.version) {
+            updates.entry(snapshot.gateway.clone()).or_default().push(ViewUpdate {
+                schema: environment.view_schema(&snapshot.name.schema),
+                name: snapshot.name.table.clone(),
+                target: Some(table),
+            });
+        }
+    }
+    let previous_names: BTreeSet<&ModelName> = previous.snapshots.iter().map(|s| &s.name).collect();
+    for snapshot in &record.state.snapshots {
+        if !previous_names.contains(&snapshot.name) && snapshot.kind.is_materialized() {
+            updates.entry(snapshot.gateway.clone()).or_default().push(ViewUpdate {
+                schema: environment.view_schema(&snapshot.name.schema),
+                name: snapshot.name.table.clone(),
+                target: None,
+            });
+        }
+    }
+    for (gateway, updates) in updates {
+        let mut warehouse =
+            warehouses.connect(&gateway).await.map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
+        warehouse.promote(&updates).await.map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
+    }
+    let promotion = EnvironmentPromotion {
+        state: &previous,
+        expected_plan: record.state.plan_id.as_ref(),
+        expires_at: record.expires_at,
+        now,
+    };
+    state.promote_environment(promotion).await?;
+    Ok(previous.plan_id)
+}
+
+/// What the janitor removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct JanitorReport {
+    pub environments_removed: u64,
+    pub tables_dropped: u64,
+}
+
+/// Drops expired environments (their views, then their records) and the physical tables no
+/// environment and no running plan references (then their intervals and snapshots).
+pub async fn janitor(
+    state: &Arc<dyn StateStore>,
+    warehouses: &dyn WarehouseFactory,
+    now: Timestamp,
+) -> Result<JanitorReport, PromoterError> {
+    let mut report = JanitorReport::default();
+    let mut kept = Vec::new();
+    for record in state.list_environments().await? {
+        let expired = !record.state.name.is_prod() && record.expires_at.is_some_and(|at| at <= now);
+        if !expired {
+            kept.push(record);
+            continue;
+        }
+        ensure_not_leased(state, &record.state.name, now).await?;
+        let mut updates: BTreeMap<String, Vec<ViewUpdate>> = BTreeMap::new();
+        for snapshot in record.state.snapshots.iter().filter(|s| s.kind.is_materialized()) {
+            updates.entry(snapshot.gateway.clone()).or_default().push(ViewUpdate {
+                schema: record.state.name.view_schema(&snapshot.name.schema),
+                name: snapshot.name.table.clone(),
+                target: None,
+            });
+        }
+        for (gateway, updates) in updates {
+            let mut warehouse =
+                warehouses.connect(&gateway).await.map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
+            warehouse.promote(&updates).await.map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
+        }
+        state.delete_environment(&record.state.name).await?;
+        report.environments_removed += 1;
+    }
+    // Physical tables still needed: every kept environment's, and every running plan's.
+    let mut referenced: BTreeSet<(ModelName, sluice_core::names::Version)> = BTreeSet::new();
+    for record in &kept {
+        // What the environment shows, and what a rollback would show.
+        for snapshot in record.state.snapshots.iter().chain(record.previous.iter().flat_map(|previous| &previous.snapshots)) {
+            referenced.insert((snapshot.name.clone(), snapshot.version.clone()));
+        }
+    }
+    for run in state.running_runs().await? {
+        if let Some(plan) = state.get_plan(&run.plan_id).await? {
+            for planned in &plan.snapshots {
+                referenced.insert((planned.snapshot.name.clone(), planned.snapshot.version.clone()));
+            }
+        }
+    }
+    let mut unreferenced_snapshots = Vec::new();
+    let mut dropped: BTreeSet<(ModelName, sluice_core::names::Version)> = BTreeSet::new();
+    for snapshot in state.all_snapshots().await? {
+        let key = (snapshot.name.clone(), snapshot.version.clone());
+        if referenced.contains(&key) {
+            continue;
+        }
+        if let Some(table) = snapshot.physical_table()
+            && !dropped.contains(&key)
+        {
+            let mut warehouse = warehouses
+                .connect(&snapshot.gateway)
+                .await
+                .map_err(|source| PromoterError::Warehouse { gateway: snapshot.gateway.clone(), source })?;
+            warehouse
+                .drop_table(&table)
+                .await
+                .map_err(|source| PromoterError::Warehouse { gateway: snapshot.gateway.clone(), source })?;
+            report.tables_dropped += 1;
+            dropped.insert(key);
+        }
+        unreferenced_snapshots.push(snapshot.id.clone());
+    }
+    let keys: Vec<_> = dropped.into_iter().collect();
+    state.remove_intervals(&keys).await?;
+    state.delete_snapshots(&unreferenced_snapshots).await?;
+    Ok(report)
+}

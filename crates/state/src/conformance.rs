@@ -1,0 +1,910 @@
+//! The conformance suite: every check runs against `SqliteState` (a temporary file) and against
+//! `PostgresState` (a fresh database on 127.0.0.1:5432 per test, dropped afterwards), so SQLite
+//! provably behaves like PostgreSQL. PostgreSQL being unreachable fails the tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use sluice_core::interval::{Interval, IntervalSet, Timestamp};
+use sluice_core::model::ModelKind;
+use sluice_core::names::{EnvironmentName, ModelName, PlanId, SnapshotId, TaskId, Version};
+use sluice_core::plan::{Change, EnvironmentState, Plan, PlannedSnapshot};
+use sluice_core::snapshot::{Fingerprint, Snapshot};
+
+use crate::{
+    AuditEntry, EnvironmentPromotion, IntervalRecord, RunId, RunOutcome, RunProgress, RunStart, RunStatus, StateError,
+    StateStore, TaskFailure,
+};
+
+/// One backend under test: the store as the roles see it, and a way to look at its tables.
+pub(crate) struct Backend {
+    pub store: Arc<dyn StateStore>,
+    pub inspect: Inspect,
+}
+
+#[derive(Clone)]
+pub(crate) enum Inspect {
+    Sqlite(crate::SqliteState),
+    Postgres(crate::PostgresState),
+}
+
+impl Inspect {
+    /// How many interval rows are stored, to prove compaction.
+    async fn interval_rows(&self) -> i64 {
+        match self {
+            Inspect::Sqlite(state) => state.count_rows_for_tests("sluice_intervals").await,
+            Inspect::Postgres(state) => state.count_rows_for_tests("sluice_intervals").await,
+        }
+    }
+
+    async fn run_rows(&self) -> i64 {
+        match self {
+            Inspect::Sqlite(state) => state.count_rows_for_tests("sluice_runs").await,
+            Inspect::Postgres(state) => state.count_rows_for_tests("sluice_runs").await,
+        }
+    }
+}
+
+pub(crate) mod harness {
+    //! Creating and tearing down a backend for one test.
+
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use sqlx::{AssertSqlSafe, Connection, PgConnection};
+
+    use super::{Backend, Inspect};
+    use crate::{PostgresState, SqliteState};
+
+    /// The server every PostgreSQL test creates its database on; `SLUICE_TEST_POSTGRES_URL`
+    /// overrides it (a URL of a database the user may `CREATE DATABASE` from).
+    pub fn admin_url() -> String {
+        std::env::var("SLUICE_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    }
+
+    fn unique_suffix() -> String {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        hasher.write_u128(nanos);
+        format!("{:016x}", hasher.finish())
+    }
+
+    pub struct SqliteFixture {
+        _folder: tempfile::TempDir,
+        pub state: SqliteState,
+    }
+
+    impl SqliteFixture {
+        pub async fn new() -> SqliteFixture {
+            let folder = tempfile::tempdir().unwrap();
+            let state = SqliteState::open(folder.path().join(".sluice/state.db")).await.unwrap();
+            SqliteFixture { _folder: folder, state }
+        }
+
+        pub fn backend(&self) -> Backend {
+            Backend { store: Arc::new(self.state.clone()), inspect: Inspect::Sqlite(self.state.clone()) }
+        }
+
+        pub async fn finish(self) {
+            self.state.close().await;
+        }
+    }
+
+    pub struct PostgresFixture {
+        database: String,
+        pub state: PostgresState,
+    }
+
+    impl PostgresFixture {
+        pub async fn new() -> PostgresFixture {
+            let admin_url = admin_url();
+            let mut admin = PgConnection::connect(&admin_url)
+                .await
+                .unwrap_or_else(|error| panic!("PostgreSQL must be reachable for the state tests: {error}"));
+            let database = format!("sluice_state_test_{}", unique_suffix());
+            sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {database}"))).execute(&mut admin).await.unwrap();
+            admin.close().await.unwrap();
+            let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(base, _)| base);
+            let state = PostgresState::connect(&format!("{base}/{database}")).await.unwrap();
+            PostgresFixture { database, state }
+        }
+
+        pub fn backend(&self) -> Backend {
+            Backend { store: Arc::new(self.state.clone()), inspect: Inspect::Postgres(self.state.clone()) }
+        }
+
+        /// Closes the pool and drops the test database.
+        pub async fn finish(self) {
+            self.state.close().await;
+            let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+            sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database)))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            admin.close().await.unwrap();
+        }
+    }
+}
+
+/// Generates one `#[tokio::test]` per check and backend. A check that panics still gets its
+/// PostgreSQL database dropped.
+macro_rules! conformance_tests {
+    ($($check:ident),* $(,)?) => {
+        mod sqlite_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $check() {
+                    let fixture = super::harness::SqliteFixture::new().await;
+                    let backend = fixture.backend();
+                    let outcome = tokio::spawn(async move { super::$check(backend).await }).await;
+                    fixture.finish().await;
+                    if let Err(error) = outcome {
+                        std::panic::resume_unwind(error.into_panic());
+                    }
+                }
+            )*
+        }
+
+        mod postgres_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $check() {
+                    let fixture = super::harness::PostgresFixture::new().await;
+                    let backend = fixture.backend();
+                    let outcome = tokio::spawn(async move { super::$check(backend).await }).await;
+                    fixture.finish().await;
+                    if let Err(error) = outcome {
+                        std::panic::resume_unwind(error.into_panic());
+                    }
+                }
+            )*
+        }
+    };
+}
+
+conformance_tests!(
+    snapshots_round_trip,
+    snapshots_in_use_are_not_deleted,
+    environment_compare_and_swap,
+    previous_state_is_kept_for_rollback,
+    environments_are_listed,
+    begin_run_pushes_plan_snapshots_lease_and_run,
+    stale_plan_creates_nothing,
+    held_lease_names_its_holder,
+    expired_lease_is_taken_over,
+    same_plan_takes_over_its_own_lease,
+    concurrent_begin_runs_exactly_one_wins,
+    lease_renew_and_release,
+    intervals_are_compacted,
+    concurrent_interval_writers_lose_nothing,
+    intervals_for_many_keys_and_removal,
+    plans_round_trip,
+    run_lifecycle,
+    task_bookkeeping,
+    breaker_trip_and_reset,
+    audit_log_is_newest_first,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+fn env(name: &str) -> EnvironmentName {
+    EnvironmentName::parse(name).unwrap()
+}
+
+fn model(name: &str) -> ModelName {
+    ModelName::parse(name).unwrap()
+}
+
+fn plan_id(id: &str) -> PlanId {
+    PlanId(id.to_string())
+}
+
+fn run_id(id: &str) -> RunId {
+    RunId(id.to_string())
+}
+
+fn hour(n: i64) -> Timestamp {
+    Timestamp(1_700_000_000 / 3600 * 3600 + n * 3600)
+}
+
+fn interval(start: i64, end: i64) -> Interval {
+    Interval { start: hour(start), end: hour(end) }
+}
+
+fn snapshot(name: &str, version: &str) -> Snapshot {
+    Snapshot {
+        id: SnapshotId(format!("{name}@{version}")),
+        name: model(name),
+        fingerprint: Fingerprint {
+            data_hash: version.to_string(),
+            metadata_hash: "0".repeat(16),
+            parent_data_hash: "1".repeat(16),
+            parent_metadata_hash: "2".repeat(16),
+        },
+        version: Version(version.to_string()),
+        kind: ModelKind::IncrementalByTimeRange {
+            time_column: "ts".to_string(),
+            batch_size: Some(24),
+            batch_concurrency: None,
+            lookback: 0,
+            forward_only: false,
+        },
+        cron: "@hourly".to_string(),
+        start: hour(0),
+        end: None,
+        gateway: "local".to_string(),
+        dialect: "duckdb".to_string(),
+        columns: vec![("id".to_string(), "INT".to_string())],
+        owner: Some("data".to_string()),
+        description: None,
+        tags: vec![],
+        grain: vec![],
+        parents: vec![],
+        normalized_query: Some("SELECT 1 AS id".to_string()),
+        pretty_query: Some("SELECT\n  1 AS id".to_string()),
+        rendered_query: Some("SELECT 1 AS id".to_string()),
+        pre_statements: vec![],
+        post_statements: vec![],
+        seed: None,
+        change_category: None,
+        self_referencing: false,
+    }
+}
+
+fn plan(id: &str, environment: &str, previous: Option<&str>, created_at: i64, snapshots: &[Snapshot]) -> Plan {
+    Plan {
+        id: plan_id(id),
+        environment: env(environment),
+        previous_plan_id: previous.map(plan_id),
+        created_at: Timestamp(created_at),
+        forward_only: false,
+        snapshots: snapshots
+            .iter()
+            .map(|snapshot| PlannedSnapshot {
+                snapshot: snapshot.clone(),
+                change: Change::Added,
+                previous: None,
+                missing_ranges: vec![interval(0, 24)],
+                missing_interval_count: 24,
+                batches: vec![],
+                materialized_parents: vec![],
+            })
+            .collect(),
+        removed: vec![],
+        environment_exists: previous.is_some(),
+        environment_ttl_seconds: None,
+        notification_webhook: None,
+    }
+}
+
+fn state(environment: &str, plan: Option<&str>, snapshots: &[Snapshot]) -> EnvironmentState {
+    EnvironmentState { name: env(environment), plan_id: plan.map(plan_id), snapshots: snapshots.to_vec() }
+}
+
+async fn promote(
+    store: &dyn StateStore,
+    new_state: &EnvironmentState,
+    expected: Option<&str>,
+    now: i64,
+) -> Result<(), StateError> {
+    let expected = expected.map(plan_id);
+    store
+        .promote_environment(EnvironmentPromotion {
+            state: new_state,
+            expected_plan: expected.as_ref(),
+            expires_at: None,
+            now: Timestamp(now),
+        })
+        .await
+}
+
+async fn begin(store: &dyn StateStore, plan: &Plan, run: &str, now: i64) -> Result<crate::RunRecord, StateError> {
+    let snapshots: Vec<Snapshot> = plan.snapshots.iter().map(|planned| planned.snapshot.clone()).collect();
+    let run_id = run_id(run);
+    store
+        .begin_run(RunStart {
+            plan,
+            run_id: &run_id,
+            snapshots: &snapshots,
+            lease_ttl_seconds: 60,
+            now: Timestamp(now),
+            user: "alice",
+        })
+        .await
+}
+
+fn task(n: u8) -> TaskId {
+    TaskId([n; 16])
+}
+
+/// A deterministic permutation (xorshift), so the order is shuffled but reproducible.
+fn shuffled(count: i64, seed: u64) -> Vec<i64> {
+    let mut values: Vec<i64> = (0..count).collect();
+    let mut state = seed;
+    for index in (1..values.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let other = (state % (index as u64 + 1)) as usize;
+        values.swap(index, other);
+    }
+    values
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+
+async fn snapshots_round_trip(backend: Backend) {
+    let store = &*backend.store;
+    let a = snapshot("sushi.orders", "aaaa");
+    let b = snapshot("sushi.items", "bbbb");
+    let c = snapshot("sushi.customers", "cccc");
+    store.put_snapshots(&[a.clone(), b.clone(), c.clone(), a.clone()]).await.unwrap();
+
+    // Idempotent: a stored id keeps its first body.
+    let mut changed_a = a.clone();
+    changed_a.owner = Some("someone else".to_string());
+    store.put_snapshots(&[changed_a]).await.unwrap();
+    store.put_snapshots(&[]).await.unwrap();
+
+    let fetched = store.get_snapshots(&[a.id.clone(), b.id.clone(), SnapshotId("x.y@none".into())]).await.unwrap();
+    assert_eq!(fetched, BTreeMap::from([(a.id.clone(), a.clone()), (b.id.clone(), b.clone())]));
+    assert!(store.get_snapshots(&[]).await.unwrap().is_empty());
+
+    let all = store.all_snapshots().await.unwrap();
+    let mut expected = vec![a.clone(), b.clone(), c.clone()];
+    expected.sort_by(|left, right| left.id.cmp(&right.id));
+    assert_eq!(all, expected);
+
+    store.delete_snapshots(std::slice::from_ref(&c.id)).await.unwrap();
+    let ids: Vec<SnapshotId> = store.all_snapshots().await.unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![b.id.clone(), a.id.clone()]);
+}
+
+async fn snapshots_in_use_are_not_deleted(backend: Backend) {
+    let store = &*backend.store;
+    let used = snapshot("sushi.orders", "aaaa");
+    let replaced = snapshot("sushi.orders", "bbbb");
+    let unused = snapshot("sushi.items", "cccc");
+    store.put_snapshots(&[used.clone(), replaced.clone(), unused.clone()]).await.unwrap();
+    promote(store, &state("dev", Some("p1"), std::slice::from_ref(&replaced)), None, 10).await.unwrap();
+    promote(store, &state("dev", Some("p2"), std::slice::from_ref(&used)), Some("p1"), 20).await.unwrap();
+
+    // The current state and the rollback state both protect their snapshots.
+    for protected in [&used, &replaced] {
+        let error = store.delete_snapshots(&[unused.id.clone(), protected.id.clone()]).await.unwrap_err();
+        match error {
+            StateError::SnapshotInUse { snapshot, environment } => {
+                assert_eq!(snapshot, protected.id);
+                assert_eq!(environment, env("dev"));
+            }
+            other => panic!("expected SnapshotInUse, got {other:?}"),
+        }
+    }
+    // Nothing was deleted by the refused calls.
+    assert_eq!(store.all_snapshots().await.unwrap().len(), 3);
+    store.delete_environment(&env("dev")).await.unwrap();
+    store.delete_snapshots(&[used.id.clone(), replaced.id.clone()]).await.unwrap();
+    assert_eq!(store.all_snapshots().await.unwrap(), vec![unused]);
+}
+
+async fn environment_compare_and_swap(backend: Backend) {
+    let store = &*backend.store;
+    let dev = env("dev");
+    assert_eq!(store.get_environment(&dev).await.unwrap(), None);
+
+    let first = state("dev", Some("p1"), &[snapshot("sushi.orders", "aaaa"), snapshot("sushi.items", "bbbb")]);
+    promote(store, &first, None, 100).await.unwrap();
+    let record = store.get_environment(&dev).await.unwrap().unwrap();
+    assert_eq!(record.state, first);
+    assert_eq!(record.previous, None);
+    assert_eq!(record.updated_at, Timestamp(100));
+    assert_eq!(record.expires_at, None);
+
+    // A second creation from "no plan" is stale: the environment shows p1 now.
+    let rival = state("dev", Some("p9"), &[snapshot("sushi.orders", "zzzz")]);
+    match promote(store, &rival, None, 110).await.unwrap_err() {
+        StateError::StaleEnvironment { environment, expected, actual } => {
+            assert_eq!(environment, dev);
+            assert_eq!(expected, None);
+            assert_eq!(actual, Some(plan_id("p1")));
+        }
+        other => panic!("expected StaleEnvironment, got {other:?}"),
+    }
+    // So is a swap expecting another plan; its message names both plans.
+    let error = promote(store, &rival, Some("p0"), 110).await.unwrap_err();
+    assert!(
+        matches!(&error, StateError::StaleEnvironment { expected: Some(p), actual: Some(a), .. } if p.0 == "p0" && a.0 == "p1")
+    );
+    assert!(error.to_string().contains("p0") && error.to_string().contains("p1"), "{error}");
+    assert_eq!(store.get_environment(&dev).await.unwrap().unwrap().state, first, "a refused swap changes nothing");
+
+    let second = state("dev", Some("p2"), &[snapshot("sushi.orders", "cccc")]);
+    store
+        .promote_environment(EnvironmentPromotion {
+            state: &second,
+            expected_plan: Some(&plan_id("p1")),
+            expires_at: Some(Timestamp(5_000)),
+            now: Timestamp(200),
+        })
+        .await
+        .unwrap();
+    let record = store.get_environment(&dev).await.unwrap().unwrap();
+    assert_eq!(record.state, second);
+    assert_eq!(record.previous, Some(first));
+    assert_eq!(record.expires_at, Some(Timestamp(5_000)));
+    assert_eq!(record.updated_at, Timestamp(200));
+
+    store.delete_environment(&dev).await.unwrap();
+    store.delete_environment(&dev).await.unwrap();
+    assert_eq!(store.get_environment(&dev).await.unwrap(), None);
+}
+
+async fn previous_state_is_kept_for_rollback(backend: Backend) {
+    let store = &*backend.store;
+    let prod = EnvironmentName::prod();
+    let v1 = state("prod", Some("p1"), &[snapshot("sushi.orders", "aaaa")]);
+    let v2 = state("prod", Some("p2"), &[snapshot("sushi.orders", "bbbb"), snapshot("sushi.items", "cccc")]);
+    promote(store, &v1, None, 1).await.unwrap();
+    promote(store, &v2, Some("p1"), 2).await.unwrap();
+
+    // Rollback: promote what `previous` holds, swapping against the plan shown now.
+    let record = store.get_environment(&prod).await.unwrap().unwrap();
+    let rollback_to = record.previous.clone().unwrap();
+    assert_eq!(rollback_to, v1);
+    promote(store, &rollback_to, Some("p2"), 3).await.unwrap();
+    let record = store.get_environment(&prod).await.unwrap().unwrap();
+    assert_eq!(record.state, v1);
+    assert_eq!(record.previous, Some(v2));
+}
+
+async fn environments_are_listed(backend: Backend) {
+    let store = &*backend.store;
+    assert!(store.list_environments().await.unwrap().is_empty());
+    let prod = state("prod", Some("p1"), &[snapshot("sushi.orders", "aaaa")]);
+    let dev = state("dev", Some("p2"), &[snapshot("sushi.orders", "bbbb")]);
+    let empty = state("empty", None, &[]);
+    promote(store, &prod, None, 1).await.unwrap();
+    promote(store, &dev, None, 2).await.unwrap();
+    promote(store, &empty, None, 3).await.unwrap();
+    let listed: Vec<EnvironmentState> =
+        store.list_environments().await.unwrap().into_iter().map(|record| record.state).collect();
+    assert_eq!(listed, vec![dev, empty.clone(), prod]);
+    assert_eq!(store.get_environment(&env("empty")).await.unwrap().unwrap().state, empty);
+}
+
+async fn begin_run_pushes_plan_snapshots_lease_and_run(backend: Backend) {
+    let store = &*backend.store;
+    let snapshots = [snapshot("sushi.orders", "aaaa"), snapshot("sushi.items", "bbbb")];
+    let plan = plan("p1", "dev", None, 50, &snapshots);
+    let run = begin(store, &plan, "p1-1", 1_000).await.unwrap();
+    assert_eq!(run.id, run_id("p1-1"));
+    assert_eq!(run.plan_id, plan.id);
+    assert_eq!(run.environment, env("dev"));
+    assert_eq!(run.status, RunStatus::Running);
+    assert_eq!(run.started_at, Timestamp(1_000));
+    assert_eq!(run.user, "alice");
+    assert_eq!(store.get_run(&run.id).await.unwrap(), Some(run.clone()));
+
+    assert_eq!(store.get_plan(&plan.id).await.unwrap(), Some(plan.clone()));
+    let ids: Vec<SnapshotId> = snapshots.iter().map(|s| s.id.clone()).collect();
+    assert_eq!(store.get_snapshots(&ids).await.unwrap().len(), 2);
+    let lease = store.get_lease(&env("dev")).await.unwrap().unwrap();
+    assert_eq!(lease.plan_id, plan.id);
+    assert_eq!(lease.run_id, run.id);
+    assert_eq!(lease.expires_at, Timestamp(1_060));
+
+    // The same run id twice is refused, and changes nothing.
+    assert!(matches!(begin(store, &plan, "p1-1", 1_001).await, Err(StateError::RunExists { .. })));
+    assert_eq!(store.get_run(&run.id).await.unwrap(), Some(run));
+}
+
+async fn stale_plan_creates_nothing(backend: Backend) {
+    let store = &*backend.store;
+    promote(store, &state("dev", Some("p1"), &[snapshot("sushi.orders", "aaaa")]), None, 1).await.unwrap();
+    let fresh = snapshot("sushi.orders", "ffff");
+    let stale = plan("p2", "dev", Some("p0"), 60, std::slice::from_ref(&fresh));
+    match begin(store, &stale, "p2-1", 1_000).await.unwrap_err() {
+        StateError::StaleEnvironment { environment, expected, actual } => {
+            assert_eq!(environment, env("dev"));
+            assert_eq!(expected, Some(plan_id("p0")));
+            assert_eq!(actual, Some(plan_id("p1")));
+        }
+        other => panic!("expected StaleEnvironment, got {other:?}"),
+    }
+    // A plan for an environment that does not exist yet, expecting one, is stale too.
+    let stale_new = plan("p3", "fresh", Some("p1"), 60, std::slice::from_ref(&fresh));
+    assert!(matches!(
+        begin(store, &stale_new, "p3-1", 1_000).await,
+        Err(StateError::StaleEnvironment { actual: None, .. })
+    ));
+
+    // Nothing of either attempt was written: no plan, no snapshot, no lease, no run.
+    for id in ["p2", "p3"] {
+        assert_eq!(store.get_plan(&plan_id(id)).await.unwrap(), None);
+        assert!(store.runs_of_plan(&plan_id(id)).await.unwrap().is_empty());
+    }
+    assert!(store.get_snapshots(std::slice::from_ref(&fresh.id)).await.unwrap().is_empty());
+    assert_eq!(store.get_lease(&env("dev")).await.unwrap(), None);
+    assert_eq!(store.get_lease(&env("fresh")).await.unwrap(), None);
+    assert_eq!(backend.inspect.run_rows().await, 0);
+}
+
+async fn held_lease_names_its_holder(backend: Backend) {
+    let store = &*backend.store;
+    let first = plan("pa", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    let second = plan("pb", "dev", None, 2, &[snapshot("sushi.orders", "bbbb")]);
+    begin(store, &first, "pa-1", 1_000).await.unwrap();
+    let error = begin(store, &second, "pb-1", 1_059).await.unwrap_err();
+    match &error {
+        StateError::LeaseHeld { environment, holder_plan, holder_run, expires_at } => {
+            assert_eq!(environment, &env("dev"));
+            assert_eq!(holder_plan, &plan_id("pa"));
+            assert_eq!(holder_run, &run_id("pa-1"));
+            assert_eq!(expires_at, &Timestamp(1_060));
+        }
+        other => panic!("expected LeaseHeld, got {other:?}"),
+    }
+    assert!(error.to_string().contains("pa-1"), "{error}");
+    assert!(!error.is_transient());
+    assert_eq!(store.get_plan(&plan_id("pb")).await.unwrap(), None);
+    assert_eq!(store.get_run(&run_id("pb-1")).await.unwrap(), None);
+    assert_eq!(store.get_lease(&env("dev")).await.unwrap().unwrap().run_id, run_id("pa-1"));
+    // Another environment is independent.
+    let other = plan("pc", "other", None, 3, &[snapshot("sushi.orders", "aaaa")]);
+    begin(store, &other, "pc-1", 1_010).await.unwrap();
+}
+
+async fn expired_lease_is_taken_over(backend: Backend) {
+    let store = &*backend.store;
+    let first = plan("pa", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    let second = plan("pb", "dev", None, 2, &[snapshot("sushi.orders", "bbbb")]);
+    begin(store, &first, "pa-1", 1_000).await.unwrap();
+    // The lease runs out at 1060: a run starting then takes it over.
+    let run = begin(store, &second, "pb-1", 1_060).await.unwrap();
+    assert_eq!(run.status, RunStatus::Running);
+    let lease = store.get_lease(&env("dev")).await.unwrap().unwrap();
+    assert_eq!((lease.plan_id, lease.run_id, lease.expires_at), (plan_id("pb"), run_id("pb-1"), Timestamp(1_120)));
+
+    // The run that lost its lease is marked aborted, and learns it when it tries to renew.
+    let lost = store.get_run(&run_id("pa-1")).await.unwrap().unwrap();
+    assert_eq!(lost.status, RunStatus::Aborted);
+    assert_eq!(lost.finished_at, Some(Timestamp(1_060)));
+    assert!(lost.error.unwrap().contains("pb-1"));
+    match store.renew_lease(&env("dev"), &run_id("pa-1"), 60, Timestamp(1_061)).await.unwrap_err() {
+        StateError::LeaseHeld { holder_run, .. } => assert_eq!(holder_run, run_id("pb-1")),
+        other => panic!("expected LeaseHeld, got {other:?}"),
+    }
+}
+
+async fn same_plan_takes_over_its_own_lease(backend: Backend) {
+    let store = &*backend.store;
+    let plan = plan("pa", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    begin(store, &plan, "pa-1", 1_000).await.unwrap();
+    // A resume of the same plan does not wait for the lease to expire; it fences the old run.
+    begin(store, &plan, "pa-2", 1_010).await.unwrap();
+    assert_eq!(store.get_lease(&env("dev")).await.unwrap().unwrap().run_id, run_id("pa-2"));
+    let runs = store.runs_of_plan(&plan.id).await.unwrap();
+    let statuses: Vec<(RunId, RunStatus)> = runs.into_iter().map(|run| (run.id, run.status)).collect();
+    assert_eq!(statuses, vec![(run_id("pa-1"), RunStatus::Aborted), (run_id("pa-2"), RunStatus::Running)]);
+    let running: Vec<RunId> = store.running_runs().await.unwrap().into_iter().map(|run| run.id).collect();
+    assert_eq!(running, vec![run_id("pa-2")]);
+}
+
+async fn concurrent_begin_runs_exactly_one_wins(backend: Backend) {
+    let snapshots = [snapshot("sushi.orders", "aaaa"), snapshot("sushi.items", "bbbb")];
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    let mut attempts = tokio::task::JoinSet::new();
+    for index in 0..8 {
+        let store = Arc::clone(&backend.store);
+        let barrier = Arc::clone(&barrier);
+        let plan = plan(&format!("p{index}"), "prod", None, index, &snapshots);
+        attempts.spawn(async move {
+            barrier.wait().await;
+            begin(&*store, &plan, &format!("p{index}-1"), 1_000).await
+        });
+    }
+    let mut winners = Vec::new();
+    let mut refusals = Vec::new();
+    while let Some(joined) = attempts.join_next().await {
+        match joined.unwrap() {
+            Ok(run) => winners.push(run),
+            Err(StateError::LeaseHeld { holder_run, .. }) => refusals.push(holder_run),
+            Err(other) => panic!("expected a run or LeaseHeld, got {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one begin_run wins: {winners:?}");
+    let winner = &winners[0];
+    assert_eq!(refusals.len(), 7);
+    assert!(refusals.iter().all(|holder| holder == &winner.id), "every refusal names the winner");
+    assert_eq!(backend.inspect.run_rows().await, 1);
+    assert_eq!(backend.store.get_lease(&EnvironmentName::prod()).await.unwrap().unwrap().run_id, winner.id);
+}
+
+async fn lease_renew_and_release(backend: Backend) {
+    let store = &*backend.store;
+    let dev = env("dev");
+    let first = plan("pa", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    let second = plan("pb", "dev", None, 2, &[snapshot("sushi.orders", "bbbb")]);
+    begin(store, &first, "pa-1", 1_000).await.unwrap();
+
+    let renewed = store.renew_lease(&dev, &run_id("pa-1"), 120, Timestamp(1_050)).await.unwrap();
+    assert_eq!(renewed.expires_at, Timestamp(1_170));
+    assert!(matches!(begin(store, &second, "pb-1", 1_100).await, Err(StateError::LeaseHeld { .. })));
+    assert!(matches!(
+        store.renew_lease(&dev, &run_id("pa-1"), 0, Timestamp(1_050)).await,
+        Err(StateError::Invalid { .. })
+    ));
+
+    // Releasing someone else's lease does nothing; releasing one's own frees the environment.
+    store.release_lease(&dev, &run_id("pb-1")).await.unwrap();
+    assert_eq!(store.get_lease(&dev).await.unwrap().unwrap().run_id, run_id("pa-1"));
+    store.release_lease(&dev, &run_id("pa-1")).await.unwrap();
+    store.release_lease(&dev, &run_id("pa-1")).await.unwrap();
+    assert_eq!(store.get_lease(&dev).await.unwrap(), None);
+    assert!(matches!(
+        store.renew_lease(&dev, &run_id("pa-1"), 60, Timestamp(1_101)).await,
+        Err(StateError::NotFound { .. })
+    ));
+    begin(store, &second, "pb-1", 1_101).await.unwrap();
+}
+
+async fn intervals_are_compacted(backend: Backend) {
+    let store = &*backend.store;
+    let name = model("sushi.orders");
+    let version = Version("aaaa".to_string());
+    let hours = shuffled(10_000, 0x9e37_79b9_7f4a_7c15);
+    for batch in hours.chunks(100) {
+        let records: Vec<IntervalRecord> = batch
+            .iter()
+            .map(|&n| IntervalRecord { name: name.clone(), version: version.clone(), interval: interval(n, n + 1) })
+            .collect();
+        store.record_intervals(&records).await.unwrap();
+    }
+    let rows = backend.inspect.interval_rows().await;
+    assert!(rows <= 5, "10,000 hourly intervals should compact to a handful of rows, found {rows}");
+    let key = (name, version);
+    let intervals = store.get_intervals(std::slice::from_ref(&key)).await.unwrap();
+    assert_eq!(intervals[&key].ranges(), &[interval(0, 10_000)]);
+
+    // Recording what is already there changes nothing; an empty batch is fine.
+    store
+        .record_intervals(&[IntervalRecord { name: key.0.clone(), version: key.1.clone(), interval: interval(5, 7) }])
+        .await
+        .unwrap();
+    store.record_intervals(&[]).await.unwrap();
+    assert_eq!(backend.inspect.interval_rows().await, 1);
+    assert_eq!(store.get_intervals(std::slice::from_ref(&key)).await.unwrap()[&key].ranges(), &[interval(0, 10_000)]);
+}
+
+async fn concurrent_interval_writers_lose_nothing(backend: Backend) {
+    let name = model("sushi.orders");
+    let version = Version("aaaa".to_string());
+    let writers = 8;
+    let barrier = Arc::new(tokio::sync::Barrier::new(writers));
+    let mut tasks = tokio::task::JoinSet::new();
+    for writer in 0..writers {
+        let store = Arc::clone(&backend.store);
+        let barrier = Arc::clone(&barrier);
+        let (name, version) = (name.clone(), version.clone());
+        tasks.spawn(async move {
+            barrier.wait().await;
+            // Writer w records hours w, w + 8, w + 16, ...: every batch touches the others' rows.
+            for round in 0..20_i64 {
+                let records: Vec<IntervalRecord> = (0..5_i64)
+                    .map(|step| {
+                        let n = (round * 5 + step) * writers as i64 + writer as i64;
+                        IntervalRecord { name: name.clone(), version: version.clone(), interval: interval(n, n + 1) }
+                    })
+                    .collect();
+                store.record_intervals(&records).await.unwrap();
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.unwrap();
+    }
+    let key = (name, version);
+    let intervals = backend.store.get_intervals(std::slice::from_ref(&key)).await.unwrap();
+    assert_eq!(intervals[&key].ranges(), &[interval(0, 800)], "every recorded hour is still there");
+}
+
+async fn intervals_for_many_keys_and_removal(backend: Backend) {
+    let store = &*backend.store;
+    let mut records = Vec::new();
+    let mut keys = Vec::new();
+    for index in 0..50_i64 {
+        let key = (model(&format!("sushi.table_{index}")), Version(format!("v{index}")));
+        records.push(IntervalRecord { name: key.0.clone(), version: key.1.clone(), interval: interval(0, index + 1) });
+        records.push(IntervalRecord {
+            name: key.0.clone(),
+            version: key.1.clone(),
+            interval: interval(100, 100 + index + 1),
+        });
+        keys.push(key);
+    }
+    // Another version of the same model is another table.
+    let other_version = (model("sushi.table_0"), Version("other".to_string()));
+    records.push(IntervalRecord {
+        name: other_version.0.clone(),
+        version: other_version.1.clone(),
+        interval: interval(7, 8),
+    });
+    store.record_intervals(&records).await.unwrap();
+
+    let unknown = (model("sushi.unknown"), Version("v0".to_string()));
+    let mut wanted = keys.clone();
+    wanted.push(unknown.clone());
+    wanted.push(other_version.clone());
+    let fetched = store.get_intervals(&wanted).await.unwrap();
+    assert_eq!(fetched.len(), 52);
+    for (index, key) in keys.iter().enumerate() {
+        let index = index as i64;
+        assert_eq!(fetched[key].ranges(), &[interval(0, index + 1), interval(100, 100 + index + 1)], "{key:?}");
+    }
+    assert!(fetched[&unknown].is_empty());
+    assert_eq!(fetched[&other_version].ranges(), &[interval(7, 8)]);
+    assert!(store.get_intervals(&[]).await.unwrap().is_empty());
+
+    store.remove_intervals(&keys[..25]).await.unwrap();
+    let fetched = store.get_intervals(&wanted).await.unwrap();
+    for key in &keys[..25] {
+        assert!(fetched[key].is_empty(), "{key:?} was removed");
+    }
+    for key in &keys[25..] {
+        assert_eq!(fetched[key].ranges().len(), 2, "{key:?} was kept");
+    }
+    assert_eq!(fetched[&other_version].ranges(), &[interval(7, 8)]);
+    let expected: IntervalSet = [interval(7, 8)].into_iter().collect();
+    assert_eq!(store.get_intervals(std::slice::from_ref(&other_version)).await.unwrap()[&other_version], expected);
+}
+
+async fn plans_round_trip(backend: Backend) {
+    let store = &*backend.store;
+    let snapshots = [snapshot("sushi.orders", "aaaa")];
+    let old = plan("p-old", "dev", None, 100, &snapshots);
+    let newest = plan("p-new", "dev", Some("p-old"), 300, &snapshots);
+    let middle = plan("p-mid", "dev", Some("p-old"), 200, &snapshots);
+    let elsewhere = plan("p-prod", "prod", None, 400, &snapshots);
+    for plan in [&old, &newest, &middle, &elsewhere, &old] {
+        store.put_plan(plan).await.unwrap();
+    }
+    assert_eq!(store.get_plan(&newest.id).await.unwrap(), Some(newest.clone()));
+    assert_eq!(store.get_plan(&plan_id("p-none")).await.unwrap(), None);
+    let listed = store.list_plans(&env("dev")).await.unwrap();
+    let ids: Vec<&str> = listed.iter().map(|summary| summary.id.0.as_str()).collect();
+    assert_eq!(ids, vec!["p-new", "p-mid", "p-old"]);
+    assert_eq!(listed[0].created_at, Timestamp(300));
+    assert_eq!(listed[0].previous_plan_id, Some(plan_id("p-old")));
+    assert_eq!(listed[0].environment, env("dev"));
+    assert!(store.list_plans(&env("nothing")).await.unwrap().is_empty());
+}
+
+async fn run_lifecycle(backend: Backend) {
+    let store = &*backend.store;
+    let plan = plan("pa", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    let first = begin(store, &plan, "pa-1", 1_000).await.unwrap();
+
+    store.add_run_progress(&first.id, RunProgress { tasks_done: 2, intervals_done: 48, retries: 1 }).await.unwrap();
+    store.add_run_progress(&first.id, RunProgress { tasks_done: 1, intervals_done: 24, retries: 0 }).await.unwrap();
+    let progressed = store.get_run(&first.id).await.unwrap().unwrap();
+    assert_eq!((progressed.tasks_done, progressed.intervals_done, progressed.retries), (3, 72, 1));
+
+    let failed = RunOutcome {
+        status: RunStatus::Failed,
+        error: Some("sushi.orders: relation x does not exist".to_string()),
+        finished_at: Timestamp(1_100),
+    };
+    store.finish_run(&first.id, failed.clone()).await.unwrap();
+    store.finish_run(&first.id, failed.clone()).await.unwrap();
+    let finished = store.get_run(&first.id).await.unwrap().unwrap();
+    assert_eq!(finished.status, RunStatus::Failed);
+    assert_eq!(finished.finished_at, Some(Timestamp(1_100)));
+    assert_eq!(finished.error, failed.error);
+    let succeeded = RunOutcome { status: RunStatus::Succeeded, error: None, finished_at: Timestamp(1_200) };
+    assert!(matches!(
+        store.finish_run(&first.id, succeeded.clone()).await,
+        Err(StateError::RunFinished { status: RunStatus::Failed, .. })
+    ));
+    assert!(matches!(
+        store.finish_run(&first.id, RunOutcome { status: RunStatus::Running, ..succeeded.clone() }).await,
+        Err(StateError::Invalid { .. })
+    ));
+    assert!(matches!(store.finish_run(&run_id("nope"), succeeded.clone()).await, Err(StateError::NotFound { .. })));
+    assert!(matches!(
+        store.add_run_progress(&run_id("nope"), RunProgress::default()).await,
+        Err(StateError::NotFound { .. })
+    ));
+
+    // A resume: the second run of the same plan.
+    store.release_lease(&env("dev"), &first.id).await.unwrap();
+    let second = begin(store, &plan, "pa-2", 1_300).await.unwrap();
+    store.finish_run(&second.id, succeeded.clone()).await.unwrap();
+    let runs: Vec<RunId> = store.runs_of_plan(&plan.id).await.unwrap().into_iter().map(|run| run.id).collect();
+    assert_eq!(runs, vec![first.id.clone(), second.id.clone()]);
+    let latest = store.latest_run(&plan.id).await.unwrap().unwrap();
+    assert_eq!(latest.id, second.id);
+    assert_eq!(latest.status, RunStatus::Succeeded);
+    assert_eq!(store.latest_run(&plan_id("nope")).await.unwrap(), None);
+    assert_eq!(store.get_run(&run_id("nope")).await.unwrap(), None);
+}
+
+async fn task_bookkeeping(backend: Backend) {
+    let store = &*backend.store;
+    let plan = plan("pa", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    let first = begin(store, &plan, "pa-1", 1_000).await.unwrap();
+    store.record_task_done(&first.id, &[task(1), task(2), task(2)]).await.unwrap();
+    store.record_task_done(&first.id, &[task(2), task(3)]).await.unwrap();
+    store.record_task_done(&first.id, &[task(3)]).await.unwrap();
+    store.record_task_done(&first.id, &[]).await.unwrap();
+    assert_eq!(store.done_tasks(&first.id).await.unwrap(), BTreeSet::from([task(1), task(2), task(3)]));
+    assert!(matches!(store.record_task_done(&run_id("nope"), &[task(1)]).await, Err(StateError::NotFound { .. })));
+
+    let failure = TaskFailure {
+        task_id: task(9),
+        model: model("sushi.orders"),
+        interval: interval(0, 24),
+        error: "division by zero".to_string(),
+        attempts: 3,
+    };
+    let other_failure = TaskFailure { task_id: task(8), error: "timeout".to_string(), ..failure.clone() };
+    store.record_task_failure(&first.id, &failure).await.unwrap();
+    store.record_task_failure(&first.id, &other_failure).await.unwrap();
+    let repeated = TaskFailure { attempts: 5, error: "division by zero again".to_string(), ..failure.clone() };
+    store.record_task_failure(&first.id, &repeated).await.unwrap();
+    assert_eq!(store.task_failures(&first.id).await.unwrap(), vec![repeated, other_failure]);
+    assert!(matches!(store.record_task_failure(&run_id("nope"), &failure).await, Err(StateError::NotFound { .. })));
+
+    // A resumed run sees what every run of the plan finished.
+    let second = begin(store, &plan, "pa-2", 1_100).await.unwrap();
+    store.record_task_done(&second.id, &[task(3), task(4)]).await.unwrap();
+    assert_eq!(store.done_tasks(&second.id).await.unwrap(), BTreeSet::from([task(3), task(4)]));
+    assert_eq!(store.done_tasks_of_plan(&plan.id).await.unwrap(), BTreeSet::from([task(1), task(2), task(3), task(4)]));
+    assert!(store.task_failures(&second.id).await.unwrap().is_empty());
+    assert!(store.done_tasks_of_plan(&plan_id("nope")).await.unwrap().is_empty());
+}
+
+async fn breaker_trip_and_reset(backend: Backend) {
+    let store = &*backend.store;
+    let (first, second) = (plan_id("pa"), plan_id("pb"));
+    assert_eq!(store.breaker(&first).await.unwrap(), None);
+    store.trip_breaker(&first, "aborted by alice").await.unwrap();
+    store.trip_breaker(&first, "too many failures").await.unwrap();
+    assert_eq!(store.breaker(&first).await.unwrap().as_deref(), Some("aborted by alice"));
+    assert_eq!(store.breaker(&second).await.unwrap(), None);
+    store.reset_breaker(&first).await.unwrap();
+    store.reset_breaker(&first).await.unwrap();
+    assert_eq!(store.breaker(&first).await.unwrap(), None);
+    store.trip_breaker(&first, "again").await.unwrap();
+    assert_eq!(store.breaker(&first).await.unwrap().as_deref(), Some("again"));
+}
+
+async fn audit_log_is_newest_first(backend: Backend) {
+    let store = &*backend.store;
+    assert!(store.list_audit(10).await.unwrap().is_empty());
+    let entry = |n: u64, outcome: &str| AuditEntry {
+        plan_id: plan_id(&format!("p{n}")),
+        run_id: run_id(&format!("p{n}-1")),
+        environment: env("prod"),
+        user: "alice".to_string(),
+        started_at: Timestamp(1_000),
+        finished_at: Timestamp(1_000),
+        intervals: n * 10,
+        models: n,
+        retries: 0,
+        outcome: outcome.to_string(),
+    };
+    let entries = [entry(1, "succeeded"), entry(2, "failed: boom"), entry(3, "aborted")];
+    for entry in &entries {
+        store.append_audit(entry).await.unwrap();
+    }
+    let listed = store.list_audit(10).await.unwrap();
+    assert_eq!(listed, vec![entries[2].clone(), entries[1].clone(), entries[0].clone()]);
+    assert_eq!(store.list_audit(2).await.unwrap(), vec![entries[2].clone(), entries[1].clone()]);
+}

@@ -1,0 +1,939 @@
+//! `PostgresState`: the state store of distributed mode, the only truth the coordinator, workers
+//! and promoter share. Batches travel as arrays (`unnest`), so a batch is one statement.
+//!
+//! Races are settled by row locks taken in one fixed order — environment row, plan, snapshots
+//! (sorted by id), lease row, runs — so concurrent calls wait for each other instead of
+//! deadlocking: a promotion locks the environment row `FOR UPDATE`; `begin_run` locks it
+//! `FOR SHARE`, then takes the lease with `INSERT ... ON CONFLICT DO UPDATE ... WHERE`, which
+//! waits for a concurrent insert of the same lease and decides against the committed row.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sluice_core::interval::{IntervalSet, Timestamp};
+use sluice_core::names::{EnvironmentName, PlanId, SnapshotId, TaskId};
+use sluice_core::plan::Plan;
+use sluice_core::snapshot::Snapshot;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Connection, Postgres, Row, Transaction};
+
+use crate::codec::{
+    AuditRow, EnvironmentRow, IntervalRow, LeaseRow, PlanSummaryRow, RunRow, TaskFailureRow, decode_plan,
+    decode_snapshot, environment_name, environments_from_rows, group_interval_records, interval_key_columns,
+    interval_sets_from_rows, lease_expiry, plan_interval_rewrite, same_plan, snapshot_columns, snapshot_id_texts,
+    task_id, to_json, to_stored_count,
+};
+use crate::error::{StateError, is_foreign_key_violation, is_transient_sqlx, is_unique_violation, redact};
+use crate::store::{
+    AuditLog, BreakerStore, EnvironmentStore, IntervalStore, LeaseStore, PlanStore, RunStore, SnapshotStore, TaskStore,
+};
+use crate::types::{
+    AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, IntervalKey, IntervalRecord, PlanSummary,
+    RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
+};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Connections per process: a worker uses one at a time, the coordinator a few.
+const MAX_CONNECTIONS: u32 = 16;
+
+/// How long a call waits for a free connection before failing with a (transient) pool timeout.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often `begin_run` retries when the lease row vanishes between its two statements.
+const LEASE_ATTEMPTS: usize = 3;
+
+/// The state store in a PostgreSQL database.
+#[derive(Clone)]
+pub struct PostgresState {
+    pool: PgPool,
+    /// `postgresql://user@host:port/database`, without the password.
+    target: String,
+}
+
+impl std::fmt::Debug for PostgresState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresState").field("target", &self.target).finish_non_exhaustive()
+    }
+}
+
+/// The password of a `postgres://user:password@host/db` URL, to scrub it from messages.
+fn url_password(url: &str) -> Option<&str> {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = after_scheme.split(['/', '?']).next().unwrap_or(after_scheme);
+    let (user_info, _host) = authority.rsplit_once('@')?;
+    let (_user, password) = user_info.split_once(':')?;
+    (!password.is_empty()).then_some(password)
+}
+
+/// `%XX` escapes decoded, as the driver decodes a URL's password.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escaped = (bytes[index] == b'%')
+            .then(|| text.get(index + 1..index + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                index += 3;
+            }
+            None => {
+                decoded.push(bytes[index]);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+/// What must never appear in a message: the URL's password as written and as decoded.
+fn url_secrets(url: &str) -> Vec<String> {
+    match url_password(url) {
+        Some(password) => vec![password.to_string(), percent_decode(password)],
+        None => Vec::new(),
+    }
+}
+
+fn describe_target(options: &PgConnectOptions) -> String {
+    let database = options.get_database().unwrap_or(options.get_username());
+    format!("postgresql://{}@{}:{}/{}", options.get_username(), options.get_host(), options.get_port(), database)
+}
+
+impl PostgresState {
+    /// Connects to the database `url` names and brings its schema up to date. One connection is
+    /// opened right away, so an unreachable server or a wrong password fails here, with a
+    /// message that names the server but never the password. The pool does not ping before
+    /// handing out a connection: a dropped connection shows up as a transient error instead.
+    pub async fn connect(url: &str) -> Result<PostgresState, StateError> {
+        let secrets = url_secrets(url);
+        let options: PgConnectOptions = url.parse().map_err(|error: sqlx::Error| StateError::Connect {
+            target: "postgresql".to_string(),
+            reason: redact(&error.to_string(), &secrets),
+            transient: false,
+        })?;
+        let options = options.application_name("sluice");
+        let target = describe_target(&options);
+        let connect_error = |error: sqlx::Error| StateError::Connect {
+            target: target.clone(),
+            reason: redact(&error.to_string(), &secrets),
+            transient: is_transient_sqlx(&error),
+        };
+        let mut connection = PgConnection::connect_with(&options).await.map_err(connect_error)?;
+        MIGRATOR.run(&mut connection).await?;
+        if let Err(error) = connection.close().await {
+            tracing::debug!(%error, "closing the migration connection failed");
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
+            .connect_lazy_with(options);
+        Ok(PostgresState { pool, target })
+    }
+
+    /// The server and database, without credentials.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Closes every connection; later calls fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, StateError> {
+        Ok(self.pool.begin().await?)
+    }
+}
+
+async fn insert_snapshots(connection: &mut PgConnection, snapshots: &[Snapshot]) -> Result<(), StateError> {
+    let columns = snapshot_columns(snapshots)?;
+    if columns.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(columns.len());
+    let mut names = Vec::with_capacity(columns.len());
+    let mut versions = Vec::with_capacity(columns.len());
+    let mut bodies = Vec::with_capacity(columns.len());
+    for (id, name, version, body) in columns {
+        ids.push(id);
+        names.push(name);
+        versions.push(version);
+        bodies.push(body);
+    }
+    sqlx::query(
+        "INSERT INTO sluice_snapshots (id, name, version, body)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(ids)
+    .bind(names)
+    .bind(versions)
+    .bind(bodies)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// Locks the environment row (`FOR UPDATE` or `FOR SHARE`) and returns the plan id it shows:
+/// `None` if it does not exist, `Some(None)` if it shows no plan.
+async fn lock_environment(
+    connection: &mut PgConnection,
+    name: &EnvironmentName,
+    exclusive: bool,
+) -> Result<Option<Option<String>>, StateError> {
+    let sql = if exclusive {
+        "SELECT plan_id FROM sluice_environments WHERE name = $1 FOR UPDATE"
+    } else {
+        "SELECT plan_id FROM sluice_environments WHERE name = $1 FOR SHARE"
+    };
+    let row = sqlx::query(sql).bind(name.as_str()).fetch_optional(&mut *connection).await?;
+    match row {
+        Some(row) => Ok(Some(row.try_get::<Option<String>, _>("plan_id")?)),
+        None => Ok(None),
+    }
+}
+
+async fn select_lease(
+    connection: &mut PgConnection,
+    environment: &EnvironmentName,
+) -> Result<Option<LeaseRow>, StateError> {
+    Ok(sqlx::query_as::<_, LeaseRow>(
+        "SELECT environment, plan_id, run_id, expires_at FROM sluice_leases WHERE environment = $1",
+    )
+    .bind(environment.as_str())
+    .fetch_optional(&mut *connection)
+    .await?)
+}
+
+async fn select_run(connection: &mut PgConnection, id: &RunId) -> Result<Option<RunRecord>, StateError> {
+    let row = sqlx::query_as::<_, RunRow>(
+        "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+         FROM sluice_runs WHERE id = $1",
+    )
+    .bind(&id.0)
+    .fetch_optional(&mut *connection)
+    .await?;
+    row.map(RunRow::into_record).transpose()
+}
+
+#[async_trait]
+impl SnapshotStore for PostgresState {
+    async fn put_snapshots(&self, snapshots: &[Snapshot]) -> Result<(), StateError> {
+        let mut connection = self.pool.acquire().await?;
+        insert_snapshots(&mut connection, snapshots).await
+    }
+
+    async fn get_snapshots(&self, ids: &[SnapshotId]) -> Result<BTreeMap<SnapshotId, Snapshot>, StateError> {
+        let mut snapshots = BTreeMap::new();
+        if ids.is_empty() {
+            return Ok(snapshots);
+        }
+        let rows = sqlx::query("SELECT id, body FROM sluice_snapshots WHERE id = ANY($1)")
+            .bind(snapshot_id_texts(ids))
+            .fetch_all(&self.pool)
+            .await?;
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let body: String = row.try_get("body")?;
+            let snapshot = decode_snapshot(&id, &body)?;
+            snapshots.insert(snapshot.id.clone(), snapshot);
+        }
+        Ok(snapshots)
+    }
+
+    async fn all_snapshots(&self) -> Result<Vec<Snapshot>, StateError> {
+        let rows = sqlx::query("SELECT id, body FROM sluice_snapshots ORDER BY id").fetch_all(&self.pool).await?;
+        let mut snapshots = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let body: String = row.try_get("body")?;
+            snapshots.push(decode_snapshot(&id, &body)?);
+        }
+        Ok(snapshots)
+    }
+
+    async fn delete_snapshots(&self, ids: &[SnapshotId]) -> Result<(), StateError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids = snapshot_id_texts(ids);
+        let mut transaction = self.begin().await?;
+        let in_use = sqlx::query(
+            "SELECT snapshot_id, environment FROM sluice_environment_snapshots
+             WHERE snapshot_id = ANY($1) ORDER BY snapshot_id, environment LIMIT 1",
+        )
+        .bind(&ids)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        if let Some(row) = in_use {
+            let snapshot: String = row.try_get("snapshot_id")?;
+            let environment: String = row.try_get("environment")?;
+            return Err(StateError::SnapshotInUse {
+                snapshot: SnapshotId(snapshot),
+                environment: environment_name(&environment)?,
+            });
+        }
+        let deleted =
+            sqlx::query("DELETE FROM sluice_snapshots WHERE id = ANY($1)").bind(&ids).execute(&mut *transaction).await;
+        match deleted {
+            Ok(_) => {}
+            // An environment started to show one of them after the check above.
+            Err(error) if is_foreign_key_violation(&error) => {
+                return Err(StateError::Contention { what: "snapshots being deleted".to_string() });
+            }
+            Err(error) => return Err(error.into()),
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+}
+
+const ENVIRONMENT_BY_NAME: &str =
+    "SELECT e.name, e.plan_id, e.has_previous, e.previous_plan_id, e.expires_at, e.updated_at,
+        es.generation, es.snapshot_id, s.body
+ FROM sluice_environments e
+ LEFT JOIN sluice_environment_snapshots es ON es.environment = e.name
+ LEFT JOIN sluice_snapshots s ON s.id = es.snapshot_id
+ WHERE e.name = $1
+ ORDER BY e.name, es.generation, es.position";
+
+const ALL_ENVIRONMENTS: &str =
+    "SELECT e.name, e.plan_id, e.has_previous, e.previous_plan_id, e.expires_at, e.updated_at,
+        es.generation, es.snapshot_id, s.body
+ FROM sluice_environments e
+ LEFT JOIN sluice_environment_snapshots es ON es.environment = e.name
+ LEFT JOIN sluice_snapshots s ON s.id = es.snapshot_id
+ ORDER BY e.name, es.generation, es.position";
+
+#[async_trait]
+impl EnvironmentStore for PostgresState {
+    async fn get_environment(&self, name: &EnvironmentName) -> Result<Option<EnvironmentRecord>, StateError> {
+        let rows =
+            sqlx::query_as::<_, EnvironmentRow>(ENVIRONMENT_BY_NAME).bind(name.as_str()).fetch_all(&self.pool).await?;
+        Ok(environments_from_rows(rows)?.into_iter().next())
+    }
+
+    async fn list_environments(&self) -> Result<Vec<EnvironmentRecord>, StateError> {
+        let rows = sqlx::query_as::<_, EnvironmentRow>(ALL_ENVIRONMENTS).fetch_all(&self.pool).await?;
+        environments_from_rows(rows)
+    }
+
+    async fn promote_environment(&self, promotion: EnvironmentPromotion<'_>) -> Result<(), StateError> {
+        let state = promotion.state;
+        let name = &state.name;
+        let stale = |actual: Option<String>| StateError::StaleEnvironment {
+            environment: name.clone(),
+            expected: promotion.expected_plan.cloned(),
+            actual: actual.map(PlanId),
+        };
+        let snapshot_ids: Vec<String> = state.snapshots.iter().map(|snapshot| snapshot.id.0.clone()).collect();
+        let plan_id = state.plan_id.as_ref().map(|plan| plan.0.as_str());
+        let expires_at = promotion.expires_at.map(|time| time.0);
+
+        let mut transaction = self.begin().await?;
+        let current = lock_environment(&mut transaction, name, true).await?;
+        let actual = current.clone().flatten();
+        if !same_plan(promotion.expected_plan, actual.as_deref()) {
+            return Err(stale(actual));
+        }
+        insert_snapshots(&mut transaction, &state.snapshots).await?;
+        if current.is_some() {
+            sqlx::query("DELETE FROM sluice_environment_snapshots WHERE environment = $1 AND generation = 'previous'")
+                .bind(name.as_str())
+                .execute(&mut *transaction)
+                .await?;
+            sqlx::query(
+                "UPDATE sluice_environment_snapshots SET generation = 'previous'
+                 WHERE environment = $1 AND generation = 'current'",
+            )
+            .bind(name.as_str())
+            .execute(&mut *transaction)
+            .await?;
+            sqlx::query(
+                "UPDATE sluice_environments
+                 SET previous_plan_id = plan_id, has_previous = TRUE, plan_id = $2, expires_at = $3, updated_at = $4
+                 WHERE name = $1",
+            )
+            .bind(name.as_str())
+            .bind(plan_id)
+            .bind(expires_at)
+            .bind(promotion.now.0)
+            .execute(&mut *transaction)
+            .await?;
+        } else {
+            let inserted = sqlx::query(
+                "INSERT INTO sluice_environments (name, plan_id, has_previous, previous_plan_id, expires_at, updated_at)
+                 VALUES ($1, $2, FALSE, NULL, $3, $4)
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name.as_str())
+            .bind(plan_id)
+            .bind(expires_at)
+            .bind(promotion.now.0)
+            .execute(&mut *transaction)
+            .await?;
+            if inserted.rows_affected() == 0 {
+                // Another promotion created the environment after our read: it moved.
+                let actual = lock_environment(&mut transaction, name, false).await?.flatten();
+                return Err(stale(actual));
+            }
+        }
+        sqlx::query(
+            "INSERT INTO sluice_environment_snapshots (environment, generation, position, snapshot_id)
+             SELECT $1, 'current', t.ordinality - 1, t.id FROM unnest($2::text[]) WITH ORDINALITY AS t(id, ordinality)",
+        )
+        .bind(name.as_str())
+        .bind(snapshot_ids)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_environment(&self, name: &EnvironmentName) -> Result<(), StateError> {
+        sqlx::query("DELETE FROM sluice_environments WHERE name = $1").bind(name.as_str()).execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl LeaseStore for PostgresState {
+    async fn get_lease(&self, environment: &EnvironmentName) -> Result<Option<EnvironmentLease>, StateError> {
+        let mut connection = self.pool.acquire().await?;
+        select_lease(&mut connection, environment).await?.map(LeaseRow::into_lease).transpose()
+    }
+
+    async fn renew_lease(
+        &self,
+        environment: &EnvironmentName,
+        run_id: &RunId,
+        ttl_seconds: i64,
+        now: Timestamp,
+    ) -> Result<EnvironmentLease, StateError> {
+        let expires_at = lease_expiry(now, ttl_seconds)?;
+        let mut connection = self.pool.acquire().await?;
+        let renewed = sqlx::query_as::<_, LeaseRow>(
+            "UPDATE sluice_leases SET expires_at = $3 WHERE environment = $1 AND run_id = $2
+             RETURNING environment, plan_id, run_id, expires_at",
+        )
+        .bind(environment.as_str())
+        .bind(&run_id.0)
+        .bind(expires_at.0)
+        .fetch_optional(&mut *connection)
+        .await?;
+        if let Some(lease) = renewed {
+            return lease.into_lease();
+        }
+        match select_lease(&mut connection, environment).await? {
+            Some(holder) => Err(holder.held_error()?),
+            None => Err(StateError::not_found(format!("lease of environment {environment}"))),
+        }
+    }
+
+    async fn release_lease(&self, environment: &EnvironmentName, run_id: &RunId) -> Result<(), StateError> {
+        sqlx::query("DELETE FROM sluice_leases WHERE environment = $1 AND run_id = $2")
+            .bind(environment.as_str())
+            .bind(&run_id.0)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl IntervalStore for PostgresState {
+    async fn record_intervals(&self, records: &[IntervalRecord]) -> Result<(), StateError> {
+        let writes = group_interval_records(records)?;
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = writes.iter().map(|write| write.name.as_str()).collect();
+        let versions: Vec<&str> = writes.iter().map(|write| write.version.as_str()).collect();
+        let lows: Vec<i64> = writes.iter().map(|write| write.low).collect();
+        let highs: Vec<i64> = writes.iter().map(|write| write.high).collect();
+        let mut transaction = self.begin().await?;
+        let stored = sqlx::query_as::<_, IntervalRow>(
+            "SELECT k.ordinality - 1 AS write_index, i.id, i.start_ts, i.end_ts
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                  WITH ORDINALITY AS k(name, version, low, high, ordinality)
+             JOIN sluice_intervals i
+               ON i.name = k.name AND i.version = k.version AND i.start_ts <= k.high AND i.end_ts >= k.low",
+        )
+        .bind(names)
+        .bind(versions)
+        .bind(lows)
+        .bind(highs)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let rewrite = plan_interval_rewrite(&writes, stored);
+        if rewrite.is_empty() {
+            return Ok(());
+        }
+        if !rewrite.delete_ids.is_empty() {
+            sqlx::query("DELETE FROM sluice_intervals WHERE id = ANY($1)")
+                .bind(rewrite.delete_ids)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        let mut names = Vec::with_capacity(rewrite.insert.len());
+        let mut versions = Vec::with_capacity(rewrite.insert.len());
+        let mut starts = Vec::with_capacity(rewrite.insert.len());
+        let mut ends = Vec::with_capacity(rewrite.insert.len());
+        for (name, version, start, end) in rewrite.insert {
+            names.push(name);
+            versions.push(version);
+            starts.push(start);
+            ends.push(end);
+        }
+        sqlx::query(
+            "INSERT INTO sluice_intervals (name, version, start_ts, end_ts)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])",
+        )
+        .bind(names)
+        .bind(versions)
+        .bind(starts)
+        .bind(ends)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn get_intervals(&self, keys: &[IntervalKey]) -> Result<BTreeMap<IntervalKey, IntervalSet>, StateError> {
+        if keys.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let (names, versions) = interval_key_columns(keys);
+        let rows = sqlx::query(
+            "SELECT i.name, i.version, i.start_ts, i.end_ts
+             FROM unnest($1::text[], $2::text[]) AS k(name, version)
+             JOIN sluice_intervals i ON i.name = k.name AND i.version = k.version",
+        )
+        .bind(names)
+        .bind(versions)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut columns = Vec::with_capacity(rows.len());
+        for row in rows {
+            columns.push((
+                row.try_get("name")?,
+                row.try_get("version")?,
+                row.try_get("start_ts")?,
+                row.try_get("end_ts")?,
+            ));
+        }
+        Ok(interval_sets_from_rows(keys, columns))
+    }
+
+    async fn remove_intervals(&self, keys: &[IntervalKey]) -> Result<(), StateError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let (names, versions) = interval_key_columns(keys);
+        sqlx::query(
+            "DELETE FROM sluice_intervals i
+             USING unnest($1::text[], $2::text[]) AS k(name, version)
+             WHERE i.name = k.name AND i.version = k.version",
+        )
+        .bind(names)
+        .bind(versions)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+async fn insert_plan(connection: &mut PgConnection, plan: &Plan) -> Result<(), StateError> {
+    sqlx::query(
+        "INSERT INTO sluice_plans (id, environment, previous_plan_id, created_at, body) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&plan.id.0)
+    .bind(plan.environment.as_str())
+    .bind(plan.previous_plan_id.as_ref().map(|plan| plan.0.as_str()))
+    .bind(plan.created_at.0)
+    .bind(to_json("plan", plan)?)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl PlanStore for PostgresState {
+    async fn put_plan(&self, plan: &Plan) -> Result<(), StateError> {
+        let mut connection = self.pool.acquire().await?;
+        insert_plan(&mut connection, plan).await
+    }
+
+    async fn get_plan(&self, id: &PlanId) -> Result<Option<Plan>, StateError> {
+        let row =
+            sqlx::query("SELECT body FROM sluice_plans WHERE id = $1").bind(&id.0).fetch_optional(&self.pool).await?;
+        match row {
+            Some(row) => Ok(Some(decode_plan(&id.0, &row.try_get::<String, _>("body")?)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list_plans(&self, environment: &EnvironmentName) -> Result<Vec<PlanSummary>, StateError> {
+        let rows = sqlx::query_as::<_, PlanSummaryRow>(
+            "SELECT id, environment, previous_plan_id, created_at FROM sluice_plans
+             WHERE environment = $1 ORDER BY created_at DESC, seq DESC",
+        )
+        .bind(environment.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(PlanSummaryRow::into_summary).collect()
+    }
+}
+
+/// Takes the environment's lease for the run if it is free, expired or held by the same plan;
+/// otherwise names the holder. Runs inside `begin_run`'s transaction.
+async fn take_lease(
+    connection: &mut PgConnection,
+    start: &RunStart<'_>,
+    expires_at: Timestamp,
+) -> Result<(), StateError> {
+    let plan = start.plan;
+    let environment = &plan.environment;
+    for _ in 0..LEASE_ATTEMPTS {
+        let taken = sqlx::query(
+            "INSERT INTO sluice_leases (environment, plan_id, run_id, expires_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (environment) DO UPDATE
+                SET plan_id = EXCLUDED.plan_id, run_id = EXCLUDED.run_id, expires_at = EXCLUDED.expires_at
+                WHERE sluice_leases.expires_at <= $5 OR sluice_leases.plan_id = EXCLUDED.plan_id
+             RETURNING run_id",
+        )
+        .bind(environment.as_str())
+        .bind(&plan.id.0)
+        .bind(&start.run_id.0)
+        .bind(expires_at.0)
+        .bind(start.now.0)
+        .fetch_optional(&mut *connection)
+        .await?;
+        if taken.is_some() {
+            return Ok(());
+        }
+        if let Some(holder) = select_lease(connection, environment).await? {
+            return Err(holder.held_error()?);
+        }
+        // The holder released the lease between the two statements: try again.
+    }
+    Err(StateError::Contention { what: format!("lease of environment {environment}") })
+}
+
+#[async_trait]
+impl RunStore for PostgresState {
+    async fn begin_run(&self, start: RunStart<'_>) -> Result<RunRecord, StateError> {
+        let plan = start.plan;
+        let environment = &plan.environment;
+        let expires_at = lease_expiry(start.now, start.lease_ttl_seconds)?;
+        let mut transaction = self.begin().await?;
+
+        let actual = lock_environment(&mut transaction, environment, false).await?.flatten();
+        if !same_plan(plan.previous_plan_id.as_ref(), actual.as_deref()) {
+            return Err(StateError::StaleEnvironment {
+                environment: environment.clone(),
+                expected: plan.previous_plan_id.clone(),
+                actual: actual.map(PlanId),
+            });
+        }
+        insert_plan(&mut transaction, plan).await?;
+        insert_snapshots(&mut transaction, start.snapshots).await?;
+        take_lease(&mut transaction, &start, expires_at).await?;
+
+        let superseded = sqlx::query(
+            "UPDATE sluice_runs SET status = 'aborted', finished_at = $2, error = $3
+             WHERE environment = $1 AND status = 'running'",
+        )
+        .bind(environment.as_str())
+        .bind(start.now.0)
+        .bind(format!("lease taken over by run {}", start.run_id))
+        .execute(&mut *transaction)
+        .await?;
+        if superseded.rows_affected() > 0 {
+            tracing::info!(environment = %environment, run_id = %start.run_id, "took over the lease of an unfinished run");
+        }
+
+        let inserted = sqlx::query(
+            "INSERT INTO sluice_runs (id, plan_id, environment, status, started_at, user_name)
+             VALUES ($1, $2, $3, 'running', $4, $5)",
+        )
+        .bind(&start.run_id.0)
+        .bind(&plan.id.0)
+        .bind(environment.as_str())
+        .bind(start.now.0)
+        .bind(start.user)
+        .execute(&mut *transaction)
+        .await;
+        if let Err(error) = inserted {
+            if is_unique_violation(&error) {
+                return Err(StateError::RunExists { run: start.run_id.clone() });
+            }
+            return Err(error.into());
+        }
+        transaction.commit().await?;
+        Ok(RunRecord {
+            id: start.run_id.clone(),
+            plan_id: plan.id.clone(),
+            environment: environment.clone(),
+            status: RunStatus::Running,
+            started_at: start.now,
+            finished_at: None,
+            intervals_done: 0,
+            tasks_done: 0,
+            retries: 0,
+            error: None,
+            user: start.user.to_string(),
+        })
+    }
+
+    async fn get_run(&self, id: &RunId) -> Result<Option<RunRecord>, StateError> {
+        let mut connection = self.pool.acquire().await?;
+        select_run(&mut connection, id).await
+    }
+
+    async fn runs_of_plan(&self, plan_id: &PlanId) -> Result<Vec<RunRecord>, StateError> {
+        let rows = sqlx::query_as::<_, RunRow>(
+            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+             FROM sluice_runs WHERE plan_id = $1 ORDER BY seq",
+        )
+        .bind(&plan_id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(RunRow::into_record).collect()
+    }
+
+    async fn running_runs(&self) -> Result<Vec<RunRecord>, StateError> {
+        let rows = sqlx::query_as::<_, RunRow>(
+            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+             FROM sluice_runs WHERE status = 'running' ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(RunRow::into_record).collect()
+    }
+
+    async fn latest_run(&self, plan_id: &PlanId) -> Result<Option<RunRecord>, StateError> {
+        let row = sqlx::query_as::<_, RunRow>(
+            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+             FROM sluice_runs WHERE plan_id = $1 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(&plan_id.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(RunRow::into_record).transpose()
+    }
+
+    async fn finish_run(&self, id: &RunId, outcome: RunOutcome) -> Result<(), StateError> {
+        if outcome.status == RunStatus::Running {
+            return Err(StateError::Invalid { reason: format!("run {id} cannot finish as running") });
+        }
+        let mut connection = self.pool.acquire().await?;
+        let updated = sqlx::query(
+            "UPDATE sluice_runs SET status = $2, error = $3, finished_at = $4 WHERE id = $1 AND status = 'running'",
+        )
+        .bind(&id.0)
+        .bind(outcome.status.as_str())
+        .bind(&outcome.error)
+        .bind(outcome.finished_at.0)
+        .execute(&mut *connection)
+        .await?;
+        if updated.rows_affected() > 0 {
+            return Ok(());
+        }
+        match select_run(&mut connection, id).await? {
+            None => Err(StateError::not_found(format!("run {id}"))),
+            Some(run) if run.status == outcome.status => Ok(()),
+            Some(run) => Err(StateError::RunFinished { run: id.clone(), status: run.status }),
+        }
+    }
+
+    async fn add_run_progress(&self, id: &RunId, progress: RunProgress) -> Result<(), StateError> {
+        let updated = sqlx::query(
+            "UPDATE sluice_runs
+             SET tasks_done = tasks_done + $2, intervals_done = intervals_done + $3, retries = retries + $4
+             WHERE id = $1",
+        )
+        .bind(&id.0)
+        .bind(to_stored_count(progress.tasks_done, "tasks_done")?)
+        .bind(to_stored_count(progress.intervals_done, "intervals_done")?)
+        .bind(to_stored_count(progress.retries, "retries")?)
+        .execute(&self.pool)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(StateError::not_found(format!("run {id}")));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TaskStore for PostgresState {
+    async fn record_task_done(&self, run_id: &RunId, tasks: &[TaskId]) -> Result<(), StateError> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let mut unique: Vec<TaskId> = tasks.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        let bytes: Vec<Vec<u8>> = unique.iter().map(|task| task.0.to_vec()).collect();
+        let mut connection = self.pool.acquire().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO sluice_tasks_done (run_id, plan_id, task_id)
+             SELECT r.id, r.plan_id, t.task_id FROM sluice_runs r CROSS JOIN unnest($2::bytea[]) AS t(task_id)
+             WHERE r.id = $1
+             ON CONFLICT (run_id, task_id) DO NOTHING",
+        )
+        .bind(&run_id.0)
+        .bind(bytes)
+        .execute(&mut *connection)
+        .await?;
+        if inserted.rows_affected() == 0 && select_run(&mut connection, run_id).await?.is_none() {
+            return Err(StateError::not_found(format!("run {run_id}")));
+        }
+        Ok(())
+    }
+
+    async fn done_tasks(&self, run_id: &RunId) -> Result<BTreeSet<TaskId>, StateError> {
+        let rows = sqlx::query("SELECT task_id FROM sluice_tasks_done WHERE run_id = $1")
+            .bind(&run_id.0)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|row| task_id(&row.try_get::<Vec<u8>, _>("task_id")?)).collect()
+    }
+
+    async fn done_tasks_of_plan(&self, plan_id: &PlanId) -> Result<BTreeSet<TaskId>, StateError> {
+        let rows = sqlx::query("SELECT DISTINCT task_id FROM sluice_tasks_done WHERE plan_id = $1")
+            .bind(&plan_id.0)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|row| task_id(&row.try_get::<Vec<u8>, _>("task_id")?)).collect()
+    }
+
+    async fn record_task_failure(&self, run_id: &RunId, failure: &TaskFailure) -> Result<(), StateError> {
+        let recorded = sqlx::query(
+            "INSERT INTO sluice_task_failures (run_id, task_id, model, interval_start, interval_end, error, attempts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (run_id, task_id) DO UPDATE
+                SET model = EXCLUDED.model, interval_start = EXCLUDED.interval_start,
+                    interval_end = EXCLUDED.interval_end, error = EXCLUDED.error, attempts = EXCLUDED.attempts",
+        )
+        .bind(&run_id.0)
+        .bind(failure.task_id.0.to_vec())
+        .bind(failure.model.to_string())
+        .bind(failure.interval.start.0)
+        .bind(failure.interval.end.0)
+        .bind(&failure.error)
+        .bind(i64::from(failure.attempts))
+        .execute(&self.pool)
+        .await;
+        match recorded {
+            Ok(_) => Ok(()),
+            Err(error) if is_foreign_key_violation(&error) => Err(StateError::not_found(format!("run {run_id}"))),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn task_failures(&self, run_id: &RunId) -> Result<Vec<TaskFailure>, StateError> {
+        let rows = sqlx::query_as::<_, TaskFailureRow>(
+            "SELECT task_id, model, interval_start, interval_end, error, attempts
+             FROM sluice_task_failures WHERE run_id = $1 ORDER BY seq",
+        )
+        .bind(&run_id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(TaskFailureRow::into_failure).collect()
+    }
+}
+
+#[async_trait]
+impl BreakerStore for PostgresState {
+    async fn trip_breaker(&self, plan_id: &PlanId, reason: &str) -> Result<(), StateError> {
+        sqlx::query("INSERT INTO sluice_breakers (plan_id, reason) VALUES ($1, $2) ON CONFLICT (plan_id) DO NOTHING")
+            .bind(&plan_id.0)
+            .bind(reason)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn breaker(&self, plan_id: &PlanId) -> Result<Option<String>, StateError> {
+        let row = sqlx::query("SELECT reason FROM sluice_breakers WHERE plan_id = $1")
+            .bind(&plan_id.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| row.try_get::<String, _>("reason")).transpose().map_err(StateError::from)
+    }
+
+    async fn reset_breaker(&self, plan_id: &PlanId) -> Result<(), StateError> {
+        sqlx::query("DELETE FROM sluice_breakers WHERE plan_id = $1").bind(&plan_id.0).execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl AuditLog for PostgresState {
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StateError> {
+        sqlx::query(
+            "INSERT INTO sluice_audit_log
+                (plan_id, run_id, environment, user_name, started_at, finished_at, intervals, models, retries, outcome)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&entry.plan_id.0)
+        .bind(&entry.run_id.0)
+        .bind(entry.environment.as_str())
+        .bind(&entry.user)
+        .bind(entry.started_at.0)
+        .bind(entry.finished_at.0)
+        .bind(to_stored_count(entry.intervals, "intervals")?)
+        .bind(to_stored_count(entry.models, "models")?)
+        .bind(to_stored_count(entry.retries, "retries")?)
+        .bind(&entry.outcome)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StateError> {
+        let rows = sqlx::query_as::<_, AuditRow>(
+            "SELECT plan_id, run_id, environment, user_name, started_at, finished_at, intervals, models, retries, outcome
+             FROM sluice_audit_log ORDER BY seq DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(AuditRow::into_entry).collect()
+    }
+}
+
+#[cfg(test)]
+impl PostgresState {
+    /// Rows in one of this store's tables, for tests that check the physical layout.
+    pub(crate) async fn count_rows_for_tests(&self, table: &'static str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_found_in_urls() {
+        assert_eq!(url_password("postgres://sluice:s3cr3tpw@127.0.0.1:1/x"), Some("s3cr3tpw"));
+        assert_eq!(url_password("postgresql://u:p%40ss@host/db?sslmode=disable"), Some("p%40ss"));
+        assert_eq!(url_password("postgres://u@host/db"), None);
+        assert_eq!(url_password("postgres://host/db"), None);
+        assert_eq!(url_secrets("postgresql://u:p%40ss@host/db"), vec!["p%40ss".to_string(), "p@ss".to_string()]);
+    }
+}

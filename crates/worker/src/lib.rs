@@ -1,0 +1,445 @@
+//! The worker role: consume one gateway's queue, execute each task's interval batch in the
+//! warehouse, record it in state, then release the tasks that waited for it.
+//!
+//! Per delivery: breaker tripped → drop it (the run is being aborted); interval already recorded
+//! → skip the warehouse; else execute with retries for transient failures; record the interval
+//! and the task in state; complete the task in the dependency gate; publish the children now
+//! ready (and the settled run when nothing is outstanding); only then ack. A crash between any
+//! two steps is repaired by redelivery: every step is idempotent.
+
+pub mod retry;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use sluice_core::interval::{Interval, Timestamp};
+use sluice_core::model::ModelKind;
+use sluice_core::names::PlanId;
+use sluice_core::plan::Plan;
+use sluice_core::query::QueryTemplate;
+use sluice_core::task_graph::TaskGraph;
+use sluice_engine::{EngineError, Warehouse, WarehouseFactory};
+use sluice_queue::{Delivery, DependencyGate, EventBus, QueueError, RunEvent, RunId, TaskMessage, TaskQueue};
+use sluice_state::{IntervalRecord, RunProgress, StateError, StateStore, TaskFailure};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, instrument, warn};
+
+use crate::retry::{RetryPolicy, RetrySchedule};
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub gateway: String,
+    /// Tasks run at once by this worker (one warehouse connection each).
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+}
+
+#[derive(Clone)]
+pub struct WorkerDeps {
+    pub state: Arc<dyn StateStore>,
+    pub queue: Arc<dyn TaskQueue>,
+    pub gate: Arc<dyn DependencyGate>,
+    pub events: Arc<dyn EventBus>,
+    pub warehouses: Arc<dyn WarehouseFactory>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("state store: {0}")]
+    State(#[from] StateError),
+    #[error("queue: {0}")]
+    Queue(#[from] QueueError),
+    #[error("plan {0} is not in the state store")]
+    UnknownPlan(PlanId),
+    #[error("task {index} of run {run} does not match the plan's task graph")]
+    UnknownTask { run: RunId, index: u32 },
+    #[error("worker slot failed: {0}")]
+    Join(String),
+}
+
+impl WorkerError {
+    fn is_transient(&self) -> bool {
+        match self {
+            WorkerError::State(error) => error.is_transient(),
+            WorkerError::Queue(error) => error.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// What a worker needs of one run, built once per run and shared by its slots.
+struct RunContext {
+    plan: Plan,
+    graph: TaskGraph,
+    /// Per snapshot: the executable query and statements, pre-split at their time literals.
+    queries: Vec<Option<QueryTemplate>>,
+    pre_statements: Vec<Vec<QueryTemplate>>,
+    post_statements: Vec<Vec<QueryTemplate>>,
+}
+
+impl RunContext {
+    fn build(plan: Plan) -> RunContext {
+        let graph = TaskGraph::build(&plan);
+        let queries = plan
+            .snapshots
+            .iter()
+            .map(|planned| planned.snapshot.rendered_query.as_deref().map(QueryTemplate::from_sql))
+            .collect();
+        let templates = |statements: &Vec<String>| statements.iter().map(|s| QueryTemplate::from_sql(s)).collect();
+        let pre_statements = plan.snapshots.iter().map(|p| templates(&p.snapshot.pre_statements)).collect();
+        let post_statements = plan.snapshots.iter().map(|p| templates(&p.snapshot.post_statements)).collect();
+        RunContext { plan, graph, queries, pre_statements, post_statements }
+    }
+
+    /// `task` and every task that transitively waits for it.
+    fn with_descendants(&self, task: u32) -> Vec<u32> {
+        let mut seen = BTreeSet::from([task]);
+        let mut pending = VecDeque::from([task]);
+        while let Some(next) = pending.pop_front() {
+            for child in self.graph.children(next) {
+                if seen.insert(child) {
+                    pending.push_back(child);
+                }
+            }
+        }
+        seen.into_iter().collect()
+    }
+}
+
+type ContextCell = Arc<OnceCell<Arc<RunContext>>>;
+
+struct Shared {
+    config: WorkerConfig,
+    deps: WorkerDeps,
+    contexts: Mutex<HashMap<PlanId, ContextCell>>,
+}
+
+impl Shared {
+    async fn context(&self, plan_id: &PlanId) -> Result<Arc<RunContext>, WorkerError> {
+        let cell = {
+            let mut contexts = self.contexts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            Arc::clone(contexts.entry(plan_id.clone()).or_default())
+        };
+        let context = cell
+            .get_or_try_init(|| async {
+                let plan = self.deps.state.get_plan(plan_id).await?.ok_or_else(|| WorkerError::UnknownPlan(plan_id.clone()))?;
+                let context = tokio::task::spawn_blocking(move || RunContext::build(plan))
+                    .await
+                    .map_err(|error| WorkerError::Join(error.to_string()))?;
+                Ok::<_, WorkerError>(Arc::new(context))
+            })
+            .await?;
+        Ok(Arc::clone(context))
+    }
+}
+
+/// The outcome of executing one task in the warehouse.
+enum Execution {
+    Done { rows: u64, retries: u32 },
+    Failed { error: String, attempts: u32 },
+}
+
+/// Retries a state or queue step while its failure is transient.
+async fn durable<T, F, Fut>(policy: RetryPolicy, what: &str, mut step: F) -> Result<T, WorkerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, WorkerError>>,
+{
+    let mut schedule = RetrySchedule::new(policy);
+    loop {
+        match step().await {
+            Ok(value) => return Ok(value),
+            Err(error) if error.is_transient() => match schedule.next_delay() {
+                Some(delay) => {
+                    warn!(step = what, error = %error, "transient failure, retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(error),
+            },
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// One worker slot: a warehouse connection, reopened after a lost connection.
+struct Slot {
+    shared: Arc<Shared>,
+    warehouse: Option<Box<dyn Warehouse>>,
+    /// Physical tables this connection has made sure exist.
+    ensured: BTreeSet<String>,
+}
+
+impl Slot {
+    async fn warehouse(&mut self) -> Result<&mut Box<dyn Warehouse>, EngineError> {
+        if let Some(warehouse) = self.warehouse.take() {
+            return Ok(self.warehouse.insert(warehouse));
+        }
+        let warehouse = self.shared.deps.warehouses.connect(&self.shared.config.gateway).await?;
+        Ok(self.warehouse.insert(warehouse))
+    }
+
+    /// Runs the task's statements once; the caller retries.
+    async fn execute_once(&mut self, context: &RunContext, task_index: u32, execution_time: Timestamp) -> Result<u64, EngineError> {
+        let task = context.graph.tasks[task_index as usize];
+        let snapshot_index = task.snapshot as usize;
+        let snapshot = &context.plan.snapshots[snapshot_index].snapshot;
+        let interval = task.interval;
+        let fill = |template: &QueryTemplate| template.fill(interval, execution_time);
+        let query = context.queries[snapshot_index].as_ref().map(fill);
+        let pre: Vec<String> = context.pre_statements[snapshot_index].iter().map(fill).collect();
+        let post: Vec<String> = context.post_statements[snapshot_index].iter().map(fill).collect();
+        let Some(table) = snapshot.physical_table() else {
+            return Ok(0);
+        };
+        let table_key = table.to_string();
+        let ensured = self.ensured.contains(&table_key);
+        let warehouse = self.warehouse().await?;
+        for statement in &pre {
+            warehouse.execute(statement).await?;
+        }
+        let query_text = query.as_deref().unwrap_or("");
+        let needs_table = !matches!(snapshot.kind, ModelKind::View | ModelKind::Seed { .. });
+        if needs_table && !ensured {
+            warehouse.ensure_table(&table, query_text).await?;
+        }
+        let rows = match &snapshot.kind {
+            ModelKind::IncrementalByTimeRange { time_column, .. } => {
+                warehouse.replace_interval(&table, time_column, interval, query_text).await?
+            }
+            ModelKind::Full => warehouse.replace_all(&table, query_text).await?,
+            ModelKind::IncrementalByUniqueKey { unique_key, .. } => {
+                warehouse.upsert(&table, unique_key, query_text).await?
+            }
+            ModelKind::View => {
+                warehouse.create_physical_view(&table, query_text).await?;
+                0
+            }
+            ModelKind::Seed { .. } => match &snapshot.seed {
+                Some(seed) => warehouse.load_seed(&table, &snapshot.columns, seed).await?,
+                None => 0,
+            },
+            ModelKind::Embedded => 0,
+        };
+        for statement in &post {
+            warehouse.execute(statement).await?;
+        }
+        if needs_table {
+            self.ensured.insert(table_key);
+        }
+        Ok(rows)
+    }
+
+    async fn execute(&mut self, context: &RunContext, task_index: u32) -> Execution {
+        let mut schedule = RetrySchedule::new(self.shared.config.retry);
+        let mut retries = 0;
+        let execution_time = context.plan.created_at;
+        loop {
+            match self.execute_once(context, task_index, execution_time).await {
+                Ok(rows) => return Execution::Done { rows, retries },
+                Err(error) if error.is_transient() => {
+                    // A lost connection is reopened on the next attempt.
+                    self.warehouse = None;
+                    self.ensured.clear();
+                    match schedule.next_delay() {
+                        Some(delay) => {
+                            retries += 1;
+                            warn!(task_index, retries, error = %error, "transient warehouse failure, retrying");
+                            tokio::time::sleep(delay).await;
+                        }
+                        None => return Execution::Failed { error: error.to_string(), attempts: retries + 1 },
+                    }
+                }
+                Err(error) => return Execution::Failed { error: error.to_string(), attempts: retries + 1 },
+            }
+        }
+    }
+
+    #[instrument(skip_all, fields(plan_id = %delivery.task.plan_id, run_id = %delivery.task.run_id, task = delivery.task.task_index))]
+    async fn handle(&mut self, delivery: Delivery) -> Result<(), WorkerError> {
+        let message = delivery.task.clone();
+        let deps = self.shared.deps.clone();
+        let context = self.shared.context(&message.plan_id).await?;
+        let index = message.task_index;
+        let Some(task) = context.graph.tasks.get(index as usize).copied() else {
+            warn!("task index outside the plan's graph, dead-lettering");
+            delivery.reject().await?;
+            return Err(WorkerError::UnknownTask { run: message.run_id, index });
+        };
+        if task.id != message.task_id {
+            warn!("task id does not match the plan's graph, dead-lettering");
+            delivery.reject().await?;
+            return Err(WorkerError::UnknownTask { run: message.run_id, index });
+        }
+        let planned = &context.plan.snapshots[task.snapshot as usize];
+        let snapshot = &planned.snapshot;
+
+        // Between tasks: an aborted run takes no more work.
+        if durable(self.shared.config.retry, "breaker", || async { Ok(deps.state.breaker(&message.plan_id).await?) }).await?.is_some() {
+            deps.events.publish(RunEvent::TaskAborted { run_id: message.run_id.clone(), task_index: index }).await?;
+            delivery.ack().await?;
+            return Ok(());
+        }
+
+        let key = (snapshot.name.clone(), snapshot.version.clone());
+        let recorded = durable(self.shared.config.retry, "intervals", || async { Ok(deps.state.get_intervals(std::slice::from_ref(&key)).await?) })
+            .await?;
+        let already_recorded = recorded.get(&key).is_some_and(|set| set.covers(task.interval));
+        let (rows, retries, skipped) = if already_recorded {
+            (0, 0, true)
+        } else {
+            match self.execute(&context, index).await {
+                Execution::Done { rows, retries } => (rows, retries, false),
+                Execution::Failed { error, attempts } => {
+                    return self.fail(delivery, &context, index, task.interval, error, attempts).await;
+                }
+            }
+        };
+
+        if !skipped {
+            let record = IntervalRecord { name: snapshot.name.clone(), version: snapshot.version.clone(), interval: task.interval };
+            durable(self.shared.config.retry, "record interval", || async {
+                deps.state.record_intervals(std::slice::from_ref(&record)).await?;
+                Ok(())
+            })
+            .await?;
+        }
+        durable(self.shared.config.retry, "record task", || async {
+            deps.state.record_task_done(&message.run_id, &[task.id]).await?;
+            Ok(())
+        })
+        .await?;
+        let children: Vec<u32> = context.graph.children(index).collect();
+        let completion = durable(self.shared.config.retry, "gate", || async { Ok(deps.gate.complete(&message.run_id, index, &children).await?) })
+            .await?;
+        if completion.newly_done || delivery.redelivered || skipped {
+            let ready: Vec<TaskMessage> = completion
+                .ready
+                .iter()
+                .map(|child| {
+                    let child_task = context.graph.tasks[*child as usize];
+                    TaskMessage {
+                        plan_id: message.plan_id.clone(),
+                        run_id: message.run_id.clone(),
+                        task_index: *child,
+                        task_id: child_task.id,
+                        gateway: context.plan.snapshots[child_task.snapshot as usize].snapshot.gateway.clone(),
+                        attempt: 0,
+                    }
+                })
+                .collect();
+            if !ready.is_empty() {
+                durable(self.shared.config.retry, "publish", || async { Ok(deps.queue.publish(&ready).await?) }).await?;
+            }
+        }
+        if completion.newly_done {
+            let intervals = if skipped { 0 } else { task.interval_count };
+            durable(self.shared.config.retry, "progress", || async {
+                let progress = RunProgress { tasks_done: 1, intervals_done: u64::from(intervals), retries: u64::from(retries) };
+                deps.state.add_run_progress(&message.run_id, progress).await?;
+                Ok(())
+            })
+            .await?;
+        }
+        deps.events
+            .publish(RunEvent::TaskDone { run_id: message.run_id.clone(), task_index: index, intervals: task.interval_count, rows, retries, skipped })
+            .await?;
+        if completion.run_complete {
+            deps.events.publish(RunEvent::RunSettled { run_id: message.run_id.clone(), plan_id: message.plan_id.clone() }).await?;
+        }
+        delivery.ack().await?;
+        Ok(())
+    }
+
+    async fn fail(
+        &mut self,
+        delivery: Delivery,
+        context: &RunContext,
+        index: u32,
+        interval: Interval,
+        error: String,
+        attempts: u32,
+    ) -> Result<(), WorkerError> {
+        let deps = self.shared.deps.clone();
+        let message = delivery.task.clone();
+        let snapshot = &context.plan.snapshots[context.graph.tasks[index as usize].snapshot as usize].snapshot;
+        warn!(model = %snapshot.name, interval = %interval, error = %error, "task failed");
+        let failure = TaskFailure {
+            task_id: message.task_id,
+            model: snapshot.name.clone(),
+            interval,
+            error: error.clone(),
+            attempts,
+        };
+        durable(self.shared.config.retry, "record failure", || async {
+            deps.state.record_task_failure(&message.run_id, &failure).await?;
+            Ok(())
+        })
+        .await?;
+        // The failed task and everything waiting for it will not run in this attempt.
+        let settled_tasks = context.with_descendants(index);
+        let run_complete = durable(self.shared.config.retry, "gate skip", || async { Ok(deps.gate.skip(&message.run_id, &settled_tasks).await?) }).await?;
+        deps.events.publish(RunEvent::TaskFailed { run_id: message.run_id.clone(), task_index: index, error }).await?;
+        if run_complete {
+            deps.events.publish(RunEvent::RunSettled { run_id: message.run_id.clone(), plan_id: message.plan_id.clone() }).await?;
+        }
+        delivery.ack().await?;
+        Ok(())
+    }
+}
+
+/// Runs a worker until `shutdown`: `concurrency` slots consuming the gateway's queue. A slot
+/// finishes the task in hand before it stops.
+pub async fn run(config: WorkerConfig, deps: WorkerDeps, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let concurrency = config.concurrency.max(1);
+    info!(gateway = %config.gateway, concurrency, "worker starting");
+    let shared = Arc::new(Shared { config, deps, contexts: Mutex::new(HashMap::new()) });
+    let mut slots = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let shared = Arc::clone(&shared);
+        let shutdown = shutdown.clone();
+        slots.spawn(async move {
+            let mut slot = Slot { shared: Arc::clone(&shared), warehouse: None, ensured: BTreeSet::new() };
+            let mut pause = RetrySchedule::new(shared.config.retry);
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return Ok::<(), WorkerError>(()),
+                    next = shared.deps.queue.next(&shared.config.gateway) => next,
+                };
+                let delivery = match next {
+                    Ok(Some(delivery)) => delivery,
+                    Ok(None) => return Ok(()),
+                    Err(error) if error.is_transient() => {
+                        warn!(error = %error, "queue unavailable, retrying");
+                        continue;
+                    }
+                    Err(error) => return Err(error.into()),
+                };
+                // A failure of the machinery (not of the task's SQL) leaves the delivery unacked:
+                // it is dropped here and so delivered again.
+                match slot.handle(delivery).await {
+                    Ok(()) => pause = RetrySchedule::new(shared.config.retry),
+                    Err(error) => {
+                        warn!(error = %error, "task handling failed; the task will be delivered again");
+                        // Back off before the next delivery so that a broken dependency is not hammered.
+                        let delay = pause.next_delay().unwrap_or(shared.config.retry.max_interval);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let mut result = Ok(());
+    while let Some(joined) = slots.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => result = Err(error),
+            Err(error) => result = Err(WorkerError::Join(error.to_string())),
+        }
+    }
+    info!("worker stopped");
+    result
+}
