@@ -77,7 +77,9 @@ pub enum ApplyOutcome {
 pub enum ApplyError {
     #[error("no plan {0} in the state store; `sluice plan` prints the id of each plan it stores")]
     UnknownPlan(PlanId),
-    #[error("plan {plan} has uncategorized changes ({models}); plan again with --forward-only or make the change comparable")]
+    #[error(
+        "plan {plan} has uncategorized changes ({models}); plan again with --forward-only or make the change comparable"
+    )]
     Uncategorized { plan: PlanId, models: String },
     #[error(
         "plan {plan} is stale: it was made against plan {expected} of environment {environment}, which now shows plan {actual}; plan again"
@@ -288,7 +290,10 @@ pub async fn apply(
     }
     progress.finished();
     deps.gate.clear(&run.id).await?;
-    let record = state.get_run(&run.id).await?.ok_or_else(|| ApplyError::State(StateError::NotFound { what: format!("run {}", run.id) }))?;
+    let record = state
+        .get_run(&run.id)
+        .await?
+        .ok_or_else(|| ApplyError::State(StateError::NotFound { what: format!("run {}", run.id) }))?;
     Ok(ApplyOutcome::Finished(record))
 }
 
