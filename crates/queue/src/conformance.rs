@@ -145,3 +145,26 @@ mod memory {
         settled_runs_reach_one_promoter_and_events_reach_subscribers => &MemoryEvents::new(),
     }
 }
+
+/// The gate checks against the Redis at 127.0.0.1:6379 (`SLUICE_TEST_REDIS_URL` to move it), each
+/// under its own key prefix; they fail, never skip, when Redis is unreachable.
+#[cfg(feature = "redis")]
+mod redis {
+    macro_rules! redis_gate_conformance {
+        ($($check:ident),* $(,)?) => {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    let gate = crate::redis_gate::test_support::gate().await;
+                    super::$check(&gate).await;
+                    crate::redis_gate::test_support::delete_all(&gate).await;
+                }
+            )*
+        };
+    }
+
+    redis_gate_conformance! {
+        completion_is_idempotent_and_rereports_ready_children,
+        loading_done_tasks_and_skipping_failed_branches_settles_the_run,
+    }
+}

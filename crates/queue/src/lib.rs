@@ -10,6 +10,8 @@
 //! - the gate says when the run has nothing outstanding.
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis_gate;
 
 #[cfg(test)]
 mod conformance;
