@@ -30,10 +30,22 @@ pub trait GatewayCheck: Send + Sync {
     async fn check(&self, gateway: &str) -> Result<(), String>;
 }
 
+/// The size of a run when it starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgressTotals {
+    pub tasks: u64,
+    /// Tasks finished by earlier runs of the plan.
+    pub tasks_done: u64,
+    pub intervals: u64,
+    /// Models with at least one task.
+    pub models: u64,
+}
+
 /// Receives progress while a run is followed (an indicatif bar on a terminal, log lines otherwise).
 pub trait Progress: Send + Sync {
-    fn started(&self, plan: &Plan, run_id: &RunId, total_tasks: u64, done_tasks: u64, total_intervals: u64);
-    fn task_done(&self, intervals: u32, skipped: bool);
+    fn started(&self, plan: &Plan, run_id: &RunId, total: ProgressTotals);
+    /// A task finished; `model_finished` when it was its model's last one.
+    fn task_done(&self, intervals: u32, skipped: bool, model_finished: bool);
     fn task_failed(&self, model: &str, interval: &str, error: &str);
     fn message(&self, text: &str);
     fn finished(&self);
@@ -130,6 +142,20 @@ pub async fn validate(deps: &CoordinatorDeps, plan_id: &PlanId) -> Result<Result
     if plan.has_nothing_to_do(environment.as_ref().map(|record| &record.state)) {
         return Ok(Err(format!("plan {} changes nothing in environment {}", plan.id, plan.environment)));
     }
+    // Another run applying this environment is refused before any gateway is touched (an
+    // embedded DuckDB file can only be opened by the process that holds it). `begin_run`
+    // checks again, atomically.
+    if let Some(lease) = deps.state.get_lease(&plan.environment).await?
+        && lease.expires_at > now()
+        && lease.plan_id != plan.id
+    {
+        return Err(ApplyError::State(StateError::LeaseHeld {
+            environment: plan.environment.clone(),
+            holder_plan: lease.plan_id,
+            holder_run: lease.run_id,
+            expires_at: lease.expires_at,
+        }));
+    }
     let mut gateways = BTreeSet::new();
     for planned in &plan.snapshots {
         if planned.change != Change::Unchanged || !planned.batches.is_empty() || !plan.environment_exists {
@@ -204,7 +230,17 @@ pub async fn apply(
     deps.gate.load(&run.id, &unfinished_parents, &done).await?;
     let done_count = done.iter().filter(|done| **done).count() as u64;
     let total_intervals: u64 = graph.tasks.iter().map(|task| u64::from(task.interval_count)).sum();
-    progress.started(&plan, &run.id, graph.len() as u64, done_count, total_intervals);
+    let models_total = plan.snapshots.iter().filter(|planned| !planned.batches.is_empty()).count() as u64;
+    progress.started(
+        &plan,
+        &run.id,
+        ProgressTotals {
+            tasks: graph.len() as u64,
+            tasks_done: done_count,
+            intervals: total_intervals,
+            models: models_total,
+        },
+    );
 
     // Subscribe before publishing so that no event of this run is missed.
     let mut stream = deps.events.subscribe().await?;
@@ -231,6 +267,14 @@ pub async fn apply(
         return Ok(ApplyOutcome::Detached(run.id));
     }
 
+    // Tasks left per snapshot, to tell when a model is finished.
+    let mut left_per_snapshot: BTreeMap<u32, u64> = BTreeMap::new();
+    for (index, task) in graph.tasks.iter().enumerate() {
+        if !done[index] {
+            *left_per_snapshot.entry(task.snapshot).or_default() += 1;
+        }
+    }
+    let mut counted = vec![false; graph.len()];
     let models: BTreeMap<u32, String> = graph
         .tasks
         .iter()
@@ -250,7 +294,16 @@ pub async fn apply(
                     continue;
                 }
                 match event {
-                    RunEvent::TaskDone { intervals, skipped, .. } => progress.task_done(intervals, skipped),
+                    RunEvent::TaskDone { task_index, intervals, skipped, .. } => {
+                        // A redelivered task can report twice: count it once.
+                        let index = task_index as usize;
+                        if index < counted.len() && !std::mem::replace(&mut counted[index], true) {
+                            let snapshot = graph.tasks[index].snapshot;
+                            let left = left_per_snapshot.entry(snapshot).or_default();
+                            *left = left.saturating_sub(1);
+                            progress.task_done(intervals, skipped, *left == 0);
+                        }
+                    }
                     RunEvent::TaskFailed { task_index, error, .. } => {
                         let model = models.get(&task_index).map_or("?", String::as_str);
                         let interval = graph.tasks.get(task_index as usize).map(|task| task.interval.to_string()).unwrap_or_default();

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sluice_coordinator::{ApplyConfig, ApplyOutcome, CoordinatorDeps, GatewayCheck, Progress};
+use sluice_coordinator::{ApplyConfig, ApplyOutcome, CoordinatorDeps, GatewayCheck, Progress, ProgressTotals};
 use sluice_core::config::{Connection, Gateway, Secret};
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, RunId};
@@ -45,8 +45,8 @@ impl GatewayCheck for Warehouses {
 struct Quiet;
 
 impl Progress for Quiet {
-    fn started(&self, _: &Plan, _: &RunId, _: u64, _: u64, _: u64) {}
-    fn task_done(&self, _: u32, _: bool) {}
+    fn started(&self, _: &Plan, _: &RunId, _: ProgressTotals) {}
+    fn task_done(&self, _: u32, _: bool, _: bool) {}
     fn task_failed(&self, _: &str, _: &str, _: &str) {}
     fn message(&self, _: &str) {}
     fn finished(&self) {}

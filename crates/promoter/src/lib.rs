@@ -103,7 +103,8 @@ fn updates_by_gateway(plan: &Plan, current: Option<&EnvironmentState>) -> BTreeM
             None => gateway_of_current.get(&name).copied(),
         };
         let Some(gateway) = gateway else { continue };
-        let update = ViewUpdate { schema: plan.environment.view_schema(&name.schema), name: name.table.clone(), target };
+        let update =
+            ViewUpdate { schema: plan.environment.view_schema(&name.schema), name: name.table.clone(), target };
         updates.entry(gateway.to_string()).or_default().push(update);
     }
     // A model moved to another gateway leaves a view behind on the old one: drop it there.
@@ -194,13 +195,28 @@ pub async fn finalize_run(deps: &PromoterDeps, run_id: &RunId, plan_id: &PlanId)
 async fn promote(deps: &PromoterDeps, plan: &Plan) -> Result<(), PromoterError> {
     let state = &deps.state;
     let graph_plan = plan.clone();
-    let task_ids = tokio::task::spawn_blocking(move || {
-        TaskGraph::build(&graph_plan).tasks.iter().map(|task| task.id).collect::<BTreeSet<_>>()
-    })
-    .await
-    .map_err(|error| PromoterError::Join(error.to_string()))?;
+    let graph = tokio::task::spawn_blocking(move || TaskGraph::build(&graph_plan))
+        .await
+        .map_err(|error| PromoterError::Join(error.to_string()))?;
+    // A task is finished when a run recorded it, or when its interval is recorded (by a run of
+    // another plan that shares the physical table).
     let done = state.done_tasks_of_plan(&plan.id).await?;
-    let missing = task_ids.difference(&done).count();
+    let keys: Vec<_> = plan
+        .snapshots
+        .iter()
+        .filter(|planned| !planned.batches.is_empty())
+        .map(|planned| (planned.snapshot.name.clone(), planned.snapshot.version.clone()))
+        .collect();
+    let recorded = state.get_intervals(&keys).await?;
+    let missing = graph
+        .tasks
+        .iter()
+        .filter(|task| {
+            let snapshot = &plan.snapshots[task.snapshot as usize].snapshot;
+            let key = (snapshot.name.clone(), snapshot.version.clone());
+            !done.contains(&task.id) && !recorded.get(&key).is_some_and(|set| set.covers(task.interval))
+        })
+        .count();
     if missing > 0 {
         return Err(PromoterError::State(StateError::NotFound {
             what: format!("{missing} of the plan's tasks are not done; apply the plan again to resume"),
@@ -222,7 +238,10 @@ async fn promote(deps: &PromoterDeps, plan: &Plan) -> Result<(), PromoterError> 
             .connect(&gateway)
             .await
             .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
-        warehouse.promote(&updates).await.map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
+        warehouse
+            .promote(&updates)
+            .await
+            .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
         info!(gateway = %gateway, views = updates.len(), "views promoted");
     }
     let new_state = EnvironmentState {
@@ -257,7 +276,11 @@ pub async fn run(deps: PromoterDeps, shutdown: CancellationToken) -> Result<(), 
 }
 
 /// Refuses when another run holds the environment.
-async fn ensure_not_leased(state: &Arc<dyn StateStore>, environment: &EnvironmentName, now: Timestamp) -> Result<(), PromoterError> {
+async fn ensure_not_leased(
+    state: &Arc<dyn StateStore>,
+    environment: &EnvironmentName,
+    now: Timestamp,
+) -> Result<(), PromoterError> {
     if let Some(lease) = state.get_lease(environment).await?
         && lease.expires_at > now
     {
@@ -284,10 +307,9 @@ pub async fn rollback(
         .get_environment(environment)
         .await?
         .ok_or_else(|| StateError::NotFound { what: format!("environment {environment}") })?;
-    let previous = record
-        .previous
-        .clone()
-        .ok_or_else(|| StateError::NotFound { what: format!("an earlier plan of environment {environment} to roll back to") })?;
+    let previous = record.previous.clone().ok_or_else(|| StateError::NotFound {
+        what: format!("an earlier plan of environment {environment} to roll back to"),
+    })?;
     ensure_not_leased(state, environment, now).await?;
     let current_versions: BTreeMap<&ModelName, (&sluice_core::names::Version, &str)> =
         record.state.snapshots.iter().map(|s| (&s.name, (&s.version, s.gateway.as_str()))).collect();
@@ -313,9 +335,14 @@ pub async fn rollback(
         }
     }
     for (gateway, updates) in updates {
-        let mut warehouse =
-            warehouses.connect(&gateway).await.map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
-        warehouse.promote(&updates).await.map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
+        let mut warehouse = warehouses
+            .connect(&gateway)
+            .await
+            .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
+        warehouse
+            .promote(&updates)
+            .await
+            .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
     }
     let promotion = EnvironmentPromotion {
         state: &previous,
@@ -359,9 +386,14 @@ pub async fn janitor(
             });
         }
         for (gateway, updates) in updates {
-            let mut warehouse =
-                warehouses.connect(&gateway).await.map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
-            warehouse.promote(&updates).await.map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
+            let mut warehouse = warehouses
+                .connect(&gateway)
+                .await
+                .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
+            warehouse
+                .promote(&updates)
+                .await
+                .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
         }
         state.delete_environment(&record.state.name).await?;
         report.environments_removed += 1;
@@ -370,7 +402,9 @@ pub async fn janitor(
     let mut referenced: BTreeSet<(ModelName, sluice_core::names::Version)> = BTreeSet::new();
     for record in &kept {
         // What the environment shows, and what a rollback would show.
-        for snapshot in record.state.snapshots.iter().chain(record.previous.iter().flat_map(|previous| &previous.snapshots)) {
+        for snapshot in
+            record.state.snapshots.iter().chain(record.previous.iter().flat_map(|previous| &previous.snapshots))
+        {
             referenced.insert((snapshot.name.clone(), snapshot.version.clone()));
         }
     }

@@ -45,7 +45,9 @@ impl Notifier for StandardNotifier {
         match posted {
             Ok(Ok(())) => info!("run summary posted to the webhook"),
             // The URL may carry a token: the error's text is logged without it.
-            Ok(Err(error)) => warn!(error = %redact(&error.to_string()), "posting the run summary to the webhook failed"),
+            Ok(Err(error)) => {
+                warn!(error = %redact(&error.to_string()), "posting the run summary to the webhook failed")
+            }
             Err(error) => warn!(error = %error, "posting the run summary to the webhook failed"),
         }
     }

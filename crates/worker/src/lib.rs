@@ -123,7 +123,12 @@ impl Shared {
         };
         let context = cell
             .get_or_try_init(|| async {
-                let plan = self.deps.state.get_plan(plan_id).await?.ok_or_else(|| WorkerError::UnknownPlan(plan_id.clone()))?;
+                let plan = self
+                    .deps
+                    .state
+                    .get_plan(plan_id)
+                    .await?
+                    .ok_or_else(|| WorkerError::UnknownPlan(plan_id.clone()))?;
                 let context = tokio::task::spawn_blocking(move || RunContext::build(plan))
                     .await
                     .map_err(|error| WorkerError::Join(error.to_string()))?;
@@ -180,7 +185,12 @@ impl Slot {
     }
 
     /// Runs the task's statements once; the caller retries.
-    async fn execute_once(&mut self, context: &RunContext, task_index: u32, execution_time: Timestamp) -> Result<u64, EngineError> {
+    async fn execute_once(
+        &mut self,
+        context: &RunContext,
+        task_index: u32,
+        execution_time: Timestamp,
+    ) -> Result<u64, EngineError> {
         let task = context.graph.tasks[task_index as usize];
         let snapshot_index = task.snapshot as usize;
         let snapshot = &context.plan.snapshots[snapshot_index].snapshot;
@@ -275,15 +285,20 @@ impl Slot {
         let snapshot = &planned.snapshot;
 
         // Between tasks: an aborted run takes no more work.
-        if durable(self.shared.config.retry, "breaker", || async { Ok(deps.state.breaker(&message.plan_id).await?) }).await?.is_some() {
-            deps.events.publish(RunEvent::TaskAborted { run_id: message.run_id.clone(), task_index: index }).await?;
+        if durable(self.shared.config.retry, "breaker", || async { Ok(deps.state.breaker(&message.plan_id).await?) })
+            .await?
+            .is_some()
+        {
             delivery.ack().await?;
+            deps.events.publish(RunEvent::TaskAborted { run_id: message.run_id.clone(), task_index: index }).await?;
             return Ok(());
         }
 
         let key = (snapshot.name.clone(), snapshot.version.clone());
-        let recorded = durable(self.shared.config.retry, "intervals", || async { Ok(deps.state.get_intervals(std::slice::from_ref(&key)).await?) })
-            .await?;
+        let recorded = durable(self.shared.config.retry, "intervals", || async {
+            Ok(deps.state.get_intervals(std::slice::from_ref(&key)).await?)
+        })
+        .await?;
         let already_recorded = recorded.get(&key).is_some_and(|set| set.covers(task.interval));
         let (rows, retries, skipped) = if already_recorded {
             (0, 0, true)
@@ -297,7 +312,11 @@ impl Slot {
         };
 
         if !skipped {
-            let record = IntervalRecord { name: snapshot.name.clone(), version: snapshot.version.clone(), interval: task.interval };
+            let record = IntervalRecord {
+                name: snapshot.name.clone(),
+                version: snapshot.version.clone(),
+                interval: task.interval,
+            };
             durable(self.shared.config.retry, "record interval", || async {
                 deps.state.record_intervals(std::slice::from_ref(&record)).await?;
                 Ok(())
@@ -310,8 +329,10 @@ impl Slot {
         })
         .await?;
         let children: Vec<u32> = context.graph.children(index).collect();
-        let completion = durable(self.shared.config.retry, "gate", || async { Ok(deps.gate.complete(&message.run_id, index, &children).await?) })
-            .await?;
+        let completion = durable(self.shared.config.retry, "gate", || async {
+            Ok(deps.gate.complete(&message.run_id, index, &children).await?)
+        })
+        .await?;
         if completion.newly_done || delivery.redelivered || skipped {
             let ready: Vec<TaskMessage> = completion
                 .ready
@@ -329,25 +350,36 @@ impl Slot {
                 })
                 .collect();
             if !ready.is_empty() {
-                durable(self.shared.config.retry, "publish", || async { Ok(deps.queue.publish(&ready).await?) }).await?;
+                durable(self.shared.config.retry, "publish", || async { Ok(deps.queue.publish(&ready).await?) })
+                    .await?;
             }
         }
         if completion.newly_done {
             let intervals = if skipped { 0 } else { task.interval_count };
             durable(self.shared.config.retry, "progress", || async {
-                let progress = RunProgress { tasks_done: 1, intervals_done: u64::from(intervals), retries: u64::from(retries) };
+                let progress =
+                    RunProgress { tasks_done: 1, intervals_done: u64::from(intervals), retries: u64::from(retries) };
                 deps.state.add_run_progress(&message.run_id, progress).await?;
                 Ok(())
             })
             .await?;
         }
-        deps.events
-            .publish(RunEvent::TaskDone { run_id: message.run_id.clone(), task_index: index, intervals: task.interval_count, rows, retries, skipped })
-            .await?;
         if completion.run_complete {
-            deps.events.publish(RunEvent::RunSettled { run_id: message.run_id.clone(), plan_id: message.plan_id.clone() }).await?;
+            deps.events
+                .publish(RunEvent::RunSettled { run_id: message.run_id.clone(), plan_id: message.plan_id.clone() })
+                .await?;
         }
         delivery.ack().await?;
+        // Progress after the ack, so that a follower that sees it also sees the task settled.
+        let done = RunEvent::TaskDone {
+            run_id: message.run_id.clone(),
+            task_index: index,
+            intervals: task.interval_count,
+            rows,
+            retries,
+            skipped,
+        };
+        deps.events.publish(done).await?;
         Ok(())
     }
 
@@ -378,12 +410,17 @@ impl Slot {
         .await?;
         // The failed task and everything waiting for it will not run in this attempt.
         let settled_tasks = context.with_descendants(index);
-        let run_complete = durable(self.shared.config.retry, "gate skip", || async { Ok(deps.gate.skip(&message.run_id, &settled_tasks).await?) }).await?;
-        deps.events.publish(RunEvent::TaskFailed { run_id: message.run_id.clone(), task_index: index, error }).await?;
+        let run_complete = durable(self.shared.config.retry, "gate skip", || async {
+            Ok(deps.gate.skip(&message.run_id, &settled_tasks).await?)
+        })
+        .await?;
         if run_complete {
-            deps.events.publish(RunEvent::RunSettled { run_id: message.run_id.clone(), plan_id: message.plan_id.clone() }).await?;
+            deps.events
+                .publish(RunEvent::RunSettled { run_id: message.run_id.clone(), plan_id: message.plan_id.clone() })
+                .await?;
         }
         delivery.ack().await?;
+        deps.events.publish(RunEvent::TaskFailed { run_id: message.run_id.clone(), task_index: index, error }).await?;
         Ok(())
     }
 }
