@@ -10,8 +10,17 @@ fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/sushi")
 }
 
+/// Runs the binary with its state in a fresh temporary folder (never in the repository's example).
 fn sluice(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice")).args(args).env("SLUICE_LOG", "warn").output().unwrap()
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("state.db");
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .arg("--state")
+        .arg(&state_file)
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .unwrap()
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -1,6 +1,10 @@
 //! The `sluice` binary: every subcommand.
 
 mod bench;
+mod commands;
+mod context;
+mod embedded;
+mod progress;
 mod project_files;
 
 use std::collections::BTreeMap;
@@ -12,10 +16,8 @@ use clap::{Parser, Subcommand};
 use sluice_core::interval::{Interval, Timestamp};
 use sluice_core::names::{EnvironmentName, ModelName};
 use sluice_core::plan::{PlanContext, build_plan};
-use sluice_core::plan_text::format_plan;
 use sluice_core::project::load_project;
 use sluice_core::query::QueryTemplate;
-use sluice_core::task_graph::TaskGraph;
 
 #[derive(Parser, Debug)]
 #[command(name = "sluice", version, about = "Apply reviewed SQLMesh-format plans to SQL warehouses, at any scale")]
@@ -23,6 +25,13 @@ struct Cli {
     /// The project folder (with config.yaml and models/).
     #[arg(long, short = 'p', global = true, default_value = ".", env = "SLUICE_PROJECT")]
     project: PathBuf,
+    /// The state store: a PostgreSQL URL or a SQLite file (default: the default gateway's
+    /// state_connection, else .sluice/state.db in the project).
+    #[arg(long, global = true, env = "SLUICE_STATE_URL", hide_env_values = true)]
+    state: Option<String>,
+    /// Workers per gateway in embedded mode (default: the number of cores).
+    #[arg(long, global = true)]
+    workers: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,7 +52,22 @@ enum Command {
         /// The plan's time (default now): intervals end at or before it. A date or timestamp, UTC.
         #[arg(long)]
         now: Option<String>,
+        /// Apply without asking.
+        #[arg(long)]
+        auto_apply: bool,
     },
+    /// Apply a stored plan (or resume one that failed or was aborted).
+    Apply { plan_id: String },
+    /// Stop a plan's run between intervals: trips its breaker and drains its queued tasks.
+    Abort { plan_id: String },
+    /// A plan's runs and failures, or (without an id) the environments and recent runs.
+    Status { plan_id: Option<String> },
+    /// Point an environment's views back at the plan it showed before (no backfill).
+    Rollback { environment: String },
+    /// Drop expired environments and physical tables nothing references.
+    Janitor,
+    /// List the environments.
+    Environments,
     /// Print a model's executable SQL for one interval (physical tables, embedded models inlined).
     Render {
         /// The model, schema.table.
@@ -89,32 +113,6 @@ fn now_or(text: Option<&str>) -> Result<Timestamp> {
     }
 }
 
-fn plan_command(cli: &Cli, environment: &str, explain: bool, forward_only: bool, now: Option<&str>) -> Result<()> {
-    let environment = EnvironmentName::parse(environment).map_err(|message| anyhow!("environment: {message}"))?;
-    let files = project_files::read_project_files(&cli.project)?;
-    let project = load_project(&files).map_err(|errors| anyhow!("{}", errors.to_string().trim_end()))?;
-    for warning in &project.warnings {
-        tracing::warn!("{warning}");
-    }
-    let now = now_or(now)?;
-    // State arrives with the embedded-apply work; until then every environment is planned as new.
-    let known = BTreeMap::new();
-    let recorded = BTreeMap::new();
-    let context = PlanContext {
-        environment: &environment,
-        current: None,
-        base: None,
-        known_snapshots: &known,
-        recorded_intervals: &recorded,
-        now,
-        forward_only,
-    };
-    let plan = build_plan(&project, context);
-    let graph = explain.then(|| TaskGraph::build(&plan));
-    print!("{}", format_plan(&plan, None, graph.as_ref()));
-    Ok(())
-}
-
 fn render_command(cli: &Cli, model: &str, start: Option<&str>, end: Option<&str>) -> Result<()> {
     let name = ModelName::parse(model).map_err(|message| anyhow!("model: {message}"))?;
     let files = project_files::read_project_files(&cli.project)?;
@@ -158,19 +156,40 @@ fn render_command(cli: &Cli, model: &str, start: Option<&str>, end: Option<&str>
     Ok(())
 }
 
-fn run(cli: &Cli) -> Result<()> {
+async fn run(cli: &Cli) -> Result<ExitCode> {
+    let workers = cli.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let common = commands::Common { project: &cli.project, state: cli.state.as_deref(), workers };
+    let exit = |outcome: commands::ApplyExit| match outcome {
+        commands::ApplyExit::Success => ExitCode::SUCCESS,
+        commands::ApplyExit::Failed => ExitCode::from(1),
+        commands::ApplyExit::Aborted => ExitCode::from(2),
+    };
+    let done = |result: Result<()>| result.map(|()| ExitCode::SUCCESS);
     match &cli.command {
-        Command::Plan { environment, explain, forward_only, now } => {
-            plan_command(cli, environment, *explain, *forward_only, now.as_deref())
+        Command::Plan { environment, explain, forward_only, now, auto_apply } => {
+            let options = commands::PlanOptions {
+                environment,
+                explain: *explain,
+                forward_only: *forward_only,
+                now: now_or(now.as_deref())?,
+                auto_apply: *auto_apply,
+            };
+            commands::plan(&common, &options).await.map(exit)
         }
-        Command::Render { model, start, end } => render_command(cli, model, start.as_deref(), end.as_deref()),
+        Command::Apply { plan_id } => commands::apply(&common, plan_id).await.map(exit),
+        Command::Abort { plan_id } => done(commands::abort(&common, plan_id).await),
+        Command::Status { plan_id } => done(commands::status(&common, plan_id.as_deref()).await),
+        Command::Rollback { environment } => done(commands::rollback(&common, environment).await),
+        Command::Janitor => done(commands::janitor(&common).await),
+        Command::Environments => done(commands::list_environments(&common).await),
+        Command::Render { model, start, end } => done(render_command(cli, model, start.as_deref(), end.as_deref())),
         Command::Bench(BenchCommand::Plan { models, layers, intervals, recorded }) => {
-            bench::bench_plan(bench::PlanBenchConfig {
+            done(bench::bench_plan(bench::PlanBenchConfig {
                 models: *models,
                 layers: *layers,
                 intervals: *intervals,
                 recorded: *recorded,
-            })
+            }))
         }
     }
 }
@@ -181,8 +200,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: could not start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&cli)) {
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE

@@ -11,10 +11,12 @@ use sluice_core::names::PhysicalTable;
 #[cfg(feature = "duckdb")]
 pub mod duckdb_adapter;
 mod error;
+mod factory;
 pub mod postgres_adapter;
 mod sql;
 
 pub use error::EngineError;
+pub use factory::WarehouseFactory;
 
 /// One warehouse connection, held by one worker (or the promoter) for a whole run.
 ///

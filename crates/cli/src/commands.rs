@@ -1,0 +1,301 @@
+//! The subcommands that read and change state: plan, apply, abort, status, rollback, janitor,
+//! environments.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Result, anyhow};
+use sluice_coordinator::{ApplyOutcome, CoordinatorDeps};
+use sluice_core::interval::Timestamp;
+use sluice_core::names::{EnvironmentName, PlanId};
+use sluice_core::plan::{PlanContext, build_plan};
+use sluice_core::plan_text::format_plan;
+use sluice_core::snapshot::fingerprint_project;
+use sluice_core::task_graph::TaskGraph;
+use sluice_state::{RunStatus, StateStore};
+use sluice_worker::retry::RetryPolicy;
+
+use crate::context::{ProjectContext, ProjectWarehouses, open_state, state_location};
+use crate::embedded::{EmbeddedApply, apply as apply_embedded};
+
+/// Settings every state-touching command shares.
+pub struct Common<'a> {
+    pub project: &'a Path,
+    pub state: Option<&'a str>,
+    pub workers: usize,
+}
+
+pub fn now() -> Timestamp {
+    let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Timestamp(seconds as i64)
+}
+
+fn user() -> String {
+    std::env::var("SLUICE_USER").or_else(|_| std::env::var("USER")).unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// The exit status of an apply: 0 promoted or nothing to do, 1 failed, 2 aborted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyExit {
+    Success,
+    Failed,
+    Aborted,
+}
+
+pub struct PlanOptions<'a> {
+    pub environment: &'a str,
+    pub explain: bool,
+    pub forward_only: bool,
+    pub now: Timestamp,
+    pub auto_apply: bool,
+}
+
+fn open_context(common: &Common<'_>) -> Result<ProjectContext> {
+    ProjectContext::load(common.project)
+}
+
+async fn state_of(common: &Common<'_>, context: Option<&ProjectContext>) -> Result<Arc<dyn StateStore>> {
+    let config = context.map(|context| &context.project.config);
+    let location = state_location(common.state, config, common.project)?;
+    open_state(&location).await
+}
+
+fn warehouses(context: &ProjectContext) -> Arc<ProjectWarehouses> {
+    Arc::new(ProjectWarehouses { gateways: context.project.config.gateways.clone(), root: context.root.clone() })
+}
+
+pub async fn plan(common: &Common<'_>, options: &PlanOptions<'_>) -> Result<ApplyExit> {
+    let environment =
+        EnvironmentName::parse(options.environment).map_err(|message| anyhow!("environment: {message}"))?;
+    let context = open_context(common)?;
+    let state = state_of(common, Some(&context)).await?;
+    let project = &context.project;
+    let current = state.get_environment(&environment).await?;
+    let prod = if environment.is_prod() { None } else { state.get_environment(&EnvironmentName::prod()).await? };
+    let current_state = current.as_ref().map(|record| record.state.clone());
+    let base = current_state.clone().or_else(|| prod.map(|record| record.state));
+    let ids: Vec<_> =
+        fingerprint_project(project).iter().map(|(name, fingerprint)| fingerprint.snapshot_id(name)).collect();
+    let known = state.get_snapshots(&ids).await?;
+    // Versions are decided by the plan; plan once to learn them, then with their intervals.
+    let mut recorded = BTreeMap::new();
+    let make = |recorded: &BTreeMap<_, _>| {
+        build_plan(
+            project,
+            PlanContext {
+                environment: &environment,
+                current: current_state.as_ref(),
+                base: base.as_ref(),
+                known_snapshots: &known,
+                recorded_intervals: recorded,
+                now: options.now,
+                forward_only: options.forward_only,
+            },
+        )
+    };
+    let draft = make(&recorded);
+    let keys: Vec<_> = draft
+        .snapshots
+        .iter()
+        .map(|planned| (planned.snapshot.name.clone(), planned.snapshot.version.clone()))
+        .collect();
+    recorded = state.get_intervals(&keys).await?;
+    let plan = make(&recorded);
+    let graph = options.explain.then(|| TaskGraph::build(&plan));
+    print!("{}", format_plan(&plan, current_state.as_ref(), graph.as_ref()));
+    if plan.has_nothing_to_do(current_state.as_ref()) {
+        println!("\nNothing to do: environment {environment} already matches the project.");
+        return Ok(ApplyExit::Success);
+    }
+    state.put_plan(&plan).await?;
+    println!("\nStored as plan {}; apply it later with `sluice apply {}`.", plan.id, plan.id);
+    if !plan.uncategorized().is_empty() {
+        return Ok(ApplyExit::Success);
+    }
+    let confirmed = if options.auto_apply {
+        true
+    } else if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+        print!("Apply? [y/N] ");
+        std::io::stdout().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        matches!(answer.trim(), "y" | "Y" | "yes")
+    } else {
+        false
+    };
+    if !confirmed {
+        return Ok(ApplyExit::Success);
+    }
+    run_apply(common, &context, state, &plan.id).await
+}
+
+async fn run_apply(
+    common: &Common<'_>,
+    context: &ProjectContext,
+    state: Arc<dyn StateStore>,
+    plan_id: &PlanId,
+) -> Result<ApplyExit> {
+    let settings = EmbeddedApply { workers: common.workers, user: user(), retry: RetryPolicy::default() };
+    let outcome = apply_embedded(&settings, state, warehouses(context), plan_id).await?;
+    match outcome {
+        ApplyOutcome::NothingToDo(reason) => {
+            println!("{reason}");
+            Ok(ApplyExit::Success)
+        }
+        ApplyOutcome::Detached(run) => {
+            println!("run {run} continues in the background");
+            Ok(ApplyExit::Success)
+        }
+        ApplyOutcome::Finished(run) => {
+            let seconds = run.finished_at.map_or(0, |end| end.0 - run.started_at.0);
+            println!(
+                "run {}: {} — {} tasks, {} intervals, {} retries, {seconds} s",
+                run.id, run.status, run.tasks_done, run.intervals_done, run.retries
+            );
+            match run.status {
+                RunStatus::Succeeded => Ok(ApplyExit::Success),
+                RunStatus::Aborted => {
+                    println!("the run was aborted; `sluice apply {}` resumes it", run.plan_id);
+                    Ok(ApplyExit::Aborted)
+                }
+                RunStatus::Failed | RunStatus::Running => {
+                    if let Some(error) = &run.error {
+                        eprintln!("error: {error}");
+                    }
+                    println!("finished intervals are kept; fix the cause and `sluice apply {}` resumes", run.plan_id);
+                    Ok(ApplyExit::Failed)
+                }
+            }
+        }
+    }
+}
+
+pub async fn apply(common: &Common<'_>, plan_id: &str) -> Result<ApplyExit> {
+    let context = open_context(common)?;
+    let state = state_of(common, Some(&context)).await?;
+    run_apply(common, &context, state, &PlanId(plan_id.to_string())).await
+}
+
+pub async fn abort(common: &Common<'_>, plan_id: &str) -> Result<()> {
+    let context = open_context(common).ok();
+    let state = state_of(common, context.as_ref()).await?;
+    let queue = Arc::new(sluice_queue::memory::MemoryQueue::new());
+    let deps = CoordinatorDeps {
+        state,
+        queue,
+        gate: Arc::new(sluice_queue::memory::MemoryGate::new()),
+        events: Arc::new(sluice_queue::memory::MemoryEvents::new()),
+        gateways: Arc::new(ProjectWarehouses { gateways: BTreeMap::new(), root: common.project.to_path_buf() }),
+    };
+    let outcome = sluice_coordinator::abort(&deps, &PlanId(plan_id.to_string()), "aborted by `sluice abort`").await?;
+    match outcome.run {
+        Some(run) => println!("plan {plan_id}: breaker tripped; run {} stops between intervals", run.id),
+        None => println!("plan {plan_id}: breaker tripped; it has no run yet"),
+    }
+    Ok(())
+}
+
+pub async fn status(common: &Common<'_>, plan_id: Option<&str>) -> Result<()> {
+    let context = open_context(common).ok();
+    let state = state_of(common, context.as_ref()).await?;
+    match plan_id {
+        Some(plan_id) => {
+            let plan_id = PlanId(plan_id.to_string());
+            let Some(plan) = state.get_plan(&plan_id).await? else {
+                return Err(anyhow!("no plan {plan_id} in the state store"));
+            };
+            println!("plan {} for environment {} ({} tasks)", plan.id, plan.environment, plan.task_count());
+            if let Some(reason) = state.breaker(&plan.id).await? {
+                println!("  breaker tripped: {reason}");
+            }
+            let runs = state.runs_of_plan(&plan.id).await?;
+            if runs.is_empty() {
+                println!("  not applied yet");
+            }
+            for run in runs {
+                println!(
+                    "  run {}: {} (started {}, {} tasks, {} intervals, {} retries){}",
+                    run.id,
+                    run.status,
+                    run.started_at,
+                    run.tasks_done,
+                    run.intervals_done,
+                    run.retries,
+                    run.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                );
+                for failure in state.task_failures(&run.id).await? {
+                    println!(
+                        "    failed {} {} after {} attempts: {}",
+                        failure.model, failure.interval, failure.attempts, failure.error
+                    );
+                }
+            }
+        }
+        None => {
+            environments(&state).await?;
+            println!("\nrecent runs:");
+            for entry in state.list_audit(10).await? {
+                println!(
+                    "  {} plan {} run {} on {}: {} ({} intervals, {} retries)",
+                    entry.finished_at,
+                    entry.plan_id,
+                    entry.run_id,
+                    entry.environment,
+                    entry.outcome,
+                    entry.intervals,
+                    entry.retries
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn environments(state: &Arc<dyn StateStore>) -> Result<()> {
+    let records = state.list_environments().await?;
+    if records.is_empty() {
+        println!("no environments yet");
+    }
+    for record in records {
+        let expires = record.expires_at.map_or("never".to_string(), |at| at.to_string());
+        println!(
+            "{}: plan {}, {} models, updated {}, expires {expires}",
+            record.state.name,
+            record.state.plan_id.as_ref().map_or("none".to_string(), ToString::to_string),
+            record.state.snapshots.len(),
+            record.updated_at
+        );
+    }
+    Ok(())
+}
+
+pub async fn list_environments(common: &Common<'_>) -> Result<()> {
+    let context = open_context(common).ok();
+    let state = state_of(common, context.as_ref()).await?;
+    environments(&state).await
+}
+
+pub async fn rollback(common: &Common<'_>, environment: &str) -> Result<()> {
+    let environment = EnvironmentName::parse(environment).map_err(|message| anyhow!("environment: {message}"))?;
+    let context = open_context(common)?;
+    let state = state_of(common, Some(&context)).await?;
+    let restored = sluice_promoter::rollback(&state, warehouses(&context).as_ref(), &environment, now()).await?;
+    println!(
+        "environment {environment} points at plan {} again",
+        restored.map_or("none".to_string(), |id| id.to_string())
+    );
+    Ok(())
+}
+
+pub async fn janitor(common: &Common<'_>) -> Result<()> {
+    let context = open_context(common)?;
+    let state = state_of(common, Some(&context)).await?;
+    let report = sluice_promoter::janitor(&state, warehouses(&context).as_ref(), now()).await?;
+    println!(
+        "janitor: {} expired environments removed, {} physical tables dropped",
+        report.environments_removed, report.tables_dropped
+    );
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! Test sandboxes: a copy of the example project in a temporary folder, run with the real
+//! `sluice` binary against embedded DuckDB + SQLite state, or against a PostgreSQL gateway and
+//! PostgreSQL state on the local server (a fresh database for each test).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sluice_core::config::parse_config;
+use sluice_engine::Warehouse;
+use sqlx::Connection;
+
+pub const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// DuckDB warehouse, SQLite state in `.sluice/`.
+    Embedded,
+    /// PostgreSQL warehouse and PostgreSQL state, each in a fresh database.
+    Postgres,
+}
+
+pub struct Sandbox {
+    pub folder: tempfile::TempDir,
+    pub project: PathBuf,
+    pub backend: Backend,
+    databases: Vec<String>,
+}
+
+fn copy_folder(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || name.ends_with(".duckdb") || name.ends_with(".wal") {
+            continue;
+        }
+        let target = to.join(&*name);
+        if entry.path().is_dir() {
+            copy_folder(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+async fn create_database(name: &str) {
+    let mut admin =
+        sqlx::PgConnection::connect(POSTGRES_ADMIN_URL).await.expect("PostgreSQL must run on 127.0.0.1:5432");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(&mut admin).await.unwrap();
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}_{}_{nanos}", std::process::id())
+}
+
+impl Sandbox {
+    /// A copy of `examples/sushi` for `backend`.
+    pub async fn new(backend: Backend) -> Sandbox {
+        let folder = tempfile::tempdir().unwrap();
+        let project = folder.path().join("sushi");
+        copy_folder(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/sushi"), &project);
+        let mut databases = Vec::new();
+        if backend == Backend::Postgres {
+            let warehouse = unique("sluice_e2e_wh");
+            let state = unique("sluice_e2e_state");
+            create_database(&warehouse).await;
+            create_database(&state).await;
+            let config = std::fs::read_to_string(project.join("config.yaml")).unwrap();
+            let config = config
+                .replace(
+                    "      type: duckdb\n      database: sushi.duckdb\n",
+                    &format!(
+                        "      type: postgres\n      host: 127.0.0.1\n      port: 5432\n      user: postgres\n      database: {warehouse}\n    state_connection:\n      type: postgres\n      host: 127.0.0.1\n      port: 5432\n      user: postgres\n      database: {state}\n"
+                    ),
+                )
+                .replace("dialect: duckdb", "dialect: postgres");
+            assert!(config.contains("type: postgres"), "{config}");
+            std::fs::write(project.join("config.yaml"), config).unwrap();
+            databases = vec![warehouse, state];
+        }
+        Sandbox { folder, project, backend, databases }
+    }
+
+    pub fn write(&self, relative: &str, text: &str) {
+        let path = self.project.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    pub fn read(&self, relative: &str) -> String {
+        std::fs::read_to_string(self.project.join(relative)).unwrap()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        command.arg("--project").arg(&self.project).args(args).env("SLUICE_LOG", "warn").env_remove("SLUICE_STATE_URL");
+        command
+    }
+
+    /// Runs `sluice` to completion.
+    pub fn sluice(&self, args: &[&str]) -> Run {
+        let output = self.command(args).stdin(Stdio::null()).output().unwrap();
+        Run::from(output)
+    }
+
+    /// Starts `sluice` and returns the child with piped stdout.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+
+    /// A connection to the project's warehouse (drop it before running `sluice` again: DuckDB
+    /// allows one process per file).
+    pub async fn warehouse(&self) -> Box<dyn Warehouse> {
+        let config = parse_config("config.yaml", &self.read("config.yaml")).config.unwrap();
+        let gateway = &config.gateways[&config.default_gateway];
+        sluice_engine::connect(gateway, &self.project).await.unwrap()
+    }
+
+    pub async fn count(&self, relation: &str) -> i64 {
+        let mut warehouse = self.warehouse().await;
+        warehouse.query_i64(&format!("SELECT COUNT(*) FROM {relation}")).await.unwrap().unwrap()
+    }
+
+    pub async fn view_target(&self, schema: &str, name: &str) -> Option<String> {
+        let mut warehouse = self.warehouse().await;
+        warehouse.view_target(schema, name).await.unwrap()
+    }
+
+    pub async fn table_exists(&self, schema: &str, table: &str) -> bool {
+        let mut warehouse = self.warehouse().await;
+        let sql = format!(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = '{schema}' AND table_name = '{table}'"
+        );
+        warehouse.query_i64(&sql).await.unwrap() == Some(1)
+    }
+
+    pub async fn execute(&self, sql: &str) {
+        let mut warehouse = self.warehouse().await;
+        warehouse.execute(sql).await.unwrap();
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let databases = std::mem::take(&mut self.databases);
+        if databases.is_empty() {
+            return;
+        }
+        // Best effort: a fresh runtime on another thread, since drop may run inside one.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL).await {
+                    for database in databases {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+                        )))
+                        .execute(&mut admin)
+                        .await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A finished `sluice` process.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(output: Output) -> Run {
+        Run {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    pub fn success(&self) -> &Run {
+        assert_eq!(self.code, Some(0), "stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+
+    /// The id `plan` stored the plan under.
+    pub fn plan_id(&self) -> String {
+        let line = self.stdout.lines().find(|line| line.starts_with("Stored as plan ")).unwrap_or_else(|| {
+            panic!("no stored plan in:\n{}\n{}", self.stdout, self.stderr);
+        });
+        line.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string()
+    }
+
+    /// The physical table a plan points `view` at (`schema.table -> physical`).
+    pub fn physical_of(&self, view: &str) -> String {
+        let prefix = format!("  {view} -> ");
+        let line = self.stdout.lines().find(|line| line.starts_with(&prefix)).unwrap_or_else(|| {
+            panic!("no view line for {view} in:\n{}", self.stdout);
+        });
+        line.trim_start_matches(&prefix).to_string()
+    }
+
+    pub fn contains(&self, text: &str) -> bool {
+        self.stdout.contains(text) || self.stderr.contains(text)
+    }
+}
+
+/// Reads a child's stdout until a line starts with `prefix`; returns the line.
+pub fn read_until(child: &mut Child, prefix: &str) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let mut reader = BufReader::new(stdout);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let read = reader.read_line(&mut line).unwrap();
+        assert!(read > 0, "the process ended before printing {prefix:?}");
+        if line.starts_with(prefix) {
+            // Keep draining in the background so that the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in reader.lines() {});
+            return line.trim_end().to_string();
+        }
+    }
+}
+
+/// Waits for `condition` to hold, checking again after each check, up to `deadline`.
+pub fn wait_for(what: &str, deadline: Duration, mut condition: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < deadline, "timed out waiting for {what}");
+    }
+}
+
+/// A one-request HTTP endpoint on 127.0.0.1: returns its URL and a receiver of the request body.
+pub fn webhook() -> (String, std::sync::mpsc::Receiver<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = Vec::new();
+        let mut buffer = [0u8; 4096];
+        loop {
+            let read = stream.read(&mut buffer).unwrap();
+            if read == 0 {
+                break;
+            }
+            request.extend_from_slice(&buffer[..read]);
+            let text = String::from_utf8_lossy(&request).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|line| {
+                        line.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    })
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
+                    sender.send(body.to_string()).unwrap();
+                    break;
+                }
+            }
+        }
+    });
+    (url, receiver)
+}
