@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, PlanId, RunId};
 use sluice_core::plan::{Change, Plan};
-use sluice_core::task_graph::TaskGraph;
+use sluice_core::task_graph::{TaskGraph, finished_tasks, task_tables};
 use sluice_queue::{DependencyGate, EventBus, QueueError, RunEvent, TaskMessage, TaskQueue};
 use sluice_state::{RunRecord, RunStart, StateError, StateStore};
 use tokio_util::sync::CancellationToken;
@@ -210,19 +210,8 @@ pub async fn apply(
         .await
         .map_err(|error| ApplyError::Join(error.to_string()))?;
     let done_ids = state.done_tasks_of_plan(&plan.id).await?;
-    let keys: Vec<_> = plan
-        .snapshots
-        .iter()
-        .filter(|planned| !planned.batches.is_empty())
-        .map(|planned| (planned.snapshot.name.clone(), planned.snapshot.version.clone()))
-        .collect();
-    let recorded = state.get_intervals(&keys).await?;
-    let mut done = vec![false; graph.len()];
-    for (index, task) in graph.tasks.iter().enumerate() {
-        let snapshot = &plan.snapshots[task.snapshot as usize].snapshot;
-        let key = (snapshot.name.clone(), snapshot.version.clone());
-        done[index] = done_ids.contains(&task.id) || recorded.get(&key).is_some_and(|set| set.covers(task.interval));
-    }
+    let recorded = state.get_intervals(&task_tables(&plan)).await?;
+    let done = finished_tasks(&plan, &graph, &done_ids, &recorded);
     let mut unfinished_parents = vec![0u32; graph.len()];
     for (index, slot) in unfinished_parents.iter_mut().enumerate() {
         *slot = graph.parents(index as u32).filter(|parent| !done[*parent as usize]).count() as u32;

@@ -6,12 +6,14 @@
 //! for all of its parents' tasks; the batches of unique-key and self-referencing models run in
 //! order. Tasks are numbered parents first, so the numbering is itself a topological order.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use petgraph::Direction;
 use petgraph::graph::{DiGraph, NodeIndex};
 
-use crate::interval::Interval;
+use crate::interval::{Interval, IntervalSet};
 use crate::model::ModelKind;
-use crate::names::TaskId;
+use crate::names::{ModelName, TaskId, Version};
 use crate::plan::Plan;
 
 /// One unit of backfill work.
@@ -168,6 +170,34 @@ impl TaskGraph {
     }
 }
 
+/// The physical tables (model, version) a plan's tasks write.
+pub fn task_tables(plan: &Plan) -> Vec<(ModelName, Version)> {
+    plan.snapshots
+        .iter()
+        .filter(|planned| !planned.batches.is_empty())
+        .map(|planned| (planned.snapshot.name.clone(), planned.snapshot.version.clone()))
+        .collect()
+}
+
+/// Which tasks are finished: recorded done by a run of the plan, or their interval is recorded
+/// for their physical table (by any plan sharing it).
+pub fn finished_tasks(
+    plan: &Plan,
+    graph: &TaskGraph,
+    done: &BTreeSet<TaskId>,
+    recorded: &BTreeMap<(ModelName, Version), IntervalSet>,
+) -> Vec<bool> {
+    graph
+        .tasks
+        .iter()
+        .map(|task| {
+            let snapshot = &plan.snapshots[task.snapshot as usize].snapshot;
+            let key = (snapshot.name.clone(), snapshot.version.clone());
+            done.contains(&task.id) || recorded.get(&key).is_some_and(|set| set.covers(task.interval))
+        })
+        .collect()
+}
+
 /// In-degree counters: completing a task returns the children it made ready, in O(children).
 #[derive(Debug, Clone)]
 pub struct Readiness {
@@ -213,8 +243,6 @@ impl Readiness {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeMap, BTreeSet};
-
     use proptest::prelude::*;
 
     use super::*;

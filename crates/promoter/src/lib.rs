@@ -13,7 +13,7 @@ use serde::Serialize;
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, ModelName, PlanId};
 use sluice_core::plan::{EnvironmentState, Plan, ViewChange};
-use sluice_core::task_graph::TaskGraph;
+use sluice_core::task_graph::{TaskGraph, finished_tasks, task_tables};
 use sluice_engine::{EngineError, ViewUpdate, WarehouseFactory};
 use sluice_queue::{EventBus, QueueError, RunEvent, RunId};
 use sluice_state::{AuditEntry, EnvironmentPromotion, RunOutcome, RunRecord, RunStatus, StateError, StateStore};
@@ -201,22 +201,8 @@ async fn promote(deps: &PromoterDeps, plan: &Plan) -> Result<(), PromoterError> 
     // A task is finished when a run recorded it, or when its interval is recorded (by a run of
     // another plan that shares the physical table).
     let done = state.done_tasks_of_plan(&plan.id).await?;
-    let keys: Vec<_> = plan
-        .snapshots
-        .iter()
-        .filter(|planned| !planned.batches.is_empty())
-        .map(|planned| (planned.snapshot.name.clone(), planned.snapshot.version.clone()))
-        .collect();
-    let recorded = state.get_intervals(&keys).await?;
-    let missing = graph
-        .tasks
-        .iter()
-        .filter(|task| {
-            let snapshot = &plan.snapshots[task.snapshot as usize].snapshot;
-            let key = (snapshot.name.clone(), snapshot.version.clone());
-            !done.contains(&task.id) && !recorded.get(&key).is_some_and(|set| set.covers(task.interval))
-        })
-        .count();
+    let recorded = state.get_intervals(&task_tables(plan)).await?;
+    let missing = finished_tasks(plan, &graph, &done, &recorded).iter().filter(|finished| !**finished).count();
     if missing > 0 {
         return Err(PromoterError::State(StateError::NotFound {
             what: format!("{missing} of the plan's tasks are not done; apply the plan again to resume"),
@@ -232,18 +218,7 @@ async fn promote(deps: &PromoterDeps, plan: &Plan) -> Result<(), PromoterError> 
             actual: current_plan,
         }));
     }
-    for (gateway, updates) in updates_by_gateway(plan, current_state) {
-        let mut warehouse = deps
-            .warehouses
-            .connect(&gateway)
-            .await
-            .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
-        warehouse
-            .promote(&updates)
-            .await
-            .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
-        info!(gateway = %gateway, views = updates.len(), "views promoted");
-    }
+    swap_views(deps.warehouses.as_ref(), updates_by_gateway(plan, current_state)).await?;
     let new_state = EnvironmentState {
         name: plan.environment.clone(),
         plan_id: Some(plan.id.clone()),
@@ -272,6 +247,20 @@ pub async fn run(deps: PromoterDeps, shutdown: CancellationToken) -> Result<(), 
         }
     }
     info!("promoter stopped");
+    Ok(())
+}
+
+/// Applies view updates, one transaction per gateway.
+async fn swap_views(
+    warehouses: &dyn WarehouseFactory,
+    updates: BTreeMap<String, Vec<ViewUpdate>>,
+) -> Result<(), PromoterError> {
+    for (gateway, updates) in updates {
+        let failed = |source| PromoterError::Warehouse { gateway: gateway.clone(), source };
+        let mut warehouse = warehouses.connect(&gateway).await.map_err(failed)?;
+        warehouse.promote(&updates).await.map_err(failed)?;
+        info!(gateway = %gateway, views = updates.len(), "views swapped");
+    }
     Ok(())
 }
 
@@ -334,16 +323,7 @@ pub async fn rollback(
             });
         }
     }
-    for (gateway, updates) in updates {
-        let mut warehouse = warehouses
-            .connect(&gateway)
-            .await
-            .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
-        warehouse
-            .promote(&updates)
-            .await
-            .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
-    }
+    swap_views(warehouses, updates).await?;
     let promotion = EnvironmentPromotion {
         state: &previous,
         expected_plan: record.state.plan_id.as_ref(),
@@ -385,16 +365,7 @@ pub async fn janitor(
                 target: None,
             });
         }
-        for (gateway, updates) in updates {
-            let mut warehouse = warehouses
-                .connect(&gateway)
-                .await
-                .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
-            warehouse
-                .promote(&updates)
-                .await
-                .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
-        }
+        swap_views(warehouses, updates).await?;
         state.delete_environment(&record.state.name).await?;
         report.environments_removed += 1;
     }
