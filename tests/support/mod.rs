@@ -74,7 +74,7 @@ impl Sandbox {
             let config = std::fs::read_to_string(project.join("config.yaml")).unwrap();
             let config = config
                 .replace(
-                    "      type: duckdb\n      database: sushi.duckdb\n",
+                    "      type: duckdb\n      database: warehouse.duckdb\n",
                     &format!(
                         "      type: postgres\n      host: 127.0.0.1\n      port: 5432\n      user: postgres\n      database: {warehouse}\n    state_connection:\n      type: postgres\n      host: 127.0.0.1\n      port: 5432\n      user: postgres\n      database: {state}\n"
                     ),
