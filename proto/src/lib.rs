@@ -74,6 +74,11 @@ pub enum WireRunEvent {
         run_id: String,
         outcome: String,
     },
+    /// A worker is executing the task (sent when it starts and then as a heartbeat).
+    TaskRunning {
+        run_id: String,
+        task_index: u32,
+    },
 }
 
 /// Bytes that are not a message of this format.
@@ -163,7 +168,8 @@ mod tests {
             },
             WireRunEvent::TaskAborted { run_id: run_id.clone(), task_index: 5 },
             WireRunEvent::RunSettled { run_id: run_id.clone(), plan_id: "plan-1".into() },
-            WireRunEvent::RunFinished { run_id, outcome: "promoted".into() },
+            WireRunEvent::RunFinished { run_id: run_id.clone(), outcome: "promoted".into() },
+            WireRunEvent::TaskRunning { run_id, task_index: 6 },
         ]
     }
 

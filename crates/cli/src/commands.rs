@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Result, anyhow};
-use sluice_coordinator::{ApplyOutcome, CoordinatorDeps};
+use sluice_coordinator::ApplyOutcome;
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, PlanId};
 use sluice_core::plan::{PlanContext, build_plan};
@@ -18,6 +18,7 @@ use sluice_state::{RunStatus, StateStore};
 use sluice_worker::retry::RetryPolicy;
 
 use crate::context::{ProjectContext, ProjectWarehouses, open_state, state_location};
+use crate::distributed::{DistributedApply, Services};
 use crate::embedded::{EmbeddedApply, apply as apply_embedded};
 
 /// Settings every state-touching command shares.
@@ -25,6 +26,8 @@ pub struct Common<'a> {
     pub project: &'a Path,
     pub state: Option<&'a str>,
     pub workers: usize,
+    /// Distributed mode's services; `None` runs every role in this process.
+    pub services: Option<Services>,
 }
 
 pub fn now() -> Timestamp {
@@ -128,7 +131,7 @@ pub async fn plan(common: &Common<'_>, options: &PlanOptions<'_>) -> Result<Appl
     if !confirmed {
         return Ok(ApplyExit::Success);
     }
-    run_apply(common, &context, state, &plan.id).await
+    run_apply(common, &context, state, &plan.id, false).await
 }
 
 async fn run_apply(
@@ -136,16 +139,30 @@ async fn run_apply(
     context: &ProjectContext,
     state: Arc<dyn StateStore>,
     plan_id: &PlanId,
+    detach: bool,
 ) -> Result<ApplyExit> {
-    let settings = EmbeddedApply { workers: common.workers, user: user(), retry: RetryPolicy::default() };
-    let outcome = apply_embedded(&settings, state, warehouses(context), plan_id).await?;
+    let outcome = match &common.services {
+        Some(services) => {
+            let settings = DistributedApply { user: user(), detach };
+            crate::distributed::apply(services, &settings, state, warehouses(context), plan_id).await?
+        }
+        None => {
+            if detach {
+                return Err(anyhow!(
+                    "--detach needs distributed mode (--amqp-url and --redis-url): in embedded mode the run lives in this process"
+                ));
+            }
+            let settings = EmbeddedApply { workers: common.workers, user: user(), retry: RetryPolicy::default() };
+            apply_embedded(&settings, state, warehouses(context), plan_id).await?
+        }
+    };
     match outcome {
         ApplyOutcome::NothingToDo(reason) => {
             println!("{reason}");
             Ok(ApplyExit::Success)
         }
         ApplyOutcome::Detached(run) => {
-            println!("run {run} continues in the background");
+            println!("run {run} continues without this process; `sluice status {plan_id}` follows it");
             Ok(ApplyExit::Success)
         }
         ApplyOutcome::Finished(run) => {
@@ -172,25 +189,48 @@ async fn run_apply(
     }
 }
 
-pub async fn apply(common: &Common<'_>, plan_id: &str) -> Result<ApplyExit> {
+pub async fn apply(common: &Common<'_>, plan_id: &str, detach: bool) -> Result<ApplyExit> {
     let context = open_context(common)?;
     let state = state_of(common, Some(&context)).await?;
-    run_apply(common, &context, state, &PlanId(plan_id.to_string())).await
+    run_apply(common, &context, state, &PlanId(plan_id.to_string()), detach).await
+}
+
+/// The services of distributed mode, or an error naming what a role needs.
+fn services_for<'a>(common: &'a Common<'_>, role: &str) -> Result<&'a Services> {
+    common.services.as_ref().ok_or_else(|| {
+        anyhow!("`sluice {role}` is a role of distributed mode: set --amqp-url / SLUICE_AMQP_URL and --redis-url / SLUICE_REDIS_URL")
+    })
+}
+
+/// The state store and warehouses of a long-running role, from config.yaml alone (plans come
+/// from the state store, so the role needs no model file).
+async fn role_context(common: &Common<'_>) -> Result<(Arc<dyn StateStore>, Arc<ProjectWarehouses>)> {
+    let config = crate::context::load_config(common.project)?;
+    let location = state_location(common.state, Some(&config), common.project)?;
+    let state = open_state(&location).await?;
+    let warehouses =
+        Arc::new(ProjectWarehouses { gateways: config.gateways.clone(), root: common.project.to_path_buf() });
+    Ok((state, warehouses))
+}
+
+pub async fn worker(common: &Common<'_>, gateway: &str, concurrency: usize) -> Result<()> {
+    let services = services_for(common, "worker")?;
+    let (state, warehouses) = role_context(common).await?;
+    crate::distributed::worker(services, state, warehouses, gateway, concurrency).await
+}
+
+pub async fn promoter(common: &Common<'_>) -> Result<()> {
+    let services = services_for(common, "promoter")?;
+    let (state, warehouses) = role_context(common).await?;
+    crate::distributed::promoter(services, state, warehouses).await
 }
 
 pub async fn abort(common: &Common<'_>, plan_id: &str) -> Result<()> {
     let context = open_context(common).ok();
     let state = state_of(common, context.as_ref()).await?;
-    let queue = Arc::new(sluice_queue::memory::MemoryQueue::new());
-    let deps = CoordinatorDeps {
-        state,
-        queue,
-        gate: Arc::new(sluice_queue::memory::MemoryGate::new()),
-        events: Arc::new(sluice_queue::memory::MemoryEvents::new()),
-        gateways: Arc::new(ProjectWarehouses { gateways: BTreeMap::new(), root: common.project.to_path_buf() }),
-    };
-    let outcome = sluice_coordinator::abort(&deps, &PlanId(plan_id.to_string()), "aborted by `sluice abort`").await?;
-    match outcome.run {
+    let run =
+        sluice_coordinator::abort(state.as_ref(), &PlanId(plan_id.to_string()), "aborted by `sluice abort`").await?;
+    match run {
         Some(run) => println!("plan {plan_id}: breaker tripped; run {} stops between intervals", run.id),
         None => println!("plan {plan_id}: breaker tripped; it has no run yet"),
     }

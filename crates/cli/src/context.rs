@@ -31,6 +31,23 @@ impl ProjectContext {
     }
 }
 
+/// Reads `config.yaml` alone (what the long-running roles need).
+pub fn load_config(root: &Path) -> Result<Config> {
+    let path = root.join("config.yaml");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("while reading {}", path.display()))?;
+    let outcome = sluice_core::config::parse_config(&path.to_string_lossy(), &text);
+    for warning in &outcome.warnings {
+        tracing::warn!("{warning}");
+    }
+    match outcome.config {
+        Some(config) if outcome.errors.is_empty() => Ok(config),
+        _ => {
+            let errors: Vec<String> = outcome.errors.iter().map(ToString::to_string).collect();
+            Err(anyhow!("{}", errors.join("\n")))
+        }
+    }
+}
+
 /// The PostgreSQL URL of a connection, for the state store; the password is percent-encoded.
 fn postgres_url(connection: &Connection) -> Option<String> {
     let Connection::Postgres { host, port, user, password, database } = connection else { return None };

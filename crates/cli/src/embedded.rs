@@ -44,7 +44,7 @@ pub async fn apply(
     };
     let mut roles = tokio::task::JoinSet::new();
     for gateway in gateways {
-        let config = WorkerConfig { gateway, concurrency: settings.workers, retry: settings.retry };
+        let config = WorkerConfig { retry: settings.retry, ..WorkerConfig::new(&gateway, settings.workers) };
         let deps = WorkerDeps {
             state: Arc::clone(&state),
             queue: Arc::clone(&queue),

@@ -3,6 +3,7 @@
 mod bench;
 mod commands;
 mod context;
+mod distributed;
 mod embedded;
 mod progress;
 mod project_files;
@@ -32,6 +33,17 @@ struct Cli {
     /// Workers per gateway in embedded mode (default: the number of cores).
     #[arg(long, global = true)]
     workers: Option<usize>,
+    /// RabbitMQ, for distributed mode: `amqp://user:password@host:5672/vhost`. Without it,
+    /// `apply` runs every role in its own process (embedded mode).
+    #[arg(long, global = true, env = "SLUICE_AMQP_URL", hide_env_values = true)]
+    amqp_url: Option<String>,
+    /// Redis, for distributed mode's dependency counters: `redis://[:password@]host:6379[/db]`.
+    #[arg(long, global = true, env = "SLUICE_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Names the RabbitMQ queues and exchange (`<prefix>.tasks.<gateway>`, …) and the Redis
+    /// keys (`<prefix>:…`) of distributed mode; deployments sharing a broker pick their own.
+    #[arg(long, global = true, env = "SLUICE_QUEUE_PREFIX", default_value = "sluice")]
+    queue_prefix: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -56,8 +68,26 @@ enum Command {
         #[arg(long)]
         auto_apply: bool,
     },
-    /// Apply a stored plan (or resume one that failed or was aborted).
-    Apply { plan_id: String },
+    /// Apply a stored plan (or resume one that failed or was aborted). With an AMQP URL this is
+    /// the distributed coordinator: it queues the ready tasks and follows the run.
+    Apply {
+        plan_id: String,
+        /// Distributed mode: return once the ready tasks are queued; workers and the promoter
+        /// carry the run to its end.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Distributed mode: run one gateway's tasks until SIGTERM (then finish the tasks in hand).
+    Worker {
+        /// The gateway (of config.yaml) whose queue this worker consumes.
+        #[arg(long)]
+        gateway: String,
+        /// Tasks run at once (default: the number of cores).
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// Distributed mode: promote every run whose tasks are all done, until SIGTERM.
+    Promoter,
     /// Stop a plan's run between intervals: trips its breaker and drains its queued tasks.
     Abort { plan_id: String },
     /// A plan's runs and failures, or (without an id) the environments and recent runs.
@@ -158,7 +188,9 @@ fn render_command(cli: &Cli, model: &str, start: Option<&str>, end: Option<&str>
 
 async fn run(cli: &Cli) -> Result<ExitCode> {
     let workers = cli.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let common = commands::Common { project: &cli.project, state: cli.state.as_deref(), workers };
+    let services =
+        distributed::Services::from_flags(cli.amqp_url.as_deref(), cli.redis_url.as_deref(), &cli.queue_prefix)?;
+    let common = commands::Common { project: &cli.project, state: cli.state.as_deref(), workers, services };
     let exit = |outcome: commands::ApplyExit| match outcome {
         commands::ApplyExit::Success => ExitCode::SUCCESS,
         commands::ApplyExit::Failed => ExitCode::from(1),
@@ -176,7 +208,11 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             };
             commands::plan(&common, &options).await.map(exit)
         }
-        Command::Apply { plan_id } => commands::apply(&common, plan_id).await.map(exit),
+        Command::Apply { plan_id, detach } => commands::apply(&common, plan_id, *detach).await.map(exit),
+        Command::Worker { gateway, concurrency } => {
+            done(commands::worker(&common, gateway, concurrency.unwrap_or(workers)).await)
+        }
+        Command::Promoter => done(commands::promoter(&common).await),
         Command::Abort { plan_id } => done(commands::abort(&common, plan_id).await),
         Command::Status { plan_id } => done(commands::status(&common, plan_id.as_deref()).await),
         Command::Rollback { environment } => done(commands::rollback(&common, environment).await),

@@ -6,9 +6,11 @@
 //! 2. push state in one transaction (`begin_run`: plan, snapshots, environment lease, run);
 //! 3. build the task graph, mark what earlier runs finished (tasks done, intervals recorded),
 //!    load the dependency counters and publish the ready tasks;
-//! 4. follow the run's events until the promoter finishes it, renewing the lease; on Ctrl-C or
-//!    a breaker tripped by `sluice abort`, purge the queued tasks, let in-flight ones end, and
-//!    settle the run as aborted.
+//! 4. follow the run's events until the promoter finishes it, renewing the lease. An abort
+//!    (`sluice abort`, or Ctrl-C in embedded mode) trips the plan's breaker and the workers drain
+//!    the run. The follower also reconciles: counters lost by the gate are rebuilt from state
+//!    and the ready tasks queued again; a run with work outstanding but nothing queued, running
+//!    or heard of for a while had its queue purged, and is settled as aborted.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use sluice_core::names::{EnvironmentName, PlanId, RunId};
 use sluice_core::plan::{Change, Plan};
 use sluice_core::task_graph::{TaskGraph, finished_tasks, task_tables};
 use sluice_queue::{DependencyGate, EventBus, QueueError, RunEvent, TaskMessage, TaskQueue};
-use sluice_state::{RunRecord, RunStart, StateError, StateStore};
+use sluice_state::{RunRecord, RunStart, RunStatus, StateError, StateStore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -58,11 +60,27 @@ pub struct ApplyConfig {
     pub user: String,
     /// Return once the ready tasks are published instead of following the run.
     pub detach: bool,
+    /// Whether an interrupt (Ctrl-C) aborts the run (embedded mode: the workers die with this
+    /// process) or only stops following it (distributed mode: the run goes on without us).
+    pub interrupt_aborts: bool,
+    /// How long a run may show outstanding tasks with none queued, none running and no event
+    /// before the coordinator concludes its queued tasks were purged (and settles it aborted).
+    pub stall_after: Duration,
+    /// A task reported running (`TaskRunning`) counts as in flight for this long after its
+    /// last heartbeat.
+    pub heartbeat_timeout: Duration,
 }
 
 impl Default for ApplyConfig {
     fn default() -> Self {
-        ApplyConfig { lease_ttl_seconds: 60, user: "sluice".to_string(), detach: false }
+        ApplyConfig {
+            lease_ttl_seconds: 60,
+            user: "sluice".to_string(),
+            detach: false,
+            interrupt_aborts: true,
+            stall_after: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -81,7 +99,8 @@ pub enum ApplyOutcome {
     NothingToDo(String),
     /// The run ended (promoted, failed or aborted): its record.
     Finished(RunRecord),
-    /// `detach`: tasks are queued and the run goes on without this process.
+    /// `detach`, or an interrupt in distributed mode: tasks are queued and the run goes on
+    /// without this process.
     Detached(RunId),
 }
 
@@ -209,15 +228,8 @@ pub async fn apply(
     let graph = tokio::task::spawn_blocking(move || TaskGraph::build(&graph_plan))
         .await
         .map_err(|error| ApplyError::Join(error.to_string()))?;
-    let done_ids = state.done_tasks_of_plan(&plan.id).await?;
-    let recorded = state.get_intervals(&task_tables(&plan)).await?;
-    let done = finished_tasks(&plan, &graph, &done_ids, &recorded);
-    let mut unfinished_parents = vec![0u32; graph.len()];
-    for (index, slot) in unfinished_parents.iter_mut().enumerate() {
-        *slot = graph.parents(index as u32).filter(|parent| !done[*parent as usize]).count() as u32;
-    }
-    deps.gate.load(&run.id, &unfinished_parents, &done).await?;
-    let done_count = done.iter().filter(|done| **done).count() as u64;
+    let counters = load_counters(deps, &plan, &graph, &run.id).await?;
+    let done_count = counters.done.iter().filter(|done| **done).count() as u64;
     let total_intervals: u64 = graph.tasks.iter().map(|task| u64::from(task.interval_count)).sum();
     let models_total = plan.snapshots.iter().filter(|planned| !planned.batches.is_empty()).count() as u64;
     progress.started(
@@ -233,20 +245,7 @@ pub async fn apply(
 
     // Subscribe before publishing so that no event of this run is missed.
     let mut stream = deps.events.subscribe().await?;
-    let ready: Vec<TaskMessage> = (0..graph.len())
-        .filter(|index| !done[*index] && unfinished_parents[*index] == 0)
-        .map(|index| {
-            let task = graph.tasks[index];
-            TaskMessage {
-                plan_id: plan.id.clone(),
-                run_id: run.id.clone(),
-                task_index: index as u32,
-                task_id: task.id,
-                gateway: plan.snapshots[task.snapshot as usize].snapshot.gateway.clone(),
-                attempt: 0,
-            }
-        })
-        .collect();
+    let ready = counters.ready_tasks(&plan, &graph, &run.id);
     deps.queue.publish(&ready).await?;
     info!(run_id = %run.id, tasks = graph.len(), done = done_count, ready = ready.len(), "tasks published");
     if done_count == graph.len() as u64 {
@@ -256,25 +255,17 @@ pub async fn apply(
         return Ok(ApplyOutcome::Detached(run.id));
     }
 
-    // Tasks left per snapshot, to tell when a model is finished.
-    let mut left_per_snapshot: BTreeMap<u32, u64> = BTreeMap::new();
-    for (index, task) in graph.tasks.iter().enumerate() {
-        if !done[index] {
-            *left_per_snapshot.entry(task.snapshot).or_default() += 1;
-        }
-    }
-    let mut counted = vec![false; graph.len()];
-    let models: BTreeMap<u32, String> = graph
-        .tasks
-        .iter()
-        .enumerate()
-        .map(|(index, task)| (index as u32, plan.snapshots[task.snapshot as usize].snapshot.name.to_string()))
-        .collect();
+    let run_gateways: BTreeSet<String> =
+        graph.tasks.iter().map(|task| plan.snapshots[task.snapshot as usize].snapshot.gateway.clone()).collect();
+    let mut follower = Follower::new(&plan, &graph, &counters.done);
     let renew_every = Duration::from_secs((config.lease_ttl_seconds.max(3) / 3) as u64);
     let mut ticker = tokio::time::interval(renew_every.min(Duration::from_secs(1)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_renewal = tokio::time::Instant::now();
     let mut aborting: Option<String> = None;
-    let mut settled_by_abort = false;
+    let mut stalled_since: Option<tokio::time::Instant> = None;
+    let mut last_event = tokio::time::Instant::now();
+    let mut settled_by_coordinator = false;
     loop {
         tokio::select! {
             event = stream.next() => {
@@ -282,31 +273,24 @@ pub async fn apply(
                 if event.run_id() != &run.id {
                     continue;
                 }
-                match event {
-                    RunEvent::TaskDone { task_index, intervals, skipped, .. } => {
-                        // A redelivered task can report twice: count it once.
-                        let index = task_index as usize;
-                        if index < counted.len() && !std::mem::replace(&mut counted[index], true) {
-                            let snapshot = graph.tasks[index].snapshot;
-                            let left = left_per_snapshot.entry(snapshot).or_default();
-                            *left = left.saturating_sub(1);
-                            progress.task_done(intervals, skipped, *left == 0);
-                        }
-                    }
-                    RunEvent::TaskFailed { task_index, error, .. } => {
-                        let model = models.get(&task_index).map_or("?", String::as_str);
-                        let interval = graph.tasks.get(task_index as usize).map(|task| task.interval.to_string()).unwrap_or_default();
-                        progress.task_failed(model, &interval, &error);
-                    }
-                    RunEvent::TaskAborted { .. } | RunEvent::RunSettled { .. } => {}
-                    RunEvent::RunFinished { .. } => break,
+                last_event = tokio::time::Instant::now();
+                stalled_since = None;
+                if follower.on_event(event, progress.as_ref()) {
+                    break;
                 }
             }
             _ = shutdown.cancelled(), if aborting.is_none() => {
+                if !config.interrupt_aborts {
+                    progress.message(&format!(
+                        "interrupted: the run goes on without this process; `sluice status` follows it, `sluice abort {}` stops it",
+                        plan.id
+                    ));
+                    progress.finished();
+                    return Ok(ApplyOutcome::Detached(run.id));
+                }
                 aborting = Some("interrupted".to_string());
                 progress.message("interrupted: stopping between intervals; apply the plan again to resume");
                 state.trip_breaker(&plan.id, "interrupted (Ctrl-C)").await?;
-                deps.queue.purge_run(&run.id).await?;
             }
             _ = ticker.tick() => {
                 if last_renewal.elapsed() >= renew_every {
@@ -315,19 +299,61 @@ pub async fn apply(
                     }
                     last_renewal = tokio::time::Instant::now();
                 }
+                // The promoter's event may be lost (a broker restart): the state store has the truth.
+                if let Some(record) = state.get_run(&run.id).await?
+                    && record.status != RunStatus::Running
+                {
+                    break;
+                }
                 if aborting.is_none() && let Some(reason) = state.breaker(&plan.id).await? {
                     progress.message(&format!("aborted ({reason}): stopping between intervals"));
-                    deps.queue.purge_run(&run.id).await?;
                     aborting = Some(reason);
                 }
+                if settled_by_coordinator {
+                    continue;
+                }
+                match deps.gate.outstanding(&run.id).await? {
+                    None => {
+                        // Redis lost the run's counters (flushed, restarted, expired): rebuild them.
+                        let counters = load_counters(deps, &plan, &graph, &run.id).await?;
+                        let ready = counters.ready_tasks(&plan, &graph, &run.id);
+                        deps.queue.publish(&ready).await?;
+                        warn!(run_id = %run.id, republished = ready.len(), "the dependency counters were lost; rebuilt them from state");
+                        progress.message(&format!("dependency counters rebuilt from state; {} tasks queued again", ready.len()));
+                        stalled_since = None;
+                    }
+                    Some(0) => stalled_since = None,
+                    Some(outstanding) => {
+                        let mut queued = 0;
+                        for gateway in &run_gateways {
+                            queued += deps.queue.queued(gateway).await?;
+                        }
+                        let quiet = queued == 0
+                            && !follower.any_running(config.heartbeat_timeout)
+                            && last_event.elapsed() >= config.stall_after;
+                        if !quiet {
+                            stalled_since = None;
+                        } else if stalled_since.is_none() {
+                            stalled_since = Some(tokio::time::Instant::now());
+                        } else if stalled_since.is_some_and(|since| since.elapsed() >= config.stall_after) {
+                            // Nothing queued, nothing running, nothing heard, yet work outstanding:
+                            // the queued tasks were purged (by `rabbitmqctl purge_queue`, say).
+                            let reason = aborting.clone().unwrap_or_else(|| {
+                                format!("the task queues were emptied while {outstanding} tasks were outstanding (purged by hand?)")
+                            });
+                            if aborting.is_none() {
+                                state.trip_breaker(&plan.id, &reason).await?;
+                                progress.message(&format!("aborted: {reason}"));
+                                aborting = Some(reason);
+                            }
+                            let everything: Vec<u32> = (0..graph.len() as u32).collect();
+                            deps.gate.skip(&run.id, &everything).await?;
+                            deps.events.publish(RunEvent::RunSettled { run_id: run.id.clone(), plan_id: plan.id.clone() }).await?;
+                            settled_by_coordinator = true;
+                        }
+                    }
+                }
             }
-        }
-        // Once aborting and nothing is queued or in flight, settle what will never run.
-        if aborting.is_some() && !settled_by_abort && deps.queue.pending(&run.id).await? == 0 {
-            let everything: Vec<u32> = (0..graph.len() as u32).collect();
-            deps.gate.skip(&run.id, &everything).await?;
-            deps.events.publish(RunEvent::RunSettled { run_id: run.id.clone(), plan_id: plan.id.clone() }).await?;
-            settled_by_abort = true;
         }
     }
     progress.finished();
@@ -339,25 +365,126 @@ pub async fn apply(
     Ok(ApplyOutcome::Finished(record))
 }
 
-/// What `abort` did.
-#[derive(Debug)]
-pub struct AbortOutcome {
-    pub run: Option<RunRecord>,
-    pub purged: u64,
+/// A run's dependency counters as loaded into the gate.
+struct Counters {
+    done: Vec<bool>,
+    unfinished_parents: Vec<u32>,
 }
 
-/// Trips the plan's circuit breaker (workers stop between tasks, the following coordinator
-/// settles the run as aborted) and purges the queued tasks of its latest run.
-pub async fn abort(deps: &CoordinatorDeps, plan_id: &PlanId, reason: &str) -> Result<AbortOutcome, ApplyError> {
-    let state = &deps.state;
+impl Counters {
+    /// Tasks not done whose parents are all done.
+    fn ready_tasks(&self, plan: &Plan, graph: &TaskGraph, run_id: &RunId) -> Vec<TaskMessage> {
+        (0..graph.len())
+            .filter(|index| !self.done[*index] && self.unfinished_parents[*index] == 0)
+            .map(|index| {
+                let task = graph.tasks[index];
+                TaskMessage {
+                    plan_id: plan.id.clone(),
+                    run_id: run_id.clone(),
+                    task_index: index as u32,
+                    task_id: task.id,
+                    gateway: plan.snapshots[task.snapshot as usize].snapshot.gateway.clone(),
+                    attempt: 0,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Rebuilds a run's counters from state (tasks recorded done by any run of the plan, intervals
+/// recorded by any plan) and loads them into the gate. Redis is never the truth: this is how a
+/// run starts, resumes, and recovers from lost counters.
+async fn load_counters(
+    deps: &CoordinatorDeps,
+    plan: &Plan,
+    graph: &TaskGraph,
+    run_id: &RunId,
+) -> Result<Counters, ApplyError> {
+    let done_ids = deps.state.done_tasks_of_plan(&plan.id).await?;
+    let recorded = deps.state.get_intervals(&task_tables(plan)).await?;
+    let done = finished_tasks(plan, graph, &done_ids, &recorded);
+    let mut unfinished_parents = vec![0u32; graph.len()];
+    for (index, slot) in unfinished_parents.iter_mut().enumerate() {
+        *slot = graph.parents(index as u32).filter(|parent| !done[*parent as usize]).count() as u32;
+    }
+    deps.gate.load(run_id, &unfinished_parents, &done).await?;
+    Ok(Counters { done, unfinished_parents })
+}
+
+/// What the coordinator knows of a run from its events: progress per model, tasks running.
+struct Follower {
+    counted: Vec<bool>,
+    left_per_snapshot: BTreeMap<u32, u64>,
+    snapshot_of_task: Vec<u32>,
+    models: Vec<String>,
+    intervals: Vec<String>,
+    running: BTreeMap<u32, tokio::time::Instant>,
+}
+
+impl Follower {
+    fn new(plan: &Plan, graph: &TaskGraph, done: &[bool]) -> Follower {
+        let mut left_per_snapshot: BTreeMap<u32, u64> = BTreeMap::new();
+        for (index, task) in graph.tasks.iter().enumerate() {
+            if !done[index] {
+                *left_per_snapshot.entry(task.snapshot).or_default() += 1;
+            }
+        }
+        Follower {
+            counted: vec![false; graph.len()],
+            left_per_snapshot,
+            snapshot_of_task: graph.tasks.iter().map(|task| task.snapshot).collect(),
+            models: plan.snapshots.iter().map(|planned| planned.snapshot.name.to_string()).collect(),
+            intervals: graph.tasks.iter().map(|task| task.interval.to_string()).collect(),
+            running: BTreeMap::new(),
+        }
+    }
+
+    /// Whether a task reported itself running within `timeout`.
+    fn any_running(&self, timeout: Duration) -> bool {
+        self.running.values().any(|seen| seen.elapsed() < timeout)
+    }
+
+    /// Takes one event of the run; true once the run is finished.
+    fn on_event(&mut self, event: RunEvent, progress: &dyn Progress) -> bool {
+        match event {
+            RunEvent::TaskRunning { task_index, .. } => {
+                self.running.insert(task_index, tokio::time::Instant::now());
+            }
+            RunEvent::TaskDone { task_index, intervals, skipped, .. } => {
+                self.running.remove(&task_index);
+                // A redelivered task can report twice: count it once.
+                let index = task_index as usize;
+                if index < self.counted.len() && !std::mem::replace(&mut self.counted[index], true) {
+                    let left = self.left_per_snapshot.entry(self.snapshot_of_task[index]).or_default();
+                    *left = left.saturating_sub(1);
+                    progress.task_done(intervals, skipped, *left == 0);
+                }
+            }
+            RunEvent::TaskFailed { task_index, error, .. } => {
+                self.running.remove(&task_index);
+                let index = task_index as usize;
+                let model =
+                    self.snapshot_of_task.get(index).map_or("?", |snapshot| self.models[*snapshot as usize].as_str());
+                let interval = self.intervals.get(index).map_or("", String::as_str);
+                progress.task_failed(model, interval, &error);
+            }
+            RunEvent::TaskAborted { task_index, .. } => {
+                self.running.remove(&task_index);
+            }
+            RunEvent::RunSettled { .. } => {}
+            RunEvent::RunFinished { .. } => return true,
+        }
+        false
+    }
+}
+
+/// Trips the plan's circuit breaker: workers drop the run's queued tasks (settling them and
+/// everything waiting for them), cancel the queries in flight, and the last of them hands the
+/// run to the promoter, which closes it as aborted. Returns the run it stops.
+pub async fn abort(state: &dyn StateStore, plan_id: &PlanId, reason: &str) -> Result<Option<RunRecord>, ApplyError> {
     if state.get_plan(plan_id).await?.is_none() {
         return Err(ApplyError::UnknownPlan(plan_id.clone()));
     }
     state.trip_breaker(plan_id, reason).await?;
-    let run = state.latest_run(plan_id).await?;
-    let purged = match &run {
-        Some(run) => deps.queue.purge_run(&run.id).await?,
-        None => 0,
-    };
-    Ok(AbortOutcome { run, purged })
+    Ok(state.latest_run(plan_id).await?)
 }

@@ -111,7 +111,7 @@ async fn coordinator_workers_and_promoter_apply_a_plan_then_a_change() {
     let events = Arc::new(MemoryEvents::new());
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(sluice_worker::run(
-        WorkerConfig { gateway: "pg".into(), concurrency: 3, retry: RetryPolicy::default() },
+        WorkerConfig { retry: RetryPolicy::default(), ..WorkerConfig::new("pg", 3) },
         WorkerDeps {
             state: state.clone(),
             queue: queue.clone(),

@@ -8,6 +8,7 @@ pub mod notify;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use sluice_core::interval::Timestamp;
@@ -44,6 +45,18 @@ pub enum PromoterError {
     UnknownPlan(PlanId),
     #[error("building the task graph failed: {0}")]
     Join(String),
+}
+
+impl PromoterError {
+    /// Whether finalizing again later may succeed (a lost connection, not a wrong run).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PromoterError::State(error) => error.is_transient(),
+            PromoterError::Queue(error) => error.is_transient(),
+            PromoterError::Warehouse { source, .. } => source.is_transient(),
+            _ => false,
+        }
+    }
 }
 
 /// What a finished run did, as printed and sent to notification targets.
@@ -235,15 +248,47 @@ async fn promote(deps: &PromoterDeps, plan: &Plan) -> Result<(), PromoterError> 
 /// Runs the promoter until `shutdown`: finalizes every settled run it is handed.
 pub async fn run(deps: PromoterDeps, shutdown: CancellationToken) -> Result<(), PromoterError> {
     info!("promoter starting");
+    let mut pause = Duration::from_millis(100);
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => break,
-            next = deps.events.next_settled() => next?,
+            next = deps.events.next_settled() => next,
         };
-        let Some((run_id, plan_id)) = next else { break };
-        if let Err(error) = finalize_run(&deps, &run_id, &plan_id).await {
-            warn!(run_id = %run_id, error = %error, "finalizing the run failed");
-            deps.events.publish(RunEvent::RunFinished { run_id, outcome: format!("error: {error}") }).await?;
+        let settled = match next {
+            Ok(Some(settled)) => settled,
+            Ok(None) => break,
+            Err(error) if error.is_transient() => {
+                warn!(error = %error, "settled runs unavailable, retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
+        match finalize_run(&deps, &settled.run_id, &settled.plan_id).await {
+            Ok(_) => {
+                pause = Duration::from_millis(100);
+                settled.ack().await?;
+            }
+            Err(error) if error.is_transient() => {
+                // Dropped unacked: the settled run is delivered again (to us or another promoter).
+                warn!(run_id = %settled.run_id, error = %error, "finalizing the run failed; it will be retried");
+                drop(settled);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => {
+                warn!(run_id = %settled.run_id, error = %error, "finalizing the run failed");
+                let run_id = settled.run_id.clone();
+                settled.ack().await?;
+                deps.events.publish(RunEvent::RunFinished { run_id, outcome: format!("error: {error}") }).await?;
+            }
         }
     }
     info!("promoter stopped");

@@ -22,9 +22,9 @@ fn task(run: &RunId, index: u32, gateway: &str) -> TaskMessage {
 pub async fn unacked_deliveries_come_back(queue: &dyn TaskQueue) {
     let run = RunId("r-1".into());
     queue.publish(&[task(&run, 0, "a"), task(&run, 1, "a")]).await.unwrap();
-    assert_eq!(queue.pending(&run).await.unwrap(), 2);
+    assert_eq!(queue.queued("a").await.unwrap(), 2);
     let first = queue.next("a").await.unwrap().unwrap();
-    assert_eq!(first.task.task_index, 0);
+    assert_eq!(first.task, task(&run, 0, "a"));
     assert!(!first.redelivered);
     drop(first); // a consumer that died mid-task
     let second = queue.next("a").await.unwrap().unwrap();
@@ -35,45 +35,47 @@ pub async fn unacked_deliveries_come_back(queue: &dyn TaskQueue) {
     assert!(again.redelivered);
     again.requeue().await.unwrap();
     let last = queue.next("a").await.unwrap().unwrap();
+    assert_eq!(last.task.task_index, 0);
     assert!(last.redelivered);
     last.ack().await.unwrap();
-    assert_eq!(queue.pending(&run).await.unwrap(), 0);
+    assert_eq!(queue.queued("a").await.unwrap(), 0);
 }
 
-pub async fn gateways_are_independent_and_purge_takes_one_run(queue: &dyn TaskQueue) {
-    let kept = RunId("r-kept".into());
-    let purged = RunId("r-purged".into());
-    queue.publish(&[task(&purged, 0, "slow"), task(&kept, 1, "slow"), task(&purged, 2, "fast")]).await.unwrap();
+pub async fn gateways_are_independent(queue: &dyn TaskQueue) {
+    let one = RunId("r-one".into());
+    let two = RunId("r-two".into());
+    queue.publish(&[task(&one, 0, "slow"), task(&two, 1, "slow"), task(&one, 2, "fast")]).await.unwrap();
+    // Nobody consumes "slow": "fast" is served all the same.
     let fast = queue.next("fast").await.unwrap().unwrap();
-    assert_eq!(fast.task.task_index, 2);
-    assert_eq!(queue.purge_run(&purged).await.unwrap(), 1);
-    // In flight is not purged: it is the consumer's to finish.
-    assert_eq!(queue.pending(&purged).await.unwrap(), 1);
+    assert_eq!(fast.task, task(&one, 2, "fast"));
     fast.ack().await.unwrap();
+    assert_eq!(queue.queued("fast").await.unwrap(), 0);
+    assert_eq!(queue.queued("slow").await.unwrap(), 2);
     let slow = queue.next("slow").await.unwrap().unwrap();
-    assert_eq!(slow.task.run_id, kept);
+    assert_eq!(slow.task, task(&one, 0, "slow"));
+    slow.ack().await.unwrap();
+    let slow = queue.next("slow").await.unwrap().unwrap();
+    assert_eq!(slow.task, task(&two, 1, "slow"));
     slow.ack().await.unwrap();
 }
 
 pub async fn consumers_wake_on_publish_and_stop_on_shut_down(queue: std::sync::Arc<dyn TaskQueue>) {
     let run = RunId("r-wake".into());
+    let (taken, taken_receiver) = tokio::sync::oneshot::channel();
     let consumer = {
         let queue = std::sync::Arc::clone(&queue);
         tokio::spawn(async move {
             let delivery = queue.next("g").await.unwrap().unwrap();
             let index = delivery.task.task_index;
             delivery.ack().await.unwrap();
-            let after = queue.next("g").await.unwrap();
-            (index, after.is_none())
+            taken.send(index).unwrap();
+            queue.next("g").await.unwrap().is_none()
         })
     };
     queue.publish(&[task(&run, 7, "g")]).await.unwrap();
-    // Shut down once the consumer has taken the task (pending drops to zero when it acks).
-    while queue.pending(&run).await.unwrap() > 0 {
-        tokio::task::yield_now().await;
-    }
+    assert_eq!(taken_receiver.await.unwrap(), 7);
     queue.shut_down().await;
-    assert_eq!(consumer.await.unwrap(), (7, true));
+    assert!(consumer.await.unwrap(), "next returns None once the queue is shut down");
 }
 
 /// A diamond: 0 → 1, 0 → 2, {1, 2} → 3.
@@ -117,9 +119,14 @@ pub async fn settled_runs_reach_one_promoter_and_events_reach_subscribers(events
     events.publish(RunEvent::RunSettled { run_id: run.clone(), plan_id: PlanId("p".into()) }).await.unwrap();
     assert!(matches!(stream.next().await, Some(RunEvent::TaskFailed { .. })));
     assert!(matches!(stream.next().await, Some(RunEvent::RunSettled { .. })));
-    assert_eq!(events.next_settled().await.unwrap(), Some((run, PlanId("p".into()))));
+    let settled = events.next_settled().await.unwrap().unwrap();
+    assert_eq!((&settled.run_id, &settled.plan_id), (&run, &PlanId("p".into())));
+    drop(settled); // a promoter that died before finalizing the run
+    let again = events.next_settled().await.unwrap().unwrap();
+    assert_eq!(again.run_id, run);
+    again.ack().await.unwrap();
     events.shut_down().await;
-    assert_eq!(events.next_settled().await.unwrap(), None);
+    assert!(events.next_settled().await.unwrap().is_none());
 }
 
 macro_rules! memory_conformance {
@@ -138,7 +145,7 @@ mod memory {
 
     memory_conformance! {
         unacked_deliveries_come_back => &MemoryQueue::new(),
-        gateways_are_independent_and_purge_takes_one_run => &MemoryQueue::new(),
+        gateways_are_independent => &MemoryQueue::new(),
         consumers_wake_on_publish_and_stop_on_shut_down => std::sync::Arc::new(MemoryQueue::new()),
         completion_is_idempotent_and_rereports_ready_children => &MemoryGate::new(),
         loading_done_tasks_and_skipping_failed_branches_settles_the_run => &MemoryGate::new(),
@@ -166,5 +173,91 @@ mod redis {
     redis_gate_conformance! {
         completion_is_idempotent_and_rereports_ready_children,
         loading_done_tasks_and_skipping_failed_branches_settles_the_run,
+    }
+}
+
+/// The queue and event checks against the RabbitMQ at 127.0.0.1:5672, each under its own name
+/// prefix, plus what only a broker does: dead-lettering and the delivery limit.
+#[cfg(feature = "rabbitmq")]
+mod rabbitmq {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::rabbitmq::RabbitBroker;
+    use crate::rabbitmq::test_support::broker;
+
+    async fn cleanup(broker: &RabbitBroker, gateways: &[&str]) {
+        broker.delete_topology(gateways).await.unwrap();
+        broker.close().await;
+    }
+
+    #[tokio::test]
+    async fn unacked_deliveries_come_back() {
+        let broker = broker(2).await;
+        super::unacked_deliveries_come_back(&broker).await;
+        cleanup(&broker, &["a"]).await;
+    }
+
+    #[tokio::test]
+    async fn gateways_are_independent() {
+        let broker = broker(1).await;
+        super::gateways_are_independent(&broker).await;
+        cleanup(&broker, &["slow", "fast"]).await;
+    }
+
+    #[tokio::test]
+    async fn consumers_wake_on_publish_and_stop_on_shut_down() {
+        let broker = Arc::new(broker(1).await);
+        super::consumers_wake_on_publish_and_stop_on_shut_down(Arc::clone(&broker) as Arc<dyn TaskQueue>).await;
+        cleanup(&broker, &["g"]).await;
+    }
+
+    #[tokio::test]
+    async fn settled_runs_reach_one_promoter_and_events_reach_subscribers() {
+        let broker = broker(1).await;
+        super::settled_runs_reach_one_promoter_and_events_reach_subscribers(&broker).await;
+        cleanup(&broker, &[]).await;
+    }
+
+    #[tokio::test]
+    async fn poison_messages_are_dead_lettered_and_the_consumer_goes_on() {
+        let broker = broker(1).await;
+        let run = RunId("r-poison".into());
+        let poison: [&[u8]; 3] = [b"", &[99, 1, 2, 3], &[sluice_proto::FORMAT_VERSION, 0xFF, 0xFF]];
+        for bytes in poison {
+            broker.publish_raw("p", bytes).await.unwrap();
+        }
+        TaskQueue::publish(&broker, &[task(&run, 5, "p")]).await.unwrap();
+        let delivery = broker.next("p").await.unwrap().unwrap();
+        assert_eq!(delivery.task, task(&run, 5, "p"));
+        delivery.ack().await.unwrap();
+        for bytes in poison {
+            assert_eq!(broker.take_dead_letter("p").await.unwrap(), bytes);
+        }
+        cleanup(&broker, &["p"]).await;
+    }
+
+    #[tokio::test]
+    async fn a_task_delivered_too_often_is_dead_lettered() {
+        let broker = broker(1).await;
+        let run = RunId("r-limit".into());
+        TaskQueue::publish(&broker, &[task(&run, 1, "l")]).await.unwrap();
+        // Returned again and again (a worker crashing on it): the broker gives up after the limit.
+        let mut deliveries = 0;
+        let dead = broker.take_dead_letter("l");
+        tokio::pin!(dead);
+        let dead = loop {
+            tokio::select! {
+                dead = &mut dead => break dead.unwrap(),
+                delivery = broker.next("l") => {
+                    deliveries += 1;
+                    assert!(deliveries <= 10, "the delivery limit is not enforced");
+                    delivery.unwrap().unwrap().requeue().await.unwrap();
+                }
+            }
+        };
+        assert_eq!(sluice_proto::decode_task(&dead).map(crate::wire::task_from_wire), Ok(task(&run, 1, "l")));
+        assert!(deliveries >= 3, "dead-lettered after {deliveries} deliveries, the limit is 3");
+        cleanup(&broker, &["l"]).await;
     }
 }

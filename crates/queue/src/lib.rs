@@ -10,8 +10,12 @@
 //! - the gate says when the run has nothing outstanding.
 
 pub mod memory;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis_gate;
+#[cfg(feature = "rabbitmq")]
+pub mod wire;
 
 #[cfg(test)]
 mod conformance;
@@ -127,10 +131,10 @@ pub trait TaskQueue: Send + Sync {
     async fn publish(&self, tasks: &[TaskMessage]) -> Result<(), QueueError>;
     /// Waits for the next task of a gateway's queue; `None` once the queue is shut down.
     async fn next(&self, gateway: &str) -> Result<Option<Delivery>, QueueError>;
-    /// Removes every queued (not in-flight) task of a run; returns how many were removed.
-    async fn purge_run(&self, run_id: &RunId) -> Result<u64, QueueError>;
-    /// Tasks of a run that are queued or delivered but not yet acked.
-    async fn pending(&self, run_id: &RunId) -> Result<u64, QueueError>;
+    /// Tasks waiting in a gateway's queue, of every run (delivered ones are not counted).
+    /// There is no per-run purge: a queue is shared by the runs of its gateway, so an aborted
+    /// run's tasks are drained by the workers, which drop them once the run's breaker is tripped.
+    async fn queued(&self, gateway: &str) -> Result<u64, QueueError>;
     /// Stops every consumer: `next` returns `None` from now on.
     async fn shut_down(&self);
 }
@@ -168,6 +172,11 @@ pub trait DependencyGate: Send + Sync {
 /// What happens during a run, for progress bars, the coordinator and the promoter.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RunEvent {
+    /// A worker is executing the task: sent when it starts, then as a heartbeat while it runs.
+    TaskRunning {
+        run_id: RunId,
+        task_index: u32,
+    },
     TaskDone {
         run_id: RunId,
         task_index: u32,
@@ -201,7 +210,8 @@ pub enum RunEvent {
 impl RunEvent {
     pub fn run_id(&self) -> &RunId {
         match self {
-            RunEvent::TaskDone { run_id, .. }
+            RunEvent::TaskRunning { run_id, .. }
+            | RunEvent::TaskDone { run_id, .. }
             | RunEvent::TaskFailed { run_id, .. }
             | RunEvent::TaskAborted { run_id, .. }
             | RunEvent::RunSettled { run_id, .. }
@@ -218,9 +228,52 @@ pub trait EventBus: Send + Sync {
     async fn publish(&self, event: RunEvent) -> Result<(), QueueError>;
     /// Every event published from now on.
     async fn subscribe(&self) -> Result<EventStream, QueueError>;
-    /// The next settled run for a promoter; `None` once shut down.
-    async fn next_settled(&self) -> Result<Option<(RunId, PlanId)>, QueueError>;
+    /// The next settled run for a promoter; `None` once shut down. The promoter acks it once
+    /// the run is finalized; dropped unacked, it is delivered again.
+    async fn next_settled(&self) -> Result<Option<SettledRun>, QueueError>;
     async fn shut_down(&self);
+}
+
+/// A settled run handed to a promoter.
+pub struct SettledRun {
+    pub run_id: RunId,
+    pub plan_id: PlanId,
+    acknowledger: Option<Box<dyn Acknowledger>>,
+    on_drop: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for SettledRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SettledRun").field("run_id", &self.run_id).field("plan_id", &self.plan_id).finish()
+    }
+}
+
+impl SettledRun {
+    pub fn new(
+        run_id: RunId,
+        plan_id: PlanId,
+        acknowledger: Box<dyn Acknowledger>,
+        on_drop: Option<Box<dyn FnOnce() + Send>>,
+    ) -> SettledRun {
+        SettledRun { run_id, plan_id, acknowledger: Some(acknowledger), on_drop }
+    }
+
+    /// The run is finalized: forget the message.
+    pub async fn ack(mut self) -> Result<(), QueueError> {
+        self.on_drop = None;
+        match self.acknowledger.take() {
+            Some(acknowledger) => acknowledger.ack().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for SettledRun {
+    fn drop(&mut self) {
+        if let Some(on_drop) = self.on_drop.take() {
+            on_drop();
+        }
+    }
 }
 
 /// A subscription to run events.

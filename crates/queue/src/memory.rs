@@ -9,7 +9,7 @@ use sluice_core::names::PlanId;
 use tokio::sync::{Notify, broadcast};
 
 use crate::{
-    Acknowledger, Completion, Delivery, DependencyGate, EventBus, EventStream, QueueError, RunEvent, RunId,
+    Acknowledger, Completion, Delivery, DependencyGate, EventBus, EventStream, QueueError, RunEvent, RunId, SettledRun,
     TaskMessage, TaskQueue,
 };
 
@@ -22,17 +22,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Default)]
 struct QueueState {
     queues: HashMap<String, VecDeque<(TaskMessage, bool)>>,
-    in_flight: HashMap<RunId, u64>,
     dead_letters: Vec<TaskMessage>,
     shut_down: bool,
-}
-
-impl QueueState {
-    fn settle(&mut self, run_id: &RunId) {
-        if let Some(count) = self.in_flight.get_mut(run_id) {
-            *count = count.saturating_sub(1);
-        }
-    }
 }
 
 /// Per-gateway FIFO queues in memory.
@@ -73,13 +64,11 @@ struct MemoryAcknowledger {
 #[async_trait]
 impl Acknowledger for MemoryAcknowledger {
     async fn ack(&self) -> Result<(), QueueError> {
-        lock(&self.state).settle(&self.task.run_id);
         Ok(())
     }
 
     async fn requeue(&self) -> Result<(), QueueError> {
         let mut state = lock(&self.state);
-        state.settle(&self.task.run_id);
         state.queues.entry(self.task.gateway.clone()).or_default().push_back((self.task.clone(), true));
         drop(state);
         self.notify.notify_waiters();
@@ -88,7 +77,6 @@ impl Acknowledger for MemoryAcknowledger {
 
     async fn reject(&self) -> Result<(), QueueError> {
         let mut state = lock(&self.state);
-        state.settle(&self.task.run_id);
         state.dead_letters.push(self.task.clone());
         Ok(())
     }
@@ -121,7 +109,6 @@ impl TaskQueue for MemoryQueue {
                 }
                 let popped = state.queues.get_mut(gateway).and_then(VecDeque::pop_front);
                 if let Some((task, redelivered)) = popped {
-                    *state.in_flight.entry(task.run_id.clone()).or_default() += 1;
                     drop(state);
                     let acknowledger = MemoryAcknowledger {
                         state: Arc::clone(&self.state),
@@ -134,7 +121,6 @@ impl TaskQueue for MemoryQueue {
                     let requeue_task = task.clone();
                     let on_drop: Box<dyn FnOnce() + Send> = Box::new(move || {
                         let mut state = lock(&requeue_state);
-                        state.settle(&requeue_task.run_id);
                         let gateway = requeue_task.gateway.clone();
                         state.queues.entry(gateway).or_default().push_back((requeue_task, true));
                         drop(state);
@@ -147,22 +133,8 @@ impl TaskQueue for MemoryQueue {
         }
     }
 
-    async fn purge_run(&self, run_id: &RunId) -> Result<u64, QueueError> {
-        let mut state = lock(&self.state);
-        let mut removed = 0;
-        for queue in state.queues.values_mut() {
-            let before = queue.len();
-            queue.retain(|(task, _)| &task.run_id != run_id);
-            removed += (before - queue.len()) as u64;
-        }
-        Ok(removed)
-    }
-
-    async fn pending(&self, run_id: &RunId) -> Result<u64, QueueError> {
-        let state = lock(&self.state);
-        let queued: usize =
-            state.queues.values().map(|queue| queue.iter().filter(|(task, _)| &task.run_id == run_id).count()).sum();
-        Ok(queued as u64 + state.in_flight.get(run_id).copied().unwrap_or(0))
+    async fn queued(&self, gateway: &str) -> Result<u64, QueueError> {
+        Ok(self.depth(gateway) as u64)
     }
 
     async fn shut_down(&self) {
@@ -256,6 +228,24 @@ impl DependencyGate for MemoryGate {
     }
 }
 
+/// Acknowledges nothing: an in-process settled run is simply forgotten once acked.
+struct NoAcknowledger;
+
+#[async_trait]
+impl Acknowledger for NoAcknowledger {
+    async fn ack(&self) -> Result<(), QueueError> {
+        Ok(())
+    }
+
+    async fn requeue(&self) -> Result<(), QueueError> {
+        Ok(())
+    }
+
+    async fn reject(&self) -> Result<(), QueueError> {
+        Ok(())
+    }
+}
+
 /// Settled runs waiting for a promoter, and whether the bus is shut down.
 #[derive(Default)]
 struct SettledRuns {
@@ -306,7 +296,7 @@ impl EventBus for MemoryEvents {
         Ok(EventStream::new(self.sender.subscribe()))
     }
 
-    async fn next_settled(&self) -> Result<Option<(RunId, PlanId)>, QueueError> {
+    async fn next_settled(&self) -> Result<Option<SettledRun>, QueueError> {
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -316,8 +306,16 @@ impl EventBus for MemoryEvents {
                 if settled.shut_down {
                     return Ok(None);
                 }
-                if let Some(next) = settled.runs.pop_front() {
-                    return Ok(Some(next));
+                if let Some((run_id, plan_id)) = settled.runs.pop_front() {
+                    // Dropped unacked: back to the front of the line.
+                    let state = Arc::clone(&self.settled);
+                    let notify = Arc::clone(&self.notify);
+                    let again = (run_id.clone(), plan_id.clone());
+                    let on_drop: Box<dyn FnOnce() + Send> = Box::new(move || {
+                        lock(&state).runs.push_front(again);
+                        notify.notify_waiters();
+                    });
+                    return Ok(Some(SettledRun::new(run_id, plan_id, Box::new(NoAcknowledger), Some(on_drop))));
                 }
             }
             notified.await;

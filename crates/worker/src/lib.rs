@@ -33,6 +33,20 @@ pub struct WorkerConfig {
     /// Tasks run at once by this worker (one warehouse connection each).
     pub concurrency: usize,
     pub retry: RetryPolicy,
+    /// While a task runs, how often the worker reports it alive (`TaskRunning`) and checks the
+    /// run's breaker, cancelling the query in flight once it is tripped.
+    pub heartbeat: std::time::Duration,
+}
+
+impl WorkerConfig {
+    pub fn new(gateway: &str, concurrency: usize) -> WorkerConfig {
+        WorkerConfig {
+            gateway: gateway.to_string(),
+            concurrency,
+            retry: RetryPolicy::default(),
+            heartbeat: std::time::Duration::from_secs(2),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -62,6 +76,9 @@ impl WorkerError {
     fn is_transient(&self) -> bool {
         match self {
             WorkerError::State(error) => error.is_transient(),
+            // A run the gate does not know lost its counters (Redis flushed or restarted): the
+            // coordinator rebuilds them from state, so waiting is the answer.
+            WorkerError::Queue(QueueError::UnknownRun(_)) => true,
             WorkerError::Queue(error) => error.is_transient(),
             _ => false,
         }
@@ -76,6 +93,9 @@ struct RunContext {
     queries: Vec<Option<QueryTemplate>>,
     pre_statements: Vec<Vec<QueryTemplate>>,
     post_statements: Vec<Vec<QueryTemplate>>,
+    /// Tasks this worker already settled without success (aborted or below a failure), so that
+    /// draining a large aborted run does not walk the same descendants again and again.
+    settled: Mutex<BTreeSet<u32>>,
 }
 
 impl RunContext {
@@ -89,21 +109,25 @@ impl RunContext {
         let templates = |statements: &Vec<String>| statements.iter().map(|s| QueryTemplate::from_sql(s)).collect();
         let pre_statements = plan.snapshots.iter().map(|p| templates(&p.snapshot.pre_statements)).collect();
         let post_statements = plan.snapshots.iter().map(|p| templates(&p.snapshot.post_statements)).collect();
-        RunContext { plan, graph, queries, pre_statements, post_statements }
+        RunContext { plan, graph, queries, pre_statements, post_statements, settled: Mutex::default() }
     }
 
-    /// `task` and every task that transitively waits for it.
-    fn with_descendants(&self, task: u32) -> Vec<u32> {
-        let mut seen = BTreeSet::from([task]);
+    /// `task` and every task that transitively waits for it, leaving out (and not walking
+    /// below) the tasks in `settled`, which it then adds them to.
+    fn with_descendants(&self, task: u32, settled: &Mutex<BTreeSet<u32>>) -> Vec<u32> {
+        let mut settled = settled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut found = vec![task];
+        settled.insert(task);
         let mut pending = VecDeque::from([task]);
         while let Some(next) = pending.pop_front() {
             for child in self.graph.children(next) {
-                if seen.insert(child) {
+                if settled.insert(child) {
+                    found.push(child);
                     pending.push_back(child);
                 }
             }
         }
-        seen.into_iter().collect()
+        found
     }
 }
 
@@ -269,7 +293,15 @@ impl Slot {
     async fn handle(&mut self, delivery: Delivery) -> Result<(), WorkerError> {
         let message = delivery.task.clone();
         let deps = self.shared.deps.clone();
-        let context = self.shared.context(&message.plan_id).await?;
+        let context = match self.shared.context(&message.plan_id).await {
+            Ok(context) => context,
+            Err(WorkerError::UnknownPlan(plan)) => {
+                warn!("a task of a plan the state store does not hold; dead-lettering it");
+                delivery.reject().await?;
+                return Err(WorkerError::UnknownPlan(plan));
+            }
+            Err(error) => return Err(error),
+        };
         let index = message.task_index;
         let Some(task) = context.graph.tasks.get(index as usize).copied() else {
             warn!("task index outside the plan's graph, dead-lettering");
@@ -285,13 +317,8 @@ impl Slot {
         let snapshot = &planned.snapshot;
 
         // Between tasks: an aborted run takes no more work.
-        if durable(self.shared.config.retry, "breaker", || async { Ok(deps.state.breaker(&message.plan_id).await?) })
-            .await?
-            .is_some()
-        {
-            delivery.ack().await?;
-            deps.events.publish(RunEvent::TaskAborted { run_id: message.run_id.clone(), task_index: index }).await?;
-            return Ok(());
+        if Slot::breaker_tripped(&self.shared, &message.plan_id).await? {
+            return self.drop_aborted(delivery, &context).await;
         }
 
         let key = (snapshot.name.clone(), snapshot.version.clone());
@@ -303,11 +330,12 @@ impl Slot {
         let (rows, retries, skipped) = if already_recorded {
             (0, 0, true)
         } else {
-            match self.execute(&context, index).await {
-                Execution::Done { rows, retries } => (rows, retries, false),
-                Execution::Failed { error, attempts } => {
+            match self.execute_watched(&context, &message).await {
+                Some(Execution::Done { rows, retries }) => (rows, retries, false),
+                Some(Execution::Failed { error, attempts }) => {
                     return self.fail(delivery, &context, index, task.interval, error, attempts).await;
                 }
+                None => return self.drop_aborted(delivery, &context).await,
             }
         };
 
@@ -383,6 +411,67 @@ impl Slot {
         Ok(())
     }
 
+    async fn breaker_tripped(shared: &Shared, plan_id: &PlanId) -> Result<bool, WorkerError> {
+        let state = &shared.deps.state;
+        let reason = durable(shared.config.retry, "breaker", || async { Ok(state.breaker(plan_id).await?) }).await?;
+        Ok(reason.is_some())
+    }
+
+    /// Executes the task while reporting it alive and watching the run's breaker: `None` when
+    /// the breaker tripped, in which case the query in flight was cancelled (its connection
+    /// dropped, so the transaction rolls back) and nothing was recorded.
+    async fn execute_watched(&mut self, context: &RunContext, message: &TaskMessage) -> Option<Execution> {
+        let deps = self.shared.deps.clone();
+        let heartbeat = self.shared.config.heartbeat;
+        let index = message.task_index;
+        let outcome = {
+            let run = self.execute(context, index);
+            tokio::pin!(run);
+            let mut ticker = tokio::time::interval(heartbeat);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    execution = &mut run => break Some(execution),
+                    _ = ticker.tick() => {
+                        let alive = RunEvent::TaskRunning { run_id: message.run_id.clone(), task_index: index };
+                        if let Err(error) = deps.events.publish(alive).await {
+                            warn!(error = %error, "reporting the task alive failed");
+                        }
+                        if let Ok(Some(reason)) = deps.state.breaker(&message.plan_id).await {
+                            info!(reason = %reason, "the run was aborted: cancelling the task in flight");
+                            break None;
+                        }
+                    }
+                }
+            }
+        };
+        if outcome.is_none() {
+            self.warehouse = None;
+            self.ensured.clear();
+        }
+        outcome
+    }
+
+    /// Drops a task of an aborted run: it and every task waiting for it are settled without
+    /// success in the gate (the last worker to do so publishes the settled run), then acked.
+    async fn drop_aborted(&mut self, delivery: Delivery, context: &RunContext) -> Result<(), WorkerError> {
+        let deps = self.shared.deps.clone();
+        let message = delivery.task.clone();
+        let settled_tasks = context.with_descendants(message.task_index, &context.settled);
+        let run_complete = durable(self.shared.config.retry, "gate skip", || async {
+            Ok(deps.gate.skip(&message.run_id, &settled_tasks).await?)
+        })
+        .await?;
+        if run_complete {
+            let settled = RunEvent::RunSettled { run_id: message.run_id.clone(), plan_id: message.plan_id.clone() };
+            durable(self.shared.config.retry, "settled", || async { Ok(deps.events.publish(settled.clone()).await?) })
+                .await?;
+        }
+        delivery.ack().await?;
+        deps.events.publish(RunEvent::TaskAborted { run_id: message.run_id, task_index: message.task_index }).await?;
+        Ok(())
+    }
+
     async fn fail(
         &mut self,
         delivery: Delivery,
@@ -409,7 +498,7 @@ impl Slot {
         })
         .await?;
         // The failed task and everything waiting for it will not run in this attempt.
-        let settled_tasks = context.with_descendants(index);
+        let settled_tasks = context.with_descendants(index, &context.settled);
         let run_complete = durable(self.shared.config.retry, "gate skip", || async {
             Ok(deps.gate.skip(&message.run_id, &settled_tasks).await?)
         })
@@ -448,6 +537,11 @@ pub async fn run(config: WorkerConfig, deps: WorkerDeps, shutdown: CancellationT
                     Ok(None) => return Ok(()),
                     Err(error) if error.is_transient() => {
                         warn!(error = %error, "queue unavailable, retrying");
+                        let delay = pause.next_delay().unwrap_or(shared.config.retry.max_interval);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(delay) => {}
+                        }
                         continue;
                     }
                     Err(error) => return Err(error.into()),
