@@ -87,6 +87,12 @@ impl Sandbox {
         Sandbox { folder, project, backend, databases }
     }
 
+    /// The PostgreSQL URL of the sandbox's state database (PostgreSQL backend only).
+    pub fn state_url(&self) -> String {
+        assert_eq!(self.backend, Backend::Postgres, "only the PostgreSQL sandbox has a state database");
+        format!("postgres://postgres@127.0.0.1:5432/{}", self.databases[1])
+    }
+
     pub fn write(&self, relative: &str, text: &str) {
         let path = self.project.join(relative);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -277,4 +283,112 @@ pub fn webhook() -> (String, std::sync::mpsc::Receiver<String>) {
         }
     });
     (url, receiver)
+}
+
+/// Distributed mode's services for one test: the local RabbitMQ and Redis, under a queue and
+/// key prefix of the test's own.
+pub struct Services {
+    pub amqp_url: String,
+    pub redis_url: String,
+    pub prefix: String,
+}
+
+impl Services {
+    pub fn new(name: &str) -> Services {
+        Services {
+            amqp_url: std::env::var("SLUICE_TEST_AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()),
+            redis_url: std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string()),
+            prefix: unique(&format!("t{name}")).replace('_', "-"),
+        }
+    }
+
+    /// The environment that puts `sluice` in distributed mode on these services.
+    pub fn apply_to(&self, command: &mut Command) {
+        command
+            .env("SLUICE_AMQP_URL", &self.amqp_url)
+            .env("SLUICE_REDIS_URL", &self.redis_url)
+            .env("SLUICE_QUEUE_PREFIX", &self.prefix);
+    }
+
+    /// A broker connection under the test's prefix (to inspect or clean the queues).
+    pub async fn broker(&self) -> sluice_queue::rabbitmq::RabbitBroker {
+        let mut config = sluice_queue::rabbitmq::RabbitConfig::new(&self.amqp_url);
+        config.prefix = self.prefix.clone();
+        sluice_queue::rabbitmq::RabbitBroker::connect(config).await.expect("RabbitMQ must run on 127.0.0.1:5672")
+    }
+}
+
+impl Drop for Services {
+    /// Deletes the test's queues and exchange (gateway `local`), pass or fail.
+    fn drop(&mut self) {
+        let mut config = sluice_queue::rabbitmq::RabbitConfig::new(&self.amqp_url);
+        config.prefix = self.prefix.clone();
+        // A fresh runtime on another thread, since drop may run inside one.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                if let Ok(broker) = sluice_queue::rabbitmq::RabbitBroker::connect(config).await {
+                    let _ = broker.delete_topology(&["local"]).await;
+                    broker.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Long-running `sluice` roles of a test; stopped with SIGTERM when dropped.
+#[derive(Default)]
+pub struct Roles {
+    children: Vec<(String, Child, PathBuf)>,
+}
+
+impl Roles {
+    pub fn start(&mut self, sandbox: &Sandbox, services: &Services, name: &str, args: &[&str]) {
+        let mut command = sandbox.command(args);
+        services.apply_to(&mut command);
+        // The log goes to a file: a pipe nobody reads would block a chatty role.
+        let log = sandbox.folder.path().join(format!("{}.log", name.replace(' ', "-")));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).spawn().unwrap();
+        self.children.push((name.to_string(), child, log));
+    }
+
+    /// The promoter and `workers` worker processes of the `local` gateway.
+    pub fn cluster(sandbox: &Sandbox, services: &Services, workers: usize, concurrency: usize) -> Roles {
+        let mut roles = Roles::default();
+        roles.start(sandbox, services, "promoter", &["promoter"]);
+        roles.add_workers(sandbox, services, workers, concurrency);
+        roles
+    }
+
+    pub fn add_workers(&mut self, sandbox: &Sandbox, services: &Services, workers: usize, concurrency: usize) {
+        let concurrency = concurrency.to_string();
+        for index in 0..workers {
+            let name = format!("worker {index}");
+            self.start(sandbox, services, &name, &["worker", "--gateway", "local", "--concurrency", &concurrency]);
+        }
+    }
+
+    /// Sends SIGTERM to every role and waits: each must exit successfully (a graceful stop).
+    pub fn stop(&mut self) {
+        for (_, child, _) in &self.children {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        }
+        for (name, mut child, log) in self.children.drain(..) {
+            let status = child.wait().unwrap();
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            assert!(status.success(), "{name} did not stop cleanly ({status:?}):\n{log}");
+        }
+    }
+}
+
+impl Drop for Roles {
+    fn drop(&mut self) {
+        for (_, child, _) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

@@ -246,8 +246,14 @@ impl Warehouse for DuckDbWarehouse {
         .await
     }
 
-    async fn ensure_table(&mut self, table: &PhysicalTable, query: &str) -> Result<(), EngineError> {
-        self.ddl_transaction(vec![sql::create_schema(&table.schema), sql::create_table_from_query(table, query)]).await
+    async fn ensure_table(
+        &mut self,
+        table: &PhysicalTable,
+        columns: &[(String, String)],
+        query: &str,
+    ) -> Result<(), EngineError> {
+        let create = sql::create_table(Dialect::DuckDb, table, columns, query)?;
+        self.ddl_transaction(vec![sql::create_schema(&table.schema), create]).await
     }
 
     async fn replace_interval(

@@ -35,10 +35,16 @@ pub trait Warehouse: Send {
     /// Runs statements as given (a model's pre/post statements).
     async fn execute(&mut self, sql: &str) -> Result<(), EngineError>;
 
-    /// Creates the physical table's schema and the table from the query's shape if it does not exist
-    /// (`CREATE TABLE IF NOT EXISTS t AS SELECT * FROM (query) AS q WHERE 1 = 0`). Idempotent and safe when two
+    /// Creates the physical table's schema and the table if it does not exist: from the model's
+    /// declared `columns` when it has some, else from the query's shape (`CREATE TABLE IF NOT
+    /// EXISTS t AS SELECT * FROM (query) AS q WHERE 1 = 0`). Idempotent and safe when two
     /// workers race.
-    async fn ensure_table(&mut self, table: &PhysicalTable, query: &str) -> Result<(), EngineError>;
+    async fn ensure_table(
+        &mut self,
+        table: &PhysicalTable,
+        columns: &[(String, String)],
+        query: &str,
+    ) -> Result<(), EngineError>;
 
     /// One transaction: delete rows whose `time_column` lies in `[start, end)`, insert the query's rows that lie in
     /// `[start, end)`. Returns the rows inserted.

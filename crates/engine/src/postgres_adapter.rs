@@ -228,9 +228,14 @@ impl Warehouse for PostgresWarehouse {
         result.map(|_| ())
     }
 
-    async fn ensure_table(&mut self, table: &PhysicalTable, query: &str) -> Result<(), EngineError> {
-        let statements =
-            [ddl_lock(), sql::create_schema(&table.schema), sql::create_table_from_query(table, query)].join(";\n");
+    async fn ensure_table(
+        &mut self,
+        table: &PhysicalTable,
+        columns: &[(String, String)],
+        query: &str,
+    ) -> Result<(), EngineError> {
+        let create = sql::create_table(Dialect::Postgres, table, columns, query)?;
+        let statements = [ddl_lock(), sql::create_schema(&table.schema), create].join(";\n");
         self.run(statements).await.map(|_| ())
     }
 

@@ -89,6 +89,27 @@ pub(crate) fn create_table_from_query(table: &PhysicalTable, query: &str) -> Str
     )
 }
 
+/// The statement creating a model's physical table if it does not exist: from its declared
+/// columns when it has some (a self-referencing model reads its own table, so the table must
+/// exist before its query first runs), else from the query's shape.
+pub(crate) fn create_table(
+    dialect: Dialect,
+    table: &PhysicalTable,
+    columns: &[(String, String)],
+    query: &str,
+) -> Result<String, EngineError> {
+    if columns.is_empty() {
+        return Ok(create_table_from_query(table, query));
+    }
+    let mut definitions = Vec::with_capacity(columns.len());
+    for (name, declared) in columns {
+        let sql_type = column_type(dialect, declared)
+            .map_err(|expectation| EngineError::invalid_input(format!("column {name:?} of {table}: {expectation}")))?;
+        definitions.push(format!("{} {sql_type}", quote_identifier(name)));
+    }
+    Ok(format!("CREATE TABLE IF NOT EXISTS {} ({})", physical_name(table), definitions.join(", ")))
+}
+
 pub(crate) fn delete_interval(table: &PhysicalTable, time_column: &str, interval: Interval) -> String {
     format!("DELETE FROM {} WHERE {}", physical_name(table), interval_filter(time_column, interval))
 }

@@ -235,7 +235,7 @@ impl Slot {
         let query_text = query.as_deref().unwrap_or("");
         let needs_table = !matches!(snapshot.kind, ModelKind::View | ModelKind::Seed { .. });
         if needs_table && !ensured {
-            warehouse.ensure_table(&table, query_text).await?;
+            warehouse.ensure_table(&table, &snapshot.columns, query_text).await?;
         }
         let rows = match &snapshot.kind {
             ModelKind::IncrementalByTimeRange { time_column, .. } => {

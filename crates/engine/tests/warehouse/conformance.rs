@@ -33,6 +33,7 @@ macro_rules! conformance_suite {
 
 conformance_suite!(
     ensure_table_is_idempotent_and_race_safe,
+    declared_columns_create_the_table_a_self_reading_query_needs,
     replace_interval_replaces_only_its_interval,
     replace_interval_filters_timestamp_columns_half_open,
     replace_all_replaces_every_row,
@@ -90,8 +91,8 @@ async fn ensure_table_is_idempotent_and_race_safe(fixture: Fixture) {
     assert!(["duckdb", "postgres"].contains(&warehouse.engine_name()));
     warehouse.execute(EVENTS).await.unwrap();
     let events = table("events");
-    warehouse.ensure_table(&events, EVENTS_QUERY).await.unwrap();
-    warehouse.ensure_table(&events, EVENTS_QUERY).await.unwrap();
+    warehouse.ensure_table(&events, &[], EVENTS_QUERY).await.unwrap();
+    warehouse.ensure_table(&events, &[], EVENTS_QUERY).await.unwrap();
     assert_eq!(count(warehouse.as_mut(), "sluice__shop.shop__events__v1").await, 0);
     assert_eq!(
         scalar(warehouse.as_mut(), "SELECT COUNT(*) FROM sluice__shop.shop__events__v1 WHERE ds IS NULL OR amount > 0")
@@ -102,7 +103,7 @@ async fn ensure_table_is_idempotent_and_race_safe(fixture: Fixture) {
 
     // Ensuring again keeps the rows already written.
     warehouse.replace_all(&events, EVENTS_QUERY).await.unwrap();
-    warehouse.ensure_table(&events, EVENTS_QUERY).await.unwrap();
+    warehouse.ensure_table(&events, &[], EVENTS_QUERY).await.unwrap();
     assert_eq!(count(warehouse.as_mut(), "sluice__shop.shop__events__v1").await, 4);
 
     // Two workers creating the same new schema and table at once both succeed.
@@ -110,10 +111,26 @@ async fn ensure_table_is_idempotent_and_race_safe(fixture: Fixture) {
     let mut first = fixture.open().await;
     let mut second = fixture.open().await;
     let (first_result, second_result) =
-        tokio::join!(first.ensure_table(&raced, EVENTS_QUERY), second.ensure_table(&raced, EVENTS_QUERY));
+        tokio::join!(first.ensure_table(&raced, &[], EVENTS_QUERY), second.ensure_table(&raced, &[], EVENTS_QUERY));
     first_result.unwrap();
     second_result.unwrap();
     assert_eq!(count(warehouse.as_mut(), "sluice__race.race__events__v1").await, 0);
+}
+
+async fn declared_columns_create_the_table_a_self_reading_query_needs(fixture: Fixture) {
+    let mut warehouse = fixture.open().await;
+    let ledger = table("ledger");
+    let relation = "sluice__shop.shop__ledger__v1";
+    // The query reads the table it fills: only declared columns can create it first.
+    let query = format!("SELECT CAST('2024-01-01' AS DATE) AS day, (SELECT COUNT(*) FROM {relation}) + 1 AS entries");
+    let columns = [("day".to_string(), "DATE".to_string()), ("entries".to_string(), "BIGINT".to_string())];
+    warehouse.ensure_table(&ledger, &columns, &query).await.unwrap();
+    warehouse.ensure_table(&ledger, &columns, &query).await.unwrap();
+    assert_eq!(warehouse.replace_interval(&ledger, "day", days("2024-01-01", "2024-01-02"), &query).await.unwrap(), 1);
+    assert_eq!(scalar(warehouse.as_mut(), &format!("SELECT entries FROM {relation}")).await, Some(1));
+    let unsafe_type = [("day".to_string(), "DATE); DROP TABLE x; --".to_string())];
+    let refused = warehouse.ensure_table(&table("odd"), &unsafe_type, &query).await.unwrap_err();
+    assert!(refused.to_string().contains("expected a plain column type"), "{refused}");
 }
 
 async fn replace_interval_replaces_only_its_interval(fixture: Fixture) {
@@ -121,7 +138,7 @@ async fn replace_interval_replaces_only_its_interval(fixture: Fixture) {
     warehouse.execute(EVENTS).await.unwrap();
     let events = table("events");
     let relation = "sluice__shop.shop__events__v1";
-    warehouse.ensure_table(&events, EVENTS_QUERY).await.unwrap();
+    warehouse.ensure_table(&events, &[], EVENTS_QUERY).await.unwrap();
 
     let first_day = days("2024-01-01", "2024-01-02");
     let second_day = days("2024-01-02", "2024-01-03");
@@ -159,7 +176,7 @@ async fn replace_interval_filters_timestamp_columns_half_open(fixture: Fixture) 
         .unwrap();
     let clicks = table("clicks");
     let query = "SELECT ts, n FROM raw.clicks";
-    warehouse.ensure_table(&clicks, query).await.unwrap();
+    warehouse.ensure_table(&clicks, &[], query).await.unwrap();
     assert_eq!(warehouse.replace_interval(&clicks, "ts", days("2024-01-01", "2024-01-02"), query).await.unwrap(), 2);
     assert_eq!(scalar(warehouse.as_mut(), "SELECT SUM(n) FROM sluice__shop.shop__clicks__v1").await, Some(3));
 }
@@ -169,7 +186,7 @@ async fn replace_all_replaces_every_row(fixture: Fixture) {
     warehouse.execute(ITEMS).await.unwrap();
     let items = table("items");
     let relation = "sluice__shop.shop__items__v1";
-    warehouse.ensure_table(&items, ITEMS_QUERY).await.unwrap();
+    warehouse.ensure_table(&items, &[], ITEMS_QUERY).await.unwrap();
     assert_eq!(warehouse.replace_all(&items, ITEMS_QUERY).await.unwrap(), 3);
     assert_eq!(warehouse.replace_all(&items, ITEMS_QUERY).await.unwrap(), 3);
     assert_eq!(count(warehouse.as_mut(), relation).await, 3);
@@ -185,7 +202,7 @@ async fn upsert_replaces_rows_by_key(fixture: Fixture) {
     let items = table("items");
     let relation = "sluice__shop.shop__items__v1";
     let key = vec!["id".to_string()];
-    warehouse.ensure_table(&items, ITEMS_QUERY).await.unwrap();
+    warehouse.ensure_table(&items, &[], ITEMS_QUERY).await.unwrap();
     assert_eq!(warehouse.upsert(&items, &key, ITEMS_QUERY).await.unwrap(), 3);
     assert_eq!(warehouse.upsert(&items, &key, ITEMS_QUERY).await.unwrap(), 3);
     assert_eq!(count(warehouse.as_mut(), relation).await, 3, "upserting the same rows twice duplicates nothing");
@@ -207,7 +224,7 @@ async fn upsert_replaces_rows_by_key(fixture: Fixture) {
     // A composite key.
     let pairs = versioned("pairs", "v1");
     let composite = vec!["id".to_string(), "name".to_string()];
-    warehouse.ensure_table(&pairs, ITEMS_QUERY).await.unwrap();
+    warehouse.ensure_table(&pairs, &[], ITEMS_QUERY).await.unwrap();
     warehouse.upsert(&pairs, &composite, ITEMS_QUERY).await.unwrap();
     warehouse.upsert(&pairs, &composite, ITEMS_QUERY).await.unwrap();
     assert_eq!(count(warehouse.as_mut(), "sluice__shop.shop__pairs__v1").await, 3);
@@ -291,7 +308,7 @@ async fn promote_creates_swaps_and_drops_views(fixture: Fixture) {
     warehouse.execute(ITEMS).await.unwrap();
     let (v1, v2) = (versioned("items", "v1"), versioned("items", "v2"));
     for version in [&v1, &v2] {
-        warehouse.ensure_table(version, ITEMS_QUERY).await.unwrap();
+        warehouse.ensure_table(version, &[], ITEMS_QUERY).await.unwrap();
     }
     warehouse.replace_all(&v1, "SELECT id, name FROM raw.items WHERE id = 1").await.unwrap();
     warehouse.replace_all(&v2, ITEMS_QUERY).await.unwrap();
@@ -323,7 +340,7 @@ async fn failed_promote_leaves_every_view_as_it_was(fixture: Fixture) {
     warehouse.execute(ITEMS).await.unwrap();
     let (v1, v2) = (versioned("items", "v1"), versioned("items", "v2"));
     for version in [&v1, &v2] {
-        warehouse.ensure_table(version, ITEMS_QUERY).await.unwrap();
+        warehouse.ensure_table(version, &[], ITEMS_QUERY).await.unwrap();
     }
     warehouse.replace_all(&v1, "SELECT id, name FROM raw.items WHERE id = 1").await.unwrap();
     warehouse.replace_all(&v2, ITEMS_QUERY).await.unwrap();
@@ -359,7 +376,7 @@ async fn checksum_compares_contents(fixture: Fixture) {
     warehouse.execute(ITEMS).await.unwrap();
     let (ascending, descending, duplicated) = (versioned("a", "v1"), versioned("b", "v1"), versioned("c", "v1"));
     for copy in [&ascending, &descending, &duplicated] {
-        warehouse.ensure_table(copy, ITEMS_QUERY).await.unwrap();
+        warehouse.ensure_table(copy, &[], ITEMS_QUERY).await.unwrap();
     }
     warehouse.replace_all(&ascending, "SELECT id, name FROM raw.items ORDER BY id").await.unwrap();
     warehouse.replace_all(&descending, "SELECT id, name FROM raw.items ORDER BY id DESC").await.unwrap();
@@ -387,7 +404,7 @@ async fn checksum_compares_contents(fixture: Fixture) {
     assert_ne!(changed.checksum, first.checksum, "one changed value changes the checksum");
 
     let empty = versioned("empty", "v1");
-    warehouse.ensure_table(&empty, ITEMS_QUERY).await.unwrap();
+    warehouse.ensure_table(&empty, &[], ITEMS_QUERY).await.unwrap();
     assert_eq!(warehouse.checksum("sluice__shop", "shop__empty__v1").await.unwrap().rows, 0);
     assert!(!warehouse.checksum("nowhere", "nothing").await.unwrap_err().is_transient());
 }
@@ -427,7 +444,7 @@ async fn drop_table_drops_tables_and_views(fixture: Fixture) {
     let mut warehouse = fixture.open().await;
     warehouse.execute(ITEMS).await.unwrap();
     let items = table("items");
-    warehouse.ensure_table(&items, ITEMS_QUERY).await.unwrap();
+    warehouse.ensure_table(&items, &[], ITEMS_QUERY).await.unwrap();
     warehouse.drop_table(&items).await.unwrap();
     warehouse.drop_table(&items).await.unwrap();
     let remaining = "information_schema.tables WHERE table_schema = 'sluice__shop' AND table_name = 'shop__items__v1'";
@@ -455,7 +472,7 @@ async fn identifiers_are_quoted(fixture: Fixture) {
     warehouse.execute(ITEMS).await.unwrap();
     let odd =
         PhysicalTable { schema: "odd \"schema\"".to_string(), table: "we\"ird; DROP TABLE raw.items; --".to_string() };
-    warehouse.ensure_table(&odd, ITEMS_QUERY).await.unwrap();
+    warehouse.ensure_table(&odd, &[], ITEMS_QUERY).await.unwrap();
     assert_eq!(warehouse.replace_all(&odd, ITEMS_QUERY).await.unwrap(), 3);
     assert_eq!(warehouse.checksum(&odd.schema, &odd.table).await.unwrap().rows, 3);
     warehouse.promote(&[view("odd \"schema\"", "a view", Some(&odd))]).await.unwrap();

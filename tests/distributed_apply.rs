@@ -1,0 +1,260 @@
+//! Distributed apply end to end: the coordinator (`sluice apply`), three `sluice worker`
+//! processes and `sluice promoter`, each a separate OS process of the real binary, meeting on
+//! the local RabbitMQ, Redis and PostgreSQL (each test its own queue prefix, key prefix and
+//! databases). The warehouse is PostgreSQL: DuckDB is a file one process owns.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sluice_core::names::PlanId;
+use sluice_core::task_graph::TaskGraph;
+use sqlx::Connection;
+use support::{Backend, Roles, Sandbox, Services, read_until, wait_for};
+
+const NOW: &str = "2024-05-01";
+const ORDERS_PER_DAY: i64 = 20;
+
+/// A self-referencing (so strictly sequential) daily model and a daily child of it: the child's
+/// batches can only overlap the parent's if intervals are pipelined.
+const LEDGER: &str = "MODEL (
+  name pipe.ledger,
+  kind INCREMENTAL_BY_TIME_RANGE (
+    time_column day,
+    batch_size 1
+  ),
+  start '2024-01-01',
+  end '2024-02-01',
+  cron '@daily',
+  columns (day DATE, entries BIGINT)
+);
+
+SELECT CAST(@start_ds AS DATE) AS day, (SELECT COUNT(*) FROM pipe.ledger) + 1 AS entries
+";
+
+const LEDGER_REPORT: &str = "MODEL (
+  name pipe.ledger_report,
+  kind INCREMENTAL_BY_TIME_RANGE (
+    time_column day,
+    batch_size 1
+  ),
+  start '2024-01-01',
+  end '2024-02-01',
+  cron '@daily'
+);
+
+SELECT day, entries * 10 AS points FROM pipe.ledger WHERE day BETWEEN @start_ds AND @end_ds
+";
+
+/// Every relation the example (plus the ledger models) shows in prod.
+const VIEWS: [(&str, &str); 7] = [
+    ("sushi", "items"),
+    ("sushi", "orders"),
+    ("sushi", "daily_revenue"),
+    ("sushi", "customer_totals"),
+    ("sushi", "top_customers"),
+    ("pipe", "ledger"),
+    ("pipe", "ledger_report"),
+];
+
+async fn sandbox_with_ledger() -> Sandbox {
+    let sandbox = Sandbox::new(Backend::Postgres).await;
+    sandbox.write("models/pipe/ledger.sql", LEDGER);
+    sandbox.write("models/pipe/ledger_report.sql", LEDGER_REPORT);
+    sandbox
+}
+
+/// Runs `sluice` in distributed mode to completion.
+fn distributed(sandbox: &Sandbox, services: &Services, args: &[&str]) -> support::Run {
+    let mut command = sandbox.command(args);
+    services.apply_to(&mut command);
+    support::Run::from(command.stdin(std::process::Stdio::null()).output().unwrap())
+}
+
+fn spawn_distributed(sandbox: &Sandbox, services: &Services, args: &[&str]) -> std::process::Child {
+    let mut command = sandbox.command(args);
+    services.apply_to(&mut command);
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// When each task of a run was recorded done, by model.
+async fn finish_times(sandbox: &Sandbox, plan_id: &str, run_id: &str) -> BTreeMap<String, Vec<f64>> {
+    let state = sluice_state::open_state(&sandbox.state_url()).await.unwrap();
+    let plan = state.get_plan(&PlanId(plan_id.to_string())).await.unwrap().unwrap();
+    let graph = TaskGraph::build(&plan);
+    let mut connection = sqlx::PgConnection::connect(&sandbox.state_url()).await.unwrap();
+    let rows: Vec<(Vec<u8>, f64)> = sqlx::query_as(
+        "SELECT task_id, EXTRACT(EPOCH FROM finished_at)::float8 FROM sluice_tasks_done WHERE run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_all(&mut connection)
+    .await
+    .unwrap();
+    let finished: BTreeMap<Vec<u8>, f64> = rows.into_iter().collect();
+    let mut by_model: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for task in &graph.tasks {
+        let model = plan.snapshots[task.snapshot as usize].snapshot.name.to_string();
+        let at = finished.get(task.id.0.as_slice()).copied().unwrap_or_else(|| panic!("{model} task not recorded"));
+        by_model.entry(model).or_default().push(at);
+    }
+    by_model
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_workers_and_a_promoter_produce_what_embedded_mode_produces() {
+    let services = Services::new("same");
+    let reference = sandbox_with_ledger().await;
+    reference.sluice(&["plan", "--auto-apply", "--now", NOW]).success();
+
+    let sandbox = sandbox_with_ledger().await;
+    let mut roles = Roles::cluster(&sandbox, &services, 3, 2);
+    let run = distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", NOW]);
+    run.success();
+    assert!(run.contains("succeeded"), "{run:?}");
+    let plan_id = run.plan_id();
+
+    // Row for row what embedded mode wrote, through the promoted views.
+    let mut expected = reference.warehouse().await;
+    let mut actual = sandbox.warehouse().await;
+    for (schema, name) in VIEWS {
+        let want = expected.checksum(schema, name).await.unwrap();
+        let got = actual.checksum(schema, name).await.unwrap();
+        assert!(want.rows > 0, "{schema}.{name} is empty");
+        assert_eq!(got, want, "{schema}.{name}");
+    }
+    assert_eq!(sandbox.count("sushi.orders").await, 91 * ORDERS_PER_DAY);
+    let entries = actual.query_i64("SELECT MAX(entries) FROM pipe.ledger").await.unwrap();
+    assert_eq!(entries, Some(31), "the ledger's batches ran one after the other");
+
+    // Interval-level pipelining: the child's first interval is done before the parent's last.
+    let times = finish_times(&sandbox, &plan_id, &format!("{plan_id}-1")).await;
+    let parent_last = times["pipe.ledger"].iter().copied().fold(f64::MIN, f64::max);
+    let child_first = times["pipe.ledger_report"].iter().copied().fold(f64::MAX, f64::min);
+    assert!(child_first < parent_last, "child's first {child_first} after parent's last {parent_last}");
+
+    // Nothing queued or dead afterwards, and every role stops cleanly on SIGTERM.
+    let broker = services.broker().await;
+    assert_eq!(sluice_queue::TaskQueue::queued(&broker, "local").await.unwrap(), 0);
+    assert_eq!(broker.dead_letters("local").await.unwrap(), 0);
+    broker.close().await;
+    roles.stop();
+    let status = sandbox.sluice(&["status", &plan_id]);
+    assert!(status.stdout.contains(&format!("run {plan_id}-1: succeeded")), "{status:?}");
+}
+
+/// The tasks a running run has finished, from `sluice status PLAN`.
+fn running_tasks_done(status: &str) -> Option<u64> {
+    let line = status.lines().find(|line| line.contains(": running ("))?;
+    let before = line.split(" tasks").next()?;
+    before.rsplit(' ').next()?.parse().ok()
+}
+
+/// Two years of daily orders: long enough to stop in the middle.
+async fn long_backfill() -> Sandbox {
+    let sandbox = Sandbox::new(Backend::Postgres).await;
+    let orders = sandbox.read("models/orders.sql").replace("end '2024-04-01'", "end '2026-01-01'");
+    sandbox.write("models/orders.sql", &orders);
+    sandbox
+}
+
+const LONG_NOW: &str = "2026-01-01";
+const LONG_DAYS: i64 = 731;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn abort_drains_the_queue_and_apply_resumes_writing_each_interval_once() {
+    let services = Services::new("abort");
+    let sandbox = long_backfill().await;
+    let mut roles = Roles::cluster(&sandbox, &services, 3, 1);
+    let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", LONG_NOW]);
+    let stored = read_until(&mut coordinator, "Stored as plan ");
+    let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
+    wait_for("some intervals to finish", Duration::from_secs(120), || {
+        running_tasks_done(&sandbox.sluice(&["status", &plan]).stdout).is_some_and(|done| done >= 5)
+    });
+    distributed(&sandbox, &services, &["abort", &plan]).success();
+    let aborted = coordinator.wait_with_output().unwrap();
+    assert_eq!(aborted.status.code(), Some(2), "{}", String::from_utf8_lossy(&aborted.stderr));
+    let status = sandbox.sluice(&["status", &plan]);
+    assert!(status.stdout.contains(&format!("run {plan}-1: aborted")), "{status:?}");
+    assert_eq!(sandbox.view_target("sushi", "orders").await, None, "an aborted run promotes nothing");
+    let broker = services.broker().await;
+    assert_eq!(sluice_queue::TaskQueue::queued(&broker, "local").await.unwrap(), 0, "the workers drained the run");
+    assert_eq!(broker.dead_letters("local").await.unwrap(), 0);
+    broker.close().await;
+
+    let resumed = distributed(&sandbox, &services, &["apply", &plan]);
+    resumed.success();
+    assert!(resumed.contains("succeeded"), "{resumed:?}");
+    assert!(!resumed.stdout.contains(", 0 already done"), "the resumed run skips finished work: {resumed:?}");
+    assert_eq!(sandbox.count("sushi.orders").await, LONG_DAYS * ORDERS_PER_DAY, "every interval written once");
+    roles.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_queue_purged_by_hand_aborts_the_run_and_apply_resumes() {
+    let services = Services::new("purge");
+    let sandbox = long_backfill().await;
+    // The promoter only: the tasks wait in the queue for the operator's purge.
+    let mut roles = Roles::default();
+    roles.start(&sandbox, &services, "promoter", &["promoter"]);
+    let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", LONG_NOW]);
+    let stored = read_until(&mut coordinator, "Stored as plan ");
+    let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
+    let broker = services.broker().await;
+    let runtime = tokio::runtime::Handle::current();
+    wait_for("the ready tasks to be queued", Duration::from_secs(60), || {
+        tokio::task::block_in_place(|| runtime.block_on(sluice_queue::TaskQueue::queued(&broker, "local")))
+            .is_ok_and(|queued| queued > 0)
+    });
+    let queue = format!("{}.tasks.local", services.prefix);
+    let purge = std::process::Command::new("rabbitmqctl").args(["-q", "purge_queue", &queue]).output().unwrap();
+    assert!(purge.status.success(), "rabbitmqctl purge_queue: {}", String::from_utf8_lossy(&purge.stderr));
+
+    let aborted = coordinator.wait_with_output().unwrap();
+    let output = format!("{}{}", String::from_utf8_lossy(&aborted.stdout), String::from_utf8_lossy(&aborted.stderr));
+    assert_eq!(aborted.status.code(), Some(2), "{output}");
+    assert!(output.contains("purged by hand"), "{output}");
+    let status = sandbox.sluice(&["status", &plan]);
+    assert!(status.stdout.contains(&format!("run {plan}-1: aborted")), "{status:?}");
+    assert_eq!(sandbox.view_target("sushi", "orders").await, None);
+
+    roles.add_workers(&sandbox, &services, 3, 2);
+    let resumed = distributed(&sandbox, &services, &["apply", &plan]);
+    resumed.success();
+    assert_eq!(sandbox.count("sushi.orders").await, LONG_DAYS * ORDERS_PER_DAY, "every interval written once");
+    assert_eq!(broker.dead_letters("local").await.unwrap(), 0);
+    broker.close().await;
+    roles.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_refuse_to_start_without_their_services_and_never_print_passwords() {
+    let sandbox = Sandbox::new(Backend::Postgres).await;
+    let worker = sandbox.sluice(&["worker", "--gateway", "local"]);
+    assert_eq!(worker.code, Some(1));
+    assert!(worker.stderr.contains("SLUICE_AMQP_URL"), "{worker:?}");
+
+    let mut services = Services::new("secret");
+    services.amqp_url = "amqp://guest:hunter2-secret@127.0.0.1:5672/%2f".to_string();
+    let mut command = sandbox.command(&["worker", "--gateway", "local"]);
+    services.apply_to(&mut command);
+    let refused = support::Run::from(command.output().unwrap());
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(refused.stderr.contains("cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1"), "{refused:?}");
+    assert!(!refused.stderr.contains("hunter2"), "{refused:?}");
+
+    let unknown = distributed(&sandbox, &Services::new("gateway"), &["worker", "--gateway", "nowhere"]);
+    assert_eq!(unknown.code, Some(1));
+    assert!(
+        unknown.stderr.contains("--gateway nowhere: config.yaml has no such gateway (it has local)"),
+        "{unknown:?}"
+    );
+}
