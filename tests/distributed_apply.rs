@@ -258,3 +258,45 @@ async fn roles_refuse_to_start_without_their_services_and_never_print_passwords(
         "{unknown:?}"
     );
 }
+
+/// A model whose every interval sleeps ten minutes in the warehouse.
+const NAP: &str = "MODEL (
+  name slow.nap,
+  kind INCREMENTAL_BY_TIME_RANGE (
+    time_column day,
+    batch_size 1
+  ),
+  start '2024-01-01',
+  end '2024-01-03',
+  cron '@daily',
+  columns (day DATE, one INT)
+);
+
+SELECT CAST(@start_ds AS DATE) AS day, (SELECT 1 FROM (SELECT pg_sleep(600)) AS s) AS one
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn abort_cancels_the_queries_in_flight() {
+    let services = Services::new("cancel");
+    let sandbox = Sandbox::new(Backend::Postgres).await;
+    sandbox.write("models/slow/nap.sql", NAP);
+    let mut roles = Roles::cluster(&sandbox, &services, 1, 2);
+    let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", NOW]);
+    let stored = read_until(&mut coordinator, "Stored as plan ");
+    let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
+    let naps = "SELECT COUNT(*) FROM pg_stat_activity \
+        WHERE state = 'active' AND query LIKE '%pg_sleep(600)%' AND pid <> pg_backend_pid()";
+    let runtime = tokio::runtime::Handle::current();
+    let sleeping =
+        || tokio::task::block_in_place(|| runtime.block_on(async { sandbox.warehouse().await.query_i64(naps).await }));
+    wait_for("both naps to be running", Duration::from_secs(120), || sleeping().unwrap() == Some(2));
+
+    distributed(&sandbox, &services, &["abort", &plan]).success();
+    let aborted = coordinator.wait_with_output().unwrap();
+    assert_eq!(aborted.status.code(), Some(2), "{}", String::from_utf8_lossy(&aborted.stderr));
+    wait_for("the naps to be cancelled", Duration::from_secs(30), || sleeping().unwrap() == Some(0));
+    let status = sandbox.sluice(&["status", &plan]);
+    assert!(status.stdout.contains(&format!("run {plan}-1: aborted")), "{status:?}");
+    assert_eq!(sandbox.view_target("slow", "nap").await, None, "an aborted run promotes nothing");
+    roles.stop();
+}

@@ -12,7 +12,7 @@ use sluice_core::model::SeedData;
 use sluice_core::names::PhysicalTable;
 
 use crate::sql::{self, Dialect};
-use crate::{EngineError, TableChecksum, ViewUpdate, Warehouse};
+use crate::{Canceller, EngineError, TableChecksum, ViewUpdate, Warehouse};
 
 const ENGINE: &str = "duckdb";
 
@@ -124,6 +124,19 @@ pub struct DuckDbWarehouse {
     location: DuckDbLocation,
     database: Arc<SharedDatabase>,
     connection: Arc<Mutex<duckdb::Connection>>,
+    interrupt: Arc<duckdb::InterruptHandle>,
+}
+
+/// Interrupts the statement a DuckDB connection runs.
+struct DuckDbCanceller {
+    interrupt: Arc<duckdb::InterruptHandle>,
+}
+
+#[async_trait]
+impl Canceller for DuckDbCanceller {
+    async fn cancel(&self) {
+        self.interrupt.interrupt();
+    }
 }
 
 impl fmt::Debug for DuckDbWarehouse {
@@ -139,7 +152,8 @@ impl DuckDbWarehouse {
         let (database, connection) = tokio::task::spawn_blocking(move || shared_database(&opening))
             .await
             .map_err(|error| EngineError::BlockingCall { engine: ENGINE, message: error.to_string() })??;
-        Ok(DuckDbWarehouse { location, database, connection: Arc::new(Mutex::new(connection)) })
+        let interrupt = connection.interrupt_handle();
+        Ok(DuckDbWarehouse { location, database, connection: Arc::new(Mutex::new(connection)), interrupt })
     }
 
     /// Runs `work` with this warehouse's connection on a blocking thread.
@@ -232,6 +246,10 @@ impl Warehouse for DuckDbWarehouse {
 
     async fn ping(&mut self) -> Result<(), EngineError> {
         self.call(|connection, _| connection.execute_batch("SELECT 1").map_err(classify)).await
+    }
+
+    fn canceller(&self) -> Arc<dyn Canceller> {
+        Arc::new(DuckDbCanceller { interrupt: Arc::clone(&self.interrupt) })
     }
 
     async fn execute(&mut self, sql: &str) -> Result<(), EngineError> {

@@ -18,6 +18,13 @@ mod sql;
 pub use error::EngineError;
 pub use factory::WarehouseFactory;
 
+/// Cancels the statement a warehouse connection is running, from another task (an aborted
+/// run's query in flight). Cancelling an idle connection does nothing.
+#[async_trait]
+pub trait Canceller: Send + Sync {
+    async fn cancel(&self);
+}
+
 /// One warehouse connection, held by one worker (or the promoter) for a whole run.
 ///
 /// Implemented for DuckDB (`duckdb_adapter::DuckDbWarehouse`, embedded, one shared database per file per process)
@@ -31,6 +38,9 @@ pub trait Warehouse: Send {
 
     /// Checks the connection answers (reconnecting first if it was lost).
     async fn ping(&mut self) -> Result<(), EngineError>;
+
+    /// A handle that cancels what this connection runs, usable while a call is in flight.
+    fn canceller(&self) -> std::sync::Arc<dyn Canceller>;
 
     /// Runs statements as given (a model's pre/post statements).
     async fn execute(&mut self, sql: &str) -> Result<(), EngineError>;

@@ -1,6 +1,8 @@
 //! The PostgreSQL warehouse: one `PgConnection` per worker, held for the run and reopened only after it was lost.
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,7 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError, PgRow};
 use sqlx::{AssertSqlSafe, Column, Connection, Row, TypeInfo};
 
 use crate::sql::{self, Dialect, ROWS_ALIAS};
-use crate::{EngineError, TableChecksum, ViewUpdate, Warehouse};
+use crate::{Canceller, EngineError, TableChecksum, ViewUpdate, Warehouse};
 
 const ENGINE: &str = "postgres";
 
@@ -42,6 +44,39 @@ pub struct PostgresWarehouse {
     gateway: String,
     options: PgConnectOptions,
     connection: Option<PgConnection>,
+    /// The server process of `connection` (0 while none is open), for cancel requests.
+    backend_pid: Arc<AtomicI32>,
+}
+
+/// Cancels the running statement of a PostgreSQL connection with `pg_cancel_backend`, sent on
+/// a connection of its own.
+struct PostgresCanceller {
+    gateway: String,
+    options: PgConnectOptions,
+    backend_pid: Arc<AtomicI32>,
+}
+
+#[async_trait]
+impl Canceller for PostgresCanceller {
+    async fn cancel(&self) {
+        let pid = self.backend_pid.load(Ordering::SeqCst);
+        if pid == 0 {
+            return;
+        }
+        let result = async {
+            let mut connection = open_connection(&self.options).await?;
+            let cancelled = sqlx::query("SELECT pg_cancel_backend($1)").bind(pid).execute(&mut connection).await;
+            let _ = connection.close().await;
+            cancelled.map_err(classify)
+        }
+        .await;
+        match result {
+            Ok(_) => tracing::info!(gateway = %self.gateway, pid, "cancelled the statement in flight"),
+            Err(error) => {
+                tracing::warn!(gateway = %self.gateway, error = %error, "cancelling the statement in flight failed")
+            }
+        }
+    }
 }
 
 impl fmt::Debug for PostgresWarehouse {
@@ -68,7 +103,12 @@ impl PostgresWarehouse {
             .database(&settings.database)
             .application_name("sluice")
             .options([("TimeZone", "UTC")]);
-        let mut warehouse = PostgresWarehouse { gateway: gateway.to_string(), options, connection: None };
+        let mut warehouse = PostgresWarehouse {
+            gateway: gateway.to_string(),
+            options,
+            connection: None,
+            backend_pid: Arc::new(AtomicI32::new(0)),
+        };
         warehouse.connection().await?;
         Ok(warehouse)
     }
@@ -77,7 +117,16 @@ impl PostgresWarehouse {
     async fn connection(&mut self) -> Result<&mut PgConnection, EngineError> {
         let connection = match self.connection.take() {
             Some(connection) => connection,
-            None => open_connection(&self.options).await.map_err(|error| error.for_gateway(&self.gateway))?,
+            None => {
+                let mut connection =
+                    open_connection(&self.options).await.map_err(|error| error.for_gateway(&self.gateway))?;
+                let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                    .fetch_one(&mut connection)
+                    .await
+                    .map_err(|error| classify(error).for_gateway(&self.gateway))?;
+                self.backend_pid.store(pid, Ordering::SeqCst);
+                connection
+            }
         };
         Ok(self.connection.insert(connection))
     }
@@ -91,6 +140,7 @@ impl PostgresWarehouse {
                 if matches!(error, EngineError::Unavailable { .. }) {
                     tracing::warn!(gateway = %self.gateway, error = %error, "postgres connection lost; reconnecting on next use");
                     self.connection = None;
+                    self.backend_pid.store(0, Ordering::SeqCst);
                 }
                 Err(error)
             }
@@ -213,6 +263,14 @@ impl Warehouse for PostgresWarehouse {
         let connection = self.connection().await?;
         let result = connection.ping().await;
         self.settle(result)
+    }
+
+    fn canceller(&self) -> Arc<dyn Canceller> {
+        Arc::new(PostgresCanceller {
+            gateway: self.gateway.clone(),
+            options: self.options.clone(),
+            backend_pid: Arc::clone(&self.backend_pid),
+        })
     }
 
     async fn execute(&mut self, sql: &str) -> Result<(), EngineError> {

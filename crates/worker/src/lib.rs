@@ -418,12 +418,15 @@ impl Slot {
     }
 
     /// Executes the task while reporting it alive and watching the run's breaker: `None` when
-    /// the breaker tripped, in which case the query in flight was cancelled (its connection
-    /// dropped, so the transaction rolls back) and nothing was recorded.
+    /// the breaker tripped, in which case the statement in flight was cancelled (in the
+    /// warehouse, then its connection dropped, so its transaction rolls back) and nothing was
+    /// recorded.
     async fn execute_watched(&mut self, context: &RunContext, message: &TaskMessage) -> Option<Execution> {
         let deps = self.shared.deps.clone();
         let heartbeat = self.shared.config.heartbeat;
         let index = message.task_index;
+        // Connected first, so that the statement in flight can be cancelled from here.
+        let canceller = self.warehouse().await.ok().map(|warehouse| warehouse.canceller());
         let outcome = {
             let run = self.execute(context, index);
             tokio::pin!(run);
@@ -439,6 +442,9 @@ impl Slot {
                         }
                         if let Ok(Some(reason)) = deps.state.breaker(&message.plan_id).await {
                             info!(reason = %reason, "the run was aborted: cancelling the task in flight");
+                            if let Some(canceller) = &canceller {
+                                canceller.cancel().await;
+                            }
                             break None;
                         }
                     }

@@ -34,6 +34,7 @@ macro_rules! conformance_suite {
 conformance_suite!(
     ensure_table_is_idempotent_and_race_safe,
     declared_columns_create_the_table_a_self_reading_query_needs,
+    a_statement_in_flight_is_cancelled,
     replace_interval_replaces_only_its_interval,
     replace_interval_filters_timestamp_columns_half_open,
     replace_all_replaces_every_row,
@@ -131,6 +132,32 @@ async fn declared_columns_create_the_table_a_self_reading_query_needs(fixture: F
     let unsafe_type = [("day".to_string(), "DATE); DROP TABLE x; --".to_string())];
     let refused = warehouse.ensure_table(&table("odd"), &unsafe_type, &query).await.unwrap_err();
     assert!(refused.to_string().contains("expected a plain column type"), "{refused}");
+}
+
+async fn a_statement_in_flight_is_cancelled(fixture: Fixture) {
+    let mut warehouse = fixture.open().await;
+    let canceller = warehouse.canceller();
+    // Long enough that only a cancel ends it within the guard below.
+    let statement = match warehouse.engine_name() {
+        "postgres" => "SELECT pg_sleep(600)",
+        _ => "SELECT SUM(a.range * b.range) FROM range(2000000) AS a, range(2000000) AS b",
+    };
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        let run = warehouse.execute(statement);
+        tokio::pin!(run);
+        // A cancel that arrives before the statement starts cancels nothing: repeat until it ends.
+        loop {
+            tokio::select! {
+                result = &mut run => break result,
+                () = canceller.cancel() => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await
+    .expect("the statement was not cancelled");
+    assert!(outcome.is_err(), "a cancelled statement fails");
+    // The connection is usable afterwards.
+    assert_eq!(scalar(warehouse.as_mut(), "SELECT 41 + 1").await, Some(42));
 }
 
 async fn replace_interval_replaces_only_its_interval(fixture: Fixture) {
