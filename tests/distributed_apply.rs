@@ -236,7 +236,7 @@ async fn a_task_queue_purged_by_hand_aborts_the_run_and_apply_resumes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn roles_refuse_to_start_without_their_services_and_never_print_passwords() {
+async fn bad_settings_are_refused_clearly_and_never_print_passwords() {
     let sandbox = Sandbox::new(Backend::Postgres).await;
     let worker = sandbox.sluice(&["worker", "--gateway", "local"]);
     assert_eq!(worker.code, Some(1));
@@ -250,6 +250,11 @@ async fn roles_refuse_to_start_without_their_services_and_never_print_passwords(
     assert_eq!(refused.code, Some(1), "{refused:?}");
     assert!(refused.stderr.contains("cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1"), "{refused:?}");
     assert!(!refused.stderr.contains("hunter2"), "{refused:?}");
+
+    let embedded = Sandbox::new(Backend::Embedded).await;
+    let duckdb = distributed(&embedded, &Services::new("duckdb"), &["plan", "--auto-apply", "--now", NOW]);
+    assert_eq!(duckdb.code, Some(1), "{duckdb:?}");
+    assert!(duckdb.stderr.contains("gateways.local: a DuckDB warehouse is a file one process owns"), "{duckdb:?}");
 
     let unknown = distributed(&sandbox, &Services::new("gateway"), &["worker", "--gateway", "nowhere"]);
     assert_eq!(unknown.code, Some(1));

@@ -143,6 +143,7 @@ async fn run_apply(
 ) -> Result<ApplyExit> {
     let outcome = match &common.services {
         Some(services) => {
+            refuse_file_warehouses(context)?;
             let settings = DistributedApply { user: user(), detach };
             crate::distributed::apply(services, &settings, state, warehouses(context), plan_id).await?
         }
@@ -187,6 +188,23 @@ async fn run_apply(
             }
         }
     }
+}
+
+/// Distributed mode runs roles in several processes: a DuckDB file, which one process owns,
+/// cannot be their warehouse.
+fn refuse_file_warehouses(context: &ProjectContext) -> Result<()> {
+    let config = &context.project.config;
+    for model in context.project.models.values() {
+        if let Some(gateway) = config.gateways.get(&model.gateway)
+            && matches!(gateway.connection, sluice_core::config::Connection::DuckDb { .. })
+        {
+            return Err(anyhow!(
+                "gateways.{}: a DuckDB warehouse is a file one process owns, so distributed mode (SLUICE_AMQP_URL) cannot apply to it; use a postgres gateway, or unset SLUICE_AMQP_URL for embedded mode",
+                gateway.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub async fn apply(common: &Common<'_>, plan_id: &str, detach: bool) -> Result<ApplyExit> {
