@@ -128,6 +128,17 @@ pub enum ApplyError {
     Join(String),
 }
 
+impl ApplyError {
+    /// Whether trying again later may succeed (a lost connection to a service).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::State(error) => error.is_transient(),
+            ApplyError::Queue(error) => error.is_transient(),
+            _ => false,
+        }
+    }
+}
+
 fn plan_label(id: Option<&PlanId>) -> String {
     id.map_or_else(|| "none".to_string(), ToString::to_string)
 }
@@ -244,7 +255,7 @@ pub async fn apply(
     );
 
     // Subscribe before publishing so that no event of this run is missed.
-    let mut stream = deps.events.subscribe().await?;
+    let stream = deps.events.subscribe().await?;
     let ready = counters.ready_tasks(&plan, &graph, &run.id);
     deps.queue.publish(&ready).await?;
     info!(run_id = %run.id, tasks = graph.len(), done = done_count, ready = ready.len(), "tasks published");
@@ -258,28 +269,38 @@ pub async fn apply(
     let run_gateways: BTreeSet<String> =
         graph.tasks.iter().map(|task| plan.snapshots[task.snapshot as usize].snapshot.gateway.clone()).collect();
     let mut follower = Follower::new(&plan, &graph, &counters.done);
-    let renew_every = Duration::from_secs((config.lease_ttl_seconds.max(3) / 3) as u64);
-    let mut ticker = tokio::time::interval(renew_every.min(Duration::from_secs(1)));
+    let mut watch = Watch {
+        renew_every: Duration::from_secs((config.lease_ttl_seconds.max(3) / 3) as u64),
+        last_renewal: tokio::time::Instant::now(),
+        aborting: None,
+        stalled_since: None,
+        last_event: tokio::time::Instant::now(),
+        settled_by_coordinator: false,
+        gateways: run_gateways,
+    };
+    let mut ticker = tokio::time::interval(watch.renew_every.min(Duration::from_secs(1)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_renewal = tokio::time::Instant::now();
-    let mut aborting: Option<String> = None;
-    let mut stalled_since: Option<tokio::time::Instant> = None;
-    let mut last_event = tokio::time::Instant::now();
-    let mut settled_by_coordinator = false;
+    let mut events = Some(stream);
     loop {
         tokio::select! {
-            event = stream.next() => {
-                let Some(event) = event else { return Err(ApplyError::EventsClosed) };
+            event = next_event(&mut events) => {
+                let Some(event) = event else {
+                    // The subscription ended (the broker went away): resubscribe on the next tick;
+                    // meanwhile the state store says how the run goes.
+                    warn!("the run's event stream ended; subscribing again");
+                    events = None;
+                    continue;
+                };
                 if event.run_id() != &run.id {
                     continue;
                 }
-                last_event = tokio::time::Instant::now();
-                stalled_since = None;
+                watch.last_event = tokio::time::Instant::now();
+                watch.stalled_since = None;
                 if follower.on_event(event, progress.as_ref()) {
                     break;
                 }
             }
-            _ = shutdown.cancelled(), if aborting.is_none() => {
+            _ = shutdown.cancelled(), if watch.aborting.is_none() => {
                 if !config.interrupt_aborts {
                     progress.message(&format!(
                         "interrupted: the run goes on without this process; `sluice status` follows it, `sluice abort {}` stops it",
@@ -288,81 +309,142 @@ pub async fn apply(
                     progress.finished();
                     return Ok(ApplyOutcome::Detached(run.id));
                 }
-                aborting = Some("interrupted".to_string());
+                watch.aborting = Some("interrupted".to_string());
                 progress.message("interrupted: stopping between intervals; apply the plan again to resume");
                 state.trip_breaker(&plan.id, "interrupted (Ctrl-C)").await?;
             }
             _ = ticker.tick() => {
-                if last_renewal.elapsed() >= renew_every {
-                    if let Err(error) = state.renew_lease(&plan.environment, &run.id, config.lease_ttl_seconds, now()).await {
-                        warn!(error = %error, "renewing the environment lease failed");
+                if events.is_none() {
+                    match deps.events.subscribe().await {
+                        Ok(stream) => events = Some(stream),
+                        Err(error) => warn!(error = %error, "subscribing to the run's events failed; retrying"),
                     }
-                    last_renewal = tokio::time::Instant::now();
                 }
-                // The promoter's event may be lost (a broker restart): the state store has the truth.
-                if let Some(record) = state.get_run(&run.id).await?
-                    && record.status != RunStatus::Running
-                {
-                    break;
-                }
-                if aborting.is_none() && let Some(reason) = state.breaker(&plan.id).await? {
-                    progress.message(&format!("aborted ({reason}): stopping between intervals"));
-                    aborting = Some(reason);
-                }
-                if settled_by_coordinator {
-                    continue;
-                }
-                match deps.gate.outstanding(&run.id).await? {
-                    None => {
-                        // Redis lost the run's counters (flushed, restarted, expired): rebuild them.
-                        let counters = load_counters(deps, &plan, &graph, &run.id).await?;
-                        let ready = counters.ready_tasks(&plan, &graph, &run.id);
-                        deps.queue.publish(&ready).await?;
-                        warn!(run_id = %run.id, republished = ready.len(), "the dependency counters were lost; rebuilt them from state");
-                        progress.message(&format!("dependency counters rebuilt from state; {} tasks queued again", ready.len()));
-                        stalled_since = None;
-                    }
-                    Some(0) => stalled_since = None,
-                    Some(outstanding) => {
-                        let mut queued = 0;
-                        for gateway in &run_gateways {
-                            queued += deps.queue.queued(gateway).await?;
-                        }
-                        let quiet = queued == 0
-                            && !follower.any_running(config.heartbeat_timeout)
-                            && last_event.elapsed() >= config.stall_after;
-                        if !quiet {
-                            stalled_since = None;
-                        } else if stalled_since.is_none() {
-                            stalled_since = Some(tokio::time::Instant::now());
-                        } else if stalled_since.is_some_and(|since| since.elapsed() >= config.stall_after) {
-                            // Nothing queued, nothing running, nothing heard, yet work outstanding:
-                            // the queued tasks were purged (by `rabbitmqctl purge_queue`, say).
-                            let reason = aborting.clone().unwrap_or_else(|| {
-                                format!("the task queues were emptied while {outstanding} tasks were outstanding (purged by hand?)")
-                            });
-                            if aborting.is_none() {
-                                state.trip_breaker(&plan.id, &reason).await?;
-                                progress.message(&format!("aborted: {reason}"));
-                                aborting = Some(reason);
-                            }
-                            let everything: Vec<u32> = (0..graph.len() as u32).collect();
-                            deps.gate.skip(&run.id, &everything).await?;
-                            deps.events.publish(RunEvent::RunSettled { run_id: run.id.clone(), plan_id: plan.id.clone() }).await?;
-                            settled_by_coordinator = true;
-                        }
-                    }
+                match watch.tick(deps, &plan, &graph, &run.id, config, &follower, progress.as_ref()).await {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    // A lost broker, Redis or state connection: the next tick tries again.
+                    Err(error) if error.is_transient() => warn!(error = %error, "following the run; retrying"),
+                    Err(error) => return Err(error),
                 }
             }
         }
     }
     progress.finished();
-    deps.gate.clear(&run.id).await?;
+    if let Err(error) = deps.gate.clear(&run.id).await {
+        // The keys expire on their own.
+        warn!(error = %error, "clearing the run's dependency counters failed");
+    }
     let record = state
         .get_run(&run.id)
         .await?
         .ok_or_else(|| ApplyError::State(StateError::NotFound { what: format!("run {}", run.id) }))?;
     Ok(ApplyOutcome::Finished(record))
+}
+
+/// The next event of an optional subscription; never, without one.
+async fn next_event(events: &mut Option<sluice_queue::EventStream>) -> Option<RunEvent> {
+    match events {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the following coordinator checks every tick.
+struct Watch {
+    renew_every: Duration,
+    last_renewal: tokio::time::Instant,
+    aborting: Option<String>,
+    stalled_since: Option<tokio::time::Instant>,
+    last_event: tokio::time::Instant,
+    settled_by_coordinator: bool,
+    gateways: BTreeSet<String>,
+}
+
+impl Watch {
+    /// Renews the lease, reads the run's record and breaker, and reconciles the gate: true
+    /// once the run is finished.
+    #[allow(clippy::too_many_arguments)]
+    async fn tick(
+        &mut self,
+        deps: &CoordinatorDeps,
+        plan: &Plan,
+        graph: &TaskGraph,
+        run_id: &RunId,
+        config: &ApplyConfig,
+        follower: &Follower,
+        progress: &dyn Progress,
+    ) -> Result<bool, ApplyError> {
+        let state = &deps.state;
+        if self.last_renewal.elapsed() >= self.renew_every {
+            if let Err(error) = state.renew_lease(&plan.environment, run_id, config.lease_ttl_seconds, now()).await {
+                warn!(error = %error, "renewing the environment lease failed");
+            }
+            self.last_renewal = tokio::time::Instant::now();
+        }
+        // The promoter's event may be lost (a broker restart): the state store has the truth.
+        if let Some(record) = state.get_run(run_id).await?
+            && record.status != RunStatus::Running
+        {
+            return Ok(true);
+        }
+        if self.aborting.is_none()
+            && let Some(reason) = state.breaker(&plan.id).await?
+        {
+            progress.message(&format!("aborted ({reason}): stopping between intervals"));
+            self.aborting = Some(reason);
+        }
+        if self.settled_by_coordinator {
+            return Ok(false);
+        }
+        match deps.gate.outstanding(run_id).await? {
+            None => {
+                // Redis lost the run's counters (flushed, restarted, expired): rebuild them.
+                let counters = load_counters(deps, plan, graph, run_id).await?;
+                let ready = counters.ready_tasks(plan, graph, run_id);
+                deps.queue.publish(&ready).await?;
+                warn!(run_id = %run_id, republished = ready.len(), "the dependency counters were lost; rebuilt them from state");
+                progress
+                    .message(&format!("dependency counters rebuilt from state; {} tasks queued again", ready.len()));
+                self.stalled_since = None;
+            }
+            Some(0) => self.stalled_since = None,
+            Some(outstanding) => {
+                let mut queued = 0;
+                for gateway in &self.gateways {
+                    queued += deps.queue.queued(gateway).await?;
+                }
+                let quiet = queued == 0
+                    && !follower.any_running(config.heartbeat_timeout)
+                    && self.last_event.elapsed() >= config.stall_after;
+                if !quiet {
+                    self.stalled_since = None;
+                } else if self.stalled_since.is_none() {
+                    self.stalled_since = Some(tokio::time::Instant::now());
+                } else if self.stalled_since.is_some_and(|since| since.elapsed() >= config.stall_after) {
+                    // Nothing queued, nothing running, nothing heard, yet work outstanding: the
+                    // queued tasks were purged (by `rabbitmqctl purge_queue`, say).
+                    let reason = self.aborting.clone().unwrap_or_else(|| {
+                        format!(
+                            "the task queues were emptied while {outstanding} tasks were outstanding (purged by hand?)"
+                        )
+                    });
+                    if self.aborting.is_none() {
+                        state.trip_breaker(&plan.id, &reason).await?;
+                        progress.message(&format!("aborted: {reason}"));
+                        self.aborting = Some(reason);
+                    }
+                    let everything: Vec<u32> = (0..graph.len() as u32).collect();
+                    deps.gate.skip(run_id, &everything).await?;
+                    deps.events
+                        .publish(RunEvent::RunSettled { run_id: run_id.clone(), plan_id: plan.id.clone() })
+                        .await?;
+                    self.settled_by_coordinator = true;
+                }
+            }
+        }
+        Ok(false)
+    }
 }
 
 /// A run's dependency counters as loaded into the gate.
