@@ -13,7 +13,7 @@ use std::time::Duration;
 use sluice_core::names::PlanId;
 use sluice_core::task_graph::TaskGraph;
 use sqlx::Connection;
-use support::{Backend, Roles, Sandbox, Services, read_until, wait_for};
+use support::{Backend, Roles, Sandbox, Services, Spawned, wait_for};
 
 const NOW: &str = "2024-05-01";
 const ORDERS_PER_DAY: i64 = 20;
@@ -74,15 +74,10 @@ fn distributed(sandbox: &Sandbox, services: &Services, args: &[&str]) -> support
     support::Run::from(command.stdin(std::process::Stdio::null()).output().unwrap())
 }
 
-fn spawn_distributed(sandbox: &Sandbox, services: &Services, args: &[&str]) -> std::process::Child {
+fn spawn_distributed(sandbox: &Sandbox, services: &Services, args: &[&str]) -> Spawned {
     let mut command = sandbox.command(args);
     services.apply_to(&mut command);
-    command
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+    Spawned::start(sandbox, command)
 }
 
 /// When each task of a run was recorded done, by model.
@@ -174,14 +169,14 @@ async fn abort_drains_the_queue_and_apply_resumes_writing_each_interval_once() {
     let sandbox = long_backfill().await;
     let mut roles = Roles::cluster(&sandbox, &services, 3, 1);
     let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", LONG_NOW]);
-    let stored = read_until(&mut coordinator, "Stored as plan ");
+    let stored = coordinator.read_until("Stored as plan ");
     let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
     wait_for("some intervals to finish", Duration::from_secs(120), || {
         running_tasks_done(&sandbox.sluice(&["status", &plan]).stdout).is_some_and(|done| done >= 5)
     });
     distributed(&sandbox, &services, &["abort", &plan]).success();
-    let aborted = coordinator.wait_with_output().unwrap();
-    assert_eq!(aborted.status.code(), Some(2), "{}", String::from_utf8_lossy(&aborted.stderr));
+    let aborted = coordinator.wait();
+    assert_eq!(aborted.code, Some(2), "{aborted:?}");
     let status = sandbox.sluice(&["status", &plan]);
     assert!(status.stdout.contains(&format!("run {plan}-1: aborted")), "{status:?}");
     assert_eq!(sandbox.view_target("sushi", "orders").await, None, "an aborted run promotes nothing");
@@ -206,7 +201,7 @@ async fn a_task_queue_purged_by_hand_aborts_the_run_and_apply_resumes() {
     let mut roles = Roles::default();
     roles.start(&sandbox, &services, "promoter", &["promoter"]);
     let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", LONG_NOW]);
-    let stored = read_until(&mut coordinator, "Stored as plan ");
+    let stored = coordinator.read_until("Stored as plan ");
     let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
     let broker = services.broker().await;
     let runtime = tokio::runtime::Handle::current();
@@ -218,10 +213,9 @@ async fn a_task_queue_purged_by_hand_aborts_the_run_and_apply_resumes() {
     let purge = std::process::Command::new("rabbitmqctl").args(["-q", "purge_queue", &queue]).output().unwrap();
     assert!(purge.status.success(), "rabbitmqctl purge_queue: {}", String::from_utf8_lossy(&purge.stderr));
 
-    let aborted = coordinator.wait_with_output().unwrap();
-    let output = format!("{}{}", String::from_utf8_lossy(&aborted.stdout), String::from_utf8_lossy(&aborted.stderr));
-    assert_eq!(aborted.status.code(), Some(2), "{output}");
-    assert!(output.contains("purged by hand"), "{output}");
+    let aborted = coordinator.wait();
+    assert_eq!(aborted.code, Some(2), "{aborted:?}");
+    assert!(aborted.contains("purged by hand"), "{aborted:?}");
     let status = sandbox.sluice(&["status", &plan]);
     assert!(status.stdout.contains(&format!("run {plan}-1: aborted")), "{status:?}");
     assert_eq!(sandbox.view_target("sushi", "orders").await, None);
@@ -287,7 +281,7 @@ async fn abort_cancels_the_queries_in_flight() {
     sandbox.write("models/slow/nap.sql", NAP);
     let mut roles = Roles::cluster(&sandbox, &services, 1, 2);
     let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", NOW]);
-    let stored = read_until(&mut coordinator, "Stored as plan ");
+    let stored = coordinator.read_until("Stored as plan ");
     let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
     let naps = "SELECT COUNT(*) FROM pg_stat_activity \
         WHERE state = 'active' AND query LIKE '%pg_sleep(600)%' AND pid <> pg_backend_pid()";
@@ -297,11 +291,43 @@ async fn abort_cancels_the_queries_in_flight() {
     wait_for("both naps to be running", Duration::from_secs(120), || sleeping().unwrap() == Some(2));
 
     distributed(&sandbox, &services, &["abort", &plan]).success();
-    let aborted = coordinator.wait_with_output().unwrap();
-    assert_eq!(aborted.status.code(), Some(2), "{}", String::from_utf8_lossy(&aborted.stderr));
+    let aborted = coordinator.wait();
+    assert_eq!(aborted.code, Some(2), "{aborted:?}");
     wait_for("the naps to be cancelled", Duration::from_secs(30), || sleeping().unwrap() == Some(0));
     let status = sandbox.sluice(&["status", &plan]);
     assert!(status.stdout.contains(&format!("run {plan}-1: aborted")), "{status:?}");
     assert_eq!(sandbox.view_target("slow", "nap").await, None, "an aborted run promotes nothing");
+    roles.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_dependency_counters_are_rebuilt_from_state() {
+    let services = Services::new("counters");
+    let sandbox = long_backfill().await;
+    let mut roles = Roles::cluster(&sandbox, &services, 3, 1);
+    let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", LONG_NOW]);
+    let stored = coordinator.read_until("Stored as plan ");
+    let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
+    wait_for("some intervals to finish", Duration::from_secs(120), || {
+        running_tasks_done(&sandbox.sluice(&["status", &plan]).stdout).is_some_and(|done| done >= 5)
+    });
+    // Redis loses the run's keys (as after a FLUSHALL or a restart without persistence).
+    let keys = std::process::Command::new("redis-cli")
+        .args(["-u", &services.redis_url, "--scan", "--pattern", &format!("{}:*", services.prefix)])
+        .output()
+        .unwrap();
+    let keys: Vec<String> = String::from_utf8_lossy(&keys.stdout).lines().map(str::to_string).collect();
+    assert!(!keys.is_empty(), "the run's counters are in Redis under the test's prefix");
+    let deleted =
+        std::process::Command::new("redis-cli").args(["-u", &services.redis_url, "del"]).args(&keys).output().unwrap();
+    assert!(deleted.status.success());
+
+    let finished = coordinator.wait();
+    assert_eq!(finished.code, Some(0), "{finished:?}");
+    assert!(finished.contains("dependency counters rebuilt from state"), "{finished:?}");
+    assert_eq!(sandbox.count("sushi.orders").await, LONG_DAYS * ORDERS_PER_DAY, "every interval written once");
+    let mut warehouse = sandbox.warehouse().await;
+    let distinct = warehouse.query_i64("SELECT COUNT(DISTINCT order_id) FROM sushi.orders").await.unwrap();
+    assert_eq!(distinct, Some(LONG_DAYS * ORDERS_PER_DAY));
     roles.stop();
 }

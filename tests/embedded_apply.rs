@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Backend, Sandbox, read_until, wait_for};
+use support::{Backend, Sandbox, wait_for};
 
 const NOW: &str = "2024-05-01";
 const ORDERS_PER_DAY: i64 = 20;
@@ -159,7 +159,7 @@ async fn abort_stops_between_intervals_and_apply_resumes(backend: Backend) {
     let orders = sandbox.read("models/orders.sql").replace("end '2024-04-01'", "end '2026-01-01'");
     sandbox.write("models/orders.sql", &orders);
     let mut child = sandbox.spawn(&["plan", "--auto-apply", "--now", "2026-01-01", "--workers", "1"]);
-    let stored = read_until(&mut child, "Stored as plan ");
+    let stored = child.read_until("Stored as plan ");
     let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
     wait_for("some intervals to finish", Duration::from_secs(120), || {
         running_tasks_done(&sandbox.sluice(&["status", &plan]).stdout).is_some_and(|done| done >= 5)
@@ -172,8 +172,8 @@ async fn abort_stops_between_intervals_and_apply_resumes(backend: Backend) {
     assert!(refused.stderr.contains(&format!("environment prod is being applied by run {plan}-1")), "{refused:?}");
     sandbox.write("models/orders.sql", &orders);
     sandbox.sluice(&["abort", &plan]).success();
-    let aborted = child.wait_with_output().unwrap();
-    assert_eq!(aborted.status.code(), Some(2), "{}", String::from_utf8_lossy(&aborted.stderr));
+    let aborted = child.wait();
+    assert_eq!(aborted.code, Some(2), "{aborted:?}");
     let status = sandbox.sluice(&["status", &plan]);
     assert!(status.stdout.contains(&format!("run {plan}-1: aborted")), "{status:?}");
     assert_eq!(sandbox.view_target("sushi", "orders").await, None, "an aborted run promotes nothing");

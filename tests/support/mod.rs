@@ -115,9 +115,9 @@ impl Sandbox {
         Run::from(output)
     }
 
-    /// Starts `sluice` and returns the child with piped stdout.
-    pub fn spawn(&self, args: &[&str]) -> Child {
-        self.command(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    /// Starts `sluice` in the background.
+    pub fn spawn(&self, args: &[&str]) -> Spawned {
+        Spawned::start(self, self.command(args))
     }
 
     /// A connection to the project's warehouse (drop it before running `sluice` again: DuckDB
@@ -223,19 +223,47 @@ impl Run {
     }
 }
 
-/// Reads a child's stdout until a line starts with `prefix`; returns the line.
-pub fn read_until(child: &mut Child, prefix: &str) -> String {
-    let stdout = child.stdout.take().unwrap();
-    let mut reader = BufReader::new(stdout);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let read = reader.read_line(&mut line).unwrap();
-        assert!(read > 0, "the process ended before printing {prefix:?}");
-        if line.starts_with(prefix) {
-            // Keep draining in the background so that the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in reader.lines() {});
-            return line.trim_end().to_string();
+/// A `sluice` process running in the background: stdout piped, stderr to a file (a pipe
+/// nobody reads would block a chatty process).
+pub struct Spawned {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Spawned {
+    pub fn start(sandbox: &Sandbox, mut command: Command) -> Spawned {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let index = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stderr = sandbox.folder.path().join(format!("spawned-{index}.stderr"));
+        let file = std::fs::File::create(&stderr).unwrap();
+        let child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(file).spawn().unwrap();
+        Spawned { child, stderr }
+    }
+
+    /// Reads stdout until a line starts with `prefix`; returns the line. The rest of stdout is
+    /// drained in the background.
+    pub fn read_until(&mut self, prefix: &str) -> String {
+        let stdout = self.child.stdout.take().unwrap();
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let read = reader.read_line(&mut line).unwrap();
+            assert!(read > 0, "the process ended before printing {prefix:?}");
+            if line.starts_with(prefix) {
+                std::thread::spawn(move || for _ in reader.lines() {});
+                return line.trim_end().to_string();
+            }
+        }
+    }
+
+    /// Waits for the process; its exit code, the stdout not yet read, and its stderr.
+    pub fn wait(self) -> Run {
+        let output = self.child.wait_with_output().unwrap();
+        Run {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: std::fs::read_to_string(&self.stderr).unwrap_or_default(),
         }
     }
 }

@@ -20,10 +20,10 @@ use sluice_core::query::QueryTemplate;
 use sluice_core::task_graph::TaskGraph;
 use sluice_engine::{EngineError, Warehouse, WarehouseFactory};
 use sluice_queue::{Delivery, DependencyGate, EventBus, QueueError, RunEvent, RunId, TaskMessage, TaskQueue};
-use sluice_state::{IntervalRecord, RunProgress, StateError, StateStore, TaskFailure};
+use sluice_state::{IntervalRecord, RunProgress, RunStatus, StateError, StateStore, TaskFailure};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 use crate::retry::{RetryPolicy, RetrySchedule};
 
@@ -66,6 +66,8 @@ pub enum WorkerError {
     Queue(#[from] QueueError),
     #[error("plan {0} is not in the state store")]
     UnknownPlan(PlanId),
+    #[error("run {0} is not in the state store")]
+    UnknownRun(RunId),
     #[error("task {index} of run {run} does not match the plan's task graph")]
     UnknownTask { run: RunId, index: u32 },
     #[error("worker slot failed: {0}")]
@@ -76,9 +78,6 @@ impl WorkerError {
     fn is_transient(&self) -> bool {
         match self {
             WorkerError::State(error) => error.is_transient(),
-            // A run the gate does not know lost its counters (Redis flushed or restarted): the
-            // coordinator rebuilds them from state, so waiting is the answer.
-            WorkerError::Queue(QueueError::UnknownRun(_)) => true,
             WorkerError::Queue(error) => error.is_transient(),
             _ => false,
         }
@@ -187,6 +186,51 @@ where
                 None => return Err(error),
             },
             Err(error) => return Err(error),
+        }
+    }
+}
+
+/// What a gate call said, once the run's state is taken into account.
+enum Gated<T> {
+    Answer(T),
+    /// The run is finished: its tasks release nothing any more.
+    RunClosed,
+    /// The state store has no such run: the task is not one of ours (dead-letter it).
+    RunUnknown,
+}
+
+/// Calls the gate, retrying transient failures. A run the gate does not know lost its counters
+/// (the coordinator rebuilds them from state, so waiting is the answer) — unless the run is no
+/// longer running in state: then a stale task (a duplicate queued by a rebuild, a redelivery
+/// after the run finished) has nothing to release.
+async fn gated<T, F, Fut>(shared: &Shared, run_id: &RunId, mut call: F) -> Result<Gated<T>, WorkerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, QueueError>>,
+{
+    let mut schedule = RetrySchedule::new(shared.config.retry);
+    loop {
+        let error = match call().await {
+            Ok(answer) => return Ok(Gated::Answer(answer)),
+            Err(QueueError::UnknownRun(run)) => {
+                let state = &shared.deps.state;
+                let record = durable(shared.config.retry, "run", || async { Ok(state.get_run(run_id).await?) }).await?;
+                match record {
+                    None => return Ok(Gated::RunUnknown),
+                    Some(record) if record.status != RunStatus::Running => return Ok(Gated::RunClosed),
+                    Some(_) => {}
+                }
+                QueueError::UnknownRun(run)
+            }
+            Err(error) if error.is_transient() => error,
+            Err(error) => return Err(error.into()),
+        };
+        match schedule.next_delay() {
+            Some(delay) => {
+                warn!(error = %error, "dependency gate unavailable, retrying");
+                tokio::time::sleep(delay).await;
+            }
+            None => return Err(error.into()),
         }
     }
 }
@@ -357,10 +401,21 @@ impl Slot {
         })
         .await?;
         let children: Vec<u32> = context.graph.children(index).collect();
-        let completion = durable(self.shared.config.retry, "gate", || async {
-            Ok(deps.gate.complete(&message.run_id, index, &children).await?)
-        })
-        .await?;
+        let completion =
+            match gated(&self.shared, &message.run_id, || deps.gate.complete(&message.run_id, index, &children)).await?
+            {
+                Gated::Answer(completion) => completion,
+                Gated::RunClosed => {
+                    debug!("a task of a run that is no longer running: nothing to release");
+                    delivery.ack().await?;
+                    return Ok(());
+                }
+                Gated::RunUnknown => {
+                    warn!("a task of a run the state store does not hold; dead-lettering it");
+                    delivery.reject().await?;
+                    return Err(WorkerError::UnknownRun(message.run_id));
+                }
+            };
         if completion.newly_done || delivery.redelivered || skipped {
             let ready: Vec<TaskMessage> = completion
                 .ready
@@ -464,10 +519,11 @@ impl Slot {
         let deps = self.shared.deps.clone();
         let message = delivery.task.clone();
         let settled_tasks = context.with_descendants(message.task_index, &context.settled);
-        let run_complete = durable(self.shared.config.retry, "gate skip", || async {
-            Ok(deps.gate.skip(&message.run_id, &settled_tasks).await?)
-        })
-        .await?;
+        let run_complete =
+            match gated(&self.shared, &message.run_id, || deps.gate.skip(&message.run_id, &settled_tasks)).await? {
+                Gated::Answer(complete) => complete,
+                Gated::RunClosed | Gated::RunUnknown => false,
+            };
         if run_complete {
             let settled = RunEvent::RunSettled { run_id: message.run_id.clone(), plan_id: message.plan_id.clone() };
             durable(self.shared.config.retry, "settled", || async { Ok(deps.events.publish(settled.clone()).await?) })
@@ -505,10 +561,11 @@ impl Slot {
         .await?;
         // The failed task and everything waiting for it will not run in this attempt.
         let settled_tasks = context.with_descendants(index, &context.settled);
-        let run_complete = durable(self.shared.config.retry, "gate skip", || async {
-            Ok(deps.gate.skip(&message.run_id, &settled_tasks).await?)
-        })
-        .await?;
+        let run_complete =
+            match gated(&self.shared, &message.run_id, || deps.gate.skip(&message.run_id, &settled_tasks)).await? {
+                Gated::Answer(complete) => complete,
+                Gated::RunClosed | Gated::RunUnknown => false,
+            };
         if run_complete {
             deps.events
                 .publish(RunEvent::RunSettled { run_id: message.run_id.clone(), plan_id: message.plan_id.clone() })
