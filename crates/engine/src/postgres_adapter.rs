@@ -154,6 +154,13 @@ impl PostgresWarehouse {
         self.settle(result).map(|done| done.rows_affected())
     }
 
+    /// Runs `lock` (one `SELECT pg_advisory_xact_lock(…)`) then `statement` as one implicit
+    /// transaction; returns the rows the statement affected.
+    async fn run_locked(&mut self, lock: String, statement: String) -> Result<u64, EngineError> {
+        // The lock's SELECT reports one row.
+        self.run(format!("{lock};\n{statement}")).await.map(|rows| rows.saturating_sub(1))
+    }
+
     /// Runs `sql` and returns its first row.
     async fn first_row(&mut self, sql: String) -> Result<Option<PgRow>, EngineError> {
         let connection = self.connection().await?;
@@ -171,6 +178,26 @@ async fn open_connection(options: &PgConnectOptions) -> Result<PgConnection, Eng
             message: format!("connecting took longer than {} seconds", CONNECT_TIMEOUT.as_secs()),
         }),
     }
+}
+
+/// The transaction-level advisory lock a data write takes first, keyed by its table and
+/// interval (the whole table for full and upsert writes). Two deliveries of one task running at
+/// once (a redelivery while the first worker still runs it) then write one after the other: the
+/// second statement's snapshot, taken once it holds the lock, sees the first's rows and replaces
+/// them, where without the lock both deletes would see nothing and both inserts would stay.
+fn write_lock(table: &PhysicalTable, interval: Option<Interval>) -> String {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"sluice write lock\0");
+    hasher.update(table.schema.as_bytes());
+    hasher.update(b".");
+    hasher.update(table.table.as_bytes());
+    if let Some(interval) = interval {
+        hasher.update(&interval.start.0.to_le_bytes());
+        hasher.update(&interval.end.0.to_le_bytes());
+    }
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+    format!("SELECT pg_advisory_xact_lock({})", i64::from_le_bytes(key))
 }
 
 /// `SELECT pg_advisory_xact_lock(…)`, the first statement of every DDL transaction.
@@ -310,7 +337,7 @@ impl Warehouse for PostgresWarehouse {
             sql::delete_interval(table, time_column, interval),
             sql::insert_interval(table, time_column, interval, query)
         );
-        self.run(statement).await
+        self.run_locked(write_lock(table, Some(interval)), statement).await
     }
 
     async fn replace_all(&mut self, table: &PhysicalTable, query: &str) -> Result<u64, EngineError> {
@@ -319,7 +346,7 @@ impl Warehouse for PostgresWarehouse {
             sql::physical_name(table),
             sql::insert_all(table, query)
         );
-        self.run(statement).await
+        self.run_locked(write_lock(table, None), statement).await
     }
 
     async fn upsert(&mut self, table: &PhysicalTable, unique_key: &[String], query: &str) -> Result<u64, EngineError> {
@@ -332,7 +359,7 @@ impl Warehouse for PostgresWarehouse {
              INSERT INTO {target} SELECT * FROM {ROWS_ALIAS}",
             sql::query_body(query)
         );
-        self.run(statement).await
+        self.run_locked(write_lock(table, None), statement).await
     }
 
     async fn load_seed(

@@ -35,6 +35,7 @@ conformance_suite!(
     ensure_table_is_idempotent_and_race_safe,
     declared_columns_create_the_table_a_self_reading_query_needs,
     a_statement_in_flight_is_cancelled,
+    two_writes_of_one_interval_at_once_leave_it_written_once,
     replace_interval_replaces_only_its_interval,
     replace_interval_filters_timestamp_columns_half_open,
     replace_all_replaces_every_row,
@@ -158,6 +159,38 @@ async fn a_statement_in_flight_is_cancelled(fixture: Fixture) {
     assert!(outcome.is_err(), "a cancelled statement fails");
     // The connection is usable afterwards.
     assert_eq!(scalar(warehouse.as_mut(), "SELECT 41 + 1").await, Some(42));
+}
+
+async fn two_writes_of_one_interval_at_once_leave_it_written_once(fixture: Fixture) {
+    let mut warehouse = fixture.open().await;
+    warehouse.execute(EVENTS).await.unwrap();
+    let events = table("events");
+    warehouse.ensure_table(&events, &[], EVENTS_QUERY).await.unwrap();
+    // Slow enough on PostgreSQL that the two writes overlap (a redelivery while the first
+    // worker still runs the task); DuckDB's optimistic transactions make one of them conflict.
+    let query = match warehouse.engine_name() {
+        "postgres" => "SELECT ds, item_id, amount FROM raw.events CROSS JOIN (SELECT pg_sleep(0.3)) AS nap",
+        _ => EVENTS_QUERY,
+    };
+    let first_day = days("2024-01-01", "2024-01-02");
+    let mut first = fixture.open().await;
+    let mut second = fixture.open().await;
+    let (one, two) = tokio::join!(
+        first.replace_interval(&events, "ds", first_day, query),
+        second.replace_interval(&events, "ds", first_day, query)
+    );
+    for outcome in [one, two] {
+        match outcome {
+            Ok(rows) => assert_eq!(rows, 2),
+            // A write-write conflict is transient: the worker retries it.
+            Err(error) => {
+                assert!(error.is_transient(), "{error}");
+                assert_eq!(first.replace_interval(&events, "ds", first_day, query).await.unwrap(), 2);
+            }
+        }
+    }
+    let relation = "sluice__shop.shop__events__v1";
+    assert_eq!(count(warehouse.as_mut(), relation).await, 2, "the interval's rows, once");
 }
 
 async fn replace_interval_replaces_only_its_interval(fixture: Fixture) {
