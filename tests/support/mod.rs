@@ -87,6 +87,17 @@ impl Sandbox {
         Sandbox { folder, project, backend, databases }
     }
 
+    /// The PostgreSQL URL of the sandbox's warehouse database (PostgreSQL backend only).
+    pub fn warehouse_url(&self) -> String {
+        assert_eq!(self.backend, Backend::Postgres, "only the PostgreSQL sandbox has a warehouse database");
+        format!("postgres://postgres@127.0.0.1:5432/{}", self.databases[0])
+    }
+
+    /// The sandbox's databases: warehouse, then state (PostgreSQL backend only).
+    pub fn databases(&self) -> Vec<String> {
+        self.databases.clone()
+    }
+
     /// The PostgreSQL URL of the sandbox's state database (PostgreSQL backend only).
     pub fn state_url(&self) -> String {
         assert_eq!(self.backend, Backend::Postgres, "only the PostgreSQL sandbox has a state database");
@@ -154,6 +165,12 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        // SLUICE_TEST_KEEP=1 keeps a failed test's folder (logs, project) and databases.
+        if std::thread::panicking() && std::env::var_os("SLUICE_TEST_KEEP").is_some() {
+            let folder = std::mem::replace(&mut self.folder, tempfile::tempdir().unwrap());
+            eprintln!("kept {} and databases {:?}", folder.keep().display(), self.databases);
+            return;
+        }
         let databases = std::mem::take(&mut self.databases);
         if databases.is_empty() {
             return;
@@ -254,6 +271,19 @@ impl Spawned {
                 std::thread::spawn(move || for _ in reader.lines() {});
                 return line.trim_end().to_string();
             }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Panics with the process's stderr if it has exited (a wait for it to make progress
+    /// would never end).
+    pub fn assert_running(&mut self, waiting_for: &str) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            let stderr = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+            panic!("the process exited ({status}) while waiting for {waiting_for}:\n{stderr}");
         }
     }
 
@@ -397,6 +427,28 @@ impl Roles {
             let name = format!("worker {index}");
             self.start(sandbox, services, &name, &["worker", "--gateway", "local", "--concurrency", &concurrency]);
         }
+    }
+
+    /// The process id of a role.
+    pub fn pid(&self, name: &str) -> u32 {
+        self.children.iter().find(|(role, _, _)| role == name).map(|(_, child, _)| child.id()).unwrap()
+    }
+
+    /// Forgets a role that was killed (reaping it).
+    pub fn forget(&mut self, name: &str) {
+        let position = self.children.iter().position(|(role, _, _)| role == name).unwrap();
+        let (_, mut child, _) = self.children.remove(position);
+        let _ = child.wait();
+    }
+
+    /// Sends SIGTERM to one role and waits: it must exit successfully (a graceful stop).
+    pub fn stop_one(&mut self, name: &str) {
+        let position = self.children.iter().position(|(role, _, _)| role == name).unwrap();
+        let (name, mut child, log) = self.children.remove(position);
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let status = child.wait().unwrap();
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(status.success(), "{name} did not stop cleanly ({status:?}):\n{log}");
     }
 
     /// Sends SIGTERM to every role and waits: each must exit successfully (a graceful stop).

@@ -9,7 +9,7 @@
 
 pub mod retry;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use sluice_core::interval::{Interval, Timestamp};
@@ -136,9 +136,24 @@ struct Shared {
     config: WorkerConfig,
     deps: WorkerDeps,
     contexts: Mutex<HashMap<PlanId, ContextCell>>,
+    /// Runs seen in the state store (a run, once started, stays there).
+    known_runs: Mutex<HashSet<RunId>>,
 }
 
 impl Shared {
+    /// Whether the state store holds the run (asked once per run).
+    async fn run_known(&self, run_id: &RunId) -> Result<bool, WorkerError> {
+        if self.known_runs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(run_id) {
+            return Ok(true);
+        }
+        let state = &self.deps.state;
+        let record = durable(self.config.retry, "run", || async { Ok(state.get_run(run_id).await?) }).await?;
+        if record.is_some() {
+            self.known_runs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(run_id.clone());
+        }
+        Ok(record.is_some())
+    }
+
     async fn context(&self, plan_id: &PlanId) -> Result<Arc<RunContext>, WorkerError> {
         let cell = {
             let mut contexts = self.contexts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -346,6 +361,11 @@ impl Slot {
             }
             Err(error) => return Err(error),
         };
+        if !self.shared.run_known(&message.run_id).await? {
+            warn!("a task of a run the state store does not hold; dead-lettering it");
+            delivery.reject().await?;
+            return Err(WorkerError::UnknownRun(message.run_id));
+        }
         let index = message.task_index;
         let Some(task) = context.graph.tasks.get(index as usize).copied() else {
             warn!("task index outside the plan's graph, dead-lettering");
@@ -582,7 +602,7 @@ impl Slot {
 pub async fn run(config: WorkerConfig, deps: WorkerDeps, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let concurrency = config.concurrency.max(1);
     info!(gateway = %config.gateway, concurrency, "worker starting");
-    let shared = Arc::new(Shared { config, deps, contexts: Mutex::new(HashMap::new()) });
+    let shared = Arc::new(Shared { config, deps, contexts: Mutex::new(HashMap::new()), known_runs: Mutex::default() });
     let mut slots = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
         let shared = Arc::clone(&shared);
