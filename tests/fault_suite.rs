@@ -91,9 +91,12 @@ CREATE TABLE expected.summary AS
 const TABLES: [&str; 3] = ["events", "daily", "summary"];
 const TASKS: usize = 2016 + 84 + 1;
 
+/// One look at the environment's views: (view, definition) pairs.
+type ViewSample = Vec<(String, String)>;
+
 /// Samples the environment's views while a run goes: each sample is one snapshot of pg_views.
 struct ViewWatcher {
-    samples: Arc<Mutex<BTreeSet<Vec<(String, String)>>>>,
+    samples: Arc<Mutex<BTreeSet<ViewSample>>>,
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -107,7 +110,7 @@ impl ViewWatcher {
         let mut connection = sqlx::PgConnection::connect(&url).await.unwrap();
         let task = tokio::spawn(async move {
             while !stopping.is_cancelled() {
-                let rows: Vec<(String, String)> = sqlx::query_as(
+                let rows: ViewSample = sqlx::query_as(
                     "SELECT viewname::text, definition FROM pg_views WHERE schemaname = 'fault' ORDER BY viewname",
                 )
                 .fetch_all(&mut connection)
