@@ -16,269 +16,14 @@
 
 mod support;
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use sluice_core::names::PlanId;
 use sluice_core::task_graph::TaskGraph;
 use sluice_queue::TaskMessage;
 use sqlx::Connection;
-use support::{Backend, Roles, Run, Sandbox, Services, Spawned, wait_for};
-
-const NOW: &str = "2024-04-01";
-
-/// 84 days of hourly readings (2,016 tasks), their daily totals (84 tasks) and a FULL summary.
-const EVENTS: &str = "MODEL (
-  name fault.events,
-  kind INCREMENTAL_BY_TIME_RANGE (
-    time_column hour,
-    batch_size 1
-  ),
-  start '2024-01-01',
-  end '2024-03-25',
-  cron '@hourly',
-  columns (hour TIMESTAMP, device INT, reading BIGINT)
-);
-
-SELECT
-  CAST(@start_ts AS TIMESTAMP) AS hour,
-  CAST(g.n AS INT) AS device,
-  CAST(@start_epoch AS BIGINT) % 1000 + g.n AS reading
-FROM generate_series(0, 9) AS g (n)
-";
-
-const DAILY: &str = "MODEL (
-  name fault.daily,
-  kind INCREMENTAL_BY_TIME_RANGE (
-    time_column day,
-    batch_size 1
-  ),
-  start '2024-01-01',
-  end '2024-03-25',
-  cron '@daily',
-  columns (day DATE, readings BIGINT, total BIGINT)
-);
-
-SELECT CAST(@start_ds AS DATE) AS day, COUNT(*) AS readings, SUM(reading) AS total
-FROM fault.events
-WHERE hour BETWEEN CAST(@start_ts AS TIMESTAMP) AND CAST(@end_ts AS TIMESTAMP)
-";
-
-const SUMMARY: &str = "MODEL (
-  name fault.summary,
-  kind FULL,
-  start '2024-01-01',
-  end '2024-03-25',
-  cron '@daily'
-);
-
-SELECT COUNT(*) AS days, SUM(readings) AS readings, SUM(total) AS total FROM fault.daily
-";
-
-/// The same data written by plain SQL, no sluice: what every run must produce.
-const EXPECTED: &str = "CREATE SCHEMA IF NOT EXISTS expected;
-CREATE TABLE expected.events AS
-  SELECT h AS hour, CAST(g.n AS INT) AS device, CAST(EXTRACT(EPOCH FROM h) AS BIGINT) % 1000 + g.n AS reading
-  FROM generate_series(TIMESTAMP '2024-01-01', TIMESTAMP '2024-03-24 23:00', INTERVAL '1 hour') AS h,
-       generate_series(0, 9) AS g (n);
-CREATE TABLE expected.daily AS
-  SELECT CAST(hour AS DATE) AS day, COUNT(*) AS readings, SUM(reading) AS total
-  FROM expected.events GROUP BY CAST(hour AS DATE);
-CREATE TABLE expected.summary AS
-  SELECT COUNT(*) AS days, SUM(readings) AS readings, SUM(total) AS total FROM expected.daily";
-
-const TABLES: [&str; 3] = ["events", "daily", "summary"];
-const TASKS: usize = 2016 + 84 + 1;
-
-/// One look at the environment's views: (view, definition) pairs.
-type ViewSample = Vec<(String, String)>;
-
-/// Samples the environment's views while a run goes: each sample is one snapshot of pg_views.
-struct ViewWatcher {
-    samples: Arc<Mutex<BTreeSet<ViewSample>>>,
-    stop: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ViewWatcher {
-    async fn start(sandbox: &Sandbox) -> ViewWatcher {
-        let url = sandbox.warehouse_url();
-        let samples = Arc::new(Mutex::new(BTreeSet::new()));
-        let stop = tokio_util::sync::CancellationToken::new();
-        let (recorded, stopping) = (Arc::clone(&samples), stop.clone());
-        let mut connection = sqlx::PgConnection::connect(&url).await.unwrap();
-        let task = tokio::spawn(async move {
-            while !stopping.is_cancelled() {
-                let rows: ViewSample = sqlx::query_as(
-                    "SELECT viewname::text, definition FROM pg_views WHERE schemaname = 'fault' ORDER BY viewname",
-                )
-                .fetch_all(&mut connection)
-                .await
-                .unwrap();
-                recorded.lock().unwrap().insert(rows);
-                // A sampling period, not a synchronisation: every moment is as good as another.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        });
-        ViewWatcher { samples, stop, task }
-    }
-
-    /// Stops sampling; asserts every sample showed no view or every view on its final table.
-    async fn check(self) {
-        self.stop.cancel();
-        self.task.await.unwrap();
-        let samples = self.samples.lock().unwrap().clone();
-        let last = samples.iter().max_by_key(|sample| sample.len()).cloned().unwrap_or_default();
-        assert_eq!(last.len(), TABLES.len(), "every view is there in the end: {last:?}");
-        for sample in &samples {
-            assert!(sample.is_empty() || *sample == last, "a mixed environment was visible: {sample:?}");
-        }
-    }
-}
-
-/// One scenario: a sandbox with the fault project, its services, roles and view watcher.
-struct Scenario {
-    name: String,
-    sandbox: Sandbox,
-    services: Services,
-    roles: Roles,
-    watcher: Option<ViewWatcher>,
-}
-
-impl Scenario {
-    /// The sandbox, the expected tables, the promoter and `workers` worker processes.
-    async fn new(name: &str, workers: usize) -> Scenario {
-        let sandbox = Sandbox::new(Backend::Postgres).await;
-        std::fs::remove_dir_all(sandbox.project.join("models")).unwrap();
-        sandbox.write("models/fault/events.sql", EVENTS);
-        sandbox.write("models/fault/daily.sql", DAILY);
-        sandbox.write("models/fault/summary.sql", SUMMARY);
-        sandbox.execute(EXPECTED).await;
-        let services = Services::new(name);
-        let roles = Roles::cluster(&sandbox, &services, workers, 2);
-        let watcher = Some(ViewWatcher::start(&sandbox).await);
-        Scenario { name: name.to_string(), sandbox, services, roles, watcher }
-    }
-
-    fn command(&self, args: &[&str]) -> std::process::Command {
-        let mut command = self.sandbox.command(args);
-        self.services.apply_to(&mut command);
-        command
-    }
-
-    fn sluice(&self, args: &[&str]) -> Run {
-        Run::from(self.command(args).stdin(std::process::Stdio::null()).output().unwrap())
-    }
-
-    /// Starts `plan --auto-apply`; returns the coordinator and the plan id.
-    fn start_apply(&self) -> (Spawned, String) {
-        let mut coordinator = Spawned::start(&self.sandbox, self.command(&["plan", "--auto-apply", "--now", NOW]));
-        let stored = coordinator.read_until("Stored as plan ");
-        let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
-        (coordinator, plan)
-    }
-
-    /// Waits until the plan's current run has finished at least `tasks` tasks.
-    fn wait_for_tasks(&self, coordinator: &mut Spawned, plan: &str, tasks: u64) {
-        let what = format!("{tasks} tasks done");
-        wait_for(&what, Duration::from_secs(300), || {
-            coordinator.assert_running(&what);
-            tasks_done(&self.sandbox.sluice(&["status", plan]).stdout).is_some_and(|done| done >= tasks)
-        });
-    }
-
-    /// Waits until the plan's latest run is no longer running; returns `sluice status PLAN`.
-    fn wait_for_end(&self, plan: &str) -> String {
-        let mut status = String::new();
-        wait_for("the run to end", Duration::from_secs(300), || {
-            status = self.sandbox.sluice(&["status", plan]).stdout;
-            !status.contains(": running (") && status.contains(" run ")
-        });
-        status
-    }
-
-    /// The checks every scenario ends with; `dead_letters` is what the scenario put there.
-    async fn verify(mut self, plan: &str, dead_letters: u32) {
-        // Every table equals the plain-SQL one, through the promoted views.
-        let mut warehouse = self.sandbox.warehouse().await;
-        for table in TABLES {
-            let expected = warehouse.checksum("expected", table).await.unwrap();
-            let actual = warehouse.checksum("fault", table).await.unwrap();
-            assert_eq!(actual, expected, "fault.{table} differs from the undisturbed result");
-        }
-        drop(warehouse);
-        if let Some(watcher) = self.watcher.take() {
-            watcher.check().await;
-        }
-        // Every task of the plan recorded done once, over all its runs.
-        let mut state = sqlx::PgConnection::connect(&self.sandbox.state_url()).await.unwrap();
-        let (rows, distinct): (i64, i64) =
-            sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT task_id) FROM sluice_tasks_done WHERE plan_id = $1")
-                .bind(plan)
-                .fetch_one(&mut state)
-                .await
-                .unwrap();
-        assert_eq!((rows, distinct), (TASKS as i64, TASKS as i64), "each task recorded done once");
-        state.close().await.unwrap();
-        let broker = self.services.broker().await;
-        let runtime = tokio::runtime::Handle::current();
-        // Stale copies (a scenario's duplicates) are drained by the workers after the run.
-        wait_for("the task queue to drain", Duration::from_secs(60), || {
-            tokio::task::block_in_place(|| runtime.block_on(sluice_queue::TaskQueue::queued(&broker, "local"))).unwrap()
-                == 0
-        });
-        assert_eq!(broker.dead_letters("local").await.unwrap(), dead_letters, "dead letters");
-        broker.close().await;
-
-        // Nothing left behind.
-        self.roles.stop();
-        let keys = std::process::Command::new("redis-cli")
-            .args(["-u", &self.services.redis_url, "--scan", "--pattern", &format!("{}:*", self.services.prefix)])
-            .output()
-            .unwrap();
-        for key in String::from_utf8_lossy(&keys.stdout).lines() {
-            let ttl = std::process::Command::new("redis-cli")
-                .args(["-u", &self.services.redis_url, "ttl", key])
-                .output()
-                .unwrap();
-            let ttl: i64 = String::from_utf8_lossy(&ttl.stdout).trim().parse().unwrap();
-            assert!(ttl > 0, "{key} never expires");
-        }
-        let mut admin = sqlx::PgConnection::connect(support::POSTGRES_ADMIN_URL).await.unwrap();
-        let databases = self.sandbox.databases();
-        wait_for("the roles' connections to close", Duration::from_secs(30), || {
-            let runtime = tokio::runtime::Handle::current();
-            let open: i64 = tokio::task::block_in_place(|| {
-                runtime.block_on(
-                    sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = ANY($1)")
-                        .bind(&databases)
-                        .fetch_one(&mut admin),
-                )
-            })
-            .unwrap();
-            open == 0
-        });
-        eprintln!("scenario {}: verified", self.name);
-    }
-}
-
-/// The tasks the running run has finished, from `sluice status PLAN`.
-fn tasks_done(status: &str) -> Option<u64> {
-    let line = status.lines().find(|line| line.contains(": running ("))?;
-    let before = line.split(" tasks").next()?;
-    before.rsplit(' ').next()?.parse().ok()
-}
-
-fn kill_9(pid: u32) {
-    let killed = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
-    assert!(killed.success());
-}
-
-/// Prints how long recovery took (for the issue's table; never asserted).
-fn recovered(scenario: &str, since: Instant) {
-    eprintln!("scenario {scenario}: recovered in {:.1} s", since.elapsed().as_secs_f64());
-}
+use support::Sandbox;
+use support::fault::{DAILY, NOW, SUMMARY, Scenario, TASKS, kill_9, recovered};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_one_worker_mid_task() {
@@ -366,9 +111,9 @@ async fn state_connections_terminated_mid_run_are_retried() {
     scenario.verify(&plan, 0).await;
 }
 
-/// A pre-statement that fails two calls out of three with a serialization failure.
-const FLAKY: &str = "CREATE SEQUENCE IF NOT EXISTS public.flaky;
-DO $$ BEGIN IF nextval('public.flaky') % 3 <> 0 THEN RAISE EXCEPTION 'injected' USING ERRCODE = '40001'; END IF; END $$;
+/// A pre-statement that fails two calls out of three with a serialization failure (the
+/// sequence is created before the run: `CREATE SEQUENCE IF NOT EXISTS` races with itself).
+const FLAKY: &str = "DO $$ BEGIN IF nextval('public.flaky') % 3 <> 0 THEN RAISE EXCEPTION 'injected' USING ERRCODE = '40001'; END IF; END $$;
 ";
 
 #[tokio::test(flavor = "multi_thread")]
@@ -376,6 +121,7 @@ async fn transient_warehouse_failures_are_retried_and_counted() {
     let scenario = Scenario::new("transient", 3).await;
     let daily = DAILY.replace("SELECT CAST(@start_ds", &format!("{FLAKY}\nSELECT CAST(@start_ds"));
     scenario.sandbox.write("models/fault/daily.sql", &daily);
+    scenario.sandbox.execute("CREATE SEQUENCE public.flaky").await;
     let (coordinator, plan) = scenario.start_apply();
     let run = coordinator.wait();
     assert_eq!(run.code, Some(0), "{run:?}");

@@ -14,10 +14,11 @@
 //! once every message is durable. Progress events are transient and unconfirmed: losing one
 //! costs a progress tick, never work (followers also poll the state store).
 //!
-//! The connection recovers by itself (lapin's auto-recovery replays channels, topology and
-//! consumers); a consumer that sees an error waits for the recovery. An ack that fails because
-//! its channel was lost is not an error: the broker delivers the message again, and every
-//! step of a worker is idempotent.
+//! A lost connection is replaced by the next call that needs one (callers retry with backoff):
+//! a new connection, new channels, the topology declared again, consumers started again. (Not
+//! lapin's automatic recovery: after a broker restart it left consumers that neither delivered
+//! nor stopped.) An ack that fails because its channel was lost is not an error: the broker
+//! delivers the message again, and every step of a worker is idempotent.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -107,22 +108,54 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One gateway's consumer: its channel (with the gateway's prefetch) and the delivery stream.
 struct GatewayConsumer {
     channel: Channel,
+    /// The connection it was started on (see `RabbitBroker::generation`).
+    generation: u64,
     tag: String,
     stream: tokio::sync::Mutex<lapin::Consumer>,
 }
 
-/// A connection to RabbitMQ serving as [`TaskQueue`] and [`EventBus`]. Cheap to share behind an
-/// `Arc`; one per process.
-pub struct RabbitBroker {
+/// One connection and its two shared channels.
+struct Link {
     connection: Connection,
-    config: RabbitConfig,
     /// Confirm-mode channel for tasks and settled runs.
     confirmed: Channel,
     /// Channel for transient progress events and declarations.
     plain: Channel,
+}
+
+impl Link {
+    fn usable(&self) -> bool {
+        self.connection.status().connected() && self.confirmed.status().connected() && self.plain.status().connected()
+    }
+}
+
+/// How long opening a connection and its channels may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Opens a connection with its confirm channel and its plain channel.
+async fn open_link(url: &str) -> Result<(Connection, Channel, Channel), lapin::Error> {
+    let properties = ConnectionProperties::default()
+        .with_connection_name(LongString::from(format!("sluice-{}", std::process::id())));
+    let connection = Connection::connect(url, properties).await?;
+    let confirmed = connection.create_channel().await?;
+    confirmed.confirm_select(ConfirmSelectOptions::default()).await?;
+    let plain = connection.create_channel().await?;
+    Ok((connection, confirmed, plain))
+}
+
+/// How long closing a connection or cancelling a consumer may take (a dead peer never answers).
+const GOODBYE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A connection to RabbitMQ serving as [`TaskQueue`] and [`EventBus`]. Cheap to share behind an
+/// `Arc`; one per process.
+pub struct RabbitBroker {
+    config: RabbitConfig,
+    link: tokio::sync::Mutex<Option<Arc<Link>>>,
     declared: Mutex<HashSet<String>>,
     consumers: tokio::sync::Mutex<HashMap<String, Arc<GatewayConsumer>>>,
     settled: tokio::sync::Mutex<Option<Arc<GatewayConsumer>>>,
+    /// Bumped by every new connection: a consumer of an older one is replaced.
+    generation: std::sync::atomic::AtomicU64,
     shutdown: CancellationToken,
 }
 
@@ -135,70 +168,71 @@ impl std::fmt::Debug for RabbitBroker {
 impl RabbitBroker {
     /// Connects, opens the channels and declares the events exchange and the settled-runs queue.
     pub async fn connect(config: RabbitConfig) -> Result<RabbitBroker, QueueError> {
-        let where_to = redact_url(&config.url);
-        let properties = ConnectionProperties::default()
-            .enable_auto_recover()
-            .with_connection_name(LongString::from(format!("sluice-{}", std::process::id())));
-        let connection = Connection::connect(&config.url, properties)
-            .await
-            .map_err(|error| QueueError::Backend(format!("cannot connect to RabbitMQ at {where_to}: {error}")))?;
-        let confirmed = connection.create_channel().await.map_err(backend)?;
-        confirmed.confirm_select(ConfirmSelectOptions::default()).await.map_err(backend)?;
-        let plain = connection.create_channel().await.map_err(backend)?;
         let broker = RabbitBroker {
-            connection,
             config,
-            confirmed,
-            plain,
+            link: tokio::sync::Mutex::new(None),
             declared: Mutex::new(HashSet::new()),
             consumers: tokio::sync::Mutex::new(HashMap::new()),
             settled: tokio::sync::Mutex::new(None),
+            generation: std::sync::atomic::AtomicU64::new(0),
             shutdown: CancellationToken::new(),
         };
-        broker.declare_events().await?;
+        broker.link().await?;
         Ok(broker)
+    }
+
+    /// The current connection, or a new one (with the topology declared again) when it was lost.
+    async fn link(&self) -> Result<Arc<Link>, QueueError> {
+        let mut guard = self.link.lock().await;
+        if let Some(link) = guard.as_ref()
+            && link.usable()
+        {
+            return Ok(Arc::clone(link));
+        }
+        if self.shutdown.is_cancelled() {
+            return Err(QueueError::Closed);
+        }
+        if guard.is_some() {
+            warn!("the RabbitMQ connection was lost; connecting again");
+        }
+        let where_to = redact_url(&self.config.url);
+        // A broker that is starting accepts the TCP connection and never answers the handshake:
+        // the attempt is bounded, and the caller retries.
+        let opened = tokio::time::timeout(CONNECT_TIMEOUT, open_link(&self.config.url)).await;
+        let (connection, confirmed, plain) = match opened {
+            Ok(Ok(parts)) => parts,
+            Ok(Err(error)) => {
+                return Err(QueueError::Backend(format!("cannot connect to RabbitMQ at {where_to}: {error}")));
+            }
+            Err(_) => {
+                return Err(QueueError::Backend(format!(
+                    "cannot connect to RabbitMQ at {where_to}: no answer within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        let link = Arc::new(Link { connection, confirmed, plain });
+        // Everything declared or consumed on the old connection is declared again on demand.
+        // (The consumer maps are not touched here: their holders may be the ones calling.)
+        lock(&self.declared).clear();
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        declare_events(&link.plain, &self.config).await?;
+        *guard = Some(Arc::clone(&link));
+        Ok(link)
     }
 
     pub fn config(&self) -> &RabbitConfig {
         &self.config
     }
 
-    async fn declare_events(&self) -> Result<(), QueueError> {
-        let exchange = self.config.events_exchange();
-        self.plain
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(backend)?;
-        let settled = self.config.settled_queue();
-        self.plain
-            .queue_declare(settled.as_str().into(), QueueDeclareOptions::durable(), quorum())
-            .await
-            .map_err(backend)?;
-        self.plain
-            .queue_bind(
-                settled.as_str().into(),
-                exchange.as_str().into(),
-                "run.settled".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(backend)?;
-        Ok(())
-    }
-
     /// Declares a gateway's task queue and its dead-letter queue (once per process); returns the
     /// task queue's ready-message count.
     async fn declare_gateway(&self, gateway: &str) -> Result<u32, QueueError> {
+        let link = self.link().await?;
         let dead = self.config.dead_queue(gateway);
         let tasks = self.config.task_queue(gateway);
         if !lock(&self.declared).contains(gateway) {
-            self.plain
+            link.plain
                 .queue_declare(dead.as_str().into(), QueueDeclareOptions::durable(), quorum())
                 .await
                 .map_err(backend)?;
@@ -207,7 +241,7 @@ impl RabbitBroker {
         arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(self.config.delivery_limit)));
         arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
         arguments.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(dead.as_str().into()));
-        let queue = self
+        let queue = link
             .plain
             .queue_declare(tasks.as_str().into(), QueueDeclareOptions::durable(), arguments)
             .await
@@ -219,8 +253,9 @@ impl RabbitBroker {
     /// Messages waiting in a gateway's dead-letter queue.
     pub async fn dead_letters(&self, gateway: &str) -> Result<u32, QueueError> {
         self.declare_gateway(gateway).await?;
+        let link = self.link().await?;
         let dead = self.config.dead_queue(gateway);
-        let queue = self
+        let queue = link
             .plain
             .queue_declare(dead.as_str().into(), QueueDeclareOptions::durable(), quorum())
             .await
@@ -250,23 +285,31 @@ impl RabbitBroker {
 
     /// Deletes the gateways' queues and the events topology (tests clean up after themselves).
     pub async fn delete_topology(&self, gateways: &[&str]) -> Result<(), QueueError> {
+        let link = self.link().await?;
         for gateway in gateways {
             for queue in [self.config.task_queue(gateway), self.config.dead_queue(gateway)] {
-                self.plain.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.map_err(backend)?;
+                link.plain.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.map_err(backend)?;
             }
         }
         let settled = self.config.settled_queue();
-        self.plain.queue_delete(settled.as_str().into(), QueueDeleteOptions::default()).await.map_err(backend)?;
+        link.plain.queue_delete(settled.as_str().into(), QueueDeleteOptions::default()).await.map_err(backend)?;
         let exchange = self.config.events_exchange();
-        self.plain.exchange_delete(exchange.as_str().into(), Default::default()).await.map_err(backend)?;
+        link.plain.exchange_delete(exchange.as_str().into(), Default::default()).await.map_err(backend)?;
         Ok(())
     }
 
     /// Closes the connection: unacked deliveries go back to their queues.
     pub async fn close(&self) {
         self.shutdown.cancel();
-        if let Err(error) = self.connection.close(200, "sluice: shutting down".into()).await {
-            debug!(error = %error, "closing the RabbitMQ connection");
+        let link = self.link.lock().await.take();
+        if let Some(link) = link {
+            match tokio::time::timeout(GOODBYE_TIMEOUT, link.connection.close(200, "sluice: shutting down".into()))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => debug!(error = %error, "closing the RabbitMQ connection"),
+                Err(_) => debug!("closing the RabbitMQ connection timed out"),
+            }
         }
     }
 
@@ -276,7 +319,8 @@ impl RabbitBroker {
         routing_key: &str,
         payload: &[u8],
     ) -> Result<lapin::PublisherConfirm, QueueError> {
-        self.confirmed
+        let link = self.link().await?;
+        link.confirmed
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
@@ -290,7 +334,10 @@ impl RabbitBroker {
 
     async fn gateway_consumer(&self, gateway: &str) -> Result<Arc<GatewayConsumer>, QueueError> {
         let mut consumers = self.consumers.lock().await;
-        if let Some(consumer) = consumers.get(gateway) {
+        if let Some(consumer) = consumers.get(gateway)
+            && consumer.generation == self.generation.load(std::sync::atomic::Ordering::SeqCst)
+            && consumer.channel.status().connected()
+        {
             return Ok(Arc::clone(consumer));
         }
         self.declare_gateway(gateway).await?;
@@ -301,14 +348,16 @@ impl RabbitBroker {
     }
 
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<Arc<GatewayConsumer>, QueueError> {
-        let channel = self.connection.create_channel().await.map_err(backend)?;
+        let link = self.link().await?;
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
+        let channel = link.connection.create_channel().await.map_err(backend)?;
         channel.basic_qos(prefetch.max(1), BasicQosOptions::default()).await.map_err(backend)?;
         let tag = format!("sluice-{}-{queue}", std::process::id());
         let stream = channel
             .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
             .map_err(backend)?;
-        Ok(Arc::new(GatewayConsumer { channel, tag, stream: tokio::sync::Mutex::new(stream) }))
+        Ok(Arc::new(GatewayConsumer { channel, generation, tag, stream: tokio::sync::Mutex::new(stream) }))
     }
 
     /// The next delivery of a consumer; `None` once shut down. A lost connection is waited out;
@@ -324,14 +373,39 @@ impl RabbitBroker {
         match item {
             Some(Ok(delivery)) => Ok(Some(delivery)),
             Some(Err(error)) => {
-                warn!(error = %error, "RabbitMQ consumer failed; waiting for the connection to recover");
-                consumer.channel.wait_for_recovery(error).await.map_err(backend)?;
-                Err(QueueError::Backend("the RabbitMQ connection recovered; consuming again".to_string()))
+                warn!(error = %error, "RabbitMQ consumer failed; consuming again on a new channel");
+                Err(backend(error))
             }
             None if self.shutdown.is_cancelled() => Ok(None),
             None => Err(QueueError::Backend("the broker cancelled the consumer".to_string())),
         }
     }
+}
+
+async fn declare_events(plain: &Channel, config: &RabbitConfig) -> Result<(), QueueError> {
+    let exchange = config.events_exchange();
+    plain
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(backend)?;
+    let settled = config.settled_queue();
+    plain.queue_declare(settled.as_str().into(), QueueDeclareOptions::durable(), quorum()).await.map_err(backend)?;
+    plain
+        .queue_bind(
+            settled.as_str().into(),
+            exchange.as_str().into(),
+            "run.settled".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(backend)?;
+    Ok(())
 }
 
 fn quorum() -> FieldTable {
@@ -479,10 +553,11 @@ impl TaskQueue for RabbitBroker {
         for consumer in consumers.iter().chain(settled.iter()) {
             // In-flight deliveries stay on their channel to be acked; the prefetched rest go back
             // to the queue when the connection closes.
-            if let Err(error) =
-                consumer.channel.basic_cancel(consumer.tag.as_str().into(), BasicCancelOptions::default()).await
-            {
-                debug!(error = %error, "cancelling a consumer");
+            let cancel = consumer.channel.basic_cancel(consumer.tag.as_str().into(), BasicCancelOptions::default());
+            match tokio::time::timeout(GOODBYE_TIMEOUT, cancel).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => debug!(error = %error, "cancelling a consumer"),
+                Err(_) => debug!("cancelling a consumer timed out"),
             }
         }
     }
@@ -498,7 +573,8 @@ impl EventBus for RabbitBroker {
             let confirm = self.publish_confirmed(&exchange, key, &payload).await?;
             return check_confirmation(confirm.await.map_err(backend)?, key);
         }
-        self.plain
+        let link = self.link().await?;
+        link.plain
             .basic_publish(
                 exchange.as_str().into(),
                 key.into(),
@@ -513,7 +589,8 @@ impl EventBus for RabbitBroker {
 
     async fn subscribe(&self) -> Result<EventStream, QueueError> {
         let (sender, receiver) = broadcast::channel(1 << 16);
-        let channel = self.connection.create_channel().await.map_err(backend)?;
+        let link = self.link().await?;
+        let channel = link.connection.create_channel().await.map_err(backend)?;
         let queue = channel
             .queue_declare(
                 ShortString::from(""),
@@ -559,16 +636,16 @@ impl EventBus for RabbitBroker {
                         Err(error) => warn!(error = %error, "an event message does not decode; ignored"),
                     },
                     Some(Err(error)) => {
-                        warn!(error = %error, "event subscription failed; waiting for the connection to recover");
-                        if let Err(error) = channel.wait_for_recovery(error).await {
-                            warn!(error = %error, "the event subscription did not recover");
-                            break;
-                        }
+                        // The stream ends; the subscriber subscribes again.
+                        warn!(error = %error, "event subscription failed");
+                        break;
                     }
                     None => break,
                 }
             }
-            if let Err(error) = channel.close(200, "sluice: unsubscribed".into()).await {
+            if let Ok(Err(error)) =
+                tokio::time::timeout(GOODBYE_TIMEOUT, channel.close(200, "sluice: unsubscribed".into())).await
+            {
                 debug!(error = %error, "closing the event channel");
             }
         });
@@ -582,9 +659,12 @@ impl EventBus for RabbitBroker {
             }
             let consumer = {
                 let mut settled = self.settled.lock().await;
+                let current = self.generation.load(std::sync::atomic::Ordering::SeqCst);
                 match settled.as_ref() {
-                    Some(consumer) => Arc::clone(consumer),
-                    None => {
+                    Some(consumer) if consumer.generation == current && consumer.channel.status().connected() => {
+                        Arc::clone(consumer)
+                    }
+                    _ => {
                         let consumer = self.consume(&self.config.settled_queue(), 1).await?;
                         *settled = Some(Arc::clone(&consumer));
                         consumer

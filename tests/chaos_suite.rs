@@ -1,0 +1,171 @@
+//! The fault scenarios that disturb a shared service: RabbitMQ restarted, Redis flushed or
+//! restarted, the broker's consumer timeout lowered. `scripts/test.sh` runs this binary alone,
+//! one test at a time, after every other test; each brings its service back before it ends,
+//! pass or fail. Only services on 127.0.0.1 are touched.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::fault::{Scenario, recovered};
+use support::wait_for;
+
+fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn answers(program: &str, args: &[&str]) -> bool {
+    Command::new(program).args(args).output().is_ok_and(|output| output.status.success())
+}
+
+fn redis_up() -> bool {
+    Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", "6379", "ping"])
+        .output()
+        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).contains("PONG"))
+}
+
+fn start_redis() {
+    if !redis_up() {
+        // As ../shared/services.md starts it: nothing on disk.
+        run(
+            "redis-server",
+            &[
+                "--daemonize",
+                "yes",
+                "--bind",
+                "127.0.0.1",
+                "-::1",
+                "--port",
+                "6379",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                "/var/lib/redis",
+                "--logfile",
+                "/var/log/redis/ci.log",
+            ],
+        );
+        wait_for("Redis to answer", Duration::from_secs(60), redis_up);
+    }
+}
+
+fn start_rabbitmq() {
+    if !answers("rabbitmq-diagnostics", &["-q", "check_running"]) {
+        let _ = Command::new("rabbitmqctl").args(["-q", "start_app"]).output();
+        wait_for("RabbitMQ to run", Duration::from_secs(120), || {
+            answers("rabbitmq-diagnostics", &["-q", "check_running"])
+        });
+    }
+}
+
+const DEFAULT_CONSUMER_TIMEOUT_MS: &str = "1800000";
+
+/// Brings the services back when a test ends, pass or fail.
+struct Restore;
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        start_redis();
+        start_rabbitmq();
+        let _ = Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "eval",
+                &format!("application:set_env(rabbit, consumer_timeout, {DEFAULT_CONSUMER_TIMEOUT_MS})."),
+            ])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_restarted_mid_run() {
+    let _restore = Restore;
+    let scenario = Scenario::new("rabbit-restart", 3).await;
+    let (mut coordinator, plan) = scenario.start_apply();
+    scenario.wait_for_tasks(&mut coordinator, &plan, 300);
+    let fault = Instant::now();
+    run("rabbitmqctl", &["-q", "stop_app"]);
+    run("rabbitmqctl", &["-q", "start_app"]);
+    let finished = coordinator.wait();
+    assert_eq!(finished.code, Some(0), "{finished:?}");
+    recovered("rabbit-restart", fault);
+    scenario.verify(&plan, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_flushed_mid_run() {
+    let _restore = Restore;
+    let scenario = Scenario::new("redis-flush", 3).await;
+    let (mut coordinator, plan) = scenario.start_apply();
+    scenario.wait_for_tasks(&mut coordinator, &plan, 300);
+    let fault = Instant::now();
+    run("redis-cli", &["-h", "127.0.0.1", "-p", "6379", "flushall"]);
+    let finished = coordinator.wait();
+    assert_eq!(finished.code, Some(0), "{finished:?}");
+    assert!(finished.contains("dependency counters rebuilt from state"), "{finished:?}");
+    recovered("redis-flush", fault);
+    scenario.verify(&plan, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_restarted_mid_run() {
+    let _restore = Restore;
+    let scenario = Scenario::new("redis-restart", 3).await;
+    let (mut coordinator, plan) = scenario.start_apply();
+    scenario.wait_for_tasks(&mut coordinator, &plan, 300);
+    let fault = Instant::now();
+    // Without persistence a restarted Redis comes back empty.
+    let _ = Command::new("redis-cli").args(["-h", "127.0.0.1", "-p", "6379", "shutdown", "nosave"]).output();
+    wait_for("Redis to stop", Duration::from_secs(30), || !redis_up());
+    start_redis();
+    let finished = coordinator.wait();
+    assert_eq!(finished.code, Some(0), "{finished:?}");
+    assert!(finished.contains("dependency counters rebuilt from state"), "{finished:?}");
+    recovered("redis-restart", fault);
+    scenario.verify(&plan, 0).await;
+}
+
+/// Two intervals that each run longer than the lowered consumer timeout.
+const SLOW: &str = "MODEL (
+  name fault.slow,
+  kind INCREMENTAL_BY_TIME_RANGE (
+    time_column day,
+    batch_size 1
+  ),
+  start '2024-01-01',
+  end '2024-01-03',
+  cron '@daily',
+  columns (day DATE, one INT)
+);
+
+SELECT CAST(@start_ds AS DATE) AS day, (SELECT 1 FROM (SELECT pg_sleep(8)) AS s) AS one
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_longer_than_the_consumer_timeout_is_written_once() {
+    let _restore = Restore;
+    run("rabbitmqctl", &["-q", "eval", "application:set_env(rabbit, consumer_timeout, 3000)."]);
+    let scenario = Scenario::new("consumer-timeout", 3).await;
+    scenario.sandbox.write("models/fault/slow.sql", SLOW);
+    let (coordinator, plan) = scenario.start_apply();
+    let finished = coordinator.wait();
+    assert_eq!(finished.code, Some(0), "{finished:?}");
+    let mut warehouse = scenario.sandbox.warehouse().await;
+    let rows = warehouse.query_i64("SELECT COUNT(*) FROM fault.slow").await.unwrap();
+    assert_eq!(rows, Some(2), "each slow interval written once");
+    drop(warehouse);
+    // The slow model is not part of the plain-SQL reference; the rest must match it.
+    scenario.verify_with(&plan, 0, 1, 2).await;
+}
