@@ -155,11 +155,13 @@ impl Scenario {
         Run::from(self.command(args).stdin(std::process::Stdio::null()).output().unwrap())
     }
 
-    /// Starts `plan --auto-apply`; returns the coordinator and the plan id.
+    /// Starts `plan --auto-apply` and waits until the coordinator has queued the ready tasks;
+    /// returns the coordinator and the plan id.
     pub fn start_apply(&self) -> (Spawned, String) {
         let mut coordinator = Spawned::start(&self.sandbox, self.command(&["plan", "--auto-apply", "--now", NOW]));
         let stored = coordinator.read_until("Stored as plan ");
         let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
+        coordinator.wait_for_stderr("ready tasks queued");
         (coordinator, plan)
     }
 

@@ -280,6 +280,19 @@ impl Spawned {
         self.child.id()
     }
 
+    /// Waits until the process has written `text` to stderr (panics if it exits first).
+    pub fn wait_for_stderr(&mut self, text: &str) {
+        let what = format!("{text:?} on stderr");
+        let path = self.stderr.clone();
+        wait_for(&what, Duration::from_secs(300), || {
+            if std::fs::read_to_string(&path).unwrap_or_default().contains(text) {
+                return true;
+            }
+            self.assert_running(&what);
+            false
+        });
+    }
+
     /// Panics with the process's stderr if it has exited (a wait for it to make progress
     /// would never end).
     pub fn assert_running(&mut self, waiting_for: &str) {

@@ -259,6 +259,7 @@ pub async fn apply(
     let ready = counters.ready_tasks(&plan, &graph, &run.id);
     deps.queue.publish(&ready).await?;
     info!(run_id = %run.id, tasks = graph.len(), done = done_count, ready = ready.len(), "tasks published");
+    progress.message(&format!("{} ready tasks queued; the rest follow as their parents finish", ready.len()));
     if done_count == graph.len() as u64 {
         deps.events.publish(RunEvent::RunSettled { run_id: run.id.clone(), plan_id: plan.id.clone() }).await?;
     }

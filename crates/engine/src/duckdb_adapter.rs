@@ -85,6 +85,27 @@ struct SharedDatabase {
     /// Serializes sluice's DDL transactions (the in-process stand-in for PostgreSQL's advisory lock), so racing
     /// `CREATE … IF NOT EXISTS` from several workers never meet as catalog conflicts.
     ddl: Mutex<()>,
+    /// Striped locks a data write holds for its transaction, keyed by its table and interval (the
+    /// in-process stand-in for PostgreSQL's write lock): two deliveries of one task running at
+    /// once write one after the other, so the second replaces the first's rows. (Optimistic
+    /// transactions alone let both a delete of nothing and an insert succeed.)
+    writes: [Mutex<()>; WRITE_STRIPES],
+}
+
+const WRITE_STRIPES: usize = 64;
+
+impl SharedDatabase {
+    fn write_stripe(&self, table: &PhysicalTable, interval: Option<Interval>) -> &Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        table.schema.hash(&mut hasher);
+        table.table.hash(&mut hasher);
+        if let Some(interval) = interval {
+            interval.start.0.hash(&mut hasher);
+            interval.end.0.hash(&mut hasher);
+        }
+        &self.writes[(hasher.finish() % WRITE_STRIPES as u64) as usize]
+    }
 }
 
 /// Open databases by canonical path. Weak: a database closes when its last warehouse is dropped.
@@ -109,7 +130,11 @@ fn shared_database(location: &DuckDbLocation) -> Result<(Arc<SharedDatabase>, du
             }
             .map_err(classify)?;
             tracing::debug!(database = %key, "opened duckdb database");
-            let database = Arc::new(SharedDatabase { root: Mutex::new(root), ddl: Mutex::new(()) });
+            let database = Arc::new(SharedDatabase {
+                root: Mutex::new(root),
+                ddl: Mutex::new(()),
+                writes: std::array::from_fn(|_| Mutex::new(())),
+            });
             databases.insert(key, Arc::downgrade(&database));
             database
         }
@@ -283,7 +308,9 @@ impl Warehouse for DuckDbWarehouse {
     ) -> Result<u64, EngineError> {
         let delete = sql::delete_interval(table, time_column, interval);
         let insert = sql::insert_interval(table, time_column, interval, query);
-        self.call(move |connection, _| {
+        let key = table.clone();
+        self.call(move |connection, database| {
+            let _write = lock(database.write_stripe(&key, Some(interval)));
             in_transaction(connection, |transaction| {
                 transaction.execute(&delete, [])?;
                 transaction.execute(&insert, [])
@@ -296,7 +323,9 @@ impl Warehouse for DuckDbWarehouse {
     async fn replace_all(&mut self, table: &PhysicalTable, query: &str) -> Result<u64, EngineError> {
         let delete = format!("DELETE FROM {}", sql::physical_name(table));
         let insert = sql::insert_all(table, query);
-        self.call(move |connection, _| {
+        let key = table.clone();
+        self.call(move |connection, database| {
+            let _write = lock(database.write_stripe(&key, None));
             in_transaction(connection, |transaction| {
                 transaction.execute(&delete, [])?;
                 transaction.execute(&insert, [])
@@ -318,7 +347,9 @@ impl Warehouse for DuckDbWarehouse {
         let delete = format!("DELETE FROM {target} AS \"sluice_target\" USING {UPSERT_ROWS} WHERE {key_match}");
         let insert = format!("INSERT INTO {target} SELECT * FROM {UPSERT_ROWS}");
         let unstage = format!("DROP TABLE IF EXISTS {UPSERT_ROWS}");
-        self.call(move |connection, _| {
+        let key = table.clone();
+        self.call(move |connection, database| {
+            let _write = lock(database.write_stripe(&key, None));
             in_transaction(connection, |transaction| {
                 transaction.execute_batch(&stage)?;
                 transaction.execute(&delete, [])?;
