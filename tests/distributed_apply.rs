@@ -331,3 +331,87 @@ async fn lost_dependency_counters_are_rebuilt_from_state() {
     assert_eq!(distinct, Some(LONG_DAYS * ORDERS_PER_DAY));
     roles.stop();
 }
+
+fn run_ok(program: &str, args: &[&str]) {
+    let output = std::process::Command::new(program).args(args).output().unwrap();
+    assert!(output.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_credential_reaches_a_log_line_or_an_error() {
+    // Every service gets a password of its own: the broker and Redis check theirs; the local
+    // PostgreSQL trusts 127.0.0.1, so its passwords travel everywhere without being checked.
+    let secret = format!("Pw-{}-x9", std::process::id());
+    let user = "sluice_secret_user";
+    let _ = std::process::Command::new("rabbitmqctl").args(["-q", "add_user", user, &secret]).output();
+    run_ok("rabbitmqctl", &["-q", "change_password", user, &secret]);
+    run_ok("rabbitmqctl", &["-q", "set_permissions", "-p", "/", user, ".*", ".*", ".*"]);
+    run_ok("redis-cli", &["-h", "127.0.0.1", "ACL", "SETUSER", user, "on", &format!(">{secret}"), "~*", "+@all"]);
+
+    let sandbox = sandbox_with_ledger().await;
+    let config = sandbox
+        .read("config.yaml")
+        .replace("      user: postgres\n", &format!("      user: postgres\n      password: {secret}\n"));
+    assert_eq!(config.matches(&secret).count(), 2, "{config}");
+    sandbox.write("config.yaml", &config);
+    let mut services = Services::new("secrets");
+    services.amqp_url = format!("amqp://{user}:{secret}@127.0.0.1:5672/%2f");
+    services.redis_url = format!("redis://{user}:{secret}@127.0.0.1:6379");
+    services.log = Some("info".to_string());
+    let state_url = sandbox.state_url().replace("postgres@", &format!("postgres:{secret}@"));
+
+    let mut roles = Roles::default();
+    let with_state = |sandbox: &Sandbox, args: &[&str]| {
+        let mut command = sandbox.command(args);
+        services.apply_to(&mut command);
+        command.env("SLUICE_STATE_URL", &state_url);
+        command
+    };
+    for (name, args) in
+        [("promoter", vec!["promoter"]), ("worker", vec!["worker", "--gateway", "local", "--concurrency", "2"])]
+    {
+        let log = sandbox.folder.path().join(format!("{name}.log"));
+        let child = with_state(&sandbox, &args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        roles.adopt(name, child, log);
+    }
+    let applied = support::Run::from(with_state(&sandbox, &["plan", "--auto-apply", "--now", NOW]).output().unwrap());
+    applied.success();
+    let status = support::Run::from(with_state(&sandbox, &["status"]).output().unwrap());
+    status.success();
+    // Wrong passwords: refused, and the message does not carry what was tried.
+    let wrong = format!("{secret}-wrong");
+    let mut bad_redis = Services::new("bad-redis");
+    bad_redis.redis_url = format!("redis://{user}:{wrong}@127.0.0.1:6379");
+    let mut command = sandbox.command(&["worker", "--gateway", "local"]);
+    bad_redis.apply_to(&mut command);
+    command.env("SLUICE_STATE_URL", &state_url);
+    let refused_redis = support::Run::from(command.output().unwrap());
+    assert_eq!(refused_redis.code, Some(1), "{refused_redis:?}");
+    assert!(refused_redis.stderr.contains("Redis"), "{refused_redis:?}");
+    let mut bad_amqp = Services::new("bad-amqp");
+    bad_amqp.amqp_url = format!("amqp://{user}:{wrong}@127.0.0.1:5672/%2f");
+    let mut command = sandbox.command(&["worker", "--gateway", "local"]);
+    bad_amqp.apply_to(&mut command);
+    let refused_amqp = support::Run::from(command.output().unwrap());
+    assert_eq!(refused_amqp.code, Some(1), "{refused_amqp:?}");
+    roles.stop();
+
+    let mut everything = format!("{applied:?}\n{status:?}\n{refused_redis:?}\n{refused_amqp:?}\n");
+    for entry in std::fs::read_dir(sandbox.folder.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|extension| extension == "log") {
+            everything.push_str(&std::fs::read_to_string(path).unwrap());
+        }
+    }
+    assert!(everything.lines().count() > 10, "the roles logged at info level:\n{everything}");
+    for line in everything.lines() {
+        assert!(!line.contains(&secret), "a credential in: {line}");
+    }
+    run_ok("rabbitmqctl", &["-q", "delete_user", user]);
+    run_ok("redis-cli", &["-h", "127.0.0.1", "ACL", "DELUSER", user]);
+}

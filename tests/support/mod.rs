@@ -364,6 +364,8 @@ pub struct Services {
     pub amqp_url: String,
     pub redis_url: String,
     pub prefix: String,
+    /// `SLUICE_LOG` for the processes (default: the sandbox's `warn`).
+    pub log: Option<String>,
 }
 
 impl Services {
@@ -373,6 +375,7 @@ impl Services {
                 .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()),
             redis_url: std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string()),
             prefix: unique(&format!("t{name}")).replace('_', "-"),
+            log: None,
         }
     }
 
@@ -382,6 +385,9 @@ impl Services {
             .env("SLUICE_AMQP_URL", &self.amqp_url)
             .env("SLUICE_REDIS_URL", &self.redis_url)
             .env("SLUICE_QUEUE_PREFIX", &self.prefix);
+        if let Some(log) = &self.log {
+            command.env("SLUICE_LOG", log);
+        }
     }
 
     /// A broker connection under the test's prefix (to inspect or clean the queues).
@@ -425,6 +431,11 @@ impl Roles {
         let log = sandbox.folder.path().join(format!("{}.log", name.replace(' ', "-")));
         let file = std::fs::File::create(&log).unwrap();
         let child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).spawn().unwrap();
+        self.children.push((name.to_string(), child, log));
+    }
+
+    /// Takes a role started by the caller (stopped like the others).
+    pub fn adopt(&mut self, name: &str, child: Child, log: PathBuf) {
         self.children.push((name.to_string(), child, log));
     }
 
