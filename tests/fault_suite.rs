@@ -22,8 +22,8 @@ use sluice_core::names::PlanId;
 use sluice_core::task_graph::TaskGraph;
 use sluice_queue::TaskMessage;
 use sqlx::Connection;
-use support::Sandbox;
 use support::fault::{DAILY, NOW, SUMMARY, Scenario, TASKS, kill_9, recovered};
+use support::{Sandbox, wait_for};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_one_worker_mid_task() {
@@ -72,16 +72,45 @@ async fn kill_9_the_coordinator_after_it_published() {
     scenario.verify(&plan, 0).await;
 }
 
+/// The transaction-level advisory lock every sluice DDL transaction on PostgreSQL takes first
+/// (`DDL_LOCK_KEY` of the PostgreSQL adapter), promotion included.
+const DDL_LOCK_KEY: i64 = 0x736c_7569_6365_0001;
+
 #[tokio::test(flavor = "multi_thread")]
-async fn kill_9_the_promoter_then_restart_it() {
+async fn kill_9_the_promoter_mid_promotion() {
     let mut scenario = Scenario::new("kill-promoter", 3).await;
-    let (mut coordinator, plan) = scenario.start_apply();
-    scenario.wait_for_tasks(&mut coordinator, &plan, 100);
+    // No promoter while the backfill runs: the run settles and waits for one.
     kill_9(scenario.roles.pid("promoter"));
     scenario.roles.forget("promoter");
-    // Without a promoter the run settles and waits, views untouched.
+    let (mut coordinator, plan) = scenario.start_apply();
     scenario.wait_for_tasks(&mut coordinator, &plan, TASKS as u64);
+    // Holding sluice's DDL lock stops the promotion inside its transaction.
+    let mut blocker = sqlx::PgConnection::connect(&scenario.sandbox.warehouse_url()).await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)").bind(DDL_LOCK_KEY).execute(&mut blocker).await.unwrap();
+    scenario.roles.start(&scenario.sandbox, &scenario.services, "promoter", &["promoter"]);
+    let warehouse_database = scenario.sandbox.databases()[0].clone();
+    let mut admin = sqlx::PgConnection::connect(support::POSTGRES_ADMIN_URL).await.unwrap();
+    let runtime = tokio::runtime::Handle::current();
+    wait_for("the promotion to wait inside its transaction", std::time::Duration::from_secs(120), || {
+        let waiting: i64 = tokio::task::block_in_place(|| {
+            runtime.block_on(
+                sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock' \
+                     AND query LIKE '%pg_advisory_xact_lock%' AND query LIKE '%CREATE%VIEW%'",
+                )
+                .bind(&warehouse_database)
+                .fetch_one(&mut admin),
+            )
+        })
+        .unwrap();
+        waiting == 1
+    });
     let fault = Instant::now();
+    kill_9(scenario.roles.pid("promoter"));
+    scenario.roles.forget("promoter");
+    sqlx::query("SELECT pg_advisory_unlock($1)").bind(DDL_LOCK_KEY).execute(&mut blocker).await.unwrap();
+    blocker.close().await.unwrap();
+    admin.close().await.unwrap();
     scenario.roles.start(&scenario.sandbox, &scenario.services, "promoter again", &["promoter"]);
     let run = coordinator.wait();
     assert_eq!(run.code, Some(0), "{run:?}");
