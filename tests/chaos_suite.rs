@@ -137,28 +137,13 @@ async fn redis_restarted_mid_run() {
     scenario.verify(&plan, 0).await;
 }
 
-/// Two intervals that each run longer than the lowered consumer timeout.
-const SLOW: &str = "MODEL (
-  name fault.slow,
-  kind INCREMENTAL_BY_TIME_RANGE (
-    time_column day,
-    batch_size 1
-  ),
-  start '2024-01-01',
-  end '2024-01-03',
-  cron '@daily',
-  columns (day DATE, one INT)
-);
-
-SELECT CAST(@start_ds AS DATE) AS day, (SELECT 1 FROM (SELECT pg_sleep(8)) AS s) AS one
-";
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_task_longer_than_the_consumer_timeout_is_written_once() {
     let _restore = Restore;
     run("rabbitmqctl", &["-q", "eval", "application:set_env(rabbit, consumer_timeout, 3000)."]);
     let scenario = Scenario::new("consumer-timeout", 3).await;
-    scenario.sandbox.write("models/fault/slow.sql", SLOW);
+    // Two intervals that each run longer than the lowered consumer timeout.
+    scenario.sandbox.write("models/fault/slow.sql", &support::sleeping_model("fault.slow", 2, 8));
     let (coordinator, plan) = scenario.start_apply();
     let finished = coordinator.wait();
     assert_eq!(finished.code, Some(0), "{finished:?}");

@@ -145,13 +145,6 @@ async fn three_workers_and_a_promoter_produce_what_embedded_mode_produces() {
     assert!(status.stdout.contains(&format!("run {plan_id}-1: succeeded")), "{status:?}");
 }
 
-/// The tasks a running run has finished, from `sluice status PLAN`.
-fn running_tasks_done(status: &str) -> Option<u64> {
-    let line = status.lines().find(|line| line.contains(": running ("))?;
-    let before = line.split(" tasks").next()?;
-    before.rsplit(' ').next()?.parse().ok()
-}
-
 /// Two years of daily orders: long enough to stop in the middle.
 async fn long_backfill() -> Sandbox {
     let sandbox = Sandbox::new(Backend::Postgres).await;
@@ -169,10 +162,9 @@ async fn abort_drains_the_queue_and_apply_resumes_writing_each_interval_once() {
     let sandbox = long_backfill().await;
     let mut roles = Roles::cluster(&sandbox, &services, 3, 1);
     let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", LONG_NOW]);
-    let stored = coordinator.read_until("Stored as plan ");
-    let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
+    let plan = coordinator.read_plan_id();
     wait_for("some intervals to finish", Duration::from_secs(120), || {
-        running_tasks_done(&sandbox.sluice(&["status", &plan]).stdout).is_some_and(|done| done >= 5)
+        sandbox.running_tasks_done(&plan).is_some_and(|done| done >= 5)
     });
     distributed(&sandbox, &services, &["abort", &plan]).success();
     let aborted = coordinator.wait();
@@ -201,8 +193,7 @@ async fn a_task_queue_purged_by_hand_aborts_the_run_and_apply_resumes() {
     let mut roles = Roles::default();
     roles.start(&sandbox, &services, "promoter", &["promoter"]);
     let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", LONG_NOW]);
-    let stored = coordinator.read_until("Stored as plan ");
-    let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
+    let plan = coordinator.read_plan_id();
     let broker = services.broker().await;
     let runtime = tokio::runtime::Handle::current();
     wait_for("the ready tasks to be queued", Duration::from_secs(60), || {
@@ -258,31 +249,14 @@ async fn bad_settings_are_refused_clearly_and_never_print_passwords() {
     );
 }
 
-/// A model whose every interval sleeps ten minutes in the warehouse.
-const NAP: &str = "MODEL (
-  name slow.nap,
-  kind INCREMENTAL_BY_TIME_RANGE (
-    time_column day,
-    batch_size 1
-  ),
-  start '2024-01-01',
-  end '2024-01-03',
-  cron '@daily',
-  columns (day DATE, one INT)
-);
-
-SELECT CAST(@start_ds AS DATE) AS day, (SELECT 1 FROM (SELECT pg_sleep(600)) AS s) AS one
-";
-
 #[tokio::test(flavor = "multi_thread")]
 async fn abort_cancels_the_queries_in_flight() {
     let services = Services::new("cancel");
     let sandbox = Sandbox::new(Backend::Postgres).await;
-    sandbox.write("models/slow/nap.sql", NAP);
+    sandbox.write("models/slow/nap.sql", &support::sleeping_model("slow.nap", 2, 600));
     let mut roles = Roles::cluster(&sandbox, &services, 1, 2);
     let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", NOW]);
-    let stored = coordinator.read_until("Stored as plan ");
-    let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
+    let plan = coordinator.read_plan_id();
     let naps = "SELECT COUNT(*) FROM pg_stat_activity \
         WHERE state = 'active' AND query LIKE '%pg_sleep(600)%' AND pid <> pg_backend_pid()";
     let runtime = tokio::runtime::Handle::current();
@@ -306,10 +280,9 @@ async fn lost_dependency_counters_are_rebuilt_from_state() {
     let sandbox = long_backfill().await;
     let mut roles = Roles::cluster(&sandbox, &services, 3, 1);
     let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", LONG_NOW]);
-    let stored = coordinator.read_until("Stored as plan ");
-    let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
+    let plan = coordinator.read_plan_id();
     wait_for("some intervals to finish", Duration::from_secs(120), || {
-        running_tasks_done(&sandbox.sluice(&["status", &plan]).stdout).is_some_and(|done| done >= 5)
+        sandbox.running_tasks_done(&plan).is_some_and(|done| done >= 5)
     });
     // Redis loses the run's keys (as after a FLUSHALL or a restart without persistence).
     let keys = std::process::Command::new("redis-cli")

@@ -146,23 +146,15 @@ async fn failing_model_keeps_finished_intervals_and_resumes_after_the_fix(backen
     assert_eq!(sandbox.count("sushi.orders").await, DAYS * ORDERS_PER_DAY);
 }
 
-/// The tasks a running run has finished, from `sluice status PLAN`.
-fn running_tasks_done(status: &str) -> Option<u64> {
-    let line = status.lines().find(|line| line.contains(": running ("))?;
-    let before = line.split(" tasks").next()?;
-    before.rsplit(' ').next()?.parse().ok()
-}
-
 async fn abort_stops_between_intervals_and_apply_resumes(backend: Backend) {
     let sandbox = Sandbox::new(backend).await;
     // Two years of daily orders: long enough to abort in the middle.
     let orders = sandbox.read("models/orders.sql").replace("end '2024-04-01'", "end '2026-01-01'");
     sandbox.write("models/orders.sql", &orders);
     let mut child = sandbox.spawn(&["plan", "--auto-apply", "--now", "2026-01-01", "--workers", "1"]);
-    let stored = child.read_until("Stored as plan ");
-    let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
+    let plan = child.read_plan_id();
     wait_for("some intervals to finish", Duration::from_secs(120), || {
-        running_tasks_done(&sandbox.sluice(&["status", &plan]).stdout).is_some_and(|done| done >= 5)
+        sandbox.running_tasks_done(&plan).is_some_and(|done| done >= 5)
     });
     // A second apply to the same environment is refused while this one holds it.
     let other = sandbox.read("models/orders.sql").replace("owner 'data-eng'", "owner 'another-team'");

@@ -159,8 +159,7 @@ impl Scenario {
     /// returns the coordinator and the plan id.
     pub fn start_apply(&self) -> (Spawned, String) {
         let mut coordinator = Spawned::start(&self.sandbox, self.command(&["plan", "--auto-apply", "--now", NOW]));
-        let stored = coordinator.read_until("Stored as plan ");
-        let plan = stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string();
+        let plan = coordinator.read_plan_id();
         coordinator.wait_for_stderr("ready tasks queued");
         (coordinator, plan)
     }
@@ -170,7 +169,7 @@ impl Scenario {
         let what = format!("{tasks} tasks done");
         wait_for(&what, Duration::from_secs(300), || {
             coordinator.assert_running(&what);
-            tasks_done(&self.sandbox.sluice(&["status", plan]).stdout).is_some_and(|done| done >= tasks)
+            self.sandbox.running_tasks_done(plan).is_some_and(|done| done >= tasks)
         });
     }
 
@@ -254,13 +253,6 @@ impl Scenario {
         });
         eprintln!("scenario {}: verified", self.name);
     }
-}
-
-/// The tasks the running run has finished, from `sluice status PLAN`.
-pub fn tasks_done(status: &str) -> Option<u64> {
-    let line = status.lines().find(|line| line.contains(": running ("))?;
-    let before = line.split(" tasks").next()?;
-    before.rsplit(' ').next()?.parse().ok()
 }
 
 pub fn kill_9(pid: u32) {

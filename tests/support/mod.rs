@@ -133,6 +133,14 @@ impl Sandbox {
         Spawned::start(self, self.command(args))
     }
 
+    /// The tasks the plan's running run has finished, from `sluice status PLAN`.
+    pub fn running_tasks_done(&self, plan: &str) -> Option<u64> {
+        let status = self.sluice(&["status", plan]).stdout;
+        let line = status.lines().find(|line| line.contains(": running ("))?;
+        let before = line.split(" tasks").next()?;
+        before.rsplit(' ').next()?.parse().ok()
+    }
+
     /// A connection to the project's warehouse (drop it before running `sluice` again: DuckDB
     /// allows one process per file).
     pub async fn warehouse(&self) -> Box<dyn Warehouse> {
@@ -300,6 +308,12 @@ impl Spawned {
             let stderr = std::fs::read_to_string(&self.stderr).unwrap_or_default();
             panic!("the process exited ({status}) while waiting for {waiting_for}:\n{stderr}");
         }
+    }
+
+    /// Reads stdout until `plan` reports the plan it stored; returns its id.
+    pub fn read_plan_id(&mut self) -> String {
+        let stored = self.read_until("Stored as plan ");
+        stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string()
     }
 
     /// Waits for the process; its exit code, the stdout not yet read, and its stderr.
@@ -497,4 +511,26 @@ impl Drop for Roles {
             let _ = child.wait();
         }
     }
+}
+
+/// A daily model of `days` intervals from 2024-01-01 whose every interval sleeps `seconds` in
+/// PostgreSQL (its columns declared, so creating its table runs no query).
+pub fn sleeping_model(name: &str, days: u32, seconds: u32) -> String {
+    format!(
+        "MODEL (
+  name {name},
+  kind INCREMENTAL_BY_TIME_RANGE (
+    time_column day,
+    batch_size 1
+  ),
+  start '2024-01-01',
+  end '2024-01-{end:02}',
+  cron '@daily',
+  columns (day DATE, one INT)
+);
+
+SELECT CAST(@start_ds AS DATE) AS day, (SELECT 1 FROM (SELECT pg_sleep({seconds})) AS s) AS one
+",
+        end = days + 1
+    )
 }

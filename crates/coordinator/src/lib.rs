@@ -500,7 +500,7 @@ struct Follower {
     left_per_snapshot: BTreeMap<u32, u64>,
     snapshot_of_task: Vec<u32>,
     models: Vec<String>,
-    intervals: Vec<String>,
+    intervals: Vec<sluice_core::interval::Interval>,
     running: BTreeMap<u32, tokio::time::Instant>,
 }
 
@@ -517,7 +517,7 @@ impl Follower {
             left_per_snapshot,
             snapshot_of_task: graph.tasks.iter().map(|task| task.snapshot).collect(),
             models: plan.snapshots.iter().map(|planned| planned.snapshot.name.to_string()).collect(),
-            intervals: graph.tasks.iter().map(|task| task.interval.to_string()).collect(),
+            intervals: graph.tasks.iter().map(|task| task.interval).collect(),
             running: BTreeMap::new(),
         }
     }
@@ -548,8 +548,8 @@ impl Follower {
                 let index = task_index as usize;
                 let model =
                     self.snapshot_of_task.get(index).map_or("?", |snapshot| self.models[*snapshot as usize].as_str());
-                let interval = self.intervals.get(index).map_or("", String::as_str);
-                progress.task_failed(model, interval, &error);
+                let interval = self.intervals.get(index).map(ToString::to_string).unwrap_or_default();
+                progress.task_failed(model, &interval, &error);
             }
             RunEvent::TaskAborted { task_index, .. } => {
                 self.running.remove(&task_index);

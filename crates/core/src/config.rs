@@ -17,6 +17,35 @@ use crate::names::{IDENTIFIER_EXPECTATION, is_valid_identifier};
 
 pub const CONFIG_FILE: &str = "config.yaml";
 
+/// The password of a `scheme://user:password@host/…` URL (as written, not decoded): what must
+/// never reach a message.
+pub fn url_password(url: &str) -> Option<&str> {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = after_scheme.split(['/', '?']).next().unwrap_or(after_scheme);
+    let (user_info, _host) = authority.rsplit_once('@')?;
+    let (_user, password) = user_info.split_once(':')?;
+    (!password.is_empty()).then_some(password)
+}
+
+/// A URL fit for a message: its password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    match url_password(url) {
+        Some(password) => url.replacen(&format!(":{password}@"), ":***@", 1),
+        None => url.to_string(),
+    }
+}
+
+/// `text` with every non-empty secret replaced by `***` (a driver message may quote a URL).
+pub fn redact(text: &str, secrets: &[String]) -> String {
+    let mut redacted = text.to_string();
+    for secret in secrets {
+        if !secret.is_empty() && redacted.contains(secret.as_str()) {
+            redacted = redacted.replace(secret.as_str(), "***");
+        }
+    }
+    redacted
+}
+
 /// A secret from configuration. Its `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Secret(String);
@@ -507,6 +536,19 @@ pub fn parse_config(file: &str, text: &str) -> ConfigOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_passwords_are_found_and_redacted() {
+        assert_eq!(url_password("postgres://sluice:s3cr3tpw@127.0.0.1:1/x"), Some("s3cr3tpw"));
+        assert_eq!(url_password("postgresql://u:p%40ss@host/db?sslmode=disable"), Some("p%40ss"));
+        assert_eq!(url_password("postgres://u@host/db"), None);
+        assert_eq!(url_password("postgres://host/db"), None);
+        assert_eq!(redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(redact_url("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+        assert_eq!(redact_url("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
+        assert_eq!(redact("postgres://u:pw@h/x failed", &["pw".to_string()]), "postgres://u:***@h/x failed");
+        assert_eq!(redact("nothing", &[String::new()]), "nothing");
+    }
 
     #[test]
     fn reads_gateways_defaults_variables_and_warns_on_unused_keys() {

@@ -66,12 +66,45 @@ pub trait Acknowledger: Send + Sync {
     async fn reject(&self) -> Result<(), QueueError>;
 }
 
+/// How a consumer answers one message, and what happens when it does not (the message is
+/// dropped unanswered): shared by [`Delivery`] and [`SettledRun`].
+struct Answer {
+    acknowledger: Option<Box<dyn Acknowledger>>,
+    on_drop: Option<Box<dyn FnOnce() + Send>>,
+}
+
+#[derive(Clone, Copy)]
+enum Verdict {
+    Ack,
+    Requeue,
+    Reject,
+}
+
+impl Answer {
+    async fn give(mut self, verdict: Verdict) -> Result<(), QueueError> {
+        self.on_drop = None;
+        let Some(acknowledger) = self.acknowledger.take() else { return Ok(()) };
+        match verdict {
+            Verdict::Ack => acknowledger.ack().await,
+            Verdict::Requeue => acknowledger.requeue().await,
+            Verdict::Reject => acknowledger.reject().await,
+        }
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if let Some(on_drop) = self.on_drop.take() {
+            on_drop();
+        }
+    }
+}
+
 /// A task taken from a queue. Dropping it without acking, requeueing or rejecting puts it back.
 pub struct Delivery {
     pub task: TaskMessage,
     pub redelivered: bool,
-    acknowledger: Option<Box<dyn Acknowledger>>,
-    on_drop: Option<Box<dyn FnOnce() + Send>>,
+    answer: Answer,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -87,39 +120,19 @@ impl Delivery {
         acknowledger: Box<dyn Acknowledger>,
         on_drop: Option<Box<dyn FnOnce() + Send>>,
     ) -> Delivery {
-        Delivery { task, redelivered, acknowledger: Some(acknowledger), on_drop }
+        Delivery { task, redelivered, answer: Answer { acknowledger: Some(acknowledger), on_drop } }
     }
 
-    pub async fn ack(mut self) -> Result<(), QueueError> {
-        self.on_drop = None;
-        match self.acknowledger.take() {
-            Some(acknowledger) => acknowledger.ack().await,
-            None => Ok(()),
-        }
+    pub async fn ack(self) -> Result<(), QueueError> {
+        self.answer.give(Verdict::Ack).await
     }
 
-    pub async fn requeue(mut self) -> Result<(), QueueError> {
-        self.on_drop = None;
-        match self.acknowledger.take() {
-            Some(acknowledger) => acknowledger.requeue().await,
-            None => Ok(()),
-        }
+    pub async fn requeue(self) -> Result<(), QueueError> {
+        self.answer.give(Verdict::Requeue).await
     }
 
-    pub async fn reject(mut self) -> Result<(), QueueError> {
-        self.on_drop = None;
-        match self.acknowledger.take() {
-            Some(acknowledger) => acknowledger.reject().await,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Delivery {
-    fn drop(&mut self) {
-        if let Some(on_drop) = self.on_drop.take() {
-            on_drop();
-        }
+    pub async fn reject(self) -> Result<(), QueueError> {
+        self.answer.give(Verdict::Reject).await
     }
 }
 
@@ -234,12 +247,11 @@ pub trait EventBus: Send + Sync {
     async fn shut_down(&self);
 }
 
-/// A settled run handed to a promoter.
+/// A settled run handed to a promoter. Dropped unacked, it is delivered again.
 pub struct SettledRun {
     pub run_id: RunId,
     pub plan_id: PlanId,
-    acknowledger: Option<Box<dyn Acknowledger>>,
-    on_drop: Option<Box<dyn FnOnce() + Send>>,
+    answer: Answer,
 }
 
 impl std::fmt::Debug for SettledRun {
@@ -255,24 +267,12 @@ impl SettledRun {
         acknowledger: Box<dyn Acknowledger>,
         on_drop: Option<Box<dyn FnOnce() + Send>>,
     ) -> SettledRun {
-        SettledRun { run_id, plan_id, acknowledger: Some(acknowledger), on_drop }
+        SettledRun { run_id, plan_id, answer: Answer { acknowledger: Some(acknowledger), on_drop } }
     }
 
     /// The run is finalized: forget the message.
-    pub async fn ack(mut self) -> Result<(), QueueError> {
-        self.on_drop = None;
-        match self.acknowledger.take() {
-            Some(acknowledger) => acknowledger.ack().await,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for SettledRun {
-    fn drop(&mut self) {
-        if let Some(on_drop) = self.on_drop.take() {
-            on_drop();
-        }
+    pub async fn ack(self) -> Result<(), QueueError> {
+        self.answer.give(Verdict::Ack).await
     }
 }
 

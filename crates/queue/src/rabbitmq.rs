@@ -32,6 +32,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use sluice_core::config::redact_url;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -86,18 +87,6 @@ impl RabbitConfig {
 
     pub fn settled_queue(&self) -> String {
         format!("{}.runs.done", self.prefix)
-    }
-}
-
-/// The URL with its password replaced, for messages.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return "<unparsable url>".to_string() };
-    match rest.rsplit_once('@') {
-        Some((credentials, host)) => {
-            let user = credentials.split_once(':').map_or(credentials, |(user, _)| user);
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_string(),
     }
 }
 
@@ -716,18 +705,5 @@ pub(crate) mod test_support {
         config.prefetch = prefetch;
         config.delivery_limit = 3;
         RabbitBroker::connect(config).await.unwrap_or_else(|error| panic!("RabbitMQ must run for these tests: {error}"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_lose_their_password() {
-        assert_eq!(redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
-        assert_eq!(redact_url("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
-        assert_eq!(redact_url("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
-        assert!(!redact_url("not a url secret").contains("secret"));
     }
 }

@@ -75,13 +75,7 @@ struct Secrets {
 
 impl Secrets {
     fn redact(&self, message: String) -> String {
-        let mut message = message;
-        for secret in &self.values {
-            if !secret.is_empty() && message.contains(secret.as_str()) {
-                message = message.replace(secret.as_str(), "***");
-            }
-        }
-        message
+        sluice_core::config::redact(&message, &self.values)
     }
 }
 

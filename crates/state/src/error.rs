@@ -148,17 +148,6 @@ pub(crate) fn is_foreign_key_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(database_error) if database_error.kind() == sqlx::error::ErrorKind::ForeignKeyViolation)
 }
 
-/// Removes every secret from `text`, so that a driver message quoting a URL leaks no password.
-pub(crate) fn redact(text: &str, secrets: &[String]) -> String {
-    let mut redacted = text.to_string();
-    for secret in secrets {
-        if !secret.is_empty() {
-            redacted = redacted.replace(secret.as_str(), "***");
-        }
-    }
-    redacted
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,11 +177,5 @@ mod tests {
         };
         assert_eq!(error.to_string(), "environment prod moved: expected it to show plan p1, but it shows no plan");
         assert!(!error.is_transient());
-    }
-
-    #[test]
-    fn redaction_removes_the_secret() {
-        assert_eq!(redact("postgres://u:pw@h/x failed", &["pw".to_string()]), "postgres://u:***@h/x failed");
-        assert_eq!(redact("nothing", &[]), "nothing");
     }
 }

@@ -25,7 +25,9 @@ use crate::codec::{
     interval_sets_from_rows, lease_expiry, plan_interval_rewrite, same_plan, snapshot_columns, snapshot_id_texts,
     task_id, to_json, to_stored_count,
 };
-use crate::error::{StateError, is_foreign_key_violation, is_transient_sqlx, is_unique_violation, redact};
+use sluice_core::config::{redact, url_password};
+
+use crate::error::{StateError, is_foreign_key_violation, is_transient_sqlx, is_unique_violation};
 use crate::store::{
     AuditLog, BreakerStore, EnvironmentStore, IntervalStore, LeaseStore, PlanStore, RunStore, SnapshotStore, TaskStore,
 };
@@ -57,15 +59,6 @@ impl std::fmt::Debug for PostgresState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresState").field("target", &self.target).finish_non_exhaustive()
     }
-}
-
-/// The password of a `postgres://user:password@host/db` URL, to scrub it from messages.
-fn url_password(url: &str) -> Option<&str> {
-    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let authority = after_scheme.split(['/', '?']).next().unwrap_or(after_scheme);
-    let (user_info, _host) = authority.rsplit_once('@')?;
-    let (_user, password) = user_info.split_once(':')?;
-    (!password.is_empty()).then_some(password)
 }
 
 /// `%XX` escapes decoded, as the driver decodes a URL's password.
@@ -930,10 +923,6 @@ mod tests {
 
     #[test]
     fn passwords_are_found_in_urls() {
-        assert_eq!(url_password("postgres://sluice:s3cr3tpw@127.0.0.1:1/x"), Some("s3cr3tpw"));
-        assert_eq!(url_password("postgresql://u:p%40ss@host/db?sslmode=disable"), Some("p%40ss"));
-        assert_eq!(url_password("postgres://u@host/db"), None);
-        assert_eq!(url_password("postgres://host/db"), None);
         assert_eq!(url_secrets("postgresql://u:p%40ss@host/db"), vec!["p%40ss".to_string(), "p@ss".to_string()]);
     }
 }

@@ -505,7 +505,9 @@ impl Slot {
         let outcome = {
             let run = self.execute(context, index);
             tokio::pin!(run);
-            let mut ticker = tokio::time::interval(heartbeat);
+            // The first beat after one period: a task shorter than that reports only its end, so
+            // the hot path pays no extra publish and no second breaker read.
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
