@@ -1,6 +1,7 @@
 //! The `sluice` binary: every subcommand.
 
 mod bench;
+mod bench_apply;
 mod commands;
 mod context;
 mod distributed;
@@ -128,6 +129,50 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1_000_000)]
         recorded: usize,
     },
+    /// The raw floor (the same statements on one connection) against sluice embedded and
+    /// distributed, on a synthetic project; prints wall time, tasks/s, ratio to the floor,
+    /// per-task overhead and peak RSS, and checks every run's tables equal to the floor's.
+    Apply {
+        #[arg(long, default_value_t = 10)]
+        models: usize,
+        #[arg(long, default_value_t = 3)]
+        layers: usize,
+        /// Daily intervals per model.
+        #[arg(long, default_value_t = 365)]
+        days: usize,
+        /// Rows per interval of the first layer's models.
+        #[arg(long, default_value_t = 100)]
+        rows: usize,
+        #[arg(long, default_value_t = 1)]
+        batch_size: u32,
+        /// Models that select one row and read nothing (the per-task overhead measurement).
+        #[arg(long)]
+        noop: bool,
+        #[arg(long, value_enum, default_value = "postgres")]
+        engine: bench_apply::BenchEngine,
+        /// Worker counts to measure, for embedded and distributed mode each.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        workers: Vec<usize>,
+        /// Leave out embedded mode.
+        #[arg(long)]
+        no_embedded: bool,
+        /// Leave out distributed mode.
+        #[arg(long)]
+        no_distributed: bool,
+        /// The PostgreSQL server the benchmark creates its databases on (warehouses, and
+        /// distributed mode's state).
+        #[arg(long, default_value = "127.0.0.1")]
+        pg_host: String,
+        #[arg(long, default_value_t = 5432)]
+        pg_port: u16,
+        #[arg(long, default_value = "postgres")]
+        pg_user: String,
+        #[arg(long, env = "SLUICE_BENCH_PG_PASSWORD", hide_env_values = true)]
+        pg_password: Option<String>,
+        /// Keep the databases, queues and project folders.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn now_or(text: Option<&str>) -> Result<Timestamp> {
@@ -227,12 +272,55 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 recorded: *recorded,
             }))
         }
+        Command::Bench(BenchCommand::Apply {
+            models,
+            layers,
+            days,
+            rows,
+            batch_size,
+            noop,
+            engine,
+            workers,
+            no_embedded,
+            no_distributed,
+            pg_host,
+            pg_port,
+            pg_user,
+            pg_password,
+            keep,
+        }) => {
+            let config = bench_apply::ApplyBenchConfig {
+                models: *models,
+                layers: *layers,
+                days: *days,
+                rows: *rows,
+                batch_size: *batch_size,
+                noop: *noop,
+                engine: *engine,
+                postgres: bench_apply::PgServer {
+                    host: pg_host.clone(),
+                    port: *pg_port,
+                    user: pg_user.clone(),
+                    password: pg_password.clone(),
+                },
+                workers: workers.clone(),
+                embedded: !no_embedded,
+                distributed: !no_distributed && *engine == bench_apply::BenchEngine::Postgres,
+                amqp_url: cli.amqp_url.clone().unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()),
+                redis_url: cli.redis_url.clone().unwrap_or_else(|| "redis://127.0.0.1:6379".to_string()),
+                keep: *keep,
+            };
+            done(bench_apply::bench_apply(config).await)
+        }
     }
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| "warn,sqlx::query=error".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

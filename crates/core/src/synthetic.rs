@@ -16,6 +16,9 @@ pub struct SyntheticProject {
     /// `true` for `@hourly`, `false` for `@daily`.
     pub hourly: bool,
     pub rows_per_interval: usize,
+    /// Every model selects one row per interval and reads nothing: the per-task overhead
+    /// measurement.
+    pub noop: bool,
     pub batch_size: Option<u32>,
     /// The gateway's connection as YAML lines under `connection:` (indented by six spaces).
     pub connection_yaml: String,
@@ -33,9 +36,25 @@ impl SyntheticProject {
             intervals,
             hourly,
             rows_per_interval: 1,
+            noop: false,
             batch_size: Some(1),
             connection_yaml: "      type: duckdb\n      database: bench.duckdb\n".to_string(),
             dialect: "duckdb".to_string(),
+        }
+    }
+
+    /// A PostgreSQL project of the given shape; `connection_yaml` as for the field.
+    pub fn postgres(
+        models: usize,
+        layers: usize,
+        intervals: usize,
+        hourly: bool,
+        connection_yaml: String,
+    ) -> SyntheticProject {
+        SyntheticProject {
+            connection_yaml,
+            dialect: "postgres".to_string(),
+            ..SyntheticProject::duckdb(models, layers, intervals, hourly)
         }
     }
 
@@ -77,7 +96,9 @@ impl SyntheticProject {
                     text,
                     "MODEL (\n  name {name},\n  kind INCREMENTAL_BY_TIME_RANGE (time_column ts{batch}),\n  end '{end}',\n  grain id\n);\n"
                 );
-                if layer == 0 {
+                if self.noop {
+                    let _ = writeln!(text, "SELECT {position} AS id, CAST(@start_ts AS TIMESTAMP) AS ts, 0 AS value");
+                } else if layer == 0 {
                     let rows = self.rows_per_interval.max(1);
                     let _ = writeln!(
                         text,

@@ -18,6 +18,13 @@ mod sql;
 pub use error::EngineError;
 pub use factory::WarehouseFactory;
 
+/// The two statements an interval write amounts to, without sluice's lock or transaction:
+/// delete the interval's rows, then insert the query's rows of the interval. The benchmark's
+/// raw floor runs exactly these, back to back on one connection.
+pub fn interval_statements(table: &PhysicalTable, time_column: &str, interval: Interval, query: &str) -> [String; 2] {
+    [sql::delete_interval(table, time_column, interval), sql::insert_interval(table, time_column, interval, query)]
+}
+
 /// Cancels the statement a warehouse connection is running, from another task (an aborted
 /// run's query in flight). Cancelling an idle connection does nothing.
 #[async_trait]

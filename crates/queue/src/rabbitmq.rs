@@ -216,7 +216,12 @@ impl RabbitBroker {
 
     /// Declares a gateway's task queue and its dead-letter queue (once per process); returns the
     /// task queue's ready-message count.
-    async fn declare_gateway(&self, gateway: &str) -> Result<u32, QueueError> {
+    /// Consumers attached to a gateway's task queue (workers ready to take tasks).
+    pub async fn consumers(&self, gateway: &str) -> Result<u32, QueueError> {
+        Ok(self.declare_gateway(gateway).await?.consumer_count())
+    }
+
+    async fn declare_gateway(&self, gateway: &str) -> Result<lapin::Queue, QueueError> {
         let link = self.link().await?;
         let dead = self.config.dead_queue(gateway);
         let tasks = self.config.task_queue(gateway);
@@ -236,7 +241,7 @@ impl RabbitBroker {
             .await
             .map_err(backend)?;
         lock(&self.declared).insert(gateway.to_string());
-        Ok(queue.message_count())
+        Ok(queue)
     }
 
     /// Messages waiting in a gateway's dead-letter queue.
@@ -532,7 +537,7 @@ impl TaskQueue for RabbitBroker {
     }
 
     async fn queued(&self, gateway: &str) -> Result<u64, QueueError> {
-        Ok(u64::from(self.declare_gateway(gateway).await?))
+        Ok(u64::from(self.declare_gateway(gateway).await?.message_count()))
     }
 
     async fn shut_down(&self) {
