@@ -24,13 +24,14 @@ use sluice_core::config::{Secret, redact, url_password};
 use sluice_core::interval::Timestamp;
 use sluice_core::model::ModelKind;
 use sluice_core::names::EnvironmentName;
+use sluice_core::names::PhysicalTable;
 use sluice_core::plan::{Plan, PlanContext, build_plan};
 use sluice_core::project::load_project;
 use sluice_core::query::QueryTemplate;
 use sluice_core::synthetic::{SYNTHETIC_START, SyntheticProject};
 use sluice_core::task_graph::{Readiness, TaskGraph};
 use sluice_engine::postgres_adapter::{PostgresSettings, PostgresWarehouse};
-use sluice_engine::{TableChecksum, Warehouse};
+use sluice_engine::{TableChecksum, ViewUpdate, Warehouse};
 use sluice_queue::rabbitmq::{RabbitBroker, RabbitConfig};
 
 use crate::bench::peak_rss_mib;
@@ -42,6 +43,30 @@ const GATEWAY: &str = "bench";
 pub enum BenchEngine {
     Postgres,
     Duckdb,
+}
+
+/// The PostgreSQL server the benchmarks create their databases on (and drop them from).
+#[derive(clap::Args, Clone, Debug)]
+pub struct PgArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    pub pg_host: String,
+    #[arg(long, default_value_t = 5432)]
+    pub pg_port: u16,
+    #[arg(long, default_value = "postgres")]
+    pub pg_user: String,
+    #[arg(long, env = "SLUICE_BENCH_PG_PASSWORD", hide_env_values = true)]
+    pub pg_password: Option<String>,
+}
+
+impl PgArgs {
+    pub fn server(&self) -> PgServer {
+        PgServer {
+            host: self.pg_host.clone(),
+            port: self.pg_port,
+            user: self.pg_user.clone(),
+            password: self.pg_password.clone(),
+        }
+    }
 }
 
 /// A PostgreSQL server the benchmark may create and drop databases on.
@@ -621,4 +646,54 @@ fn print_table(results: &[Measured], floor: Duration, tasks: usize) {
             peaks_text(measured)
         );
     }
+}
+
+/// `sluice bench promote`: promotes `views` views in one transaction on PostgreSQL (creating
+/// them), then swaps all of them to other tables (the usual promotion), timing each.
+pub async fn bench_promote(postgres: &PgServer, views: usize) -> Result<()> {
+    let database = format!("sluice_bench_{}_promote", std::process::id());
+    let mut admin = postgres.connect("postgres").await?;
+    admin.execute(&format!("CREATE DATABASE \"{database}\"")).await.with_context(|| format!("creating {database}"))?;
+    let outcome = async {
+        let mut warehouse = postgres.connect(&database).await?;
+        let table = |index: usize, version: &str| PhysicalTable {
+            schema: "sluice__bench".to_string(),
+            table: format!("bench__v{index}__{version}"),
+        };
+        let mut setup = vec!["CREATE SCHEMA sluice__bench".to_string()];
+        for index in 0..views {
+            for version in ["a", "b"] {
+                let name = table(index, version);
+                setup.push(format!("CREATE TABLE {}.{} (id BIGINT, ts TIMESTAMP)", name.schema, name.table));
+            }
+        }
+        warehouse.execute(&setup.join(";\n")).await?;
+        let updates = |version: &str| -> Vec<ViewUpdate> {
+            (0..views)
+                .map(|index| ViewUpdate {
+                    schema: "bench".to_string(),
+                    name: format!("v{index}"),
+                    target: Some(table(index, version)),
+                })
+                .collect()
+        };
+        println!("sluice bench promote: {views} views, one transaction each time, PostgreSQL");
+        let first = updates("a");
+        let began = Instant::now();
+        warehouse.promote(&first).await?;
+        println!("  create {views} views                       {:.3} s", began.elapsed().as_secs_f64());
+        let second = updates("b");
+        let began = Instant::now();
+        warehouse.promote(&second).await?;
+        println!("  point {views} views at new tables          {:.3} s", began.elapsed().as_secs_f64());
+        let target = warehouse.view_target("bench", &format!("v{}", views - 1)).await?;
+        let expected = table(views - 1, "b");
+        if target.as_deref() != Some(format!("{}.{}", expected.schema, expected.table).as_str()) {
+            bail!("the last view points at {target:?}, not at {}.{}", expected.schema, expected.table);
+        }
+        Ok(())
+    }
+    .await;
+    admin.execute(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)")).await?;
+    outcome
 }

@@ -145,7 +145,8 @@ pub async fn worker(
         return Err(anyhow!("--gateway {gateway}: config.yaml has no such gateway (it has {})", known.join(", ")));
     }
     let stop = stop_signal()?;
-    let broker = services.broker(concurrency).await?;
+    // Twice the slots: a slot takes its next task while its last one is being settled (acked).
+    let broker = services.broker(concurrency * 2).await?;
     let gate = services.gate().await?;
     let deps =
         WorkerDeps { state, queue: Arc::clone(&broker) as _, gate, events: Arc::clone(&broker) as _, warehouses };

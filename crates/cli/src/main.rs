@@ -128,6 +128,10 @@ enum BenchCommand {
         /// Recorded intervals for the missing-interval measurement.
         #[arg(long, default_value_t = 1_000_000)]
         recorded: usize,
+        /// Also load the counters into Redis and publish the ready tasks to RabbitMQ (the
+        /// global --amqp-url and --redis-url, else the local defaults), as the coordinator does.
+        #[arg(long)]
+        services: bool,
     },
     /// The raw floor (the same statements on one connection) against sluice embedded and
     /// distributed, on a synthetic project; prints wall time, tasks/s, ratio to the floor,
@@ -159,19 +163,19 @@ enum BenchCommand {
         /// Leave out distributed mode.
         #[arg(long)]
         no_distributed: bool,
-        /// The PostgreSQL server the benchmark creates its databases on (warehouses, and
-        /// distributed mode's state).
-        #[arg(long, default_value = "127.0.0.1")]
-        pg_host: String,
-        #[arg(long, default_value_t = 5432)]
-        pg_port: u16,
-        #[arg(long, default_value = "postgres")]
-        pg_user: String,
-        #[arg(long, env = "SLUICE_BENCH_PG_PASSWORD", hide_env_values = true)]
-        pg_password: Option<String>,
+        #[command(flatten)]
+        postgres: bench_apply::PgArgs,
         /// Keep the databases, queues and project folders.
         #[arg(long)]
         keep: bool,
+    },
+    /// Promote N views in one transaction on PostgreSQL (create them, then point them all at
+    /// new tables), timing each promotion.
+    Promote {
+        #[arg(long, default_value_t = 500)]
+        views: usize,
+        #[command(flatten)]
+        postgres: bench_apply::PgArgs,
     },
 }
 
@@ -231,6 +235,16 @@ fn render_command(cli: &Cli, model: &str, start: Option<&str>, end: Option<&str>
     Ok(())
 }
 
+/// The benchmarks' broker: --amqp-url, else the local RabbitMQ.
+fn bench_amqp_url(cli: &Cli) -> String {
+    cli.amqp_url.clone().unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+/// The benchmarks' Redis: --redis-url, else the local one.
+fn bench_redis_url(cli: &Cli) -> String {
+    cli.redis_url.clone().unwrap_or_else(|| "redis://127.0.0.1:6379".to_string())
+}
+
 async fn run(cli: &Cli) -> Result<ExitCode> {
     let workers = cli.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let services =
@@ -264,14 +278,16 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Janitor => done(commands::janitor(&common).await),
         Command::Environments => done(commands::list_environments(&common).await),
         Command::Render { model, start, end } => done(render_command(cli, model, start.as_deref(), end.as_deref())),
-        Command::Bench(BenchCommand::Plan { models, layers, intervals, recorded }) => {
-            done(bench::bench_plan(bench::PlanBenchConfig {
+        Command::Bench(BenchCommand::Plan { models, layers, intervals, recorded, services }) => done(
+            bench::bench_plan(bench::PlanBenchConfig {
                 models: *models,
                 layers: *layers,
                 intervals: *intervals,
                 recorded: *recorded,
-            }))
-        }
+                services: services.then(|| (bench_amqp_url(cli), bench_redis_url(cli))),
+            })
+            .await,
+        ),
         Command::Bench(BenchCommand::Apply {
             models,
             layers,
@@ -283,10 +299,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             workers,
             no_embedded,
             no_distributed,
-            pg_host,
-            pg_port,
-            pg_user,
-            pg_password,
+            postgres,
             keep,
         }) => {
             let config = bench_apply::ApplyBenchConfig {
@@ -297,20 +310,18 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 batch_size: *batch_size,
                 noop: *noop,
                 engine: *engine,
-                postgres: bench_apply::PgServer {
-                    host: pg_host.clone(),
-                    port: *pg_port,
-                    user: pg_user.clone(),
-                    password: pg_password.clone(),
-                },
+                postgres: postgres.server(),
                 workers: workers.clone(),
                 embedded: !no_embedded,
                 distributed: !no_distributed && *engine == bench_apply::BenchEngine::Postgres,
-                amqp_url: cli.amqp_url.clone().unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()),
-                redis_url: cli.redis_url.clone().unwrap_or_else(|| "redis://127.0.0.1:6379".to_string()),
+                amqp_url: bench_amqp_url(cli),
+                redis_url: bench_redis_url(cli),
                 keep: *keep,
             };
             done(bench_apply::bench_apply(config).await)
+        }
+        Command::Bench(BenchCommand::Promote { views, postgres }) => {
+            done(bench_apply::bench_promote(&postgres.server(), *views).await)
         }
     }
 }

@@ -256,7 +256,7 @@ pub async fn apply(
 
     // Subscribe before publishing so that no event of this run is missed.
     let stream = deps.events.subscribe().await?;
-    let ready = counters.ready_tasks(&plan, &graph, &run.id);
+    let ready = counters.ready_tasks(&plan, &graph, &run.id, 0);
     deps.queue.publish(&ready).await?;
     info!(run_id = %run.id, tasks = graph.len(), done = done_count, ready = ready.len(), "tasks published");
     progress.message(&format!("{} ready tasks queued; the rest follow as their parents finish", ready.len()));
@@ -402,7 +402,7 @@ impl Watch {
             None => {
                 // Redis lost the run's counters (flushed, restarted, expired): rebuild them.
                 let counters = load_counters(deps, plan, graph, run_id).await?;
-                let ready = counters.ready_tasks(plan, graph, run_id);
+                let ready = counters.ready_tasks(plan, graph, run_id, 1);
                 deps.queue.publish(&ready).await?;
                 warn!(run_id = %run_id, republished = ready.len(), "the dependency counters were lost; rebuilt them from state");
                 progress
@@ -455,8 +455,9 @@ struct Counters {
 }
 
 impl Counters {
-    /// Tasks not done whose parents are all done.
-    fn ready_tasks(&self, plan: &Plan, graph: &TaskGraph, run_id: &RunId) -> Vec<TaskMessage> {
+    /// Tasks not done whose parents are all done; `attempt` 0 for the run's first publish, 1 for
+    /// a publish again after a reconcile (whose tasks a worker may have finished meanwhile).
+    fn ready_tasks(&self, plan: &Plan, graph: &TaskGraph, run_id: &RunId, attempt: u32) -> Vec<TaskMessage> {
         (0..graph.len())
             .filter(|index| !self.done[*index] && self.unfinished_parents[*index] == 0)
             .map(|index| {
@@ -467,7 +468,7 @@ impl Counters {
                     task_index: index as u32,
                     task_id: task.id,
                     gateway: plan.snapshots[task.snapshot as usize].snapshot.gateway.clone(),
-                    attempt: 0,
+                    attempt,
                 }
             })
             .collect()

@@ -12,8 +12,8 @@ use sluice_core::plan::{Change, EnvironmentState, Plan, PlannedSnapshot};
 use sluice_core::snapshot::{Fingerprint, Snapshot};
 
 use crate::{
-    AuditEntry, EnvironmentPromotion, IntervalRecord, RunId, RunOutcome, RunProgress, RunStart, RunStatus, StateError,
-    StateStore, TaskFailure,
+    AuditEntry, EnvironmentPromotion, FinishedTask, IntervalRecord, RunId, RunOutcome, RunProgress, RunStart,
+    RunStatus, StateError, StateStore, TaskFailure,
 };
 
 /// One backend under test: the store as the roles see it, and a way to look at its tables.
@@ -186,6 +186,7 @@ conformance_tests!(
     plans_round_trip,
     run_lifecycle,
     task_bookkeeping,
+    finished_tasks_are_recorded_in_one_batch,
     breaker_trip_and_reset,
     audit_log_is_newest_first,
 );
@@ -868,6 +869,53 @@ async fn task_bookkeeping(backend: Backend) {
     assert_eq!(store.done_tasks_of_plan(&plan.id).await.unwrap(), BTreeSet::from([task(1), task(2), task(3), task(4)]));
     assert!(store.task_failures(&second.id).await.unwrap().is_empty());
     assert!(store.done_tasks_of_plan(&plan_id("nope")).await.unwrap().is_empty());
+}
+
+async fn finished_tasks_are_recorded_in_one_batch(backend: Backend) {
+    let store = &*backend.store;
+    let first_plan = plan("pf", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    let second_plan = plan("pg", "qa", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    let first = begin(store, &first_plan, "pf-1", 1_000).await.unwrap();
+    let second = begin(store, &second_plan, "pg-1", 1_000).await.unwrap();
+    let key = (model("sushi.orders"), Version("aaaa".to_string()));
+    let finished = |run: &crate::RunRecord, n: u8, hour: Option<i64>, retries: u64| FinishedTask {
+        run_id: run.id.clone(),
+        task_id: task(n),
+        interval: hour.map(|hour| IntervalRecord {
+            name: key.0.clone(),
+            version: key.1.clone(),
+            interval: interval(hour, hour + 1),
+        }),
+        intervals: 1,
+        retries,
+    };
+    // Two runs in one batch; a task listed twice counts once; one found its interval recorded.
+    store
+        .finish_tasks(&[
+            finished(&first, 1, Some(0), 2),
+            finished(&first, 2, Some(1), 0),
+            finished(&first, 2, Some(1), 0),
+            finished(&second, 1, None, 0),
+        ])
+        .await
+        .unwrap();
+    // Finished again (a redelivery): recorded once, counted once.
+    store.finish_tasks(&[finished(&first, 1, Some(0), 5), finished(&first, 3, Some(2), 0)]).await.unwrap();
+    assert_eq!(store.done_tasks(&first.id).await.unwrap(), BTreeSet::from([task(1), task(2), task(3)]));
+    assert_eq!(store.done_tasks(&second.id).await.unwrap(), BTreeSet::from([task(1)]));
+    let run = store.get_run(&first.id).await.unwrap().unwrap();
+    assert_eq!((run.tasks_done, run.intervals_done, run.retries), (3, 3, 2));
+    let run = store.get_run(&second.id).await.unwrap().unwrap();
+    assert_eq!((run.tasks_done, run.intervals_done, run.retries), (1, 1, 0));
+    assert_eq!(store.get_intervals(std::slice::from_ref(&key)).await.unwrap()[&key].ranges(), &[interval(0, 3)]);
+    store.finish_tasks(&[]).await.unwrap();
+
+    // A batch naming a run that does not exist records nothing at all.
+    let batch =
+        [finished(&first, 4, Some(3), 0), FinishedTask { run_id: run_id("nope"), ..finished(&first, 5, Some(4), 0) }];
+    assert!(matches!(store.finish_tasks(&batch).await, Err(StateError::NotFound { .. })));
+    assert_eq!(store.done_tasks(&first.id).await.unwrap().len(), 3);
+    assert_eq!(store.get_intervals(std::slice::from_ref(&key)).await.unwrap()[&key].ranges(), &[interval(0, 3)]);
 }
 
 async fn breaker_trip_and_reset(backend: Backend) {

@@ -22,8 +22,8 @@ pub use store::{
     StateStore, TaskStore,
 };
 pub use types::{
-    AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, IntervalKey, IntervalRecord, PlanSummary,
-    RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
+    AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, FinishedTask, IntervalKey, IntervalRecord,
+    PlanSummary, RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
 };
 
 /// Where embedded mode keeps its state, relative to the project folder.

@@ -32,8 +32,8 @@ use crate::store::{
     AuditLog, BreakerStore, EnvironmentStore, IntervalStore, LeaseStore, PlanStore, RunStore, SnapshotStore, TaskStore,
 };
 use crate::types::{
-    AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, IntervalKey, IntervalRecord, PlanSummary,
-    RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
+    AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, FinishedTask, IntervalKey, IntervalRecord,
+    PlanSummary, RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -143,6 +143,62 @@ impl PostgresState {
     async fn begin(&self) -> Result<Transaction<'static, Postgres>, StateError> {
         Ok(self.pool.begin().await?)
     }
+}
+
+/// Records intervals inside the caller's transaction, merged with the stored ranges they touch.
+async fn write_intervals(connection: &mut PgConnection, records: &[IntervalRecord]) -> Result<(), StateError> {
+    let writes = group_interval_records(records)?;
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = writes.iter().map(|write| write.name.as_str()).collect();
+    let versions: Vec<&str> = writes.iter().map(|write| write.version.as_str()).collect();
+    let lows: Vec<i64> = writes.iter().map(|write| write.low).collect();
+    let highs: Vec<i64> = writes.iter().map(|write| write.high).collect();
+    let stored = sqlx::query_as::<_, IntervalRow>(
+        "SELECT k.ordinality - 1 AS write_index, i.id, i.start_ts, i.end_ts
+         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+              WITH ORDINALITY AS k(name, version, low, high, ordinality)
+         JOIN sluice_intervals i
+           ON i.name = k.name AND i.version = k.version AND i.start_ts <= k.high AND i.end_ts >= k.low",
+    )
+    .bind(names)
+    .bind(versions)
+    .bind(lows)
+    .bind(highs)
+    .fetch_all(&mut *connection)
+    .await?;
+    let rewrite = plan_interval_rewrite(&writes, stored);
+    if rewrite.is_empty() {
+        return Ok(());
+    }
+    if !rewrite.delete_ids.is_empty() {
+        sqlx::query("DELETE FROM sluice_intervals WHERE id = ANY($1)")
+            .bind(rewrite.delete_ids)
+            .execute(&mut *connection)
+            .await?;
+    }
+    let mut names = Vec::with_capacity(rewrite.insert.len());
+    let mut versions = Vec::with_capacity(rewrite.insert.len());
+    let mut starts = Vec::with_capacity(rewrite.insert.len());
+    let mut ends = Vec::with_capacity(rewrite.insert.len());
+    for (name, version, start, end) in rewrite.insert {
+        names.push(name);
+        versions.push(version);
+        starts.push(start);
+        ends.push(end);
+    }
+    sqlx::query(
+        "INSERT INTO sluice_intervals (name, version, start_ts, end_ts)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])",
+    )
+    .bind(names)
+    .bind(versions)
+    .bind(starts)
+    .bind(ends)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
 }
 
 async fn insert_snapshots(connection: &mut PgConnection, snapshots: &[Snapshot]) -> Result<(), StateError> {
@@ -443,58 +499,11 @@ impl LeaseStore for PostgresState {
 #[async_trait]
 impl IntervalStore for PostgresState {
     async fn record_intervals(&self, records: &[IntervalRecord]) -> Result<(), StateError> {
-        let writes = group_interval_records(records)?;
-        if writes.is_empty() {
+        if records.is_empty() {
             return Ok(());
         }
-        let names: Vec<&str> = writes.iter().map(|write| write.name.as_str()).collect();
-        let versions: Vec<&str> = writes.iter().map(|write| write.version.as_str()).collect();
-        let lows: Vec<i64> = writes.iter().map(|write| write.low).collect();
-        let highs: Vec<i64> = writes.iter().map(|write| write.high).collect();
         let mut transaction = self.begin().await?;
-        let stored = sqlx::query_as::<_, IntervalRow>(
-            "SELECT k.ordinality - 1 AS write_index, i.id, i.start_ts, i.end_ts
-             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
-                  WITH ORDINALITY AS k(name, version, low, high, ordinality)
-             JOIN sluice_intervals i
-               ON i.name = k.name AND i.version = k.version AND i.start_ts <= k.high AND i.end_ts >= k.low",
-        )
-        .bind(names)
-        .bind(versions)
-        .bind(lows)
-        .bind(highs)
-        .fetch_all(&mut *transaction)
-        .await?;
-        let rewrite = plan_interval_rewrite(&writes, stored);
-        if rewrite.is_empty() {
-            return Ok(());
-        }
-        if !rewrite.delete_ids.is_empty() {
-            sqlx::query("DELETE FROM sluice_intervals WHERE id = ANY($1)")
-                .bind(rewrite.delete_ids)
-                .execute(&mut *transaction)
-                .await?;
-        }
-        let mut names = Vec::with_capacity(rewrite.insert.len());
-        let mut versions = Vec::with_capacity(rewrite.insert.len());
-        let mut starts = Vec::with_capacity(rewrite.insert.len());
-        let mut ends = Vec::with_capacity(rewrite.insert.len());
-        for (name, version, start, end) in rewrite.insert {
-            names.push(name);
-            versions.push(version);
-            starts.push(start);
-            ends.push(end);
-        }
-        sqlx::query(
-            "INSERT INTO sluice_intervals (name, version, start_ts, end_ts)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])",
-        )
-        .bind(names)
-        .bind(versions)
-        .bind(starts)
-        .bind(ends)
-        .execute(&mut *transaction)
-        .await?;
+        write_intervals(&mut transaction, records).await?;
         transaction.commit().await?;
         Ok(())
     }
@@ -791,6 +800,59 @@ impl TaskStore for PostgresState {
         if inserted.rows_affected() == 0 && select_run(&mut connection, run_id).await?.is_none() {
             return Err(StateError::not_found(format!("run {run_id}")));
         }
+        Ok(())
+    }
+
+    async fn finish_tasks(&self, finished: &[FinishedTask]) -> Result<(), StateError> {
+        if finished.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<IntervalRecord> = finished.iter().filter_map(|task| task.interval.clone()).collect();
+        let runs: Vec<&str> = finished.iter().map(|task| task.run_id.0.as_str()).collect();
+        let tasks: Vec<Vec<u8>> = finished.iter().map(|task| task.task_id.0.to_vec()).collect();
+        let intervals =
+            finished.iter().map(|task| to_stored_count(task.intervals, "intervals")).collect::<Result<Vec<_>, _>>()?;
+        let retries =
+            finished.iter().map(|task| to_stored_count(task.retries, "retries")).collect::<Result<Vec<_>, _>>()?;
+        let mut transaction = self.begin().await?;
+        write_intervals(&mut transaction, &records).await?;
+        // One statement: the tasks not done yet are inserted, and what they gained is added to
+        // their runs; the runs that do not exist are returned.
+        let missing: Vec<String> = sqlx::query_scalar(
+            "WITH finished AS (
+                 SELECT DISTINCT ON (run_id, task_id) run_id, task_id, intervals, retries
+                 FROM unnest($1::text[], $2::bytea[], $3::bigint[], $4::bigint[]) AS f(run_id, task_id, intervals, retries)
+             ),
+             inserted AS (
+                 INSERT INTO sluice_tasks_done (run_id, plan_id, task_id)
+                 SELECT r.id, r.plan_id, f.task_id FROM finished f JOIN sluice_runs r ON r.id = f.run_id
+                 ON CONFLICT (run_id, task_id) DO NOTHING
+                 RETURNING run_id, task_id
+             ),
+             gained AS (
+                 SELECT f.run_id, COUNT(*) AS tasks, SUM(f.intervals) AS intervals, SUM(f.retries) AS retries
+                 FROM inserted i JOIN finished f ON f.run_id = i.run_id AND f.task_id = i.task_id
+                 GROUP BY f.run_id
+             ),
+             updated AS (
+                 UPDATE sluice_runs r
+                 SET tasks_done = r.tasks_done + g.tasks, intervals_done = r.intervals_done + g.intervals,
+                     retries = r.retries + g.retries
+                 FROM gained g WHERE r.id = g.run_id
+                 RETURNING r.id
+             )
+             SELECT DISTINCT f.run_id FROM finished f WHERE NOT EXISTS (SELECT 1 FROM sluice_runs r WHERE r.id = f.run_id)",
+        )
+        .bind(runs)
+        .bind(tasks)
+        .bind(intervals)
+        .bind(retries)
+        .fetch_all(&mut *transaction)
+        .await?;
+        if let Some(run) = missing.first() {
+            return Err(StateError::not_found(format!("run {run}")));
+        }
+        transaction.commit().await?;
         Ok(())
     }
 

@@ -30,8 +30,8 @@ use crate::store::{
     AuditLog, BreakerStore, EnvironmentStore, IntervalStore, LeaseStore, PlanStore, RunStore, SnapshotStore, TaskStore,
 };
 use crate::types::{
-    AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, IntervalKey, IntervalRecord, PlanSummary,
-    RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
+    AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, FinishedTask, IntervalKey, IntervalRecord,
+    PlanSummary, RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -103,6 +103,43 @@ impl SqliteState {
 
 fn json_list<T: serde::Serialize>(values: &T) -> Result<String, StateError> {
     to_json("key list", values)
+}
+
+/// Records intervals inside the caller's transaction, merged with the stored ranges they touch.
+async fn write_intervals(connection: &mut SqliteConnection, records: &[IntervalRecord]) -> Result<(), StateError> {
+    let writes = group_interval_records(records)?;
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let envelopes: Vec<(&str, &str, i64, i64)> =
+        writes.iter().map(|write| (write.name.as_str(), write.version.as_str(), write.low, write.high)).collect();
+    let stored = sqlx::query_as::<_, IntervalRow>(
+        "SELECT k.key AS write_index, i.id, i.start_ts, i.end_ts
+         FROM json_each(?1) AS k CROSS JOIN sluice_intervals AS i
+         WHERE i.name = k.value ->> 0 AND i.version = k.value ->> 1
+           AND i.start_ts <= k.value ->> 3 AND i.end_ts >= k.value ->> 2",
+    )
+    .bind(json_list(&envelopes)?)
+    .fetch_all(&mut *connection)
+    .await?;
+    let rewrite = plan_interval_rewrite(&writes, stored);
+    if rewrite.is_empty() {
+        return Ok(());
+    }
+    if !rewrite.delete_ids.is_empty() {
+        sqlx::query("DELETE FROM sluice_intervals WHERE id IN (SELECT value FROM json_each(?1))")
+            .bind(json_list(&rewrite.delete_ids)?)
+            .execute(&mut *connection)
+            .await?;
+    }
+    sqlx::query(
+        "INSERT INTO sluice_intervals (name, version, start_ts, end_ts)
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?1)",
+    )
+    .bind(json_list(&rewrite.insert)?)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
 }
 
 async fn insert_snapshots(connection: &mut SqliteConnection, snapshots: &[Snapshot]) -> Result<(), StateError> {
@@ -378,39 +415,11 @@ impl LeaseStore for SqliteState {
 #[async_trait]
 impl IntervalStore for SqliteState {
     async fn record_intervals(&self, records: &[IntervalRecord]) -> Result<(), StateError> {
-        let writes = group_interval_records(records)?;
-        if writes.is_empty() {
+        if records.is_empty() {
             return Ok(());
         }
-        let envelopes: Vec<(&str, &str, i64, i64)> =
-            writes.iter().map(|write| (write.name.as_str(), write.version.as_str(), write.low, write.high)).collect();
         let mut transaction = self.begin_write().await?;
-        let stored = sqlx::query_as::<_, IntervalRow>(
-            "SELECT k.key AS write_index, i.id, i.start_ts, i.end_ts
-             FROM json_each(?1) AS k CROSS JOIN sluice_intervals AS i
-             WHERE i.name = k.value ->> 0 AND i.version = k.value ->> 1
-               AND i.start_ts <= k.value ->> 3 AND i.end_ts >= k.value ->> 2",
-        )
-        .bind(json_list(&envelopes)?)
-        .fetch_all(&mut *transaction)
-        .await?;
-        let rewrite = plan_interval_rewrite(&writes, stored);
-        if rewrite.is_empty() {
-            return Ok(());
-        }
-        if !rewrite.delete_ids.is_empty() {
-            sqlx::query("DELETE FROM sluice_intervals WHERE id IN (SELECT value FROM json_each(?1))")
-                .bind(json_list(&rewrite.delete_ids)?)
-                .execute(&mut *transaction)
-                .await?;
-        }
-        sqlx::query(
-            "INSERT INTO sluice_intervals (name, version, start_ts, end_ts)
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?1)",
-        )
-        .bind(json_list(&rewrite.insert)?)
-        .execute(&mut *transaction)
-        .await?;
+        write_intervals(&mut transaction, records).await?;
         transaction.commit().await?;
         Ok(())
     }
@@ -687,6 +696,61 @@ impl TaskStore for SqliteState {
         if inserted.rows_affected() == 0 && select_run(&mut connection, run_id).await?.is_none() {
             return Err(StateError::not_found(format!("run {run_id}")));
         }
+        Ok(())
+    }
+
+    async fn finish_tasks(&self, finished: &[FinishedTask]) -> Result<(), StateError> {
+        if finished.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<IntervalRecord> = finished.iter().filter_map(|task| task.interval.clone()).collect();
+        let rows: Vec<(&str, String)> =
+            finished.iter().map(|task| (task.run_id.0.as_str(), task.task_id.to_string())).collect();
+        let mut transaction = self.begin_write().await?;
+        write_intervals(&mut transaction, &records).await?;
+        let inserted: Vec<(String, Vec<u8>)> = sqlx::query_as(
+            "INSERT INTO sluice_tasks_done (run_id, plan_id, task_id)
+             SELECT r.id, r.plan_id, unhex(t.value ->> 1)
+             FROM json_each(?1) AS t JOIN sluice_runs AS r ON r.id = t.value ->> 0 WHERE true
+             ON CONFLICT (run_id, task_id) DO NOTHING
+             RETURNING run_id, task_id",
+        )
+        .bind(json_list(&rows)?)
+        .fetch_all(&mut *transaction)
+        .await?;
+        // What each run gained: its tasks just inserted (a task listed twice counts once).
+        let inserted: BTreeSet<(String, TaskId)> =
+            inserted.into_iter().map(|(run, bytes)| Ok((run, task_id(&bytes)?))).collect::<Result<_, StateError>>()?;
+        let mut gained: BTreeMap<&str, RunProgress> = BTreeMap::new();
+        let mut counted = BTreeSet::new();
+        for task in finished {
+            let key = (task.run_id.0.clone(), task.task_id);
+            if inserted.contains(&key) && counted.insert(key) {
+                let progress = gained.entry(task.run_id.0.as_str()).or_default();
+                progress.tasks_done += 1;
+                progress.intervals_done += task.intervals;
+                progress.retries += task.retries;
+            }
+        }
+        let runs: BTreeSet<&str> = finished.iter().map(|task| task.run_id.0.as_str()).collect();
+        for run in runs {
+            let progress = gained.get(run).copied().unwrap_or_default();
+            let updated = sqlx::query(
+                "UPDATE sluice_runs
+                 SET tasks_done = tasks_done + ?2, intervals_done = intervals_done + ?3, retries = retries + ?4
+                 WHERE id = ?1",
+            )
+            .bind(run)
+            .bind(to_stored_count(progress.tasks_done, "tasks_done")?)
+            .bind(to_stored_count(progress.intervals_done, "intervals_done")?)
+            .bind(to_stored_count(progress.retries, "retries")?)
+            .execute(&mut *transaction)
+            .await?;
+            if updated.rows_affected() == 0 {
+                return Err(StateError::not_found(format!("run {run}")));
+            }
+        }
+        transaction.commit().await?;
         Ok(())
     }
 

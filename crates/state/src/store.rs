@@ -15,8 +15,8 @@ use sluice_core::snapshot::Snapshot;
 
 use crate::error::StateError;
 use crate::types::{
-    AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, IntervalKey, IntervalRecord, PlanSummary,
-    RunId, RunOutcome, RunProgress, RunRecord, RunStart, TaskFailure,
+    AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, FinishedTask, IntervalKey, IntervalRecord,
+    PlanSummary, RunId, RunOutcome, RunProgress, RunRecord, RunStart, TaskFailure,
 };
 
 /// Snapshots by id, stored once and shared by every plan and environment that uses them.
@@ -142,6 +142,12 @@ pub trait RunStore: Send + Sync {
 pub trait TaskStore: Send + Sync {
     /// Marks tasks done in a run (idempotent, one statement for the batch).
     async fn record_task_done(&self, run_id: &RunId, tasks: &[TaskId]) -> Result<(), StateError>;
+    /// The worker's hot path, in one transaction for a batch of tasks (of any runs): records
+    /// their intervals (as `record_intervals`), marks them done (as `record_task_done`), and adds
+    /// to each run's progress what its tasks not recorded done before gained, so that a task
+    /// finished twice counts once. Fails with `NotFound` for a run that does not exist, and then
+    /// records nothing.
+    async fn finish_tasks(&self, finished: &[FinishedTask]) -> Result<(), StateError>;
 
     /// The tasks marked done in this run.
     async fn done_tasks(&self, run_id: &RunId) -> Result<BTreeSet<TaskId>, StateError>;

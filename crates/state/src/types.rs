@@ -127,6 +127,18 @@ pub struct RunProgress {
     pub retries: u64,
 }
 
+/// A task a worker finished: what [`crate::TaskStore::finish_tasks`] records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FinishedTask {
+    pub run_id: RunId,
+    pub task_id: TaskId,
+    /// The interval the task wrote; `None` when it found the interval recorded already.
+    pub interval: Option<IntervalRecord>,
+    /// What the run's progress gains, if the task was not recorded done in the run before.
+    pub intervals: u64,
+    pub retries: u64,
+}
+
 /// A task that failed for good in a run, with the error text a human needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskFailure {

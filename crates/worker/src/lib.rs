@@ -1,11 +1,14 @@
 //! The worker role: consume one gateway's queue, execute each task's interval batch in the
 //! warehouse, record it in state, then release the tasks that waited for it.
 //!
-//! Per delivery: breaker tripped → drop it (the run is being aborted); interval already recorded
-//! → skip the warehouse; else execute with retries for transient failures; record the interval
-//! and the task in state; complete the task in the dependency gate; publish the children now
-//! ready (and the settled run when nothing is outstanding); only then ack. A crash between any
-//! two steps is repaired by redelivery: every step is idempotent.
+//! Per delivery, in its slot: breaker tripped → drop it (the run is being aborted); a
+//! redelivery (or a task queued again by a reconcile) whose interval is recorded already → skip
+//! the warehouse; else execute with retries for transient failures. Then the task is *settled*
+//! while the slot takes its next delivery: the interval, the task done and the run's progress
+//! are recorded in one state transaction shared with the other tasks finishing at that moment
+//! (group commit); the task is completed in the dependency gate; the children now ready (and
+//! the settled run when nothing is outstanding) are published; only then is it acked. A crash
+//! between any two steps is repaired by redelivery: every step is idempotent.
 
 pub mod retry;
 
@@ -20,8 +23,8 @@ use sluice_core::query::QueryTemplate;
 use sluice_core::task_graph::TaskGraph;
 use sluice_engine::{EngineError, Warehouse, WarehouseFactory};
 use sluice_queue::{Delivery, DependencyGate, EventBus, QueueError, RunEvent, RunId, TaskMessage, TaskQueue};
-use sluice_state::{IntervalRecord, RunProgress, RunStatus, StateError, StateStore, TaskFailure};
-use tokio::sync::OnceCell;
+use sluice_state::{FinishedTask, IntervalRecord, RunStatus, StateError, StateStore, TaskFailure};
+use tokio::sync::{OnceCell, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
@@ -70,6 +73,8 @@ pub enum WorkerError {
     UnknownRun(RunId),
     #[error("task {index} of run {run} does not match the plan's task graph")]
     UnknownTask { run: RunId, index: u32 },
+    #[error("state store: {0}")]
+    Finish(Arc<StateError>),
     #[error("worker slot failed: {0}")]
     Join(String),
 }
@@ -78,9 +83,72 @@ impl WorkerError {
     fn is_transient(&self) -> bool {
         match self {
             WorkerError::State(error) => error.is_transient(),
+            WorkerError::Finish(error) => error.is_transient(),
             WorkerError::Queue(error) => error.is_transient(),
             _ => false,
         }
+    }
+}
+
+/// How long a worker trusts a closed breaker it read before it reads the breaker again between
+/// tasks: an abort is noticed at most this much later. A tripped breaker is read every time (a
+/// resume resets it).
+const BREAKER_RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The most finished tasks one state transaction records.
+const MAX_FINISH_BATCH: usize = 256;
+
+type FinishReply = oneshot::Sender<Result<(), Arc<StateError>>>;
+
+/// Group commit of finished tasks. Slots hand a finished task over and wait; one writer records
+/// everything handed over since its last write in one state transaction (`finish_tasks`), so
+/// that N slots pay about one commit between them rather than N. A batch that fails is written
+/// again task by task, so that one task's failure (a run that vanished) is not another's.
+struct Finisher {
+    sender: mpsc::UnboundedSender<(FinishedTask, FinishReply)>,
+}
+
+impl Finisher {
+    fn start(state: Arc<dyn StateStore>) -> Finisher {
+        let (sender, mut receiver) = mpsc::unbounded_channel::<(FinishedTask, FinishReply)>();
+        tokio::spawn(async move {
+            while let Some(first) = receiver.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_FINISH_BATCH {
+                    match receiver.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let (tasks, replies): (Vec<FinishedTask>, Vec<FinishReply>) = batch.into_iter().unzip();
+                match state.finish_tasks(&tasks).await {
+                    Ok(()) => {
+                        for reply in replies {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                    Err(error) if tasks.len() == 1 => {
+                        if let Some(reply) = replies.into_iter().next() {
+                            let _ = reply.send(Err(Arc::new(error)));
+                        }
+                    }
+                    Err(_) => {
+                        for (task, reply) in tasks.iter().zip(replies) {
+                            let outcome = state.finish_tasks(std::slice::from_ref(task)).await.map_err(Arc::new);
+                            let _ = reply.send(outcome);
+                        }
+                    }
+                }
+            }
+        });
+        Finisher { sender }
+    }
+
+    async fn finish(&self, task: FinishedTask) -> Result<(), WorkerError> {
+        let stopped = || WorkerError::Join("the state writer stopped".to_string());
+        let (reply, answer) = oneshot::channel();
+        self.sender.send((task, reply)).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?.map_err(WorkerError::Finish)
     }
 }
 
@@ -138,6 +206,11 @@ struct Shared {
     contexts: Mutex<HashMap<PlanId, ContextCell>>,
     /// Runs seen in the state store (a run, once started, stays there).
     known_runs: Mutex<HashSet<RunId>>,
+    /// Plans whose breaker was read closed, and when.
+    closed_breakers: Mutex<HashMap<PlanId, std::time::Instant>>,
+    finisher: Finisher,
+    /// Tasks being settled while their slots run the next ones (one permit each).
+    settling: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -385,12 +458,19 @@ impl Slot {
             return self.drop_aborted(delivery, &context).await;
         }
 
-        let key = (snapshot.name.clone(), snapshot.version.clone());
-        let recorded = durable(self.shared.config.retry, "intervals", || async {
-            Ok(deps.state.get_intervals(std::slice::from_ref(&key)).await?)
-        })
-        .await?;
-        let already_recorded = recorded.get(&key).is_some_and(|set| set.covers(task.interval));
+        // A first delivery of a first publish is work nobody did: the coordinator queued only
+        // tasks not recorded. A redelivery, or a task queued again by a reconcile, may have been
+        // finished by another worker: then the warehouse is skipped.
+        let already_recorded = if delivery.redelivered || message.attempt > 0 {
+            let key = (snapshot.name.clone(), snapshot.version.clone());
+            let recorded = durable(self.shared.config.retry, "intervals", || async {
+                Ok(deps.state.get_intervals(std::slice::from_ref(&key)).await?)
+            })
+            .await?;
+            recorded.get(&key).is_some_and(|set| set.covers(task.interval))
+        } else {
+            false
+        };
         let (rows, retries, skipped) = if already_recorded {
             (0, 0, true)
         } else {
@@ -403,92 +483,43 @@ impl Slot {
             }
         };
 
-        if !skipped {
-            let record = IntervalRecord {
-                name: snapshot.name.clone(),
-                version: snapshot.version.clone(),
-                interval: task.interval,
-            };
-            durable(self.shared.config.retry, "record interval", || async {
-                deps.state.record_intervals(std::slice::from_ref(&record)).await?;
-                Ok(())
-            })
-            .await?;
-        }
-        durable(self.shared.config.retry, "record task", || async {
-            deps.state.record_task_done(&message.run_id, &[task.id]).await?;
-            Ok(())
-        })
-        .await?;
-        let children: Vec<u32> = context.graph.children(index).collect();
-        let completion =
-            match gated(&self.shared, &message.run_id, || deps.gate.complete(&message.run_id, index, &children)).await?
-            {
-                Gated::Answer(completion) => completion,
-                Gated::RunClosed => {
-                    debug!("a task of a run that is no longer running: nothing to release");
-                    delivery.ack().await?;
-                    return Ok(());
-                }
-                Gated::RunUnknown => {
-                    warn!("a task of a run the state store does not hold; dead-lettering it");
-                    delivery.reject().await?;
-                    return Err(WorkerError::UnknownRun(message.run_id));
-                }
-            };
-        if completion.newly_done || delivery.redelivered || skipped {
-            let ready: Vec<TaskMessage> = completion
-                .ready
-                .iter()
-                .map(|child| {
-                    let child_task = context.graph.tasks[*child as usize];
-                    TaskMessage {
-                        plan_id: message.plan_id.clone(),
-                        run_id: message.run_id.clone(),
-                        task_index: *child,
-                        task_id: child_task.id,
-                        gateway: context.plan.snapshots[child_task.snapshot as usize].snapshot.gateway.clone(),
-                        attempt: 0,
-                    }
-                })
-                .collect();
-            if !ready.is_empty() {
-                durable(self.shared.config.retry, "publish", || async { Ok(deps.queue.publish(&ready).await?) })
-                    .await?;
+        // The slot takes its next task while this one is settled (recorded, released, acked):
+        // the round trips of settling overlap the next task's warehouse work.
+        let permit = Arc::clone(&self.shared.settling)
+            .acquire_owned()
+            .await
+            .map_err(|_| WorkerError::Join("the worker is stopping".to_string()))?;
+        let settled = Settled { shared: Arc::clone(&self.shared), context, delivery, rows, retries, skipped };
+        tokio::spawn(async move {
+            if let Err(error) = settled.settle().await {
+                warn!(error = %error, "settling a finished task failed; the task will be delivered again");
             }
-        }
-        if completion.newly_done {
-            let intervals = if skipped { 0 } else { task.interval_count };
-            durable(self.shared.config.retry, "progress", || async {
-                let progress =
-                    RunProgress { tasks_done: 1, intervals_done: u64::from(intervals), retries: u64::from(retries) };
-                deps.state.add_run_progress(&message.run_id, progress).await?;
-                Ok(())
-            })
-            .await?;
-        }
-        if completion.run_complete {
-            deps.events
-                .publish(RunEvent::RunSettled { run_id: message.run_id.clone(), plan_id: message.plan_id.clone() })
-                .await?;
-        }
-        delivery.ack().await?;
-        // Progress after the ack, so that a follower that sees it also sees the task settled.
-        let done = RunEvent::TaskDone {
-            run_id: message.run_id.clone(),
-            task_index: index,
-            intervals: task.interval_count,
-            rows,
-            retries,
-            skipped,
-        };
-        deps.events.publish(done).await?;
+            drop(permit);
+        });
         Ok(())
     }
 
+    /// Whether the plan's breaker is tripped; a closed breaker read less than
+    /// `BREAKER_RECHECK` ago is not read again.
     async fn breaker_tripped(shared: &Shared, plan_id: &PlanId) -> Result<bool, WorkerError> {
+        let fresh = |read: &std::time::Instant| read.elapsed() < BREAKER_RECHECK;
+        if shared
+            .closed_breakers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(plan_id)
+            .is_some_and(fresh)
+        {
+            return Ok(false);
+        }
         let state = &shared.deps.state;
         let reason = durable(shared.config.retry, "breaker", || async { Ok(state.breaker(plan_id).await?) }).await?;
+        let mut closed = shared.closed_breakers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if reason.is_some() {
+            closed.remove(plan_id);
+        } else {
+            closed.insert(plan_id.clone(), std::time::Instant::now());
+        }
         Ok(reason.is_some())
     }
 
@@ -599,12 +630,109 @@ impl Slot {
     }
 }
 
+/// A task the warehouse finished, to be settled: recorded in state, completed in the gate, its
+/// ready children published, then acked.
+struct Settled {
+    shared: Arc<Shared>,
+    context: Arc<RunContext>,
+    delivery: Delivery,
+    rows: u64,
+    retries: u32,
+    skipped: bool,
+}
+
+impl Settled {
+    #[instrument(skip_all, fields(run_id = %self.delivery.task.run_id, task = self.delivery.task.task_index))]
+    async fn settle(self) -> Result<(), WorkerError> {
+        let Settled { shared, context, delivery, rows, retries, skipped } = self;
+        let deps = shared.deps.clone();
+        let message = delivery.task.clone();
+        let index = message.task_index;
+        let task = context.graph.tasks[index as usize];
+        let snapshot = &context.plan.snapshots[task.snapshot as usize].snapshot;
+        // The interval, the task done and the run's progress, in one (group-committed) transaction.
+        let finished = FinishedTask {
+            run_id: message.run_id.clone(),
+            task_id: task.id,
+            interval: (!skipped).then(|| IntervalRecord {
+                name: snapshot.name.clone(),
+                version: snapshot.version.clone(),
+                interval: task.interval,
+            }),
+            intervals: if skipped { 0 } else { u64::from(task.interval_count) },
+            retries: u64::from(retries),
+        };
+        durable(shared.config.retry, "record task", || shared.finisher.finish(finished.clone())).await?;
+        let children: Vec<u32> = context.graph.children(index).collect();
+        let completion =
+            match gated(&shared, &message.run_id, || deps.gate.complete(&message.run_id, index, &children)).await? {
+                Gated::Answer(completion) => completion,
+                Gated::RunClosed => {
+                    debug!("a task of a run that is no longer running: nothing to release");
+                    delivery.ack().await?;
+                    return Ok(());
+                }
+                Gated::RunUnknown => {
+                    warn!("a task of a run the state store does not hold; dead-lettering it");
+                    delivery.reject().await?;
+                    return Err(WorkerError::UnknownRun(message.run_id));
+                }
+            };
+        if completion.newly_done || delivery.redelivered || skipped {
+            let ready: Vec<TaskMessage> = completion
+                .ready
+                .iter()
+                .map(|child| {
+                    let child_task = context.graph.tasks[*child as usize];
+                    TaskMessage {
+                        plan_id: message.plan_id.clone(),
+                        run_id: message.run_id.clone(),
+                        task_index: *child,
+                        task_id: child_task.id,
+                        gateway: context.plan.snapshots[child_task.snapshot as usize].snapshot.gateway.clone(),
+                        attempt: 0,
+                    }
+                })
+                .collect();
+            if !ready.is_empty() {
+                durable(shared.config.retry, "publish", || async { Ok(deps.queue.publish(&ready).await?) }).await?;
+            }
+        }
+        if completion.run_complete {
+            deps.events
+                .publish(RunEvent::RunSettled { run_id: message.run_id.clone(), plan_id: message.plan_id.clone() })
+                .await?;
+        }
+        delivery.ack().await?;
+        // Progress after the ack, so that a follower that sees it also sees the task settled.
+        let done = RunEvent::TaskDone {
+            run_id: message.run_id.clone(),
+            task_index: index,
+            intervals: task.interval_count,
+            rows,
+            retries,
+            skipped,
+        };
+        deps.events.publish(done).await?;
+        Ok(())
+    }
+}
+
 /// Runs a worker until `shutdown`: `concurrency` slots consuming the gateway's queue. A slot
 /// finishes the task in hand before it stops.
 pub async fn run(config: WorkerConfig, deps: WorkerDeps, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let concurrency = config.concurrency.max(1);
     info!(gateway = %config.gateway, concurrency, "worker starting");
-    let shared = Arc::new(Shared { config, deps, contexts: Mutex::new(HashMap::new()), known_runs: Mutex::default() });
+    let finisher = Finisher::start(Arc::clone(&deps.state));
+    let shared = Arc::new(Shared {
+        config,
+        deps,
+        contexts: Mutex::new(HashMap::new()),
+        known_runs: Mutex::default(),
+        closed_breakers: Mutex::default(),
+        finisher,
+        settling: Arc::new(tokio::sync::Semaphore::new(concurrency)),
+    });
     let mut slots = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
         let shared = Arc::clone(&shared);
@@ -656,6 +784,8 @@ pub async fn run(config: WorkerConfig, deps: WorkerDeps, shutdown: CancellationT
             Err(error) => result = Err(WorkerError::Join(error.to_string())),
         }
     }
+    // The tasks still being settled finish before the worker stops.
+    let _settled = shared.settling.acquire_many(concurrency as u32).await;
     info!("worker stopped");
     result
 }
