@@ -29,7 +29,7 @@ use sluice_core::plan::{Plan, PlanContext, build_plan};
 use sluice_core::project::load_project;
 use sluice_core::query::QueryTemplate;
 use sluice_core::synthetic::{SYNTHETIC_START, SyntheticProject};
-use sluice_core::task_graph::{Readiness, TaskGraph};
+use sluice_core::task_graph::TaskGraph;
 use sluice_engine::postgres_adapter::{PostgresSettings, PostgresWarehouse};
 use sluice_engine::{TableChecksum, ViewUpdate, Warehouse};
 use sluice_queue::rabbitmq::{RabbitBroker, RabbitConfig};
@@ -326,8 +326,9 @@ fn plan_of(shape: &SyntheticProject, now: Timestamp) -> Result<(Plan, TaskGraph)
     Ok((plan, graph))
 }
 
-/// The floor: tables created first (not timed), then every task's two statements in dependency
-/// order on one connection.
+/// The floor: tables created first (not timed), then every task's two statements (delete the
+/// interval, insert … select), each in its own implicit transaction, model by model in
+/// dependency order on one connection.
 async fn run_floor(warehouse: &mut dyn Warehouse, plan: &Plan, graph: &TaskGraph, now: Timestamp) -> Result<Duration> {
     let mut statements = Vec::with_capacity(plan.snapshots.len());
     for planned in &plan.snapshots {
@@ -342,17 +343,28 @@ async fn run_floor(warehouse: &mut dyn Warehouse, plan: &Plan, graph: &TaskGraph
         };
         statements.push((table, time_column.clone(), template));
     }
+    // What a hand-written script does: model by model in dependency order (the plan's order),
+    // each model's intervals oldest first.
+    let mut order: Vec<u32> = (0..graph.len() as u32).collect();
+    order.sort_by_key(|&index| (graph.tasks[index as usize].snapshot, graph.tasks[index as usize].interval.start));
+    let mut position = vec![0usize; order.len()];
+    for (at, &index) in order.iter().enumerate() {
+        position[index as usize] = at;
+    }
+    if let Some(&late) = order
+        .iter()
+        .find(|&&index| graph.parents(index).any(|parent| position[parent as usize] > position[index as usize]))
+    {
+        bail!("the plan's model order is not a dependency order (task {late} runs before a parent)");
+    }
     let began = Instant::now();
-    let mut readiness = Readiness::new(graph);
-    let mut ready = readiness.ready();
-    while let Some(task_index) = ready.pop() {
+    for task_index in order {
         let task = graph.tasks[task_index as usize];
         let (table, time_column, template) = &statements[task.snapshot as usize];
         let query = template.fill(task.interval, now);
         for statement in sluice_engine::interval_statements(table, time_column, task.interval, &query) {
             warehouse.execute(&statement).await?;
         }
-        ready.extend(readiness.complete(graph, task_index));
     }
     Ok(began.elapsed())
 }

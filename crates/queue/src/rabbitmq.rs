@@ -475,6 +475,11 @@ fn requeue_on_drop(acker: lapin::Acker) -> Option<Box<dyn FnOnce() + Send>> {
     }))
 }
 
+/// Batches up to this size are published by the caller's task alone.
+const PUBLISH_LANE_MIN: usize = 64;
+/// Concurrent publishers of a larger batch.
+const PUBLISH_LANES: usize = 8;
+
 #[async_trait]
 impl TaskQueue for RabbitBroker {
     async fn publish(&self, tasks: &[TaskMessage]) -> Result<(), QueueError> {
@@ -487,14 +492,57 @@ impl TaskQueue for RabbitBroker {
             }
         }
         // Pipelined: every publish first, then every confirm.
-        let mut confirms = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            let queue = self.config.task_queue(&task.gateway);
-            let payload = sluice_proto::encode_task(&task_to_wire(task));
-            confirms.push((self.publish_confirmed("", &queue, &payload).await?, queue));
+        if tasks.len() <= PUBLISH_LANE_MIN {
+            let mut confirms = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                let queue = self.config.task_queue(&task.gateway);
+                let payload = sluice_proto::encode_task(&task_to_wire(task));
+                confirms.push((self.publish_confirmed("", &queue, &payload).await?, queue));
+            }
+            for (confirm, queue) in confirms {
+                check_confirmation(confirm.await.map_err(backend)?, &queue)?;
+            }
+            return Ok(());
         }
-        for (confirm, queue) in confirms {
-            check_confirmation(confirm.await.map_err(backend)?, &queue)?;
+        // A large batch (a run's first ready tasks): lapin hands each publish to its I/O loop and
+        // waits until it is written, so one publisher pays a thread hand-off per message. Several
+        // lanes publishing at once let the I/O loop write many messages per wake-up.
+        let channel = self.link().await?.confirmed.clone();
+        let encoded: Vec<(String, Vec<u8>)> = tasks
+            .iter()
+            .map(|task| (self.config.task_queue(&task.gateway), sluice_proto::encode_task(&task_to_wire(task))))
+            .collect();
+        let lane_size = encoded.len().div_ceil(PUBLISH_LANES);
+        let mut lanes = Vec::with_capacity(PUBLISH_LANES);
+        let mut remaining = encoded.into_iter();
+        loop {
+            let lane: Vec<(String, Vec<u8>)> = remaining.by_ref().take(lane_size).collect();
+            if lane.is_empty() {
+                break;
+            }
+            let channel = channel.clone();
+            lanes.push(tokio::spawn(async move {
+                let mut confirms = Vec::with_capacity(lane.len());
+                for (queue, payload) in lane {
+                    let confirm = channel
+                        .basic_publish(
+                            "".into(),
+                            queue.as_str().into(),
+                            BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                            &payload,
+                            BasicProperties::default().with_delivery_mode(PERSISTENT),
+                        )
+                        .await?;
+                    confirms.push((confirm, queue));
+                }
+                Ok::<_, lapin::Error>(confirms)
+            }));
+        }
+        for lane in lanes {
+            let confirms = lane.await.map_err(|error| QueueError::Backend(format!("publishing: {error}")))?;
+            for (confirm, queue) in confirms.map_err(backend)? {
+                check_confirmation(confirm.await.map_err(backend)?, &queue)?;
+            }
         }
         Ok(())
     }
