@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 use sluice_coordinator::{ApplyConfig, ApplyOutcome, CoordinatorDeps};
+use sluice_core::config::redact_url;
 use sluice_core::names::PlanId;
 use sluice_promoter::PromoterDeps;
 use sluice_promoter::notify::StandardNotifier;
@@ -69,7 +70,7 @@ impl Services {
     async fn gate(&self) -> Result<Arc<RedisGate>> {
         let gate = RedisGate::connect(&self.redis_url, &self.prefix, COUNTER_TTL)
             .await
-            .map_err(|error| anyhow!("while connecting to Redis: {error}"))?;
+            .map_err(|error| anyhow!("while connecting to Redis at {}: {error}", redact_url(&self.redis_url)))?;
         Ok(Arc::new(gate))
     }
 }
