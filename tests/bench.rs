@@ -118,3 +118,28 @@ fn the_benchmark_leaves_no_database_queue_or_key_behind() {
         .expect("redis-cli runs");
     assert_eq!(String::from_utf8_lossy(&keys.stdout).trim(), "", "Redis keys left behind");
 }
+
+#[cfg(feature = "duckdb")]
+#[test]
+fn bench_apply_on_duckdb_measures_floor_and_embedded() {
+    let (code, stdout, stderr) = sluice(&[
+        "bench",
+        "apply",
+        "--engine",
+        "duckdb",
+        "--models",
+        "3",
+        "--layers",
+        "2",
+        "--days",
+        "4",
+        "--rows",
+        "2",
+        "--workers",
+        "1,2",
+    ]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("DuckDB warehouse"), "{stdout}");
+    assert!(stdout.contains("| embedded, 2 workers |"), "{stdout}");
+    assert!(stdout.contains("distributed runs left out") && !stdout.contains("| distributed"), "{stdout}");
+}

@@ -313,7 +313,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 postgres: postgres.server(),
                 workers: workers.clone(),
                 embedded: !no_embedded,
-                distributed: !no_distributed && *engine == bench_apply::BenchEngine::Postgres,
+                distributed: !no_distributed,
                 amqp_url: bench_amqp_url(cli),
                 redis_url: bench_redis_url(cli),
                 keep: *keep,
