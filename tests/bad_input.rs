@@ -2,6 +2,8 @@
 //! the state store or the warehouse. Run against a PostgreSQL gateway and PostgreSQL state (a
 //! fresh database of each per test).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use sqlx::Connection;

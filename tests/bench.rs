@@ -2,6 +2,8 @@
 //! every run's tables equal the floor's, and everything the benchmark made is removed. The
 //! figures themselves are not asserted (they are measured, not tested).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 
 fn sluice(args: &[&str]) -> (Option<i32>, String, String) {
