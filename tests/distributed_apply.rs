@@ -305,6 +305,48 @@ async fn lost_dependency_counters_are_rebuilt_from_state() {
     roles.stop();
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_promoter_repairs_a_detached_run_whose_counters_are_lost() {
+    let services = Services::new("orphan");
+    let sandbox = long_backfill().await;
+    let mut roles = Roles::default();
+    roles.start(&sandbox, &services, "promoter", &["promoter", "--reconcile-every", "1", "--orphan-stall", "3"]);
+    roles.add_workers(&sandbox, &services, 3, 1);
+    // A detached apply: nobody follows the run, and its lease (3 s) runs out.
+    let mut planned = spawn_distributed(&sandbox, &services, &["plan", "--now", LONG_NOW]);
+    let plan = planned.read_plan_id();
+    let planned = planned.wait();
+    assert_eq!(planned.code, Some(0), "{planned:?}");
+    let detached = spawn_distributed(&sandbox, &services, &["--lease-ttl", "3", "apply", &plan, "--detach"]).wait();
+    assert_eq!(detached.code, Some(0), "{detached:?}");
+    wait_for("some intervals to finish", Duration::from_secs(120), || {
+        sandbox.running_tasks_done(&plan).is_some_and(|done| done >= 5)
+    });
+    // Redis loses the run's keys; no coordinator is there to notice.
+    let keys = std::process::Command::new("redis-cli")
+        .args(["-u", &services.redis_url, "--scan", "--pattern", &format!("{}:*", services.prefix)])
+        .output()
+        .unwrap();
+    let keys: Vec<String> = String::from_utf8_lossy(&keys.stdout).lines().map(str::to_string).collect();
+    assert!(!keys.is_empty(), "the run's counters are in Redis under the test's prefix");
+    let deleted =
+        std::process::Command::new("redis-cli").args(["-u", &services.redis_url, "del"]).args(&keys).output().unwrap();
+    assert!(deleted.status.success());
+
+    // The promoter rebuilds the counters from state; the run completes and is promoted.
+    wait_for("the run to be promoted", Duration::from_secs(180), || {
+        let status = sandbox.sluice(&["--state", &sandbox.state_url(), "status", &plan]);
+        status.stdout.contains("succeeded")
+    });
+    roles.stop();
+    let log = std::fs::read_to_string(sandbox.folder.path().join("promoter.log")).unwrap();
+    assert!(log.contains("rebuilt them from state"), "{log}");
+    assert_eq!(sandbox.count("sushi.orders").await, LONG_DAYS * ORDERS_PER_DAY, "every interval written once");
+    let mut warehouse = sandbox.warehouse().await;
+    let distinct = warehouse.query_i64("SELECT COUNT(DISTINCT order_id) FROM sushi.orders").await.unwrap();
+    assert_eq!(distinct, Some(LONG_DAYS * ORDERS_PER_DAY));
+}
+
 fn run_ok(program: &str, args: &[&str]) {
     let output = std::process::Command::new(program).args(args).output().unwrap();
     assert!(output.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&output.stderr));

@@ -23,7 +23,7 @@ use sluice_core::task_graph::TaskGraph;
 use sluice_queue::TaskMessage;
 use sqlx::Connection;
 use support::fault::{DAILY, NOW, SUMMARY, Scenario, TASKS, kill_9, recovered};
-use support::{Sandbox, wait_for};
+use support::{Sandbox, Spawned, wait_for};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_one_worker_mid_task() {
@@ -67,6 +67,29 @@ async fn kill_9_the_coordinator_after_it_published() {
     kill_9(coordinator.pid());
     let status = scenario.wait_for_end(&plan);
     recovered("kill-coordinator", fault);
+    assert!(status.contains(&format!("run {plan}-1: succeeded")), "{status}");
+    drop(coordinator);
+    scenario.verify(&plan, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_the_coordinator_before_it_queued_its_tasks() {
+    let mut scenario = Scenario::new("kill-coordinator-early", 3).await;
+    // A promoter that reconciles every second, and a lease of 3 s: the orphaned run is noticed
+    // soon after the coordinator stops renewing it.
+    kill_9(scenario.roles.pid("promoter"));
+    scenario.roles.forget("promoter");
+    let promoter = ["promoter", "--reconcile-every", "1", "--orphan-stall", "3"];
+    scenario.roles.start(&scenario.sandbox, &scenario.services, "promoter", &promoter);
+    let command = scenario.command(&["--lease-ttl", "3", "plan", "--auto-apply", "--now", NOW]);
+    let mut coordinator = Spawned::start(&scenario.sandbox, command);
+    let plan = coordinator.read_plan_id();
+    // The run is started and its counters loaded; its ready tasks are being queued, or not yet.
+    coordinator.wait_for_stderr("applying plan");
+    let fault = Instant::now();
+    kill_9(coordinator.pid());
+    let status = scenario.wait_for_end(&plan);
+    recovered("kill-coordinator-early", fault);
     assert!(status.contains(&format!("run {plan}-1: succeeded")), "{status}");
     drop(coordinator);
     scenario.verify(&plan, 0).await;

@@ -237,10 +237,10 @@ pub async fn worker(common: &Common<'_>, gateway: &str, concurrency: usize) -> R
     crate::distributed::worker(services, state, warehouses, gateway, concurrency).await
 }
 
-pub async fn promoter(common: &Common<'_>) -> Result<()> {
+pub async fn promoter(common: &Common<'_>, reconciling: crate::distributed::Reconciling) -> Result<()> {
     let services = services_for(common, "promoter")?;
     let (state, warehouses) = role_context(common).await?;
-    crate::distributed::promoter(services, state, warehouses).await
+    crate::distributed::promoter(services, state, warehouses, reconciling).await
 }
 
 pub async fn abort(common: &Common<'_>, plan_id: &str) -> Result<()> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
-use sluice_coordinator::{ApplyConfig, ApplyOutcome, CoordinatorDeps};
+use sluice_coordinator::{ApplyConfig, ApplyOutcome, CoordinatorDeps, OrphanReconciler};
 use sluice_core::config::redact_url;
 use sluice_core::names::PlanId;
 use sluice_promoter::PromoterDeps;
@@ -31,11 +31,26 @@ pub struct Services {
     pub redis_url: String,
     /// Names every queue, exchange (`<prefix>.tasks.<gateway>`, …) and Redis key (`<prefix>:…`).
     pub prefix: String,
+    /// How long a coordinator's environment lease lasts without renewal: a run whose lease
+    /// expired has no following coordinator, and the promoter reconciles it.
+    pub lease_ttl_seconds: i64,
+}
+
+/// How the promoter process reconciles runs no coordinator follows.
+#[derive(Clone, Copy, Debug)]
+pub struct Reconciling {
+    pub every: Duration,
+    pub stall_after: Duration,
 }
 
 impl Services {
     /// The services when an AMQP URL is given (distributed mode), `None` for embedded mode.
-    pub fn from_flags(amqp_url: Option<&str>, redis_url: Option<&str>, prefix: &str) -> Result<Option<Services>> {
+    pub fn from_flags(
+        amqp_url: Option<&str>,
+        redis_url: Option<&str>,
+        prefix: &str,
+        lease_ttl_seconds: u64,
+    ) -> Result<Option<Services>> {
         let Some(amqp_url) = amqp_url else {
             if redis_url.is_some() {
                 return Err(anyhow!(
@@ -52,10 +67,16 @@ impl Services {
         if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
             return Err(anyhow!("--queue-prefix {prefix:?}: expected letters, digits, '-', '_' or '.'"));
         }
+        if lease_ttl_seconds < 3 {
+            return Err(anyhow!(
+                "--lease-ttl {lease_ttl_seconds}: expected at least 3 seconds (it is renewed every third)"
+            ));
+        }
         Ok(Some(Services {
             amqp_url: amqp_url.to_string(),
             redis_url: redis_url.to_string(),
             prefix: prefix.to_string(),
+            lease_ttl_seconds: i64::try_from(lease_ttl_seconds).unwrap_or(i64::MAX),
         }))
     }
 
@@ -117,6 +138,7 @@ pub async fn apply(
         user: settings.user.clone(),
         detach: settings.detach,
         interrupt_aborts: false,
+        lease_ttl_seconds: services.lease_ttl_seconds,
         ..ApplyConfig::default()
     };
     let interrupted = CancellationToken::new();
@@ -158,18 +180,46 @@ pub async fn worker(
     result.map_err(|error| anyhow!("worker: {error}"))
 }
 
-/// The promoter: finalizes every settled run until SIGTERM.
+/// The promoter: finalizes every settled run until SIGTERM, and reconciles the runs no
+/// coordinator follows.
 pub async fn promoter(
     services: &Services,
     state: Arc<dyn StateStore>,
     warehouses: Arc<ProjectWarehouses>,
+    reconciling: Reconciling,
 ) -> Result<()> {
     let stop = stop_signal()?;
     let broker = services.broker(1).await?;
+    let gate = services.gate().await?;
+    let coordinator = CoordinatorDeps {
+        state: Arc::clone(&state),
+        queue: Arc::clone(&broker) as _,
+        gate,
+        events: Arc::clone(&broker) as _,
+        gateways: Arc::clone(&warehouses) as _,
+    };
     let deps =
         PromoterDeps { state, events: Arc::clone(&broker) as _, warehouses, notifier: Arc::new(StandardNotifier) };
     eprintln!("sluice promoter: consuming {}", broker.config().settled_queue());
+    let reconciler_stop = stop.clone();
+    let reconciler = tokio::spawn(async move {
+        let mut reconciler = OrphanReconciler::new(reconciling.stall_after);
+        let mut ticker = tokio::time::interval(reconciling.every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = reconciler_stop.cancelled() => return,
+                _ = ticker.tick() => {
+                    // A lost service is retried on the next tick.
+                    if let Err(error) = reconciler.pass(&coordinator).await {
+                        tracing::warn!(error = %error, "reconciling runs no coordinator follows failed; retrying");
+                    }
+                }
+            }
+        }
+    });
     let result = sluice_promoter::run(deps, stop).await;
+    reconciler.abort();
     sluice_queue::EventBus::shut_down(broker.as_ref()).await;
     broker.close().await;
     result.map_err(|error| anyhow!("promoter: {error}"))

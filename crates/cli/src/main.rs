@@ -45,6 +45,11 @@ struct Cli {
     /// keys (`<prefix>:…`) of distributed mode; deployments sharing a broker pick their own.
     #[arg(long, global = true, env = "SLUICE_QUEUE_PREFIX", default_value = "sluice")]
     queue_prefix: String,
+    /// Distributed mode: seconds an environment lease lasts without renewal (the coordinator
+    /// renews it every third). A run whose lease expired — a detached apply, a coordinator that
+    /// died — is reconciled by the promoter.
+    #[arg(long, global = true, env = "SLUICE_LEASE_TTL", default_value_t = 60)]
+    lease_ttl: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -87,8 +92,18 @@ enum Command {
         #[arg(long)]
         concurrency: Option<usize>,
     },
-    /// Distributed mode: promote every run whose tasks are all done, until SIGTERM.
-    Promoter,
+    /// Distributed mode: promote every run whose tasks are all done, until SIGTERM. Also
+    /// reconciles the runs no coordinator follows (lease expired): lost counters are rebuilt
+    /// from state and the ready tasks queued again.
+    Promoter {
+        /// Seconds between two reconciling passes.
+        #[arg(long, default_value_t = 5)]
+        reconcile_every: u64,
+        /// Seconds a run no coordinator follows may show work outstanding, nothing queued and
+        /// no task finishing before its ready tasks are queued again.
+        #[arg(long, default_value_t = 30)]
+        orphan_stall: u64,
+    },
     /// Stop a plan's run between intervals: trips its breaker and drains its queued tasks.
     Abort { plan_id: String },
     /// A plan's runs and failures, or (without an id) the environments and recent runs.
@@ -247,8 +262,12 @@ fn bench_redis_url(cli: &Cli) -> String {
 
 async fn run(cli: &Cli) -> Result<ExitCode> {
     let workers = cli.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let services =
-        distributed::Services::from_flags(cli.amqp_url.as_deref(), cli.redis_url.as_deref(), &cli.queue_prefix)?;
+    let services = distributed::Services::from_flags(
+        cli.amqp_url.as_deref(),
+        cli.redis_url.as_deref(),
+        &cli.queue_prefix,
+        cli.lease_ttl,
+    )?;
     let common = commands::Common { project: &cli.project, state: cli.state.as_deref(), workers, services };
     let exit = |outcome: commands::ApplyExit| match outcome {
         commands::ApplyExit::Success => ExitCode::SUCCESS,
@@ -271,7 +290,13 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Worker { gateway, concurrency } => {
             done(commands::worker(&common, gateway, concurrency.unwrap_or(workers)).await)
         }
-        Command::Promoter => done(commands::promoter(&common).await),
+        Command::Promoter { reconcile_every, orphan_stall } => {
+            let reconciling = distributed::Reconciling {
+                every: std::time::Duration::from_secs((*reconcile_every).max(1)),
+                stall_after: std::time::Duration::from_secs(*orphan_stall),
+            };
+            done(commands::promoter(&common, reconciling).await)
+        }
         Command::Abort { plan_id } => done(commands::abort(&common, plan_id).await),
         Command::Status { plan_id } => done(commands::status(&common, plan_id.as_deref()).await),
         Command::Rollback { environment } => done(commands::rollback(&common, environment).await),

@@ -572,3 +572,106 @@ pub async fn abort(state: &dyn StateStore, plan_id: &PlanId, reason: &str) -> Re
     state.trip_breaker(plan_id, reason).await?;
     Ok(state.latest_run(plan_id).await?)
 }
+
+/// Reconciles the runs no coordinator follows — their environment lease expired: a detached
+/// apply, or a coordinator that died — from a long-running role (the promoter process). One
+/// `pass` at a time, every few seconds. For each such run that is not being aborted:
+///
+/// - the gate does not know it (Redis flushed or restarted, or the coordinator died before
+///   loading the counters): counters rebuilt from state, ready tasks queued again;
+/// - work is outstanding but nothing is queued and no task was recorded done for `stall_after`
+///   (the coordinator died while publishing, or the queue was purged): the same;
+/// - nothing is outstanding but the run is still running for `stall_after` (its `RunSettled`
+///   was lost): `RunSettled` published again (finalizing is idempotent).
+///
+/// Tasks queued again carry `attempt` 1, so a worker skips an interval already recorded; a task
+/// still in flight may run twice, which the write lock makes harmless.
+pub struct OrphanReconciler {
+    stall_after: Duration,
+    /// Per orphaned run: the tasks done last seen, and since when unchanged.
+    seen: BTreeMap<RunId, (u64, tokio::time::Instant)>,
+}
+
+/// What one reconciling pass did to a run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reconciled {
+    /// Counters rebuilt from state and this many ready tasks queued again.
+    Requeued { run_id: RunId, tasks: usize },
+    /// The run's `RunSettled` published again.
+    Settled { run_id: RunId },
+}
+
+impl OrphanReconciler {
+    pub fn new(stall_after: Duration) -> OrphanReconciler {
+        OrphanReconciler { stall_after, seen: BTreeMap::new() }
+    }
+
+    /// Whether the run made no recorded progress for `stall_after` (tracking starts now).
+    fn stalled(&mut self, run: &RunRecord) -> bool {
+        let now = tokio::time::Instant::now();
+        let entry = self.seen.entry(run.id.clone()).or_insert((run.tasks_done, now));
+        if entry.0 != run.tasks_done {
+            *entry = (run.tasks_done, now);
+        }
+        entry.1.elapsed() >= self.stall_after
+    }
+
+    pub async fn pass(&mut self, deps: &CoordinatorDeps) -> Result<Vec<Reconciled>, ApplyError> {
+        let state = &deps.state;
+        let running = state.running_runs().await?;
+        self.seen.retain(|id, _| running.iter().any(|run| &run.id == id));
+        let mut done = Vec::new();
+        for run in running {
+            let lease = state.get_lease(&run.environment).await?;
+            let followed = lease.is_some_and(|lease| lease.run_id == run.id && lease.expires_at > now());
+            if followed || state.breaker(&run.plan_id).await?.is_some() {
+                self.seen.remove(&run.id);
+                continue;
+            }
+            let Some(plan) = state.get_plan(&run.plan_id).await? else {
+                continue;
+            };
+            let requeue = match deps.gate.outstanding(&run.id).await? {
+                None => true,
+                Some(0) => {
+                    if self.stalled(&run) {
+                        deps.events
+                            .publish(RunEvent::RunSettled { run_id: run.id.clone(), plan_id: plan.id.clone() })
+                            .await?;
+                        warn!(run_id = %run.id, "a settled run no coordinator follows was never finalized; settled it again");
+                        self.seen.remove(&run.id);
+                        done.push(Reconciled::Settled { run_id: run.id.clone() });
+                    }
+                    false
+                }
+                Some(_) => {
+                    let gateways: BTreeSet<&str> =
+                        plan.snapshots.iter().map(|planned| planned.snapshot.gateway.as_str()).collect();
+                    let mut queued = 0;
+                    for gateway in gateways {
+                        queued += deps.queue.queued(gateway).await?;
+                    }
+                    queued == 0 && self.stalled(&run)
+                }
+            };
+            if requeue {
+                let graph_plan = plan.clone();
+                let graph = tokio::task::spawn_blocking(move || TaskGraph::build(&graph_plan))
+                    .await
+                    .map_err(|error| ApplyError::Join(error.to_string()))?;
+                let counters = load_counters(deps, &plan, &graph, &run.id).await?;
+                let ready = counters.ready_tasks(&plan, &graph, &run.id, 1);
+                deps.queue.publish(&ready).await?;
+                if counters.done.iter().all(|done| *done) {
+                    deps.events
+                        .publish(RunEvent::RunSettled { run_id: run.id.clone(), plan_id: plan.id.clone() })
+                        .await?;
+                }
+                warn!(run_id = %run.id, requeued = ready.len(), "a run no coordinator follows had lost its counters or stalled; rebuilt them from state");
+                self.seen.remove(&run.id);
+                done.push(Reconciled::Requeued { run_id: run.id.clone(), tasks: ready.len() });
+            }
+        }
+        Ok(done)
+    }
+}
