@@ -188,6 +188,46 @@ async fn transient_warehouse_failures_are_retried_and_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_persistent_failure_fails_the_run_keeps_finished_work_and_resumes_after_the_fix() {
+    let scenario = Scenario::new("persistent", 3).await;
+    // One day's data is broken: its daily total divides by zero until the data is fixed.
+    scenario
+        .sandbox
+        .execute("CREATE TABLE public.broken_days (day DATE); INSERT INTO public.broken_days VALUES ('2024-02-10')")
+        .await;
+    let daily = DAILY.replace(
+        "SUM(reading) AS total",
+        "SUM(reading) / (CASE WHEN EXISTS (SELECT 1 FROM public.broken_days AS b WHERE b.day = CAST(@start_ds AS DATE)) THEN 0 ELSE 1 END) AS total",
+    );
+    assert_ne!(daily, DAILY);
+    scenario.sandbox.write("models/fault/daily.sql", &daily);
+    let (coordinator, plan) = scenario.start_apply();
+    let failed = coordinator.wait();
+    assert_eq!(failed.code, Some(1), "{failed:?}");
+    let status = scenario.sandbox.sluice(&["status", &plan]).stdout;
+    assert!(status.contains(&format!("run {plan}-1: failed")), "{status}");
+    assert!(
+        status.contains("fault.daily") && status.contains("2024-02-10") && status.contains("division by zero"),
+        "{status}"
+    );
+    // Finished work is kept: every hourly task and every other day.
+    let done = scenario.sandbox.running_tasks_done(&plan);
+    assert!(done.is_none(), "the run is over");
+    let fault = Instant::now();
+    scenario.sandbox.execute("DELETE FROM public.broken_days").await;
+    let resumed = scenario.sluice(&["apply", &plan]);
+    assert_eq!(resumed.code, Some(0), "{resumed:?}");
+    // Only the failed day and what waited for it ran again.
+    assert!(
+        resumed.stderr.contains(&format!("{TASKS} tasks over 3 models, {} already done", TASKS - 2)),
+        "{resumed:?}"
+    );
+    assert!(resumed.stdout.contains("succeeded — 2 tasks"), "{resumed:?}");
+    recovered("persistent", fault);
+    scenario.verify(&plan, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn poison_messages_are_dead_lettered_and_the_run_completes() {
     let scenario = Scenario::new("poison", 3).await;
     let (mut coordinator, plan) = scenario.start_apply();
@@ -277,6 +317,24 @@ async fn abort_then_resume_writes_each_interval_once() {
     let resumed = scenario.sluice(&["apply", &plan]);
     resumed.success();
     recovered("abort", fault);
+    scenario.verify(&plan, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn purging_the_task_queue_by_hand_aborts_then_resume_completes() {
+    let scenario = Scenario::new("purge", 3).await;
+    let (mut coordinator, plan) = scenario.start_apply();
+    scenario.wait_for_tasks(&mut coordinator, &plan, 100);
+    let fault = Instant::now();
+    let queue = format!("{}.tasks.local", scenario.services.prefix);
+    let purge = std::process::Command::new("rabbitmqctl").args(["-q", "purge_queue", &queue]).output().unwrap();
+    assert!(purge.status.success(), "rabbitmqctl purge_queue: {}", String::from_utf8_lossy(&purge.stderr));
+    let aborted = coordinator.wait();
+    assert_eq!(aborted.code, Some(2), "{aborted:?}");
+    assert!(aborted.contains("purged by hand"), "{aborted:?}");
+    let resumed = scenario.sluice(&["apply", &plan]);
+    resumed.success();
+    recovered("purge", fault);
     scenario.verify(&plan, 0).await;
 }
 
