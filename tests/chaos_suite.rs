@@ -122,7 +122,7 @@ async fn redis_flushed_mid_run() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_restarted_mid_run() {
     let _restore = Restore;
-    let scenario = Scenario::new("redis-restart", 3).await;
+    let scenario = Scenario::plain("redis-restart", 3).await;
     let (mut coordinator, plan) = scenario.start_apply();
     scenario.wait_for_tasks(&mut coordinator, &plan, 300);
     let fault = Instant::now();

@@ -130,16 +130,52 @@ pub struct Scenario {
     pub watcher: Option<ViewWatcher>,
 }
 
+/// The password of the RabbitMQ and Redis users every fault scenario's processes connect as:
+/// `verify` checks that no line those processes wrote contains it (the local PostgreSQL trusts
+/// 127.0.0.1, so it gets none).
+pub const SECRET: &str = "Fault-Suite-Pw-93xq";
+const SECRET_USER: &str = "sluice_fault_suite";
+
+fn run_ok(program: &str, args: &[&str]) {
+    let output = std::process::Command::new(program).args(args).output().unwrap();
+    assert!(output.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// The RabbitMQ and Redis users with `SECRET` (idempotent; concurrent scenarios set the same).
+fn ensure_secret_users() {
+    let _ = std::process::Command::new("rabbitmqctl").args(["-q", "add_user", SECRET_USER, SECRET]).output();
+    run_ok("rabbitmqctl", &["-q", "change_password", SECRET_USER, SECRET]);
+    run_ok("rabbitmqctl", &["-q", "set_permissions", "-p", "/", SECRET_USER, ".*", ".*", ".*"]);
+    let acl = ["-h", "127.0.0.1", "ACL", "SETUSER", SECRET_USER, "on", &format!(">{SECRET}"), "~*", "+@all"];
+    run_ok("redis-cli", &acl);
+}
+
 impl Scenario {
-    /// The sandbox, the expected tables, the promoter and `workers` worker processes.
+    /// The sandbox, the expected tables, the promoter and `workers` worker processes, which
+    /// connect to RabbitMQ and Redis with a password and log at info level, so that `verify`
+    /// can check that none of their lines shows it.
     pub async fn new(name: &str, workers: usize) -> Scenario {
+        ensure_secret_users();
+        let mut services = Services::new(name);
+        services.amqp_url = format!("amqp://{SECRET_USER}:{SECRET}@127.0.0.1:5672/%2f");
+        services.redis_url = format!("redis://{SECRET_USER}:{SECRET}@127.0.0.1:6379");
+        services.log = Some("info".to_string());
+        Scenario::with_services(name, workers, services).await
+    }
+
+    /// `new` with the default (passwordless) users: for scenarios that restart Redis, which
+    /// keeps no ACL user across a restart.
+    pub async fn plain(name: &str, workers: usize) -> Scenario {
+        Scenario::with_services(name, workers, Services::new(name)).await
+    }
+
+    async fn with_services(name: &str, workers: usize, services: Services) -> Scenario {
         let sandbox = Sandbox::new(Backend::Postgres).await;
         std::fs::remove_dir_all(sandbox.project.join("models")).unwrap();
         sandbox.write("models/fault/events.sql", EVENTS);
         sandbox.write("models/fault/daily.sql", DAILY);
         sandbox.write("models/fault/summary.sql", SUMMARY);
         sandbox.execute(EXPECTED).await;
-        let services = Services::new(name);
         let roles = Roles::cluster(&sandbox, &services, workers, 2);
         let watcher = Some(ViewWatcher::start(&sandbox).await);
         Scenario { name: name.to_string(), sandbox, services, roles, watcher }
@@ -225,6 +261,15 @@ impl Scenario {
 
         // Nothing left behind.
         self.roles.stop();
+        // No line any process of the scenario wrote shows a password.
+        for entry in std::fs::read_dir(self.sandbox.folder.path()).unwrap() {
+            let path = entry.unwrap().path();
+            let is_log = path.extension().is_some_and(|extension| extension == "log" || extension == "stderr");
+            if is_log {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                assert!(!text.contains(SECRET), "{} shows the password:\n{text}", path.display());
+            }
+        }
         let keys = std::process::Command::new("redis-cli")
             .args(["-u", &self.services.redis_url, "--scan", "--pattern", &format!("{}:*", self.services.prefix)])
             .output()
