@@ -38,7 +38,7 @@ impl SyntheticProject {
             rows_per_interval: 1,
             noop: false,
             batch_size: Some(1),
-            connection_yaml: "      type: duckdb\n      database: bench.duckdb\n".to_string(),
+            connection_yaml: "      type: duckdb\n      database: warehouse.duckdb\n".to_string(),
             dialect: "duckdb".to_string(),
         }
     }
