@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use sqlparser::dialect::GenericDialect;
 use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer, Whitespace};
 
-use crate::config::{Config, VariableValue};
+use crate::config::{Config, Connection, VariableValue};
 use crate::cron::Cron;
 use crate::error::{ErrorSink, ProjectError, SourceLocation};
 use crate::interval::{TimeMacro, Timestamp};
@@ -627,6 +627,21 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
             format!("unknown dialect {dialect_name:?}; expected duckdb, postgres, mysql or another sqlparser dialect"),
         );
     }
+    // DuckDB names a database file's catalog after the file: a schema of the same name makes
+    // every reference to it ambiguous, and promotion would fail.
+    if let Some(name) = &name
+        && let Some(gateway) = gateway.as_ref().and_then(|gateway| config.gateways.get(gateway))
+        && let Connection::DuckDb { database } = &gateway.connection
+        && duckdb_catalog(database).is_some_and(|catalog| catalog == name.schema)
+    {
+        reader.error(
+            model_token,
+            format!(
+                "schema {:?} is also the catalog name DuckDB gives gateway {}'s file {database:?}; rename the file or the schema",
+                name.schema, gateway.name
+            ),
+        );
+    }
     let columns = match take("columns") {
         Some((key, value)) => {
             let wrapped = matches!(value.first().map(|t| &t.token), Some(Token::LParen))
@@ -817,6 +832,12 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
     errors.finish(ParsedModel { model, warnings }).map_err(|errors| errors.0)
 }
 
+/// The catalog name DuckDB gives a database file: its name without the extension.
+fn duckdb_catalog(database: &str) -> Option<String> {
+    let stem = std::path::Path::new(database).file_stem()?.to_string_lossy().to_ascii_lowercase();
+    (!stem.is_empty()).then_some(stem)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -888,6 +909,23 @@ ANALYZE;
              '1970-01-01 01:59:59.999999' AS e, 10000 AS x FROM s.m WHERE amount > 10 + 1 LIMIT 5"
         );
         assert!(parsed.warnings.is_empty());
+    }
+
+    #[test]
+    fn a_schema_named_like_the_duckdb_file_is_refused() {
+        let text = "gateways:\n  wh:\n    connection:\n      type: duckdb\n      database: data/bench.duckdb\nmodel_defaults:\n  start: 2024-01-01\n";
+        let config = parse_config("config.yaml", text).config.unwrap();
+        let csv_files = BTreeMap::new();
+        let context = ModelFileContext { config: &config, csv_files: &csv_files };
+        let errors =
+            parse_model_file("models/m.sql", "MODEL (name bench.m, kind FULL);\nSELECT 1 AS x", context).unwrap_err();
+        assert_eq!(
+            messages(errors),
+            vec![
+                "models/m.sql:1:1: schema \"bench\" is also the catalog name DuckDB gives gateway wh's file \"data/bench.duckdb\"; rename the file or the schema"
+            ]
+        );
+        assert!(parse_model_file("models/m.sql", "MODEL (name other.m, kind FULL);\nSELECT 1 AS x", context).is_ok());
     }
 
     #[test]

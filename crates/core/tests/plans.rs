@@ -19,7 +19,7 @@ gateways:
   local:
     connection:
       type: duckdb
-      database: shop.duckdb
+      database: warehouse.duckdb
 model_defaults:
   dialect: duckdb
   start: 2024-01-01
