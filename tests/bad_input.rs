@@ -176,11 +176,17 @@ async fn a_wrong_redis_password_is_refused_without_showing_it() {
             "--redis-url",
             "redis://:R3disSecret@127.0.0.1:6379",
         ])
-        .args(["--queue-prefix", "sluice_bad_input", "plan", "--auto-apply", "--now", NOW])
+        .args(["--queue-prefix", "sluice_bad_input_redis", "plan", "--auto-apply", "--now", NOW])
         .output()
         .unwrap();
     let run = Run::from(run);
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stderr.contains("redis://:***@127.0.0.1:6379"), "{}", run.stderr);
     assert!(!run.stderr.contains("R3disSecret") && !run.stdout.contains("R3disSecret"), "{run:?}");
+    // The broker accepted the connection first and declared the topology: remove it.
+    let mut config = sluice_queue::rabbitmq::RabbitConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f");
+    config.prefix = "sluice_bad_input_redis".to_string();
+    let broker = sluice_queue::rabbitmq::RabbitBroker::connect(config).await.unwrap();
+    broker.delete_topology(&[]).await.unwrap();
+    broker.close().await;
 }
