@@ -139,53 +139,64 @@ async fn a_gateway_that_refuses_the_connection_hides_its_password() {
     assert!(run.stderr.contains("gateway local does not answer"), "{}", run.stderr);
     assert!(!run.stderr.contains("G4tewaySecret") && !run.stdout.contains("G4tewaySecret"), "{run:?}");
     // The plan is stored (`sluice plan` did that); the refused apply recorded no run and made no table.
+    assert_eq!(runs(&sandbox).await, 0);
+}
+
+/// Runs recorded in the state store (none when its tables were never created).
+async fn runs(sandbox: &Sandbox) -> i64 {
     let mut state = sqlx::PgConnection::connect(&sandbox.state_url()).await.unwrap();
-    let runs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sluice_runs").fetch_one(&mut state).await.unwrap();
-    assert_eq!(runs, 0);
+    let exists: bool =
+        sqlx::query_scalar("SELECT to_regclass('sluice_runs') IS NOT NULL").fetch_one(&mut state).await.unwrap();
+    if !exists {
+        return 0;
+    }
+    sqlx::query_scalar("SELECT COUNT(*) FROM sluice_runs").fetch_one(&mut state).await.unwrap()
+}
+
+/// A distributed `plan --auto-apply` on these services: refused, showing `shown` (the URL with
+/// its password hidden) and never `secret`, and no run started.
+async fn refused_by_a_service(amqp_url: &str, redis_url: &str, prefix: &str, shown: &str, secret: &str) {
+    let sandbox = Sandbox::new(Backend::Postgres).await;
+    let output = sandbox
+        .command(&["--amqp-url", amqp_url, "--redis-url", redis_url, "--queue-prefix", prefix])
+        .args(["plan", "--auto-apply", "--now", NOW])
+        .output()
+        .unwrap();
+    let run = Run::from(output);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains(shown), "{}", run.stderr);
+    assert!(!run.stderr.contains(secret) && !run.stdout.contains(secret), "{run:?}");
+    assert_eq!(runs(&sandbox).await, 0);
 }
 
 #[tokio::test]
 async fn a_wrong_broker_password_is_refused_without_showing_it() {
-    let sandbox = Sandbox::new(Backend::Postgres).await;
-    let run = sandbox
-        .command(&[
-            "--amqp-url",
-            "amqp://guest:Br0kerSecret@127.0.0.1:5672/%2f",
-            "--redis-url",
-            "redis://127.0.0.1:6379",
-        ])
-        .args(["--queue-prefix", "sluice_bad_input", "plan", "--auto-apply", "--now", NOW])
-        .output()
-        .unwrap();
-    let run = Run::from(run);
-    assert_eq!(run.code, Some(1), "{run:?}");
-    assert!(run.stderr.contains("amqp://guest:***@127.0.0.1:5672"), "{}", run.stderr);
-    assert!(!run.stderr.contains("Br0kerSecret") && !run.stdout.contains("Br0kerSecret"), "{run:?}");
-    let mut state = sqlx::PgConnection::connect(&sandbox.state_url()).await.unwrap();
-    let runs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sluice_runs").fetch_one(&mut state).await.unwrap_or(0);
-    assert_eq!(runs, 0);
+    let amqp = "amqp://guest:Br0kerSecret@127.0.0.1:5672/%2f";
+    refused_by_a_service(
+        amqp,
+        "redis://127.0.0.1:6379",
+        "sluice_bad_input",
+        "amqp://guest:***@127.0.0.1:5672",
+        "Br0kerSecret",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn a_wrong_redis_password_is_refused_without_showing_it() {
-    let sandbox = Sandbox::new(Backend::Postgres).await;
-    let run = sandbox
-        .command(&[
-            "--amqp-url",
-            "amqp://guest:guest@127.0.0.1:5672/%2f",
-            "--redis-url",
-            "redis://:R3disSecret@127.0.0.1:6379",
-        ])
-        .args(["--queue-prefix", "sluice_bad_input_redis", "plan", "--auto-apply", "--now", NOW])
-        .output()
-        .unwrap();
-    let run = Run::from(run);
-    assert_eq!(run.code, Some(1), "{run:?}");
-    assert!(run.stderr.contains("redis://:***@127.0.0.1:6379"), "{}", run.stderr);
-    assert!(!run.stderr.contains("R3disSecret") && !run.stdout.contains("R3disSecret"), "{run:?}");
+    let amqp = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let prefix = "sluice_bad_input_redis";
+    refused_by_a_service(
+        amqp,
+        "redis://:R3disSecret@127.0.0.1:6379",
+        prefix,
+        "redis://:***@127.0.0.1:6379",
+        "R3disSecret",
+    )
+    .await;
     // The broker accepted the connection first and declared the topology: remove it.
-    let mut config = sluice_queue::rabbitmq::RabbitConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f");
-    config.prefix = "sluice_bad_input_redis".to_string();
+    let mut config = sluice_queue::rabbitmq::RabbitConfig::new(amqp);
+    config.prefix = prefix.to_string();
     let broker = sluice_queue::rabbitmq::RabbitBroker::connect(config).await.unwrap();
     broker.delete_topology(&[]).await.unwrap();
     broker.close().await;

@@ -285,15 +285,7 @@ async fn lost_dependency_counters_are_rebuilt_from_state() {
         sandbox.running_tasks_done(&plan).is_some_and(|done| done >= 5)
     });
     // Redis loses the run's keys (as after a FLUSHALL or a restart without persistence).
-    let keys = std::process::Command::new("redis-cli")
-        .args(["-u", &services.redis_url, "--scan", "--pattern", &format!("{}:*", services.prefix)])
-        .output()
-        .unwrap();
-    let keys: Vec<String> = String::from_utf8_lossy(&keys.stdout).lines().map(str::to_string).collect();
-    assert!(!keys.is_empty(), "the run's counters are in Redis under the test's prefix");
-    let deleted =
-        std::process::Command::new("redis-cli").args(["-u", &services.redis_url, "del"]).args(&keys).output().unwrap();
-    assert!(deleted.status.success());
+    delete_counters(&services);
 
     let finished = coordinator.wait();
     assert_eq!(finished.code, Some(0), "{finished:?}");
@@ -323,15 +315,7 @@ async fn the_promoter_repairs_a_detached_run_whose_counters_are_lost() {
         sandbox.running_tasks_done(&plan).is_some_and(|done| done >= 5)
     });
     // Redis loses the run's keys; no coordinator is there to notice.
-    let keys = std::process::Command::new("redis-cli")
-        .args(["-u", &services.redis_url, "--scan", "--pattern", &format!("{}:*", services.prefix)])
-        .output()
-        .unwrap();
-    let keys: Vec<String> = String::from_utf8_lossy(&keys.stdout).lines().map(str::to_string).collect();
-    assert!(!keys.is_empty(), "the run's counters are in Redis under the test's prefix");
-    let deleted =
-        std::process::Command::new("redis-cli").args(["-u", &services.redis_url, "del"]).args(&keys).output().unwrap();
-    assert!(deleted.status.success());
+    delete_counters(&services);
 
     // The promoter rebuilds the counters from state; the run completes and is promoted.
     wait_for("the run to be promoted", Duration::from_secs(180), || {
@@ -345,6 +329,19 @@ async fn the_promoter_repairs_a_detached_run_whose_counters_are_lost() {
     let mut warehouse = sandbox.warehouse().await;
     let distinct = warehouse.query_i64("SELECT COUNT(DISTINCT order_id) FROM sushi.orders").await.unwrap();
     assert_eq!(distinct, Some(LONG_DAYS * ORDERS_PER_DAY));
+}
+
+/// Deletes every Redis key under the test's prefix (a run's counters), as a FLUSHALL would.
+fn delete_counters(services: &Services) {
+    let keys = std::process::Command::new("redis-cli")
+        .args(["-u", &services.redis_url, "--scan", "--pattern", &format!("{}:*", services.prefix)])
+        .output()
+        .unwrap();
+    let keys: Vec<String> = String::from_utf8_lossy(&keys.stdout).lines().map(str::to_string).collect();
+    assert!(!keys.is_empty(), "the run's counters are in Redis under the test's prefix");
+    let deleted =
+        std::process::Command::new("redis-cli").args(["-u", &services.redis_url, "del"]).args(&keys).output().unwrap();
+    assert!(deleted.status.success());
 }
 
 fn run_ok(program: &str, args: &[&str]) {

@@ -2,14 +2,12 @@
 //! project (a million tasks by default) and missing-interval computation against a million
 //! recorded intervals, and reports peak memory.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
 use sluice_core::cron::{Cron, missing_intervals};
 use sluice_core::interval::{Interval, IntervalSet, Timestamp};
-use sluice_core::names::EnvironmentName;
-use sluice_core::plan::{PlanContext, build_plan};
+use sluice_core::plan::first_plan;
 use sluice_core::project::load_project;
 use sluice_core::synthetic::SyntheticProject;
 use sluice_core::task_graph::{Readiness, TaskGraph};
@@ -109,20 +107,8 @@ pub async fn bench_plan(config: PlanBenchConfig) -> Result<()> {
     let project = load_project(&files).map_err(|errors| anyhow!("{errors}"))?;
     let loaded = began.elapsed();
 
-    let known = BTreeMap::new();
-    let recorded = BTreeMap::new();
-    let environment = EnvironmentName::prod();
-    let context = PlanContext {
-        environment: &environment,
-        current: None,
-        base: None,
-        known_snapshots: &known,
-        recorded_intervals: &recorded,
-        now,
-        forward_only: false,
-    };
     let plan_began = Instant::now();
-    let plan = build_plan(&project, context);
+    let plan = first_plan(&project, now);
     let planned = plan_began.elapsed();
 
     let graph_began = Instant::now();

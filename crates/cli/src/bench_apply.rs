@@ -23,9 +23,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use sluice_core::config::{Secret, redact, url_password};
 use sluice_core::interval::Timestamp;
 use sluice_core::model::ModelKind;
-use sluice_core::names::EnvironmentName;
 use sluice_core::names::PhysicalTable;
-use sluice_core::plan::{Plan, PlanContext, build_plan};
+use sluice_core::plan::{Plan, first_plan};
 use sluice_core::project::load_project;
 use sluice_core::query::QueryTemplate;
 use sluice_core::synthetic::{SYNTHETIC_START, SyntheticProject};
@@ -224,13 +223,12 @@ async fn measure_all(config: &ApplyBenchConfig, tag: &str, root: &Path, leftover
             let database = format!("{tag}_e{workers}");
             let dir = root.join(format!("embedded_{workers}"));
             write_project(&dir, &shape(&database))?;
-            let mut warehouse = open_warehouse(config, leftovers, &database, &dir).await?;
-            drop(warehouse);
+            drop(open_warehouse(config, leftovers, &database, &dir).await?);
             let run = Runner { exe: &exe, dir: &dir, state: None, services: None };
             let plan_id = run.plan(&now_text).await?;
             let label = format!("embedded, {workers} worker{}", if workers == 1 { "" } else { "s" });
             let measured = run.embedded_apply(&label, &plan_id, workers).await?;
-            warehouse = open_warehouse_again(config, &database, &dir).await?;
+            let mut warehouse = open_warehouse_again(config, &database, &dir).await?;
             verify(warehouse.as_mut(), &plan, &expected, &label).await?;
             print_row(&measured, floor_wall, tasks);
             results.push(measured);
@@ -310,19 +308,7 @@ async fn open_warehouse_again(config: &ApplyBenchConfig, database: &str, dir: &P
 
 fn plan_of(shape: &SyntheticProject, now: Timestamp) -> Result<(Plan, TaskGraph)> {
     let project = load_project(&shape.files()).map_err(|errors| anyhow!("{errors}"))?;
-    let known = BTreeMap::new();
-    let recorded = BTreeMap::new();
-    let environment = EnvironmentName::prod();
-    let context = PlanContext {
-        environment: &environment,
-        current: None,
-        base: None,
-        known_snapshots: &known,
-        recorded_intervals: &recorded,
-        now,
-        forward_only: false,
-    };
-    let plan = build_plan(&project, context);
+    let plan = first_plan(&project, now);
     let graph = TaskGraph::build(&plan);
     Ok((plan, graph))
 }

@@ -9,15 +9,14 @@ mod embedded;
 mod progress;
 mod project_files;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
 use sluice_core::interval::{Interval, Timestamp};
-use sluice_core::names::{EnvironmentName, ModelName};
-use sluice_core::plan::{PlanContext, build_plan};
+use sluice_core::names::ModelName;
+use sluice_core::plan::first_plan;
 use sluice_core::project::load_project;
 use sluice_core::query::QueryTemplate;
 
@@ -226,19 +225,7 @@ fn render_command(cli: &Cli, model: &str, start: Option<&str>, end: Option<&str>
     if end <= start {
         return Err(anyhow!("--end must be after --start"));
     }
-    let known = BTreeMap::new();
-    let recorded = BTreeMap::new();
-    let environment = EnvironmentName::prod();
-    let context = PlanContext {
-        environment: &environment,
-        current: None,
-        base: None,
-        known_snapshots: &known,
-        recorded_intervals: &recorded,
-        now: end,
-        forward_only: false,
-    };
-    let plan = build_plan(&project, context);
+    let plan = first_plan(&project, end);
     let Some(planned) = plan.snapshots.iter().find(|planned| planned.snapshot.name == name) else {
         return Err(anyhow!("{name} is not in the plan"));
     };

@@ -244,6 +244,24 @@ fn categorize(model: &Model, new: &Fingerprint, old: &Snapshot, forward_only: bo
 }
 
 /// Computes the plan of `project` against the environment in `context`.
+/// The plan of a project against an empty state: a first apply to prod at `now` (what the
+/// benchmarks and `sluice render` plan, with nothing stored to compare with).
+pub fn first_plan(project: &Project, now: Timestamp) -> Plan {
+    let known = BTreeMap::new();
+    let recorded = BTreeMap::new();
+    let environment = EnvironmentName::prod();
+    let context = PlanContext {
+        environment: &environment,
+        current: None,
+        base: None,
+        known_snapshots: &known,
+        recorded_intervals: &recorded,
+        now,
+        forward_only: false,
+    };
+    build_plan(project, context)
+}
+
 pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
     let fingerprints = fingerprint_project(project);
     let base_by_name: BTreeMap<&ModelName, &Snapshot> =
