@@ -1,7 +1,6 @@
 //! The subcommands that read and change state: plan, apply, abort, status, rollback, janitor,
 //! environments.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::sync::Arc;
@@ -10,9 +9,8 @@ use anyhow::{Result, anyhow};
 use sluice_coordinator::ApplyOutcome;
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, PlanId};
-use sluice_core::plan::{PlanContext, build_plan};
+
 use sluice_core::plan_text::format_plan;
-use sluice_core::snapshot::fingerprint_project;
 use sluice_core::task_graph::TaskGraph;
 use sluice_state::{RunStatus, StateStore};
 use sluice_worker::retry::RetryPolicy;
@@ -76,36 +74,15 @@ pub async fn plan(common: &Common<'_>, options: &PlanOptions<'_>) -> Result<Appl
     let state = state_of(common, Some(&context)).await?;
     let project = &context.project;
     let current = state.get_environment(&environment).await?;
-    let prod = if environment.is_prod() { None } else { state.get_environment(&EnvironmentName::prod()).await? };
     let current_state = current.as_ref().map(|record| record.state.clone());
-    let base = current_state.clone().or_else(|| prod.map(|record| record.state));
-    let ids: Vec<_> =
-        fingerprint_project(project).iter().map(|(name, fingerprint)| fingerprint.snapshot_id(name)).collect();
-    let known = state.get_snapshots(&ids).await?;
-    // Versions are decided by the plan; plan once to learn them, then with their intervals.
-    let mut recorded = BTreeMap::new();
-    let make = |recorded: &BTreeMap<_, _>| {
-        build_plan(
-            project,
-            PlanContext {
-                environment: &environment,
-                current: current_state.as_ref(),
-                base: base.as_ref(),
-                known_snapshots: &known,
-                recorded_intervals: recorded,
-                now: options.now,
-                forward_only: options.forward_only,
-            },
-        )
-    };
-    let draft = make(&recorded);
-    let keys: Vec<_> = draft
-        .snapshots
-        .iter()
-        .map(|planned| (planned.snapshot.name.clone(), planned.snapshot.version.clone()))
-        .collect();
-    recorded = state.get_intervals(&keys).await?;
-    let plan = make(&recorded);
+    let plan = sluice_coordinator::plan_against_state(
+        state.as_ref(),
+        project,
+        &environment,
+        options.now,
+        options.forward_only,
+    )
+    .await?;
     let graph = options.explain.then(|| TaskGraph::build(&plan));
     print!("{}", format_plan(&plan, current_state.as_ref(), graph.as_ref()));
     if plan.has_nothing_to_do(current_state.as_ref()) {

@@ -3,6 +3,8 @@
 //! `SLUICE_AMQP_URL`; `--redis-url` / `SLUICE_REDIS_URL` is then required.
 
 use std::sync::Arc;
+
+use sluice_state::host::SystemClock;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
@@ -133,6 +135,7 @@ pub async fn apply(
         gate,
         events: Arc::clone(&broker) as _,
         gateways: warehouses,
+        clock: Arc::new(SystemClock),
     };
     let config = ApplyConfig {
         user: settings.user.clone(),
@@ -197,9 +200,15 @@ pub async fn promoter(
         gate,
         events: Arc::clone(&broker) as _,
         gateways: Arc::clone(&warehouses) as _,
+        clock: Arc::new(SystemClock),
     };
-    let deps =
-        PromoterDeps { state, events: Arc::clone(&broker) as _, warehouses, notifier: Arc::new(StandardNotifier) };
+    let deps = PromoterDeps {
+        state,
+        events: Arc::clone(&broker) as _,
+        warehouses,
+        notifier: Arc::new(StandardNotifier),
+        clock: Arc::new(SystemClock),
+    };
     eprintln!("sluice promoter: consuming {}", broker.config().settled_queue());
     let reconciler_stop = stop.clone();
     let reconciler = tokio::spawn(async move {

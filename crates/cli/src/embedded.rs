@@ -4,6 +4,8 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use sluice_state::host::SystemClock;
+
 use anyhow::{Result, anyhow};
 use sluice_coordinator::{ApplyConfig, ApplyOutcome, CoordinatorDeps};
 use sluice_core::names::PlanId;
@@ -61,6 +63,7 @@ pub async fn apply(
         events: Arc::clone(&events),
         warehouses: warehouses.clone(),
         notifier: Arc::new(StandardNotifier),
+        clock: Arc::new(SystemClock),
     };
     let promoter_shutdown = roles_shutdown.clone();
     roles.spawn(async move {
@@ -74,8 +77,14 @@ pub async fn apply(
         }
     });
 
-    let deps =
-        CoordinatorDeps { state, queue: Arc::clone(&queue), gate, events: Arc::clone(&events), gateways: warehouses };
+    let deps = CoordinatorDeps {
+        state,
+        queue: Arc::clone(&queue),
+        gate,
+        events: Arc::clone(&events),
+        gateways: warehouses,
+        clock: Arc::new(SystemClock),
+    };
     let config = ApplyConfig { user: settings.user.clone(), ..ApplyConfig::default() };
     let outcome =
         sluice_coordinator::apply(plan_id, &config, &deps, Arc::new(ConsoleProgress::new()), interrupted).await;

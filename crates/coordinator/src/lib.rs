@@ -12,6 +12,10 @@
 //!    and the ready tasks queued again; a run with work outstanding but nothing queued, running
 //!    or heard of for a while had its queue purged, and is settled as aborted.
 
+mod dead_letters;
+
+pub use dead_letters::settle_dead_letters;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,9 +23,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, PlanId, RunId};
-use sluice_core::plan::{Change, Plan};
+use sluice_core::plan::{Change, Plan, PlanContext, build_plan};
+use sluice_core::project::Project;
+use sluice_core::snapshot::fingerprint_project;
 use sluice_core::task_graph::{TaskGraph, finished_tasks, task_tables};
 use sluice_queue::{DependencyGate, EventBus, QueueError, RunEvent, TaskMessage, TaskQueue};
+use sluice_state::host::{Clock, offload};
 use sluice_state::{RunRecord, RunStart, RunStatus, StateError, StateStore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -91,6 +98,8 @@ pub struct CoordinatorDeps {
     pub gate: Arc<dyn DependencyGate>,
     pub events: Arc<dyn EventBus>,
     pub gateways: Arc<dyn GatewayCheck>,
+    /// The time written into state (run start, lease expiry).
+    pub clock: Arc<dyn Clock>,
 }
 
 #[derive(Debug)]
@@ -143,9 +152,46 @@ fn plan_label(id: Option<&PlanId>) -> String {
     id.map_or_else(|| "none".to_string(), ToString::to_string)
 }
 
-fn now() -> Timestamp {
-    let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    Timestamp(seconds as i64)
+/// Plans `project` against what the state store holds for `environment` (its state, or prod's
+/// for a new environment; the snapshots known by fingerprint; the intervals recorded for the
+/// plan's tables) at `now`. The plan is not stored.
+pub async fn plan_against_state(
+    state: &dyn StateStore,
+    project: &Project,
+    environment: &EnvironmentName,
+    now: Timestamp,
+    forward_only: bool,
+) -> Result<Plan, StateError> {
+    let current = state.get_environment(environment).await?;
+    let prod = if environment.is_prod() { None } else { state.get_environment(&EnvironmentName::prod()).await? };
+    let current_state = current.map(|record| record.state);
+    let base = current_state.clone().or_else(|| prod.map(|record| record.state));
+    let ids: Vec<_> =
+        fingerprint_project(project).iter().map(|(name, fingerprint)| fingerprint.snapshot_id(name)).collect();
+    let known = state.get_snapshots(&ids).await?;
+    // Versions are decided by the plan: plan once to learn them, then with their intervals.
+    let make = |recorded: &BTreeMap<_, _>| {
+        build_plan(
+            project,
+            PlanContext {
+                environment,
+                current: current_state.as_ref(),
+                base: base.as_ref(),
+                known_snapshots: &known,
+                recorded_intervals: recorded,
+                now,
+                forward_only,
+            },
+        )
+    };
+    let draft = make(&BTreeMap::new());
+    let keys: Vec<_> = draft
+        .snapshots
+        .iter()
+        .map(|planned| (planned.snapshot.name.clone(), planned.snapshot.version.clone()))
+        .collect();
+    let recorded = state.get_intervals(&keys).await?;
+    Ok(make(&recorded))
 }
 
 /// Validation before any work: returns the plan, or why it must not (or need not) be applied.
@@ -176,7 +222,7 @@ pub async fn validate(deps: &CoordinatorDeps, plan_id: &PlanId) -> Result<Result
     // embedded DuckDB file can only be opened by the process that holds it). `begin_run`
     // checks again, atomically.
     if let Some(lease) = deps.state.get_lease(&plan.environment).await?
-        && lease.expires_at > now()
+        && lease.expires_at > deps.clock.now()
         && lease.plan_id != plan.id
     {
         return Err(ApplyError::State(StateError::LeaseHeld {
@@ -216,12 +262,12 @@ pub async fn apply(
         Err(reason) => return Ok(ApplyOutcome::NothingToDo(reason)),
     };
     let state = &deps.state;
-    // Applying again resumes: an earlier abort's breaker no longer applies.
-    state.reset_breaker(&plan.id).await?;
+    // Applying again resumes: `begin_run` resets the plan's breaker in the same transaction
+    // that supersedes an earlier run of it, never before.
     let attempt = state.runs_of_plan(&plan.id).await?.len() as u32 + 1;
     let run_id = RunId::for_attempt(&plan.id, attempt);
     let snapshots: Vec<_> = plan.snapshots.iter().map(|planned| planned.snapshot.clone()).collect();
-    let started_at = now();
+    let started_at = deps.clock.now();
     let run = state
         .begin_run(RunStart {
             plan: &plan,
@@ -236,9 +282,7 @@ pub async fn apply(
 
     // The graph, and what earlier runs already finished.
     let graph_plan = plan.clone();
-    let graph = tokio::task::spawn_blocking(move || TaskGraph::build(&graph_plan))
-        .await
-        .map_err(|error| ApplyError::Join(error.to_string()))?;
+    let graph = offload(move || TaskGraph::build(&graph_plan)).await.map_err(ApplyError::Join)?;
     let counters = load_counters(deps, &plan, &graph, &run.id).await?;
     let done_count = counters.done.iter().filter(|done| **done).count() as u64;
     let total_intervals: u64 = graph.tasks.iter().map(|task| u64::from(task.interval_count)).sum();
@@ -283,24 +327,10 @@ pub async fn apply(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut events = Some(stream);
     loop {
+        // Biased, events last: the tick (lease, reconcile) and an interrupt are never starved by
+        // a flood of events, and the simulation's seed alone decides the order.
         tokio::select! {
-            event = next_event(&mut events) => {
-                let Some(event) = event else {
-                    // The subscription ended (the broker went away): resubscribe on the next tick;
-                    // meanwhile the state store says how the run goes.
-                    warn!("the run's event stream ended; subscribing again");
-                    events = None;
-                    continue;
-                };
-                if event.run_id() != &run.id {
-                    continue;
-                }
-                watch.last_event = tokio::time::Instant::now();
-                watch.stalled_since = None;
-                if follower.on_event(event, progress.as_ref()) {
-                    break;
-                }
-            }
+            biased;
             _ = shutdown.cancelled(), if watch.aborting.is_none() => {
                 if !config.interrupt_aborts {
                     progress.message(&format!(
@@ -327,6 +357,23 @@ pub async fn apply(
                     // A lost broker, Redis or state connection: the next tick tries again.
                     Err(error) if error.is_transient() => warn!(error = %error, "following the run; retrying"),
                     Err(error) => return Err(error),
+                }
+            }
+            event = next_event(&mut events) => {
+                let Some(event) = event else {
+                    // The subscription ended (the broker went away): resubscribe on the next tick;
+                    // meanwhile the state store says how the run goes.
+                    warn!("the run's event stream ended; subscribing again");
+                    events = None;
+                    continue;
+                };
+                if event.run_id() != &run.id {
+                    continue;
+                }
+                watch.last_event = tokio::time::Instant::now();
+                watch.stalled_since = None;
+                if follower.on_event(event, progress.as_ref()) {
+                    break;
                 }
             }
         }
@@ -378,7 +425,9 @@ impl Watch {
     ) -> Result<bool, ApplyError> {
         let state = &deps.state;
         if self.last_renewal.elapsed() >= self.renew_every {
-            if let Err(error) = state.renew_lease(&plan.environment, run_id, config.lease_ttl_seconds, now()).await {
+            if let Err(error) =
+                state.renew_lease(&plan.environment, run_id, config.lease_ttl_seconds, deps.clock.now()).await
+            {
                 warn!(error = %error, "renewing the environment lease failed");
             }
             self.last_renewal = tokio::time::Instant::now();
@@ -398,6 +447,7 @@ impl Watch {
         if self.settled_by_coordinator {
             return Ok(false);
         }
+        dead_letters::settle_dead_letters(deps, self.gateways.iter().map(String::as_str)).await?;
         match deps.gate.outstanding(run_id).await? {
             None => {
                 // Redis lost the run's counters (flushed, restarted, expired): rebuild them.
@@ -475,23 +525,45 @@ impl Counters {
     }
 }
 
-/// Rebuilds a run's counters from state (tasks recorded done by any run of the plan, intervals
-/// recorded by any plan) and loads them into the gate. Redis is never the truth: this is how a
-/// run starts, resumes, and recovers from lost counters.
+/// Rebuilds a run's counters from state (the intervals recorded for the plan's tables, by any
+/// plan) and loads them into the gate. Redis is never the truth: this is how a run starts,
+/// resumes, and recovers from lost counters.
+///
+/// Reading state and loading the gate are two steps, and a worker may complete a task in the gate
+/// in between (its completion would be overwritten by the load). Workers record a task in state
+/// before they complete it in the gate, so state is read again after the load and every task
+/// finished meanwhile is completed in the gate (idempotent): once this returns, the gate holds
+/// every completion recorded before it returned. The returned counters include those catch-up
+/// completions, so their ready children are among `ready_tasks`.
 async fn load_counters(
     deps: &CoordinatorDeps,
     plan: &Plan,
     graph: &TaskGraph,
     run_id: &RunId,
 ) -> Result<Counters, ApplyError> {
-    let done_ids = deps.state.done_tasks_of_plan(&plan.id).await?;
-    let recorded = deps.state.get_intervals(&task_tables(plan)).await?;
-    let done = finished_tasks(plan, graph, &done_ids, &recorded);
+    let tables = task_tables(plan);
+    let recorded = deps.state.get_intervals(&tables).await?;
+    let mut done = finished_tasks(plan, graph, &recorded);
     let mut unfinished_parents = vec![0u32; graph.len()];
     for (index, slot) in unfinished_parents.iter_mut().enumerate() {
         *slot = graph.parents(index as u32).filter(|parent| !done[*parent as usize]).count() as u32;
     }
     deps.gate.load(run_id, &unfinished_parents, &done).await?;
+    let recorded_after = deps.state.get_intervals(&tables).await?;
+    let done_after = finished_tasks(plan, graph, &recorded_after);
+    for index in 0..graph.len() {
+        if done[index] || !done_after[index] {
+            continue;
+        }
+        let task = index as u32;
+        let children: Vec<u32> = graph.children(task).collect();
+        deps.gate.complete(run_id, task, &children).await?;
+        done[index] = true;
+        for child in children {
+            let count = &mut unfinished_parents[child as usize];
+            *count = count.saturating_sub(1);
+        }
+    }
     Ok(Counters { done, unfinished_parents })
 }
 
@@ -575,7 +647,9 @@ pub async fn abort(state: &dyn StateStore, plan_id: &PlanId, reason: &str) -> Re
 
 /// Reconciles the runs no coordinator follows — their environment lease expired: a detached
 /// apply, or a coordinator that died — from a long-running role (the promoter process). One
-/// `pass` at a time, every few seconds. For each such run that is not being aborted:
+/// `pass` at a time, every few seconds. A run being aborted whose queues hold nothing of it and
+/// which moved nothing for `stall_after` (purged after the abort, or its counters lost) is
+/// settled, so that the promoter closes it as aborted. For each other such run:
 ///
 /// - the gate does not know it (Redis flushed or restarted, or the coordinator died before
 ///   loading the counters): counters rebuilt from state, ready tasks queued again;
@@ -620,17 +694,50 @@ impl OrphanReconciler {
         let state = &deps.state;
         let running = state.running_runs().await?;
         self.seen.retain(|id, _| running.iter().any(|run| &run.id == id));
+        let mut gateways_of_running = BTreeSet::new();
+        for run in &running {
+            if let Some(plan) = state.get_plan(&run.plan_id).await? {
+                gateways_of_running.extend(plan.snapshots.iter().map(|planned| planned.snapshot.gateway.clone()));
+            }
+        }
+        dead_letters::settle_dead_letters(deps, gateways_of_running.iter().map(String::as_str)).await?;
         let mut done = Vec::new();
         for run in running {
             let lease = state.get_lease(&run.environment).await?;
-            let followed = lease.is_some_and(|lease| lease.run_id == run.id && lease.expires_at > now());
-            if followed || state.breaker(&run.plan_id).await?.is_some() {
+            let followed = lease.is_some_and(|lease| lease.run_id == run.id && lease.expires_at > deps.clock.now());
+            if followed {
                 self.seen.remove(&run.id);
                 continue;
             }
             let Some(plan) = state.get_plan(&run.plan_id).await? else {
                 continue;
             };
+            let gateways: BTreeSet<&str> =
+                plan.snapshots.iter().map(|planned| planned.snapshot.gateway.as_str()).collect();
+            if state.breaker(&run.plan_id).await?.is_some() {
+                // Being aborted: the workers drain it and the last one settles it. If its
+                // queued tasks were purged meanwhile (or its counters lost), nobody will: once
+                // nothing is queued and nothing moved for `stall_after`, the rest is settled
+                // here and the promoter closes the run as aborted.
+                let mut queued = 0;
+                for gateway in &gateways {
+                    queued += deps.queue.queued(gateway).await?;
+                }
+                if queued == 0 && self.stalled(&run) {
+                    let everything: Vec<u32> = (0..plan.task_count() as u32).collect();
+                    match deps.gate.skip(&run.id, &everything).await {
+                        Ok(_) | Err(QueueError::UnknownRun(_)) => {}
+                        Err(error) => return Err(error.into()),
+                    }
+                    deps.events
+                        .publish(RunEvent::RunSettled { run_id: run.id.clone(), plan_id: plan.id.clone() })
+                        .await?;
+                    warn!(run_id = %run.id, "an aborted run no coordinator follows had nothing left queued; settled it");
+                    self.seen.remove(&run.id);
+                    done.push(Reconciled::Settled { run_id: run.id.clone() });
+                }
+                continue;
+            }
             let requeue = match deps.gate.outstanding(&run.id).await? {
                 None => true,
                 Some(0) => {
@@ -645,10 +752,8 @@ impl OrphanReconciler {
                     false
                 }
                 Some(_) => {
-                    let gateways: BTreeSet<&str> =
-                        plan.snapshots.iter().map(|planned| planned.snapshot.gateway.as_str()).collect();
                     let mut queued = 0;
-                    for gateway in gateways {
+                    for gateway in &gateways {
                         queued += deps.queue.queued(gateway).await?;
                     }
                     queued == 0 && self.stalled(&run)
@@ -656,9 +761,7 @@ impl OrphanReconciler {
             };
             if requeue {
                 let graph_plan = plan.clone();
-                let graph = tokio::task::spawn_blocking(move || TaskGraph::build(&graph_plan))
-                    .await
-                    .map_err(|error| ApplyError::Join(error.to_string()))?;
+                let graph = offload(move || TaskGraph::build(&graph_plan)).await.map_err(ApplyError::Join)?;
                 let counters = load_counters(deps, &plan, &graph, &run.id).await?;
                 let ready = counters.ready_tasks(&plan, &graph, &run.id, 1);
                 deps.queue.publish(&ready).await?;

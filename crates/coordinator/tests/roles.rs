@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use sluice_state::host::SystemClock;
+
 use async_trait::async_trait;
 use sluice_coordinator::{ApplyConfig, ApplyOutcome, CoordinatorDeps, GatewayCheck, Progress, ProgressTotals};
 use sluice_core::config::{Connection, Gateway, Secret};
@@ -127,6 +129,7 @@ async fn coordinator_workers_and_promoter_apply_a_plan_then_a_change() {
             events: events.clone(),
             warehouses: warehouses.clone(),
             notifier: Arc::new(StandardNotifier),
+            clock: Arc::new(SystemClock),
         },
         shutdown.clone(),
     ));
@@ -136,6 +139,7 @@ async fn coordinator_workers_and_promoter_apply_a_plan_then_a_change() {
         gate,
         events: events.clone(),
         gateways: warehouses.clone(),
+        clock: Arc::new(SystemClock),
     };
 
     let prod = EnvironmentName::prod();

@@ -6,7 +6,7 @@
 //! for all of its parents' tasks; the batches of unique-key and self-referencing models run in
 //! order. Tasks are numbered parents first, so the numbering is itself a topological order.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use petgraph::Direction;
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -179,12 +179,13 @@ pub fn task_tables(plan: &Plan) -> Vec<(ModelName, Version)> {
         .collect()
 }
 
-/// Which tasks are finished: recorded done by a run of the plan, or their interval is recorded
-/// for their physical table (by any plan sharing it).
+/// Which tasks are finished: their interval is recorded for their physical table (by any plan
+/// sharing it). Every task records its interval when it finishes, and the janitor removes a
+/// dropped table's intervals with it; a done-task record is progress bookkeeping only, so that a
+/// record can never outlive the table it describes.
 pub fn finished_tasks(
     plan: &Plan,
     graph: &TaskGraph,
-    done: &BTreeSet<TaskId>,
     recorded: &BTreeMap<(ModelName, Version), IntervalSet>,
 ) -> Vec<bool> {
     graph
@@ -193,7 +194,7 @@ pub fn finished_tasks(
         .map(|task| {
             let snapshot = &plan.snapshots[task.snapshot as usize].snapshot;
             let key = (snapshot.name.clone(), snapshot.version.clone());
-            done.contains(&task.id) || recorded.get(&key).is_some_and(|set| set.covers(task.interval))
+            recorded.get(&key).is_some_and(|set| set.covers(task.interval))
         })
         .collect()
 }
@@ -243,6 +244,8 @@ impl Readiness {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use proptest::prelude::*;
 
     use super::*;

@@ -12,12 +12,15 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sluice_core::interval::Timestamp;
-use sluice_core::names::{EnvironmentName, ModelName, PlanId};
+use sluice_core::names::{EnvironmentName, ModelName, PhysicalTable, PlanId};
 use sluice_core::plan::{EnvironmentState, Plan, ViewChange};
 use sluice_core::task_graph::{TaskGraph, finished_tasks, task_tables};
 use sluice_engine::{EngineError, ViewUpdate, WarehouseFactory};
 use sluice_queue::{EventBus, QueueError, RunEvent, RunId};
-use sluice_state::{AuditEntry, EnvironmentPromotion, RunOutcome, RunRecord, RunStatus, StateError, StateStore};
+use sluice_state::host::{Clock, offload};
+use sluice_state::{
+    AuditEntry, EnvironmentPromotion, RunFinalization, RunOutcome, RunRecord, RunStatus, StateError, StateStore,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
@@ -29,6 +32,8 @@ pub struct PromoterDeps {
     pub events: Arc<dyn EventBus>,
     pub warehouses: Arc<dyn WarehouseFactory>,
     pub notifier: Arc<dyn Notifier>,
+    /// The time written into state (run end, environment expiry).
+    pub clock: Arc<dyn Clock>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,11 +79,6 @@ pub struct RunSummary {
     pub models: u64,
     pub retries: u64,
     pub error: Option<String>,
-}
-
-fn now() -> Timestamp {
-    let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    Timestamp(seconds as i64)
 }
 
 fn summary(run: &RunRecord, plan: &Plan, outcome: &str, error: Option<String>, finished_at: Timestamp) -> RunSummary {
@@ -139,24 +139,39 @@ fn updates_by_gateway(plan: &Plan, current: Option<&EnvironmentState>) -> BTreeM
     updates
 }
 
-/// Finalizes one settled run. Idempotent: a run already finished is only summarized again.
+fn outcome_name(status: RunStatus) -> &'static str {
+    match status {
+        RunStatus::Succeeded => "promoted",
+        RunStatus::Failed => "failed",
+        RunStatus::Aborted => "aborted",
+        RunStatus::Running => "running",
+    }
+}
+
+/// What a run's end will be, once decided and before it is written.
+struct Decision {
+    status: RunStatus,
+    error: Option<String>,
+    /// For a promoted run: the environment state to compare-and-swap with the outcome.
+    promotion: Option<(EnvironmentState, Option<Timestamp>)>,
+}
+
+/// Finalizes one settled run. Idempotent: a run already finished is only summarized again, and
+/// two promoters finalizing the same run at once write one outcome and one audit row (the
+/// outcome, the environment's promotion, the lease and the audit row are one state transaction;
+/// the first to commit wins and the other reports what it wrote).
 #[instrument(skip_all, fields(run_id = %run_id, plan_id = %plan_id))]
 pub async fn finalize_run(deps: &PromoterDeps, run_id: &RunId, plan_id: &PlanId) -> Result<RunSummary, PromoterError> {
     let state = &deps.state;
     let run = state.get_run(run_id).await?.ok_or_else(|| PromoterError::UnknownRun(run_id.clone()))?;
     let plan = state.get_plan(plan_id).await?.ok_or_else(|| PromoterError::UnknownPlan(plan_id.clone()))?;
     if run.status != RunStatus::Running {
-        let outcome = match run.status {
-            RunStatus::Succeeded => "promoted",
-            RunStatus::Failed => "failed",
-            RunStatus::Aborted => "aborted",
-            RunStatus::Running => "running",
-        };
+        let outcome = outcome_name(run.status);
         return Ok(summary(&run, &plan, outcome, run.error.clone(), run.finished_at.unwrap_or(run.started_at)));
     }
 
-    let (status, outcome, error) = if let Some(reason) = state.breaker(plan_id).await? {
-        (RunStatus::Aborted, "aborted", Some(reason))
+    let decision = if let Some(reason) = state.breaker(plan_id).await? {
+        Decision { status: RunStatus::Aborted, error: Some(reason), promotion: None }
     } else {
         let failures = state.task_failures(run_id).await?;
         if let Some(first) = failures.first() {
@@ -168,62 +183,91 @@ pub async fn finalize_run(deps: &PromoterDeps, run_id: &RunId, plan_id: &PlanId)
                 first.error,
                 if failures.len() > 1 { format!(" (and {} more failures)", failures.len() - 1) } else { String::new() }
             );
-            (RunStatus::Failed, "failed", Some(error))
+            Decision { status: RunStatus::Failed, error: Some(error), promotion: None }
         } else {
             match promote(deps, &plan).await {
-                Ok(()) => (RunStatus::Succeeded, "promoted", None),
+                Ok(promotion) => Decision { status: RunStatus::Succeeded, error: None, promotion: Some(promotion) },
+                // A lost connection is tried again (the settled run is delivered again); the
+                // run stays running meanwhile.
+                Err(error) if error.is_transient() => return Err(error),
                 Err(error) => {
                     warn!(error = %error, "promotion failed; the environment's views are unchanged");
-                    (RunStatus::Failed, "failed", Some(format!("promotion failed: {error}")))
+                    Decision {
+                        status: RunStatus::Failed,
+                        error: Some(format!("promotion failed: {error}")),
+                        promotion: None,
+                    }
                 }
             }
         }
     };
-    let finished_at = now();
-    state.finish_run(run_id, RunOutcome { status, error: error.clone(), finished_at }).await?;
-    state.release_lease(&plan.environment, run_id).await?;
-    let run = state.get_run(run_id).await?.unwrap_or(run);
-    let result = summary(&run, &plan, outcome, error, finished_at);
-    state
-        .append_audit(&AuditEntry {
-            plan_id: plan.id.clone(),
-            run_id: run_id.clone(),
-            environment: plan.environment.clone(),
-            user: run.user.clone(),
-            started_at: run.started_at,
-            finished_at,
-            intervals: result.intervals,
-            models: result.models,
-            retries: result.retries,
-            outcome: outcome.to_string(),
-        })
-        .await?;
+    let finished_at = deps.clock.now();
+    let models = plan.snapshots.iter().filter(|planned| !planned.batches.is_empty()).count() as u64;
+    let outcome_text = outcome_name(decision.status);
+    let audit = AuditEntry {
+        plan_id: plan.id.clone(),
+        run_id: run_id.clone(),
+        environment: plan.environment.clone(),
+        user: run.user.clone(),
+        started_at: run.started_at,
+        finished_at,
+        intervals: run.intervals_done,
+        models,
+        retries: run.retries,
+        outcome: outcome_text.to_string(),
+    };
+    let outcome = RunOutcome { status: decision.status, error: decision.error.clone(), finished_at };
+    let promotion = decision.promotion.as_ref().map(|(new_state, expires_at)| EnvironmentPromotion {
+        state: new_state,
+        expected_plan: plan.previous_plan_id.as_ref(),
+        expires_at: *expires_at,
+        now: finished_at,
+    });
+    let record = state.finalize_run(RunFinalization { run_id, outcome: &outcome, promotion, audit: &audit }).await?;
+    let recorded_outcome = outcome_name(record.status);
+    let result =
+        summary(&record, &plan, recorded_outcome, record.error.clone(), record.finished_at.unwrap_or(finished_at));
+    if record.status != decision.status || record.finished_at != Some(finished_at) {
+        // Another promoter finalized the run first: it notified.
+        info!(outcome = recorded_outcome, "the run was finalized by another promoter");
+        return Ok(result);
+    }
     deps.notifier.notify(&result, plan.notification_webhook.as_deref()).await;
-    deps.events.publish(RunEvent::RunFinished { run_id: run_id.clone(), outcome: outcome.to_string() }).await?;
-    info!(outcome, "run finalized");
+    deps.events
+        .publish(RunEvent::RunFinished { run_id: run_id.clone(), outcome: recorded_outcome.to_string() })
+        .await?;
+    info!(outcome = recorded_outcome, "run finalized");
     Ok(result)
 }
 
-/// Checks every task is done, swaps the views, then compare-and-swaps the environment record.
-async fn promote(deps: &PromoterDeps, plan: &Plan) -> Result<(), PromoterError> {
+/// Checks every task is done and the environment still shows the plan this one was made
+/// against (or already shows this one: another promoter got there first), then swaps the views;
+/// returns the environment state to compare-and-swap, with its expiry.
+async fn promote(deps: &PromoterDeps, plan: &Plan) -> Result<(EnvironmentState, Option<Timestamp>), PromoterError> {
     let state = &deps.state;
     let graph_plan = plan.clone();
-    let graph = tokio::task::spawn_blocking(move || TaskGraph::build(&graph_plan))
-        .await
-        .map_err(|error| PromoterError::Join(error.to_string()))?;
-    // A task is finished when a run recorded it, or when its interval is recorded (by a run of
-    // another plan that shares the physical table).
-    let done = state.done_tasks_of_plan(&plan.id).await?;
+    let graph = offload(move || TaskGraph::build(&graph_plan)).await.map_err(PromoterError::Join)?;
+    // A task is finished when its interval is recorded for its physical table (by this plan or
+    // another sharing the table).
     let recorded = state.get_intervals(&task_tables(plan)).await?;
-    let missing = finished_tasks(plan, &graph, &done, &recorded).iter().filter(|finished| !**finished).count();
+    let missing = finished_tasks(plan, &graph, &recorded).iter().filter(|finished| !**finished).count();
     if missing > 0 {
         return Err(PromoterError::State(StateError::NotFound {
             what: format!("{missing} of the plan's tasks are not done; apply the plan again to resume"),
         }));
     }
+    let new_state = EnvironmentState {
+        name: plan.environment.clone(),
+        plan_id: Some(plan.id.clone()),
+        snapshots: plan.snapshots.iter().map(|planned| planned.snapshot.clone()).collect(),
+    };
+    let expires_at = plan.environment_ttl_seconds.map(|ttl| Timestamp(deps.clock.now().0 + ttl));
     let current = state.get_environment(&plan.environment).await?;
+    let current_plan = current.as_ref().and_then(|record| record.state.plan_id.clone());
+    if current_plan.as_ref() == Some(&plan.id) {
+        return Ok((new_state, expires_at));
+    }
     let current_state = current.as_ref().map(|record| &record.state);
-    let current_plan = current_state.and_then(|state| state.plan_id.clone());
     if current_plan != plan.previous_plan_id {
         return Err(PromoterError::State(StateError::StaleEnvironment {
             environment: plan.environment.clone(),
@@ -232,17 +276,7 @@ async fn promote(deps: &PromoterDeps, plan: &Plan) -> Result<(), PromoterError> 
         }));
     }
     swap_views(deps.warehouses.as_ref(), updates_by_gateway(plan, current_state)).await?;
-    let new_state = EnvironmentState {
-        name: plan.environment.clone(),
-        plan_id: Some(plan.id.clone()),
-        snapshots: plan.snapshots.iter().map(|planned| planned.snapshot.clone()).collect(),
-    };
-    let now = now();
-    let expires_at = plan.environment_ttl_seconds.map(|ttl| Timestamp(now.0 + ttl));
-    let promotion =
-        EnvironmentPromotion { state: &new_state, expected_plan: plan.previous_plan_id.as_ref(), expires_at, now };
-    state.promote_environment(promotion).await?;
-    Ok(())
+    Ok((new_state, expires_at))
 }
 
 /// Runs the promoter until `shutdown`: finalizes every settled run it is handed.
@@ -251,6 +285,7 @@ pub async fn run(deps: PromoterDeps, shutdown: CancellationToken) -> Result<(), 
     let mut pause = Duration::from_millis(100);
     loop {
         let next = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
             next = deps.events.next_settled() => next,
         };
@@ -260,6 +295,7 @@ pub async fn run(deps: PromoterDeps, shutdown: CancellationToken) -> Result<(), 
             Err(error) if error.is_transient() => {
                 warn!(error = %error, "settled runs unavailable, retrying");
                 tokio::select! {
+                    biased;
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(pause) => {}
                 }
@@ -278,6 +314,7 @@ pub async fn run(deps: PromoterDeps, shutdown: CancellationToken) -> Result<(), 
                 warn!(run_id = %settled.run_id, error = %error, "finalizing the run failed; it will be retried");
                 drop(settled);
                 tokio::select! {
+                    biased;
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(pause) => {}
                 }
@@ -431,31 +468,34 @@ pub async fn janitor(
             }
         }
     }
+    // What goes: the unreferenced snapshots, and the tables of those that have one.
     let mut unreferenced_snapshots = Vec::new();
-    let mut dropped: BTreeSet<(ModelName, sluice_core::names::Version)> = BTreeSet::new();
+    let mut doomed: BTreeMap<(ModelName, sluice_core::names::Version), (String, PhysicalTable)> = BTreeMap::new();
     for snapshot in state.all_snapshots().await? {
         let key = (snapshot.name.clone(), snapshot.version.clone());
         if referenced.contains(&key) {
             continue;
         }
-        if let Some(table) = snapshot.physical_table()
-            && !dropped.contains(&key)
-        {
-            let mut warehouse = warehouses
-                .connect(&snapshot.gateway)
-                .await
-                .map_err(|source| PromoterError::Warehouse { gateway: snapshot.gateway.clone(), source })?;
-            warehouse
-                .drop_table(&table)
-                .await
-                .map_err(|source| PromoterError::Warehouse { gateway: snapshot.gateway.clone(), source })?;
-            report.tables_dropped += 1;
-            dropped.insert(key);
+        if let Some(table) = snapshot.physical_table() {
+            doomed.entry(key).or_insert_with(|| (snapshot.gateway.clone(), table));
         }
         unreferenced_snapshots.push(snapshot.id.clone());
     }
-    let keys: Vec<_> = dropped.into_iter().collect();
+    // The records go before the tables: a janitor that dies in between leaves a table that no
+    // record vouches for (rebuilt if it is ever needed again), never a record of a dropped table.
+    let keys: Vec<_> = doomed.keys().cloned().collect();
     state.remove_intervals(&keys).await?;
+    for (gateway, table) in doomed.values() {
+        let mut warehouse = warehouses
+            .connect(gateway)
+            .await
+            .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
+        warehouse
+            .drop_table(table)
+            .await
+            .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
+        report.tables_dropped += 1;
+    }
     state.delete_snapshots(&unreferenced_snapshots).await?;
     Ok(report)
 }

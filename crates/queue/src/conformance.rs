@@ -129,6 +129,27 @@ pub async fn settled_runs_reach_one_promoter_and_events_reach_subscribers(events
     assert!(events.next_settled().await.unwrap().is_none());
 }
 
+pub async fn rejected_tasks_are_taken_from_the_dead_letters(queue: &dyn TaskQueue) {
+    let run = RunId("r-dead".into());
+    queue.publish(&[task(&run, 3, "d"), task(&run, 4, "other")]).await.unwrap();
+    assert!(queue.take_dead_letters("d", 10).await.unwrap().is_empty());
+    let delivery = queue.next("d").await.unwrap().unwrap();
+    delivery.reject().await.unwrap();
+    let taken = queue.take_dead_letters("d", 10).await.unwrap();
+    assert_eq!(taken.iter().map(|dead| dead.task.clone()).collect::<Vec<_>>(), vec![task(&run, 3, "d")]);
+    // Not answered for good: it stays a dead letter.
+    for dead in taken {
+        dead.requeue().await.unwrap();
+    }
+    let again = queue.take_dead_letters("d", 10).await.unwrap();
+    assert_eq!(again.len(), 1, "a requeued dead letter is taken again");
+    for dead in again {
+        dead.ack().await.unwrap();
+    }
+    assert!(queue.take_dead_letters("d", 10).await.unwrap().is_empty(), "an acked dead letter is gone");
+    assert!(queue.take_dead_letters("other", 10).await.unwrap().is_empty(), "other gateways have none");
+}
+
 macro_rules! memory_conformance {
     ($($check:ident => $backend:expr),* $(,)?) => {
         $(
@@ -147,6 +168,7 @@ mod memory {
         unacked_deliveries_come_back => &MemoryQueue::new(),
         gateways_are_independent => &MemoryQueue::new(),
         consumers_wake_on_publish_and_stop_on_shut_down => std::sync::Arc::new(MemoryQueue::new()),
+        rejected_tasks_are_taken_from_the_dead_letters => &MemoryQueue::new(),
         completion_is_idempotent_and_rereports_ready_children => &MemoryGate::new(),
         loading_done_tasks_and_skipping_failed_branches_settles_the_run => &MemoryGate::new(),
         settled_runs_reach_one_promoter_and_events_reach_subscribers => &MemoryEvents::new(),
@@ -210,6 +232,13 @@ mod rabbitmq {
         let broker = Arc::new(broker(1).await);
         super::consumers_wake_on_publish_and_stop_on_shut_down(Arc::clone(&broker) as Arc<dyn TaskQueue>).await;
         cleanup(&broker, &["g"]).await;
+    }
+
+    #[tokio::test]
+    async fn rejected_tasks_are_taken_from_the_dead_letters() {
+        let broker = broker(1).await;
+        super::rejected_tasks_are_taken_from_the_dead_letters(&broker).await;
+        cleanup(&broker, &["d", "other"]).await;
     }
 
     #[tokio::test]

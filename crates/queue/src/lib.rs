@@ -148,6 +148,11 @@ pub trait TaskQueue: Send + Sync {
     /// There is no per-run purge: a queue is shared by the runs of its gateway, so an aborted
     /// run's tasks are drained by the workers, which drop them once the run's breaker is tripped.
     async fn queued(&self, gateway: &str) -> Result<u64, QueueError>;
+    /// Takes up to `max` tasks the broker dead-lettered from a gateway's queue — delivered more
+    /// often than the delivery limit (every worker that took it died or could not answer), or
+    /// rejected by a worker — without waiting. Each is acked once its run has been told; one
+    /// dropped unanswered goes back to the dead-letter queue.
+    async fn take_dead_letters(&self, gateway: &str, max: usize) -> Result<Vec<Delivery>, QueueError>;
     /// Stops every consumer: `next` returns `None` from now on.
     async fn shut_down(&self);
 }

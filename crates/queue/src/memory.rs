@@ -82,6 +82,29 @@ impl Acknowledger for MemoryAcknowledger {
     }
 }
 
+/// Answers a dead letter: acked, it is gone; requeued or rejected, it stays a dead letter.
+struct DeadLetterAcknowledger {
+    state: Arc<Mutex<QueueState>>,
+    task: TaskMessage,
+}
+
+#[async_trait]
+impl Acknowledger for DeadLetterAcknowledger {
+    async fn ack(&self) -> Result<(), QueueError> {
+        Ok(())
+    }
+
+    async fn requeue(&self) -> Result<(), QueueError> {
+        lock(&self.state).dead_letters.push(self.task.clone());
+        Ok(())
+    }
+
+    async fn reject(&self) -> Result<(), QueueError> {
+        lock(&self.state).dead_letters.push(self.task.clone());
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl TaskQueue for MemoryQueue {
     async fn publish(&self, tasks: &[TaskMessage]) -> Result<(), QueueError> {
@@ -135,6 +158,30 @@ impl TaskQueue for MemoryQueue {
 
     async fn queued(&self, gateway: &str) -> Result<u64, QueueError> {
         Ok(self.depth(gateway) as u64)
+    }
+
+    async fn take_dead_letters(&self, gateway: &str, max: usize) -> Result<Vec<Delivery>, QueueError> {
+        let mut state = lock(&self.state);
+        let mut taken = Vec::new();
+        let mut index = 0;
+        while index < state.dead_letters.len() && taken.len() < max {
+            if state.dead_letters[index].gateway == gateway {
+                taken.push(state.dead_letters.remove(index));
+            } else {
+                index += 1;
+            }
+        }
+        drop(state);
+        Ok(taken
+            .into_iter()
+            .map(|task| {
+                let back = Arc::clone(&self.state);
+                let again = task.clone();
+                let on_drop: Box<dyn FnOnce() + Send> = Box::new(move || lock(&back).dead_letters.push(again));
+                let acknowledger = DeadLetterAcknowledger { state: Arc::clone(&self.state), task: task.clone() };
+                Delivery::new(task, true, Box::new(acknowledger), Some(on_drop))
+            })
+            .collect())
     }
 
     async fn shut_down(&self) {

@@ -26,9 +26,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -586,6 +586,34 @@ impl TaskQueue for RabbitBroker {
 
     async fn queued(&self, gateway: &str) -> Result<u64, QueueError> {
         Ok(u64::from(self.declare_gateway(gateway).await?.message_count()))
+    }
+
+    async fn take_dead_letters(&self, gateway: &str, max: usize) -> Result<Vec<Delivery>, QueueError> {
+        self.declare_gateway(gateway).await?;
+        let link = self.link().await?;
+        let dead = self.config.dead_queue(gateway);
+        let mut taken = Vec::new();
+        while taken.len() < max {
+            let got =
+                link.plain.basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false }).await.map_err(backend)?;
+            let Some(message) = got else { break };
+            let delivery = message.delivery;
+            match sluice_proto::decode_task(&delivery.data) {
+                Ok(wire) => {
+                    let on_drop = requeue_on_drop(delivery.acker.clone());
+                    let acknowledger = Box::new(RabbitAcknowledger { acker: delivery.acker });
+                    taken.push(Delivery::new(task_from_wire(wire), true, acknowledger, on_drop));
+                }
+                Err(error) => {
+                    // Logged when it was dead-lettered too; nothing can act on it.
+                    warn!(queue = %dead, bytes = delivery.data.len(), error = %error, "dropping a dead letter that is not a task");
+                    if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
+                        warn!(error = %error, "acking an undecodable dead letter failed");
+                    }
+                }
+            }
+        }
+        Ok(taken)
     }
 
     async fn shut_down(&self) {

@@ -1,6 +1,7 @@
-//! The conformance suite: every check runs against `SqliteState` (a temporary file) and against
-//! `PostgresState` (a fresh database on 127.0.0.1:5432 per test, dropped afterwards), so SQLite
-//! provably behaves like PostgreSQL. PostgreSQL being unreachable fails the tests.
+//! The conformance suite: every check runs against `SqliteState` (a temporary file), against
+//! `PostgresState` (a fresh database on 127.0.0.1:5432 per test, dropped afterwards) and against
+//! `MemoryState` (a fresh store per test), so SQLite and the in-memory store provably behave
+//! like PostgreSQL. PostgreSQL being unreachable fails the tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -12,8 +13,8 @@ use sluice_core::plan::{Change, EnvironmentState, Plan, PlannedSnapshot};
 use sluice_core::snapshot::{Fingerprint, Snapshot};
 
 use crate::{
-    AuditEntry, EnvironmentPromotion, FinishedTask, IntervalRecord, RunId, RunOutcome, RunProgress, RunStart,
-    RunStatus, StateError, StateStore, TaskFailure,
+    AuditEntry, EnvironmentPromotion, FinishedTask, IntervalRecord, RunFinalization, RunId, RunOutcome, RunProgress,
+    RunRecord, RunStart, RunStatus, StateError, StateStore, TaskFailure,
 };
 
 /// One backend under test: the store as the roles see it, and a way to look at its tables.
@@ -26,6 +27,7 @@ pub(crate) struct Backend {
 pub(crate) enum Inspect {
     Sqlite(crate::SqliteState),
     Postgres(crate::PostgresState),
+    Memory(crate::MemoryState),
 }
 
 impl Inspect {
@@ -34,6 +36,7 @@ impl Inspect {
         match self {
             Inspect::Sqlite(state) => state.count_rows_for_tests("sluice_intervals").await,
             Inspect::Postgres(state) => state.count_rows_for_tests("sluice_intervals").await,
+            Inspect::Memory(state) => state.interval_rows_for_tests(),
         }
     }
 
@@ -41,6 +44,7 @@ impl Inspect {
         match self {
             Inspect::Sqlite(state) => state.count_rows_for_tests("sluice_runs").await,
             Inspect::Postgres(state) => state.count_rows_for_tests("sluice_runs").await,
+            Inspect::Memory(state) => state.run_rows_for_tests(),
         }
     }
 }
@@ -55,7 +59,7 @@ pub(crate) mod harness {
     use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
     use super::{Backend, Inspect};
-    use crate::{PostgresState, SqliteState};
+    use crate::{MemoryState, PostgresState, SqliteState};
 
     /// The server every PostgreSQL test creates its database on; `SLUICE_TEST_POSTGRES_URL`
     /// overrides it (a URL of a database the user may `CREATE DATABASE` from).
@@ -95,6 +99,24 @@ pub(crate) mod harness {
         }
     }
 
+    pub struct MemoryFixture {
+        pub state: MemoryState,
+    }
+
+    impl MemoryFixture {
+        pub async fn new() -> MemoryFixture {
+            MemoryFixture { state: MemoryState::new() }
+        }
+
+        /// The store and the inspector share the same tables (a clone shares them).
+        pub fn backend(&self) -> Backend {
+            Backend { store: Arc::new(self.state.clone()), inspect: Inspect::Memory(self.state.clone()) }
+        }
+
+        /// Nothing to close: the tables go when the last clone is dropped.
+        pub async fn finish(self) {}
+    }
+
     pub struct PostgresFixture {
         database: String,
         pub state: PostgresState,
@@ -132,7 +154,8 @@ pub(crate) mod harness {
 }
 
 /// Generates one `#[tokio::test]` per check and backend. A check that panics still gets its
-/// PostgreSQL database dropped.
+/// PostgreSQL database dropped. The in-memory store runs on the same multi-threaded runtime as
+/// the others, so its checks of concurrent writers exercise its one lock.
 macro_rules! conformance_tests {
     ($($check:ident),* $(,)?) => {
         mod sqlite_backend {
@@ -140,6 +163,21 @@ macro_rules! conformance_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $check() {
                     let fixture = super::harness::SqliteFixture::new().await;
+                    let backend = fixture.backend();
+                    let outcome = tokio::spawn(async move { super::$check(backend).await }).await;
+                    fixture.finish().await;
+                    if let Err(error) = outcome {
+                        std::panic::resume_unwind(error.into_panic());
+                    }
+                }
+            )*
+        }
+
+        mod memory_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $check() {
+                    let fixture = super::harness::MemoryFixture::new().await;
                     let backend = fixture.backend();
                     let outcome = tokio::spawn(async move { super::$check(backend).await }).await;
                     fixture.finish().await;
@@ -189,6 +227,14 @@ conformance_tests!(
     finished_tasks_are_recorded_in_one_batch,
     breaker_trip_and_reset,
     audit_log_is_newest_first,
+    finalize_run_records_outcome_releases_lease_and_audits,
+    finalize_run_twice_keeps_the_first_outcome,
+    finalize_run_promotes_the_environment,
+    finalize_run_accepts_an_environment_already_promoted,
+    finalize_run_on_a_stale_environment_writes_nothing,
+    finalize_unknown_run_is_not_found,
+    concurrent_finalize_runs_write_one_audit_row,
+    superseding_begin_run_audits_and_resets_the_breaker,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -318,6 +364,36 @@ async fn begin(store: &dyn StateStore, plan: &Plan, run: &str, now: i64) -> Resu
             user: "alice",
         })
         .await
+}
+
+fn outcome(status: RunStatus, error: Option<&str>, finished_at: i64) -> RunOutcome {
+    RunOutcome { status, error: error.map(str::to_string), finished_at: Timestamp(finished_at) }
+}
+
+/// The audit row a promoter writes for `run` ending with `outcome`.
+fn audit_of(run: &RunRecord, outcome: &RunOutcome, text: &str) -> AuditEntry {
+    AuditEntry {
+        plan_id: run.plan_id.clone(),
+        run_id: run.id.clone(),
+        environment: run.environment.clone(),
+        user: run.user.clone(),
+        started_at: run.started_at,
+        finished_at: outcome.finished_at,
+        intervals: 24,
+        models: 1,
+        retries: 0,
+        outcome: text.to_string(),
+    }
+}
+
+async fn finalize(
+    store: &dyn StateStore,
+    run: &RunId,
+    outcome: &RunOutcome,
+    promotion: Option<EnvironmentPromotion<'_>>,
+    audit: &AuditEntry,
+) -> Result<RunRecord, StateError> {
+    store.finalize_run(RunFinalization { run_id: run, outcome, promotion, audit }).await
 }
 
 fn task(n: u8) -> TaskId {
@@ -955,4 +1031,315 @@ async fn audit_log_is_newest_first(backend: Backend) {
     let listed = store.list_audit(10).await.unwrap();
     assert_eq!(listed, vec![entries[2].clone(), entries[1].clone(), entries[0].clone()]);
     assert_eq!(store.list_audit(2).await.unwrap(), vec![entries[2].clone(), entries[1].clone()]);
+}
+
+async fn finalize_run_records_outcome_releases_lease_and_audits(backend: Backend) {
+    let store = &*backend.store;
+    let applied = plan("pa", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    let run = begin(store, &applied, "pa-1", 1_000).await.unwrap();
+    store.add_run_progress(&run.id, RunProgress { tasks_done: 1, intervals_done: 24, retries: 0 }).await.unwrap();
+    let failed = outcome(RunStatus::Failed, Some("sushi.orders: boom"), 1_100);
+    let audit = audit_of(&run, &failed, "failed: sushi.orders: boom");
+
+    let finished = finalize(store, &run.id, &failed, None, &audit).await.unwrap();
+    assert_eq!(finished.status, RunStatus::Failed);
+    assert_eq!(finished.error.as_deref(), Some("sushi.orders: boom"));
+    assert_eq!(finished.finished_at, Some(Timestamp(1_100)));
+    assert_eq!((finished.tasks_done, finished.intervals_done), (1, 24), "counters are kept");
+    assert_eq!(store.get_run(&run.id).await.unwrap(), Some(finished));
+    assert_eq!(store.get_lease(&env("dev")).await.unwrap(), None, "the run's lease is released");
+    assert_eq!(store.list_audit(10).await.unwrap(), vec![audit]);
+    assert!(store.running_runs().await.unwrap().is_empty());
+    // Nothing else changed: no environment was promoted.
+    assert_eq!(store.get_environment(&env("dev")).await.unwrap(), None);
+
+    // A running run that does not hold its environment's lease leaves the lease alone.
+    let other = plan("pb", "qa", None, 2, &[snapshot("sushi.orders", "aaaa")]);
+    let other_run = begin(store, &other, "pb-1", 1_200).await.unwrap();
+    store.release_lease(&env("qa"), &other_run.id).await.unwrap();
+    let third = plan("pc", "dev", None, 3, &[snapshot("sushi.orders", "aaaa")]);
+    let third_run = begin(store, &third, "pc-1", 1_210).await.unwrap();
+    let succeeded = outcome(RunStatus::Succeeded, None, 1_300);
+    let audit = audit_of(&other_run, &succeeded, "succeeded");
+    assert_eq!(finalize(store, &other_run.id, &succeeded, None, &audit).await.unwrap().status, RunStatus::Succeeded);
+    assert_eq!(store.get_lease(&env("dev")).await.unwrap().unwrap().run_id, third_run.id);
+}
+
+async fn finalize_run_twice_keeps_the_first_outcome(backend: Backend) {
+    let store = &*backend.store;
+    let first_state = state("dev", Some("p0"), &[snapshot("sushi.orders", "aaaa")]);
+    promote(store, &first_state, None, 10).await.unwrap();
+    let applied = plan("p1", "dev", Some("p0"), 20, &[snapshot("sushi.orders", "bbbb")]);
+    let run = begin(store, &applied, "p1-1", 1_000).await.unwrap();
+    let aborted = outcome(RunStatus::Aborted, Some("aborted by alice"), 1_100);
+    let audit = audit_of(&run, &aborted, "aborted");
+    let first = finalize(store, &run.id, &aborted, None, &audit).await.unwrap();
+    assert_eq!(first.status, RunStatus::Aborted);
+
+    // Again with the same outcome, then with another status and a promotion: nothing changes,
+    // and the first outcome is returned.
+    let again = finalize(store, &run.id, &aborted, None, &audit).await.unwrap();
+    assert_eq!(again, first);
+    let new_state = state("dev", Some("p1"), &[snapshot("sushi.orders", "bbbb")]);
+    let succeeded = outcome(RunStatus::Succeeded, None, 1_200);
+    let promotion = EnvironmentPromotion {
+        state: &new_state,
+        expected_plan: Some(&plan_id("p0")),
+        expires_at: None,
+        now: Timestamp(1_200),
+    };
+    let other_audit = audit_of(&run, &succeeded, "succeeded");
+    let other = finalize(store, &run.id, &succeeded, Some(promotion), &other_audit).await.unwrap();
+    assert_eq!(other, first);
+    assert_eq!(store.get_run(&run.id).await.unwrap(), Some(first));
+    assert_eq!(store.list_audit(10).await.unwrap(), vec![audit], "one audit row");
+    let record = store.get_environment(&env("dev")).await.unwrap().unwrap();
+    assert_eq!(record.state, first_state, "the environment was not promoted");
+    assert_eq!(record.updated_at, Timestamp(10));
+}
+
+async fn finalize_run_promotes_the_environment(backend: Backend) {
+    let store = &*backend.store;
+    let old_state = state("dev", Some("p0"), &[snapshot("sushi.orders", "aaaa")]);
+    promote(store, &old_state, None, 10).await.unwrap();
+    let applied = plan("p1", "dev", Some("p0"), 20, &[snapshot("sushi.orders", "bbbb")]);
+    let run = begin(store, &applied, "p1-1", 1_000).await.unwrap();
+    // The new state shows a snapshot the run did not push: it is inserted.
+    let extra = snapshot("sushi.items", "cccc");
+    let new_state = state("dev", Some("p1"), &[snapshot("sushi.orders", "bbbb"), extra.clone()]);
+    let succeeded = outcome(RunStatus::Succeeded, None, 1_100);
+    let promotion = EnvironmentPromotion {
+        state: &new_state,
+        expected_plan: Some(&plan_id("p0")),
+        expires_at: Some(Timestamp(9_000)),
+        now: Timestamp(1_100),
+    };
+    let audit = audit_of(&run, &succeeded, "succeeded");
+    let finished = finalize(store, &run.id, &succeeded, Some(promotion), &audit).await.unwrap();
+    assert_eq!(finished.status, RunStatus::Succeeded);
+    assert_eq!(finished.error, None);
+
+    let record = store.get_environment(&env("dev")).await.unwrap().unwrap();
+    assert_eq!(record.state, new_state);
+    assert_eq!(record.previous, Some(old_state));
+    assert_eq!(record.expires_at, Some(Timestamp(9_000)));
+    assert_eq!(record.updated_at, Timestamp(1_100));
+    assert_eq!(store.get_snapshots(std::slice::from_ref(&extra.id)).await.unwrap().len(), 1);
+    assert_eq!(store.get_lease(&env("dev")).await.unwrap(), None);
+    assert_eq!(store.list_audit(10).await.unwrap(), vec![audit]);
+
+    // A promotion that creates the environment.
+    let fresh_plan = plan("q1", "fresh", None, 30, &[snapshot("sushi.orders", "bbbb")]);
+    let fresh_run = begin(store, &fresh_plan, "q1-1", 1_200).await.unwrap();
+    let fresh_state = state("fresh", Some("q1"), &[snapshot("sushi.orders", "bbbb")]);
+    let promotion =
+        EnvironmentPromotion { state: &fresh_state, expected_plan: None, expires_at: None, now: Timestamp(1_300) };
+    let succeeded = outcome(RunStatus::Succeeded, None, 1_300);
+    let audit = audit_of(&fresh_run, &succeeded, "succeeded");
+    finalize(store, &fresh_run.id, &succeeded, Some(promotion), &audit).await.unwrap();
+    let record = store.get_environment(&env("fresh")).await.unwrap().unwrap();
+    assert_eq!((record.state, record.previous, record.updated_at), (fresh_state, None, Timestamp(1_300)));
+}
+
+async fn finalize_run_accepts_an_environment_already_promoted(backend: Backend) {
+    let store = &*backend.store;
+    let old_state = state("dev", Some("p0"), &[snapshot("sushi.orders", "aaaa")]);
+    promote(store, &old_state, None, 10).await.unwrap();
+    let applied = plan("p1", "dev", Some("p0"), 20, &[snapshot("sushi.orders", "bbbb")]);
+    let run = begin(store, &applied, "p1-1", 1_000).await.unwrap();
+    // An earlier attempt promoted the environment, then crashed before it finished the run.
+    let new_state = state("dev", Some("p1"), &[snapshot("sushi.orders", "bbbb")]);
+    promote(store, &new_state, Some("p0"), 1_050).await.unwrap();
+    let before = store.get_environment(&env("dev")).await.unwrap().unwrap();
+
+    let succeeded = outcome(RunStatus::Succeeded, None, 1_100);
+    let promotion = EnvironmentPromotion {
+        state: &new_state,
+        expected_plan: Some(&plan_id("p0")),
+        expires_at: Some(Timestamp(9_000)),
+        now: Timestamp(1_100),
+    };
+    let audit = audit_of(&run, &succeeded, "succeeded");
+    let finished = finalize(store, &run.id, &succeeded, Some(promotion), &audit).await.unwrap();
+    assert_eq!(finished.status, RunStatus::Succeeded);
+    let after = store.get_environment(&env("dev")).await.unwrap().unwrap();
+    assert_eq!(after, before, "the environment is left as it is");
+    assert_eq!(after.previous, Some(old_state));
+    assert_eq!(store.get_lease(&env("dev")).await.unwrap(), None);
+    assert_eq!(store.list_audit(10).await.unwrap(), vec![audit]);
+}
+
+async fn finalize_run_on_a_stale_environment_writes_nothing(backend: Backend) {
+    let store = &*backend.store;
+    promote(store, &state("dev", Some("p0"), &[snapshot("sushi.orders", "aaaa")]), None, 10).await.unwrap();
+    let applied = plan("p1", "dev", Some("p0"), 20, &[snapshot("sushi.orders", "bbbb")]);
+    let run = begin(store, &applied, "p1-1", 1_000).await.unwrap();
+    // Someone else moved the environment on.
+    let rival = state("dev", Some("p9"), &[snapshot("sushi.orders", "zzzz")]);
+    promote(store, &rival, Some("p0"), 1_050).await.unwrap();
+    let before = store.get_environment(&env("dev")).await.unwrap().unwrap();
+
+    let fresh = snapshot("sushi.items", "ffff");
+    let new_state = state("dev", Some("p1"), &[snapshot("sushi.orders", "bbbb"), fresh.clone()]);
+    let succeeded = outcome(RunStatus::Succeeded, None, 1_100);
+    let promotion = EnvironmentPromotion {
+        state: &new_state,
+        expected_plan: Some(&plan_id("p0")),
+        expires_at: None,
+        now: Timestamp(1_100),
+    };
+    let audit = audit_of(&run, &succeeded, "succeeded");
+    match finalize(store, &run.id, &succeeded, Some(promotion), &audit).await.unwrap_err() {
+        StateError::StaleEnvironment { environment, expected, actual } => {
+            assert_eq!(environment, env("dev"));
+            assert_eq!(expected, Some(plan_id("p0")));
+            assert_eq!(actual, Some(plan_id("p9")));
+        }
+        other => panic!("expected StaleEnvironment, got {other:?}"),
+    }
+    // Nothing was written: the run still runs and holds its lease, no audit row, no snapshot.
+    assert_eq!(store.get_run(&run.id).await.unwrap(), Some(run.clone()));
+    assert_eq!(store.get_lease(&env("dev")).await.unwrap().unwrap().run_id, run.id);
+    assert!(store.list_audit(10).await.unwrap().is_empty());
+    assert_eq!(store.get_environment(&env("dev")).await.unwrap().unwrap(), before);
+    assert!(store.get_snapshots(std::slice::from_ref(&fresh.id)).await.unwrap().is_empty());
+
+    // The run can still be finalized without a promotion.
+    let failed = outcome(RunStatus::Failed, Some("environment moved on"), 1_200);
+    let audit = audit_of(&run, &failed, "failed: environment moved on");
+    assert_eq!(finalize(store, &run.id, &failed, None, &audit).await.unwrap().status, RunStatus::Failed);
+    assert_eq!(store.list_audit(10).await.unwrap(), vec![audit]);
+}
+
+async fn finalize_unknown_run_is_not_found(backend: Backend) {
+    let store = &*backend.store;
+    let applied = plan("pa", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    let run = begin(store, &applied, "pa-1", 1_000).await.unwrap();
+    let succeeded = outcome(RunStatus::Succeeded, None, 1_100);
+    let audit = AuditEntry { run_id: run_id("nope"), ..audit_of(&run, &succeeded, "succeeded") };
+    let new_state = state("dev", Some("pa"), &[snapshot("sushi.orders", "aaaa")]);
+    let promotion =
+        EnvironmentPromotion { state: &new_state, expected_plan: None, expires_at: None, now: Timestamp(1_100) };
+    assert!(matches!(
+        finalize(store, &run_id("nope"), &succeeded, Some(promotion), &audit).await,
+        Err(StateError::NotFound { .. })
+    ));
+    assert!(matches!(
+        finalize(store, &run_id("nope"), &succeeded, None, &audit).await,
+        Err(StateError::NotFound { .. })
+    ));
+    assert!(store.list_audit(10).await.unwrap().is_empty());
+    assert_eq!(store.get_environment(&env("dev")).await.unwrap(), None);
+    assert_eq!(store.get_run(&run.id).await.unwrap(), Some(run));
+}
+
+/// Finalizes `run` twice at once (a succeeded and an aborted outcome), promoting the
+/// environment to `new_state` when given; both calls must succeed and return the same record.
+async fn race_finalize(backend: &Backend, run: &RunRecord, new_state: Option<&EnvironmentState>) -> RunRecord {
+    let contenders = [
+        (outcome(RunStatus::Succeeded, None, 1_100), "succeeded"),
+        (outcome(RunStatus::Aborted, Some("aborted by bob"), 1_101), "aborted"),
+    ];
+    let barrier = Arc::new(tokio::sync::Barrier::new(contenders.len()));
+    let mut attempts = tokio::task::JoinSet::new();
+    for (finished, text) in contenders {
+        let store = Arc::clone(&backend.store);
+        let barrier = Arc::clone(&barrier);
+        let run = run.clone();
+        let new_state = new_state.cloned();
+        attempts.spawn(async move {
+            let audit = audit_of(&run, &finished, text);
+            let expected = plan_id("p0");
+            let promotion = new_state.as_ref().map(|new_state| EnvironmentPromotion {
+                state: new_state,
+                expected_plan: Some(&expected),
+                expires_at: None,
+                now: finished.finished_at,
+            });
+            barrier.wait().await;
+            finalize(&*store, &run.id, &finished, promotion, &audit).await
+        });
+    }
+    let mut returned = Vec::new();
+    while let Some(joined) = attempts.join_next().await {
+        returned.push(joined.unwrap().unwrap());
+    }
+    // Both see the same outcome: the winner's, as stored.
+    assert_eq!(returned[0], returned[1]);
+    let stored = backend.store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!(stored, returned[0]);
+    assert_ne!(stored.status, RunStatus::Running);
+    stored
+}
+
+async fn concurrent_finalize_runs_write_one_audit_row(backend: Backend) {
+    let snapshots = [snapshot("sushi.orders", "aaaa")];
+    promote(&*backend.store, &state("prod", Some("p0"), &snapshots), None, 10).await.unwrap();
+    let applied = plan("p1", "prod", Some("p0"), 20, &snapshots);
+    let run = begin(&*backend.store, &applied, "p1-1", 1_000).await.unwrap();
+    let new_state = state("prod", Some("p1"), &snapshots);
+    let stored = race_finalize(&backend, &run, Some(&new_state)).await;
+    let audit = backend.store.list_audit(10).await.unwrap();
+    assert_eq!(audit.len(), 1, "exactly one audit row: {audit:?}");
+    assert_eq!((audit[0].run_id.clone(), Some(audit[0].finished_at)), (run.id.clone(), stored.finished_at));
+    let record = backend.store.get_environment(&EnvironmentName::prod()).await.unwrap().unwrap();
+    assert_eq!(record.state, new_state);
+    assert_eq!(record.previous.unwrap().plan_id, Some(plan_id("p0")), "promoted once");
+    assert_eq!(backend.store.get_lease(&EnvironmentName::prod()).await.unwrap(), None);
+
+    // Without a promotion, and with no lease left to release, only the run itself settles the
+    // race.
+    let other = plan("q1", "qa", None, 30, &snapshots);
+    let other_run = begin(&*backend.store, &other, "q1-1", 1_000).await.unwrap();
+    backend.store.release_lease(&env("qa"), &other_run.id).await.unwrap();
+    let stored = race_finalize(&backend, &other_run, None).await;
+    let audit = backend.store.list_audit(10).await.unwrap();
+    assert_eq!(audit.len(), 2, "exactly one more audit row: {audit:?}");
+    assert_eq!((audit[0].run_id.clone(), Some(audit[0].finished_at)), (other_run.id, stored.finished_at));
+    assert_eq!(backend.store.get_lease(&env("qa")).await.unwrap(), None);
+}
+
+async fn superseding_begin_run_audits_and_resets_the_breaker(backend: Backend) {
+    let store = &*backend.store;
+    let applied = plan("pa", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    let first = begin(store, &applied, "pa-1", 1_000).await.unwrap();
+    store.add_run_progress(&first.id, RunProgress { tasks_done: 2, intervals_done: 48, retries: 3 }).await.unwrap();
+    store.trip_breaker(&applied.id, "aborted by alice").await.unwrap();
+
+    // A refused begin_run (held lease) leaves the other plan's breaker tripped.
+    let other = plan("pb", "dev", None, 2, &[snapshot("sushi.orders", "bbbb")]);
+    store.trip_breaker(&other.id, "too many failures").await.unwrap();
+    assert!(matches!(begin(store, &other, "pb-1", 1_005).await, Err(StateError::LeaseHeld { .. })));
+    assert_eq!(store.breaker(&other.id).await.unwrap().as_deref(), Some("too many failures"));
+    assert_eq!(store.breaker(&applied.id).await.unwrap().as_deref(), Some("aborted by alice"));
+    assert!(store.list_audit(10).await.unwrap().is_empty());
+
+    // The resume takes over the running run: aborted, audited, and the breaker reset.
+    let second = begin(store, &applied, "pa-2", 1_010).await.unwrap();
+    let aborted = store.get_run(&first.id).await.unwrap().unwrap();
+    assert_eq!(aborted.status, RunStatus::Aborted);
+    assert_eq!(aborted.finished_at, Some(Timestamp(1_010)));
+    assert!(aborted.error.as_deref().unwrap().contains("pa-2"), "{aborted:?}");
+    let expected = AuditEntry {
+        plan_id: applied.id.clone(),
+        run_id: first.id.clone(),
+        environment: env("dev"),
+        user: "alice".to_string(),
+        started_at: Timestamp(1_000),
+        finished_at: Timestamp(1_010),
+        intervals: 48,
+        models: 0,
+        retries: 3,
+        outcome: "aborted: superseded by run pa-2".to_string(),
+    };
+    assert_eq!(store.list_audit(10).await.unwrap(), vec![expected.clone()]);
+    assert_eq!(store.breaker(&applied.id).await.unwrap(), None);
+
+    // A begin_run that fails after it would have superseded (the run id exists) writes nothing:
+    // no audit row, the breaker stays tripped, the running run keeps running.
+    store.trip_breaker(&applied.id, "aborted again").await.unwrap();
+    assert!(matches!(begin(store, &applied, "pa-2", 1_020).await, Err(StateError::RunExists { .. })));
+    assert_eq!(store.list_audit(10).await.unwrap(), vec![expected]);
+    assert_eq!(store.breaker(&applied.id).await.unwrap().as_deref(), Some("aborted again"));
+    assert_eq!(store.get_run(&second.id).await.unwrap(), Some(second));
 }

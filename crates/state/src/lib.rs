@@ -1,9 +1,12 @@
 //! sluice's state store: snapshots, environments and their leases, recorded intervals, plans,
 //! runs, task bookkeeping, circuit breakers and the audit log, behind small capability traits
-//! with a SQLite implementation (embedded mode) and a PostgreSQL one (distributed mode).
+//! with a SQLite implementation (embedded mode), a PostgreSQL one (distributed mode) and an
+//! in-memory one (the deterministic protocol simulation).
 
 mod codec;
 mod error;
+pub mod host;
+mod memory;
 mod postgres;
 mod sqlite;
 mod store;
@@ -15,6 +18,7 @@ mod conformance;
 use std::sync::Arc;
 
 pub use error::StateError;
+pub use memory::MemoryState;
 pub use postgres::PostgresState;
 pub use sqlite::SqliteState;
 pub use store::{
@@ -23,7 +27,7 @@ pub use store::{
 };
 pub use types::{
     AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, FinishedTask, IntervalKey, IntervalRecord,
-    PlanSummary, RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
+    PlanSummary, RunFinalization, RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
 };
 
 /// Where embedded mode keeps its state, relative to the project folder.

@@ -31,7 +31,7 @@ use crate::store::{
 };
 use crate::types::{
     AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, FinishedTask, IntervalKey, IntervalRecord,
-    PlanSummary, RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
+    PlanSummary, RunFinalization, RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -195,6 +195,196 @@ async fn select_run(connection: &mut SqliteConnection, id: &RunId) -> Result<Opt
     row.map(RunRow::into_record).transpose()
 }
 
+/// The error of a compare-and-swap that found the environment showing `actual`.
+fn stale_environment(promotion: &EnvironmentPromotion<'_>, actual: Option<String>) -> StateError {
+    StateError::StaleEnvironment {
+        environment: promotion.state.name.clone(),
+        expected: promotion.expected_plan.cloned(),
+        actual: actual.map(PlanId),
+    }
+}
+
+/// Whether the environment (as [`environment_plan`] read it) exists and shows `plan`.
+fn environment_shows(current: Option<&Option<String>>, plan: Option<&PlanId>) -> bool {
+    current.is_some_and(|shown| same_plan(plan, shown.as_deref()))
+}
+
+/// The compare-and-swap of [`EnvironmentStore::promote_environment`] inside the caller's write
+/// transaction, on the environment as [`environment_plan`] read it there (`current`): fails with
+/// `StaleEnvironment` (having written nothing) unless it shows `promotion.expected_plan`;
+/// otherwise the state shown becomes `previous`, and the new state's snapshots are inserted if
+/// absent.
+async fn promote_in(
+    connection: &mut SqliteConnection,
+    promotion: &EnvironmentPromotion<'_>,
+    current: Option<Option<String>>,
+) -> Result<(), StateError> {
+    let state = promotion.state;
+    let name = &state.name;
+    let snapshot_ids: Vec<&str> = state.snapshots.iter().map(|snapshot| snapshot.id.0.as_str()).collect();
+    let snapshot_list = json_list(&snapshot_ids)?;
+    let exists = current.is_some();
+    let actual = current.flatten();
+    if !same_plan(promotion.expected_plan, actual.as_deref()) {
+        return Err(stale_environment(promotion, actual));
+    }
+    insert_snapshots(&mut *connection, &state.snapshots).await?;
+    let plan_id = state.plan_id.as_ref().map(|plan| plan.0.as_str());
+    let expires_at = promotion.expires_at.map(|time| time.0);
+    if exists {
+        sqlx::query("DELETE FROM sluice_environment_snapshots WHERE environment = ?1 AND generation = 'previous'")
+            .bind(name.as_str())
+            .execute(&mut *connection)
+            .await?;
+        sqlx::query(
+            "UPDATE sluice_environment_snapshots SET generation = 'previous'
+             WHERE environment = ?1 AND generation = 'current'",
+        )
+        .bind(name.as_str())
+        .execute(&mut *connection)
+        .await?;
+        sqlx::query(
+            "UPDATE sluice_environments
+             SET previous_plan_id = plan_id, has_previous = 1, plan_id = ?2, expires_at = ?3, updated_at = ?4
+             WHERE name = ?1",
+        )
+        .bind(name.as_str())
+        .bind(plan_id)
+        .bind(expires_at)
+        .bind(promotion.now.0)
+        .execute(&mut *connection)
+        .await?;
+    } else {
+        sqlx::query(
+            "INSERT INTO sluice_environments (name, plan_id, has_previous, previous_plan_id, expires_at, updated_at)
+             VALUES (?1, ?2, 0, NULL, ?3, ?4)",
+        )
+        .bind(name.as_str())
+        .bind(plan_id)
+        .bind(expires_at)
+        .bind(promotion.now.0)
+        .execute(&mut *connection)
+        .await?;
+    }
+    sqlx::query(
+        "INSERT INTO sluice_environment_snapshots (environment, generation, position, snapshot_id)
+         SELECT ?1, 'current', key, value FROM json_each(?2)",
+    )
+    .bind(name.as_str())
+    .bind(&snapshot_list)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// Records a running run's outcome inside the caller's transaction; `false` if the run does not
+/// exist or is not running (then nothing changed).
+async fn record_outcome(
+    connection: &mut SqliteConnection,
+    id: &RunId,
+    outcome: &RunOutcome,
+) -> Result<bool, StateError> {
+    let updated = sqlx::query(
+        "UPDATE sluice_runs SET status = ?2, error = ?3, finished_at = ?4 WHERE id = ?1 AND status = 'running'",
+    )
+    .bind(&id.0)
+    .bind(outcome.status.as_str())
+    .bind(&outcome.error)
+    .bind(outcome.finished_at.0)
+    .execute(&mut *connection)
+    .await?;
+    Ok(updated.rows_affected() > 0)
+}
+
+/// Deletes the environment's lease if `run_id` holds it, inside the caller's transaction.
+async fn delete_lease(
+    connection: &mut SqliteConnection,
+    environment: &EnvironmentName,
+    run_id: &RunId,
+) -> Result<(), StateError> {
+    sqlx::query("DELETE FROM sluice_leases WHERE environment = ?1 AND run_id = ?2")
+        .bind(environment.as_str())
+        .bind(&run_id.0)
+        .execute(&mut *connection)
+        .await?;
+    Ok(())
+}
+
+/// Appends one audit row inside the caller's transaction.
+async fn insert_audit(connection: &mut SqliteConnection, entry: &AuditEntry) -> Result<(), StateError> {
+    sqlx::query(
+        "INSERT INTO sluice_audit_log
+            (plan_id, run_id, environment, user_name, started_at, finished_at, intervals, models, retries, outcome)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )
+    .bind(&entry.plan_id.0)
+    .bind(&entry.run_id.0)
+    .bind(entry.environment.as_str())
+    .bind(&entry.user)
+    .bind(entry.started_at.0)
+    .bind(entry.finished_at.0)
+    .bind(to_stored_count(entry.intervals, "intervals")?)
+    .bind(to_stored_count(entry.models, "models")?)
+    .bind(to_stored_count(entry.retries, "retries")?)
+    .bind(&entry.outcome)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// Closes the plan's circuit breaker inside the caller's transaction.
+async fn delete_breaker(connection: &mut SqliteConnection, plan_id: &PlanId) -> Result<(), StateError> {
+    sqlx::query("DELETE FROM sluice_breakers WHERE plan_id = ?1").bind(&plan_id.0).execute(&mut *connection).await?;
+    Ok(())
+}
+
+/// The audit row of a run that `begin_run` of `new_run` aborts at `now`.
+fn superseded_audit(run: &RunRecord, new_run: &RunId, now: Timestamp) -> AuditEntry {
+    AuditEntry {
+        plan_id: run.plan_id.clone(),
+        run_id: run.id.clone(),
+        environment: run.environment.clone(),
+        user: run.user.clone(),
+        started_at: run.started_at,
+        finished_at: now,
+        intervals: run.intervals_done,
+        models: 0,
+        retries: run.retries,
+        outcome: format!("aborted: superseded by run {new_run}"),
+    }
+}
+
+/// Marks every running run of the environment aborted, superseded by `start.run_id`, and appends
+/// each one's audit row, inside `begin_run`'s transaction. Returns how many runs it aborted.
+async fn supersede_runs(connection: &mut SqliteConnection, start: &RunStart<'_>) -> Result<usize, StateError> {
+    let environment = &start.plan.environment;
+    let rows = sqlx::query_as::<_, RunRow>(
+        "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+         FROM sluice_runs WHERE environment = ?1 AND status = 'running' ORDER BY seq",
+    )
+    .bind(environment.as_str())
+    .fetch_all(&mut *connection)
+    .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    sqlx::query(
+        "UPDATE sluice_runs SET status = 'aborted', finished_at = ?2, error = ?3
+         WHERE environment = ?1 AND status = 'running'",
+    )
+    .bind(environment.as_str())
+    .bind(start.now.0)
+    .bind(format!("lease taken over by run {}", start.run_id))
+    .execute(&mut *connection)
+    .await?;
+    let superseded = rows.len();
+    for row in rows {
+        let run = row.into_record()?;
+        insert_audit(&mut *connection, &superseded_audit(&run, start.run_id, start.now)).await?;
+    }
+    Ok(superseded)
+}
+
 #[async_trait]
 impl SnapshotStore for SqliteState {
     async fn put_snapshots(&self, snapshots: &[Snapshot]) -> Result<(), StateError> {
@@ -298,66 +488,9 @@ impl EnvironmentStore for SqliteState {
     }
 
     async fn promote_environment(&self, promotion: EnvironmentPromotion<'_>) -> Result<(), StateError> {
-        let state = promotion.state;
-        let name = &state.name;
-        let snapshot_ids: Vec<&str> = state.snapshots.iter().map(|snapshot| snapshot.id.0.as_str()).collect();
-        let snapshot_list = json_list(&snapshot_ids)?;
         let mut transaction = self.begin_write().await?;
-        let current = environment_plan(&mut transaction, name).await?;
-        let actual = current.clone().flatten();
-        if !same_plan(promotion.expected_plan, actual.as_deref()) {
-            return Err(StateError::StaleEnvironment {
-                environment: name.clone(),
-                expected: promotion.expected_plan.cloned(),
-                actual: actual.map(PlanId),
-            });
-        }
-        insert_snapshots(&mut transaction, &state.snapshots).await?;
-        let plan_id = state.plan_id.as_ref().map(|plan| plan.0.as_str());
-        let expires_at = promotion.expires_at.map(|time| time.0);
-        if current.is_some() {
-            sqlx::query("DELETE FROM sluice_environment_snapshots WHERE environment = ?1 AND generation = 'previous'")
-                .bind(name.as_str())
-                .execute(&mut *transaction)
-                .await?;
-            sqlx::query(
-                "UPDATE sluice_environment_snapshots SET generation = 'previous'
-                 WHERE environment = ?1 AND generation = 'current'",
-            )
-            .bind(name.as_str())
-            .execute(&mut *transaction)
-            .await?;
-            sqlx::query(
-                "UPDATE sluice_environments
-                 SET previous_plan_id = plan_id, has_previous = 1, plan_id = ?2, expires_at = ?3, updated_at = ?4
-                 WHERE name = ?1",
-            )
-            .bind(name.as_str())
-            .bind(plan_id)
-            .bind(expires_at)
-            .bind(promotion.now.0)
-            .execute(&mut *transaction)
-            .await?;
-        } else {
-            sqlx::query(
-                "INSERT INTO sluice_environments (name, plan_id, has_previous, previous_plan_id, expires_at, updated_at)
-                 VALUES (?1, ?2, 0, NULL, ?3, ?4)",
-            )
-            .bind(name.as_str())
-            .bind(plan_id)
-            .bind(expires_at)
-            .bind(promotion.now.0)
-            .execute(&mut *transaction)
-            .await?;
-        }
-        sqlx::query(
-            "INSERT INTO sluice_environment_snapshots (environment, generation, position, snapshot_id)
-             SELECT ?1, 'current', key, value FROM json_each(?2)",
-        )
-        .bind(name.as_str())
-        .bind(&snapshot_list)
-        .execute(&mut *transaction)
-        .await?;
+        let current = environment_plan(&mut transaction, &promotion.state.name).await?;
+        promote_in(&mut transaction, &promotion, current).await?;
         transaction.commit().await?;
         Ok(())
     }
@@ -403,12 +536,8 @@ impl LeaseStore for SqliteState {
     }
 
     async fn release_lease(&self, environment: &EnvironmentName, run_id: &RunId) -> Result<(), StateError> {
-        sqlx::query("DELETE FROM sluice_leases WHERE environment = ?1 AND run_id = ?2")
-            .bind(environment.as_str())
-            .bind(&run_id.0)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let mut connection = self.pool.acquire().await?;
+        delete_lease(&mut connection, environment, run_id).await
     }
 }
 
@@ -550,18 +679,12 @@ impl RunStore for SqliteState {
             };
         }
 
-        let superseded = sqlx::query(
-            "UPDATE sluice_runs SET status = 'aborted', finished_at = ?2, error = ?3
-             WHERE environment = ?1 AND status = 'running'",
-        )
-        .bind(environment.as_str())
-        .bind(start.now.0)
-        .bind(format!("lease taken over by run {}", start.run_id))
-        .execute(&mut *transaction)
-        .await?;
-        if superseded.rows_affected() > 0 {
+        let superseded = supersede_runs(&mut transaction, &start).await?;
+        if superseded > 0 {
             tracing::info!(environment = %environment, run_id = %start.run_id, "took over the lease of an unfinished run");
         }
+        // A resume closes the breaker only now that it has taken over the old run.
+        delete_breaker(&mut transaction, &plan.id).await?;
 
         let inserted = sqlx::query(
             "INSERT INTO sluice_runs (id, plan_id, environment, status, started_at, user_name)
@@ -638,16 +761,7 @@ impl RunStore for SqliteState {
             return Err(StateError::Invalid { reason: format!("run {id} cannot finish as running") });
         }
         let mut connection = self.pool.acquire().await?;
-        let updated = sqlx::query(
-            "UPDATE sluice_runs SET status = ?2, error = ?3, finished_at = ?4 WHERE id = ?1 AND status = 'running'",
-        )
-        .bind(&id.0)
-        .bind(outcome.status.as_str())
-        .bind(&outcome.error)
-        .bind(outcome.finished_at.0)
-        .execute(&mut *connection)
-        .await?;
-        if updated.rows_affected() > 0 {
+        if record_outcome(&mut connection, id, &outcome).await? {
             return Ok(());
         }
         match select_run(&mut connection, id).await? {
@@ -655,6 +769,40 @@ impl RunStore for SqliteState {
             Some(run) if run.status == outcome.status => Ok(()),
             Some(run) => Err(StateError::RunFinished { run: id.clone(), status: run.status }),
         }
+    }
+
+    async fn finalize_run(&self, finalization: RunFinalization<'_>) -> Result<RunRecord, StateError> {
+        let id = finalization.run_id;
+        let outcome = finalization.outcome;
+        if outcome.status == RunStatus::Running {
+            return Err(StateError::Invalid { reason: format!("run {id} cannot finish as running") });
+        }
+        // `BEGIN IMMEDIATE`: a concurrent finalization waits here and then finds the run finished.
+        let mut transaction = self.begin_write().await?;
+        let Some(run) = select_run(&mut transaction, id).await? else {
+            return Err(StateError::not_found(format!("run {id}")));
+        };
+        if run.status != RunStatus::Running {
+            // Finished already: the first outcome wins, nothing is written.
+            return Ok(run);
+        }
+        if let Some(promotion) = &finalization.promotion {
+            let current = environment_plan(&mut transaction, &promotion.state.name).await?;
+            // An environment showing the plan already was promoted by an earlier attempt.
+            if !environment_shows(current.as_ref(), promotion.state.plan_id.as_ref()) {
+                promote_in(&mut transaction, promotion, current).await?;
+            }
+        }
+        if !record_outcome(&mut transaction, id, outcome).await? {
+            return Err(StateError::Contention { what: format!("run {id}") });
+        }
+        delete_lease(&mut transaction, &run.environment, id).await?;
+        insert_audit(&mut transaction, finalization.audit).await?;
+        let Some(finished) = select_run(&mut transaction, id).await? else {
+            return Err(StateError::not_found(format!("run {id}")));
+        };
+        transaction.commit().await?;
+        Ok(finished)
     }
 
     async fn add_run_progress(&self, id: &RunId, progress: RunProgress) -> Result<(), StateError> {
@@ -826,32 +974,16 @@ impl BreakerStore for SqliteState {
     }
 
     async fn reset_breaker(&self, plan_id: &PlanId) -> Result<(), StateError> {
-        sqlx::query("DELETE FROM sluice_breakers WHERE plan_id = ?1").bind(&plan_id.0).execute(&self.pool).await?;
-        Ok(())
+        let mut connection = self.pool.acquire().await?;
+        delete_breaker(&mut connection, plan_id).await
     }
 }
 
 #[async_trait]
 impl AuditLog for SqliteState {
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StateError> {
-        sqlx::query(
-            "INSERT INTO sluice_audit_log
-                (plan_id, run_id, environment, user_name, started_at, finished_at, intervals, models, retries, outcome)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )
-        .bind(&entry.plan_id.0)
-        .bind(&entry.run_id.0)
-        .bind(entry.environment.as_str())
-        .bind(&entry.user)
-        .bind(entry.started_at.0)
-        .bind(entry.finished_at.0)
-        .bind(to_stored_count(entry.intervals, "intervals")?)
-        .bind(to_stored_count(entry.models, "models")?)
-        .bind(to_stored_count(entry.retries, "retries")?)
-        .bind(&entry.outcome)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut connection = self.pool.acquire().await?;
+        insert_audit(&mut connection, entry).await
     }
 
     async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StateError> {

@@ -16,7 +16,7 @@ use sluice_core::snapshot::Snapshot;
 use crate::error::StateError;
 use crate::types::{
     AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, FinishedTask, IntervalKey, IntervalRecord,
-    PlanSummary, RunId, RunOutcome, RunProgress, RunRecord, RunStart, TaskFailure,
+    PlanSummary, RunFinalization, RunId, RunOutcome, RunProgress, RunRecord, RunStart, TaskFailure,
 };
 
 /// Snapshots by id, stored once and shared by every plan and environment that uses them.
@@ -114,7 +114,9 @@ pub trait RunStore: Send + Sync {
     /// the environment still shows `plan.previous_plan_id` (else `StaleEnvironment`), takes the
     /// environment's lease (else `LeaseHeld`; an expired lease, or one held by another run of
     /// the same plan, is taken over and that run marked aborted), and inserts the run as
-    /// `running`. On any error nothing is written.
+    /// `running`. Every run it supersedes (a running run of the environment whose lease it took
+    /// over) is finished as aborted with its audit row, and the plan's circuit breaker is reset
+    /// (a resume), in the same transaction. On any error nothing is written.
     async fn begin_run(&self, start: RunStart<'_>) -> Result<RunRecord, StateError>;
 
     async fn get_run(&self, id: &RunId) -> Result<Option<RunRecord>, StateError>;
@@ -131,6 +133,15 @@ pub trait RunStore: Send + Sync {
     /// Marks a running run finished. Finishing again with the same status is a no-op; with
     /// another status it fails with `RunFinished`. Does not release the lease.
     async fn finish_run(&self, id: &RunId, outcome: RunOutcome) -> Result<(), StateError>;
+
+    /// Ends a running run in one transaction: when `promotion` is given, compare-and-swaps the
+    /// environment as [`EnvironmentStore::promote_environment`] does (an environment that already
+    /// shows the promotion's plan is left as it is; one that shows another plan than expected
+    /// fails with `StaleEnvironment` and nothing is written); then records the outcome, releases
+    /// the environment's lease if the run holds it and appends the audit row. A run that is
+    /// already finished is left exactly as it is (finalizing is idempotent, and the first
+    /// outcome wins); either way the stored record is returned. `NotFound` for an unknown run.
+    async fn finalize_run(&self, finalization: RunFinalization<'_>) -> Result<RunRecord, StateError>;
 
     /// Adds to the run's counters.
     async fn add_run_progress(&self, id: &RunId, progress: RunProgress) -> Result<(), StateError>;

@@ -119,6 +119,17 @@ pub struct RunOutcome {
     pub finished_at: Timestamp,
 }
 
+/// Everything that ends a run, written in one transaction by [`crate::RunStore::finalize_run`]:
+/// its outcome, the environment promotion of a promoted run, the lease released and the audit row.
+#[derive(Clone, Copy, Debug)]
+pub struct RunFinalization<'a> {
+    pub run_id: &'a RunId,
+    pub outcome: &'a RunOutcome,
+    /// For a promoted run: the environment's compare-and-swap, committed with the outcome.
+    pub promotion: Option<EnvironmentPromotion<'a>>,
+    pub audit: &'a AuditEntry,
+}
+
 /// Counters to add to a run's totals.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct RunProgress {

@@ -23,7 +23,8 @@ use sluice_core::query::QueryTemplate;
 use sluice_core::task_graph::TaskGraph;
 use sluice_engine::{EngineError, Warehouse, WarehouseFactory};
 use sluice_queue::{Delivery, DependencyGate, EventBus, QueueError, RunEvent, RunId, TaskMessage, TaskQueue};
-use sluice_state::{FinishedTask, IntervalRecord, RunStatus, StateError, StateStore, TaskFailure};
+use sluice_state::host::offload;
+use sluice_state::{FinishedTask, IntervalKey, IntervalRecord, RunStatus, StateError, StateStore, TaskFailure};
 use tokio::sync::{OnceCell, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
@@ -90,11 +91,6 @@ impl WorkerError {
     }
 }
 
-/// How long a worker trusts a closed breaker it read before it reads the breaker again between
-/// tasks: an abort is noticed at most this much later. A tripped breaker is read every time (a
-/// resume resets it).
-const BREAKER_RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
-
 /// The most finished tasks one state transaction records.
 const MAX_FINISH_BATCH: usize = 256;
 
@@ -106,12 +102,20 @@ type FinishReply = oneshot::Sender<Result<(), Arc<StateError>>>;
 /// again task by task, so that one task's failure (a run that vanished) is not another's.
 struct Finisher {
     sender: mpsc::UnboundedSender<(FinishedTask, FinishReply)>,
+    /// The writer dies with the worker (a crashed worker writes nothing more).
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        self.writer.abort();
+    }
 }
 
 impl Finisher {
     fn start(state: Arc<dyn StateStore>) -> Finisher {
         let (sender, mut receiver) = mpsc::unbounded_channel::<(FinishedTask, FinishReply)>();
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             while let Some(first) = receiver.recv().await {
                 let mut batch = vec![first];
                 while batch.len() < MAX_FINISH_BATCH {
@@ -141,7 +145,7 @@ impl Finisher {
                 }
             }
         });
-        Finisher { sender }
+        Finisher { sender, writer }
     }
 
     async fn finish(&self, task: FinishedTask) -> Result<(), WorkerError> {
@@ -206,8 +210,6 @@ struct Shared {
     contexts: Mutex<HashMap<PlanId, ContextCell>>,
     /// Runs seen in the state store (a run, once started, stays there).
     known_runs: Mutex<HashSet<RunId>>,
-    /// Plans whose breaker was read closed, and when.
-    closed_breakers: Mutex<HashMap<PlanId, std::time::Instant>>,
     finisher: Finisher,
     /// Tasks being settled while their slots run the next ones (one permit each).
     settling: Arc<tokio::sync::Semaphore>,
@@ -240,9 +242,7 @@ impl Shared {
                     .get_plan(plan_id)
                     .await?
                     .ok_or_else(|| WorkerError::UnknownPlan(plan_id.clone()))?;
-                let context = tokio::task::spawn_blocking(move || RunContext::build(plan))
-                    .await
-                    .map_err(|error| WorkerError::Join(error.to_string()))?;
+                let context = offload(move || RunContext::build(plan)).await.map_err(WorkerError::Join)?;
                 Ok::<_, WorkerError>(Arc::new(context))
             })
             .await?;
@@ -252,8 +252,55 @@ impl Shared {
 
 /// The outcome of executing one task in the warehouse.
 enum Execution {
-    Done { rows: u64, retries: u32 },
-    Failed { error: String, attempts: u32 },
+    Done {
+        rows: u64,
+        retries: u32,
+    },
+    Failed {
+        error: String,
+        attempts: u32,
+    },
+    /// Before a retry, state said the task must not run: its interval was recorded meanwhile
+    /// (another copy finished it), or its run stopped.
+    Stopped(Outlook),
+}
+
+/// What state says of a task about to run, read from state now (never from a cache).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outlook {
+    /// Its run is finished or was superseded by a resume: no more work for it.
+    RunOver,
+    /// Its plan's breaker is tripped: drain it.
+    Aborted,
+    /// Its interval is recorded: never executed again.
+    Recorded,
+    Go,
+}
+
+impl Shared {
+    async fn outlook(
+        &self,
+        message: &TaskMessage,
+        key: &IntervalKey,
+        interval: Interval,
+    ) -> Result<Outlook, WorkerError> {
+        let state = &self.deps.state;
+        let retry = self.config.retry;
+        let run = durable(retry, "run", || async { Ok(state.get_run(&message.run_id).await?) }).await?;
+        if run.is_none_or(|run| run.status != RunStatus::Running) {
+            return Ok(Outlook::RunOver);
+        }
+        let breaker = durable(retry, "breaker", || async { Ok(state.breaker(&message.plan_id).await?) }).await?;
+        if breaker.is_some() {
+            return Ok(Outlook::Aborted);
+        }
+        let recorded =
+            durable(retry, "intervals", || async { Ok(state.get_intervals(std::slice::from_ref(key)).await?) }).await?;
+        if recorded.get(key).is_some_and(|set| set.covers(interval)) {
+            return Ok(Outlook::Recorded);
+        }
+        Ok(Outlook::Go)
+    }
 }
 
 /// Retries a state or queue step while its failure is transient.
@@ -326,6 +373,9 @@ where
 /// One worker slot: a warehouse connection, reopened after a lost connection.
 struct Slot {
     shared: Arc<Shared>,
+    /// The settles in flight, owned by the worker's slots (not by `Shared`, which the settles
+    /// hold): when the worker stops or crashes, dropping them aborts every one.
+    settles: Arc<Mutex<tokio::task::JoinSet<()>>>,
     warehouse: Option<Box<dyn Warehouse>>,
     /// Physical tables this connection has made sure exist.
     ensured: BTreeSet<String>,
@@ -396,11 +446,24 @@ impl Slot {
         Ok(rows)
     }
 
-    async fn execute(&mut self, context: &RunContext, task_index: u32) -> Execution {
+    async fn execute(&mut self, context: &RunContext, message: &TaskMessage) -> Execution {
+        let task_index = message.task_index;
         let mut schedule = RetrySchedule::new(self.shared.config.retry);
         let mut retries = 0;
         let execution_time = context.plan.created_at;
+        let task = context.graph.tasks[task_index as usize];
+        let snapshot = &context.plan.snapshots[task.snapshot as usize].snapshot;
+        let key = (snapshot.name.clone(), snapshot.version.clone());
         loop {
+            if retries > 0 {
+                // Time passed since the last look at state: another copy may have finished the
+                // interval, or the run may have stopped.
+                match self.shared.outlook(message, &key, task.interval).await {
+                    Ok(Outlook::Go) => {}
+                    Ok(stop) => return Execution::Stopped(stop),
+                    Err(error) => return Execution::Failed { error: error.to_string(), attempts: retries },
+                }
+            }
             match self.execute_once(context, task_index, execution_time).await {
                 Ok(rows) => return Execution::Done { rows, retries },
                 Err(error) if error.is_transient() => {
@@ -424,7 +487,6 @@ impl Slot {
     #[instrument(skip_all, fields(plan_id = %delivery.task.plan_id, run_id = %delivery.task.run_id, task = delivery.task.task_index))]
     async fn handle(&mut self, delivery: Delivery) -> Result<(), WorkerError> {
         let message = delivery.task.clone();
-        let deps = self.shared.deps.clone();
         let context = match self.shared.context(&message.plan_id).await {
             Ok(context) => context,
             Err(WorkerError::UnknownPlan(plan)) => {
@@ -453,23 +515,20 @@ impl Slot {
         let planned = &context.plan.snapshots[task.snapshot as usize];
         let snapshot = &planned.snapshot;
 
-        // Between tasks: an aborted run takes no more work.
-        if Slot::breaker_tripped(&self.shared, &message.plan_id).await? {
-            return self.drop_aborted(delivery, &context).await;
-        }
-
-        // A first delivery of a first publish is work nobody did: the coordinator queued only
-        // tasks not recorded. A redelivery, or a task queued again by a reconcile, may have been
-        // finished by another worker: then the warehouse is skipped.
-        let already_recorded = if delivery.redelivered || message.attempt > 0 {
-            let key = (snapshot.name.clone(), snapshot.version.clone());
-            let recorded = durable(self.shared.config.retry, "intervals", || async {
-                Ok(deps.state.get_intervals(std::slice::from_ref(&key)).await?)
-            })
-            .await?;
-            recorded.get(&key).is_some_and(|set| set.covers(task.interval))
-        } else {
-            false
+        // Before any work, from state as it is now (never from a cache): a run that is finished
+        // or was superseded by a resume takes no more work (a stale copy must not rewrite an
+        // interval of a promoted table); an aborted run's tasks are drained; an interval that is
+        // recorded is never executed again, whoever queued the task and however often.
+        let key = (snapshot.name.clone(), snapshot.version.clone());
+        let already_recorded = match self.shared.outlook(&message, &key, task.interval).await? {
+            Outlook::RunOver => {
+                debug!("a task of a run that is no longer running: dropped without work");
+                delivery.ack().await?;
+                return Ok(());
+            }
+            Outlook::Aborted => return self.drop_aborted(delivery, &context).await,
+            Outlook::Recorded => true,
+            Outlook::Go => false,
         };
         let (rows, retries, skipped) = if already_recorded {
             (0, 0, true)
@@ -479,7 +538,14 @@ impl Slot {
                 Some(Execution::Failed { error, attempts }) => {
                     return self.fail(delivery, &context, index, task.interval, error, attempts).await;
                 }
-                None => return self.drop_aborted(delivery, &context).await,
+                Some(Execution::Stopped(Outlook::Recorded)) => (0, 0, true),
+                Some(Execution::Stopped(Outlook::RunOver)) => {
+                    delivery.ack().await?;
+                    return Ok(());
+                }
+                Some(Execution::Stopped(Outlook::Aborted | Outlook::Go)) | None => {
+                    return self.drop_aborted(delivery, &context).await;
+                }
             }
         };
 
@@ -490,37 +556,15 @@ impl Slot {
             .await
             .map_err(|_| WorkerError::Join("the worker is stopping".to_string()))?;
         let settled = Settled { shared: Arc::clone(&self.shared), context, delivery, rows, retries, skipped };
-        tokio::spawn(async move {
+        let mut settles = self.settles.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while settles.try_join_next().is_some() {}
+        settles.spawn(async move {
             if let Err(error) = settled.settle().await {
                 warn!(error = %error, "settling a finished task failed; the task will be delivered again");
             }
             drop(permit);
         });
         Ok(())
-    }
-
-    /// Whether the plan's breaker is tripped; a closed breaker read less than
-    /// `BREAKER_RECHECK` ago is not read again.
-    async fn breaker_tripped(shared: &Shared, plan_id: &PlanId) -> Result<bool, WorkerError> {
-        let fresh = |read: &std::time::Instant| read.elapsed() < BREAKER_RECHECK;
-        if shared
-            .closed_breakers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(plan_id)
-            .is_some_and(fresh)
-        {
-            return Ok(false);
-        }
-        let state = &shared.deps.state;
-        let reason = durable(shared.config.retry, "breaker", || async { Ok(state.breaker(plan_id).await?) }).await?;
-        let mut closed = shared.closed_breakers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if reason.is_some() {
-            closed.remove(plan_id);
-        } else {
-            closed.insert(plan_id.clone(), std::time::Instant::now());
-        }
-        Ok(reason.is_some())
     }
 
     /// Executes the task while reporting it alive and watching the run's breaker: `None` when
@@ -534,7 +578,7 @@ impl Slot {
         // Connected first, so that the statement in flight can be cancelled from here.
         let canceller = self.warehouse().await.ok().map(|warehouse| warehouse.canceller());
         let outcome = {
-            let run = self.execute(context, index);
+            let run = self.execute(context, message);
             tokio::pin!(run);
             // The first beat after one period: a task shorter than that reports only its end, so
             // the hot path pays no extra publish and no second breaker read.
@@ -542,13 +586,20 @@ impl Slot {
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
+                    biased;
                     execution = &mut run => break Some(execution),
                     _ = ticker.tick() => {
                         let alive = RunEvent::TaskRunning { run_id: message.run_id.clone(), task_index: index };
                         if let Err(error) = deps.events.publish(alive).await {
                             warn!(error = %error, "reporting the task alive failed");
                         }
-                        if let Ok(Some(reason)) = deps.state.breaker(&message.plan_id).await {
+                        let superseded = matches!(
+                            deps.state.get_run(&message.run_id).await,
+                            Ok(Some(run)) if run.status != RunStatus::Running
+                        );
+                        let breaker = deps.state.breaker(&message.plan_id).await.ok().flatten();
+                        if superseded || breaker.is_some() {
+                            let reason = breaker.unwrap_or_else(|| "the run is no longer running".to_string());
                             info!(reason = %reason, "the run was aborted: cancelling the task in flight");
                             if let Some(canceller) = &canceller {
                                 canceller.cancel().await;
@@ -678,6 +729,9 @@ impl Settled {
                     return Err(WorkerError::UnknownRun(message.run_id));
                 }
             };
+        // Children are published again when this completion may be a repeat (a redelivery, a
+        // skip): they may have been published before, so they go out as a later attempt.
+        let repeat = !completion.newly_done;
         if completion.newly_done || delivery.redelivered || skipped {
             let ready: Vec<TaskMessage> = completion
                 .ready
@@ -690,7 +744,7 @@ impl Settled {
                         task_index: *child,
                         task_id: child_task.id,
                         gateway: context.plan.snapshots[child_task.snapshot as usize].snapshot.gateway.clone(),
-                        attempt: 0,
+                        attempt: u32::from(repeat || delivery.redelivered || skipped),
                     }
                 })
                 .collect();
@@ -729,19 +783,21 @@ pub async fn run(config: WorkerConfig, deps: WorkerDeps, shutdown: CancellationT
         deps,
         contexts: Mutex::new(HashMap::new()),
         known_runs: Mutex::default(),
-        closed_breakers: Mutex::default(),
         finisher,
         settling: Arc::new(tokio::sync::Semaphore::new(concurrency)),
     });
     let mut slots = tokio::task::JoinSet::new();
+    let settles = Arc::new(Mutex::new(tokio::task::JoinSet::new()));
     for _ in 0..concurrency {
+        let settles = Arc::clone(&settles);
         let shared = Arc::clone(&shared);
         let shutdown = shutdown.clone();
         slots.spawn(async move {
-            let mut slot = Slot { shared: Arc::clone(&shared), warehouse: None, ensured: BTreeSet::new() };
+            let mut slot = Slot { shared: Arc::clone(&shared), settles, warehouse: None, ensured: BTreeSet::new() };
             let mut pause = RetrySchedule::new(shared.config.retry);
             loop {
                 let next = tokio::select! {
+                    biased;
                     _ = shutdown.cancelled() => return Ok::<(), WorkerError>(()),
                     next = shared.deps.queue.next(&shared.config.gateway) => next,
                 };
@@ -752,6 +808,7 @@ pub async fn run(config: WorkerConfig, deps: WorkerDeps, shutdown: CancellationT
                         warn!(error = %error, "queue unavailable, retrying");
                         let delay = pause.next_delay().unwrap_or(shared.config.retry.max_interval);
                         tokio::select! {
+                            biased;
                             _ = shutdown.cancelled() => return Ok(()),
                             _ = tokio::time::sleep(delay) => {}
                         }
@@ -768,6 +825,7 @@ pub async fn run(config: WorkerConfig, deps: WorkerDeps, shutdown: CancellationT
                         // Back off before the next delivery so that a broken dependency is not hammered.
                         let delay = pause.next_delay().unwrap_or(shared.config.retry.max_interval);
                         tokio::select! {
+                            biased;
                             _ = shutdown.cancelled() => return Ok(()),
                             _ = tokio::time::sleep(delay) => {}
                         }

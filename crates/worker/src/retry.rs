@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use backoff::Clock as _;
 use backoff::backoff::Backoff;
 
 /// How transient failures are retried.
@@ -13,6 +14,9 @@ pub struct RetryPolicy {
     pub max_interval: Duration,
     /// Give up once this much time has passed since the first failure.
     pub max_elapsed: Duration,
+    /// Each delay is drawn from `delay × [1 − jitter, 1 + jitter]` so that failing workers do
+    /// not retry in lockstep; the protocol simulation sets 0 (its seed decides every delay).
+    pub jitter: f64,
 }
 
 impl Default for RetryPolicy {
@@ -21,22 +25,40 @@ impl Default for RetryPolicy {
             initial_interval: Duration::from_millis(50),
             max_interval: Duration::from_secs(5),
             max_elapsed: Duration::from_secs(120),
+            jitter: 0.5,
         }
+    }
+}
+
+/// The runtime's clock for the schedule's elapsed time: tokio's (paused and advanced by the
+/// protocol simulation, the machine's monotonic clock otherwise).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RuntimeClock;
+
+impl backoff::Clock for RuntimeClock {
+    fn now(&self) -> std::time::Instant {
+        tokio::time::Instant::now().into_std()
     }
 }
 
 /// The delays before successive retries of one operation.
 pub struct RetrySchedule {
-    backoff: backoff::ExponentialBackoff,
+    backoff: backoff::exponential::ExponentialBackoff<RuntimeClock>,
 }
 
 impl RetrySchedule {
     pub fn new(policy: RetryPolicy) -> RetrySchedule {
-        let backoff = backoff::ExponentialBackoffBuilder::new()
-            .with_initial_interval(policy.initial_interval)
-            .with_max_interval(policy.max_interval)
-            .with_max_elapsed_time(Some(policy.max_elapsed))
-            .build();
+        let mut backoff = backoff::exponential::ExponentialBackoff {
+            current_interval: policy.initial_interval,
+            initial_interval: policy.initial_interval,
+            randomization_factor: policy.jitter,
+            multiplier: backoff::default::MULTIPLIER,
+            max_interval: policy.max_interval,
+            start_time: RuntimeClock.now(),
+            max_elapsed_time: Some(policy.max_elapsed),
+            clock: RuntimeClock,
+        };
+        backoff.reset();
         RetrySchedule { backoff }
     }
 

@@ -1,0 +1,309 @@
+//! The modelled warehouse: what plain SQL would put in each table, cell by cell (a day of an
+//! incremental table, the whole of a FULL one), the environment views, and the checks made at
+//! the moment a write or a promotion happens.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sluice_core::interval::{Interval, Timestamp};
+use sluice_core::model::SeedData;
+use sluice_core::names::PhysicalTable;
+use sluice_engine::{Canceller, EngineError, TableChecksum, ViewUpdate, Warehouse, WarehouseFactory};
+use sluice_state::{IntervalStore, RunStatus, RunStore};
+
+use crate::world::{Shared, WHOLE, day_cells};
+
+#[derive(Clone)]
+pub struct SimWarehouses {
+    world: Shared,
+}
+
+impl SimWarehouses {
+    pub fn new(world: Shared) -> SimWarehouses {
+        SimWarehouses { world }
+    }
+}
+
+#[async_trait]
+impl WarehouseFactory for SimWarehouses {
+    async fn connect(&self, gateway: &str) -> Result<Box<dyn Warehouse>, EngineError> {
+        self.world.pause().await;
+        if failed(&self.world) {
+            return Err(unavailable());
+        }
+        Ok(Box::new(SimConnection { world: self.world.clone(), gateway: gateway.to_string() }))
+    }
+}
+
+#[async_trait]
+impl sluice_coordinator::GatewayCheck for SimWarehouses {
+    async fn check(&self, _gateway: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+fn failed(world: &Shared) -> bool {
+    let mut world = world.lock();
+    let rate = world.faults.warehouse_fails;
+    world.chance(rate)
+}
+
+fn unavailable() -> EngineError {
+    EngineError::Unavailable { engine: "sim", message: "injected fault".into() }
+}
+
+struct NoCanceller;
+
+#[async_trait]
+impl Canceller for NoCanceller {
+    async fn cancel(&self) {}
+}
+
+struct SimConnection {
+    world: Shared,
+    gateway: String,
+}
+
+/// The longest a write can take from the worker's last look at state to its start in the
+/// warehouse (a state answer, a table check, the statement's way there): a write that starts
+/// this long after its interval was recorded was decided on a recorded interval.
+fn decision_window(world: &Shared) -> std::time::Duration {
+    std::time::Duration::from_millis(4 * world.lock().faults.max_latency_ms + 1)
+}
+
+impl SimConnection {
+    /// The checks at the start of a data write, against state as it is.
+    async fn check_write(&self, table: &str, interval: Option<Interval>) {
+        let (truth, info) = {
+            let world = self.world.lock();
+            (world.truth.clone(), world.registry.get(table).cloned())
+        };
+        let Some(info) = info else {
+            self.world.lock().violation(format!("write to {table}, which no plan created"));
+            return;
+        };
+        if info.gateway != self.gateway {
+            self.world
+                .lock()
+                .violation(format!("a worker of gateway {} wrote {table} of gateway {}", self.gateway, info.gateway));
+        }
+        // A live run (running, not being aborted) must plan this table, or have been live within
+        // the time a worker takes from its last look at state to the write.
+        let window = decision_window(&self.world);
+        let now = tokio::time::Instant::now();
+        let mut live_until: Option<tokio::time::Instant> = None;
+        for plan_id in info.planned.keys() {
+            for run in truth.runs_of_plan(plan_id).await.unwrap_or_default() {
+                let (ended, tripped) = {
+                    let world = self.world.lock();
+                    (world.ended_at.get(&run.id).copied(), world.tripped_at.get(plan_id).copied())
+                };
+                let until = match (run.status == RunStatus::Running, ended, tripped) {
+                    (true, _, None) => Some(now),
+                    (true, _, Some(tripped)) => Some(tripped),
+                    (false, Some(ended), tripped) => Some(tripped.map_or(ended, |tripped| tripped.min(ended))),
+                    (false, None, _) => None,
+                };
+                live_until = live_until.max(until);
+            }
+        }
+        if live_until.is_none_or(|until| until + window < now) {
+            self.world.lock().violation(format!("write to {table} while no running, unaborted run plans it"));
+        }
+        if let Some(interval) = interval {
+            let recorded = truth.get_intervals(std::slice::from_ref(&info.key)).await.unwrap_or_default();
+            let covered = recorded.get(&info.key).is_some_and(|set| set.covers(interval));
+            if covered {
+                let window = decision_window(&self.world);
+                let mut world = self.world.lock();
+                let (model, version) = info.key.clone();
+                let since = world.recorded_at.get(&(model, version, interval.start.0)).copied();
+                if since.is_none_or(|at| at + window < tokio::time::Instant::now()) {
+                    world.violation(format!("{table} {interval} executed again after it was recorded"));
+                }
+            }
+        }
+    }
+
+    fn write_cells(&self, table: &str, cells: Vec<(i64, Interval)>) {
+        let mut world = self.world.lock();
+        let values: Vec<(i64, u64)> =
+            cells.iter().map(|(cell, span)| (*cell, world.actual_cell(table, *cell, *span))).collect();
+        world.note(&format!("write {table} {} cells", values.len()));
+        let stored = world.tables.entry(table.to_string()).or_default();
+        if cells.first().is_some_and(|(cell, _)| *cell == WHOLE) {
+            stored.cells.clear();
+        }
+        for (cell, value) in values {
+            stored.cells.insert(cell, value);
+        }
+    }
+}
+
+#[async_trait]
+impl Warehouse for SimConnection {
+    fn engine_name(&self) -> &'static str {
+        "sim"
+    }
+
+    async fn ping(&mut self) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    fn canceller(&self) -> Arc<dyn Canceller> {
+        Arc::new(NoCanceller)
+    }
+
+    async fn execute(&mut self, _sql: &str) -> Result<(), EngineError> {
+        self.world.pause().await;
+        Ok(())
+    }
+
+    async fn ensure_table(
+        &mut self,
+        table: &PhysicalTable,
+        _columns: &[(String, String)],
+        _query: &str,
+    ) -> Result<(), EngineError> {
+        self.world.pause().await;
+        if failed(&self.world) {
+            return Err(unavailable());
+        }
+        self.world.lock().tables.entry(table.to_string()).or_default();
+        Ok(())
+    }
+
+    async fn replace_interval(
+        &mut self,
+        table: &PhysicalTable,
+        _time_column: &str,
+        interval: Interval,
+        _query: &str,
+    ) -> Result<u64, EngineError> {
+        let name = table.to_string();
+        self.world.pause().await;
+        if failed(&self.world) {
+            return Err(unavailable());
+        }
+        if self.world.lock().registry.get(&name).is_some_and(|info| info.poisoned) {
+            return Err(EngineError::Statement { engine: "sim", code: None, message: "poisoned model".into() });
+        }
+        self.check_write(&name, Some(interval)).await;
+        let cells = day_cells(interval);
+        let rows = cells.len() as u64;
+        // The statement runs; its transaction commits at the end.
+        self.world.pause().await;
+        self.write_cells(&name, cells);
+        Ok(rows)
+    }
+
+    async fn replace_all(&mut self, table: &PhysicalTable, _query: &str) -> Result<u64, EngineError> {
+        let name = table.to_string();
+        self.world.pause().await;
+        if failed(&self.world) {
+            return Err(unavailable());
+        }
+        self.check_write(&name, None).await;
+        let span = {
+            let world = self.world.lock();
+            world
+                .registry
+                .get(&name)
+                .and_then(|info| info.planned.values().next().and_then(|set| set.ranges().first().copied()))
+        };
+        let span = span
+            .unwrap_or(Interval::new(crate::project::START, Timestamp(crate::project::START.0 + crate::world::DAY)));
+        self.world.pause().await;
+        self.write_cells(&name, vec![(WHOLE, span)]);
+        Ok(1)
+    }
+
+    async fn upsert(
+        &mut self,
+        table: &PhysicalTable,
+        _unique_key: &[String],
+        _query: &str,
+    ) -> Result<u64, EngineError> {
+        Err(EngineError::Unsupported { gateway: self.gateway.clone(), what: format!("upsert into {table}") })
+    }
+
+    async fn load_seed(
+        &mut self,
+        table: &PhysicalTable,
+        _columns: &[(String, String)],
+        _seed: &SeedData,
+    ) -> Result<u64, EngineError> {
+        Err(EngineError::Unsupported { gateway: self.gateway.clone(), what: format!("seed {table}") })
+    }
+
+    async fn create_physical_view(&mut self, view: &PhysicalTable, _query: &str) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported { gateway: self.gateway.clone(), what: format!("view {view}") })
+    }
+
+    async fn promote(&mut self, updates: &[ViewUpdate]) -> Result<(), EngineError> {
+        self.world.pause().await;
+        if failed(&self.world) {
+            return Err(unavailable());
+        }
+        let truth = self.world.lock().truth.clone();
+        // Every table a view is pointed at must be complete for some plan that writes it.
+        for update in updates {
+            let Some(target) = &update.target else { continue };
+            let name = target.to_string();
+            let info = self.world.lock().registry.get(&name).cloned();
+            let Some(info) = info else { continue };
+            let recorded = truth.get_intervals(std::slice::from_ref(&info.key)).await.unwrap_or_default();
+            let have = recorded.get(&info.key).cloned().unwrap_or_default();
+            let complete =
+                info.planned.values().any(|planned| planned.ranges().iter().all(|range| have.covers(*range)));
+            if !complete {
+                self.world.lock().violation(format!(
+                    "view {}.{} pointed at {name}, whose planned intervals are not all recorded",
+                    update.schema, update.name
+                ));
+            }
+        }
+        // One transaction: every view changes at once, at commit.
+        self.world.pause().await;
+        let mut world = self.world.lock();
+        world.note(&format!("promote {} views on {}", updates.len(), self.gateway));
+        for update in updates {
+            let key = (self.gateway.clone(), update.schema.clone(), update.name.clone());
+            match &update.target {
+                Some(target) => {
+                    world.views.insert(key, target.to_string());
+                }
+                None => {
+                    world.views.remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn drop_table(&mut self, table: &PhysicalTable) -> Result<(), EngineError> {
+        self.world.pause().await;
+        let mut world = self.world.lock();
+        let name = table.to_string();
+        world.note(&format!("drop {name}"));
+        if world.views.values().any(|target| *target == name) {
+            world.violation(format!("{name} dropped while a view selects from it"));
+        }
+        world.tables.remove(&name);
+        world.dropped.insert(name);
+        Ok(())
+    }
+
+    async fn checksum(&mut self, _schema: &str, _name: &str) -> Result<TableChecksum, EngineError> {
+        Ok(TableChecksum { rows: 0, checksum: String::new() })
+    }
+
+    async fn query_i64(&mut self, _sql: &str) -> Result<Option<i64>, EngineError> {
+        Ok(None)
+    }
+
+    async fn view_target(&mut self, schema: &str, name: &str) -> Result<Option<String>, EngineError> {
+        let world = self.world.lock();
+        Ok(world.views.get(&(self.gateway.clone(), schema.to_string(), name.to_string())).cloned())
+    }
+}
