@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sluice_core::interval::Timestamp;
-use sluice_core::names::{EnvironmentName, PlanId, RunId};
+use sluice_core::names::{EnvironmentName, PlanId, RunId, TaskId};
 use sluice_core::plan::{Change, Plan, PlanContext, build_plan};
 use sluice_core::project::Project;
 use sluice_core::snapshot::fingerprint_project;
@@ -321,6 +321,7 @@ pub async fn apply(
         stalled_since: None,
         last_event: tokio::time::Instant::now(),
         settled_by_coordinator: false,
+        rebuilding: false,
         gateways: run_gateways,
     };
     let mut ticker = tokio::time::interval(watch.renew_every.min(Duration::from_secs(1)));
@@ -406,6 +407,8 @@ struct Watch {
     stalled_since: Option<tokio::time::Instant>,
     last_event: tokio::time::Instant,
     settled_by_coordinator: bool,
+    /// A rebuild of the run's counters started and has not queued its ready tasks yet.
+    rebuilding: bool,
     gateways: BTreeSet<String>,
 }
 
@@ -448,12 +451,17 @@ impl Watch {
             return Ok(false);
         }
         dead_letters::settle_dead_letters(deps, self.gateways.iter().map(String::as_str)).await?;
-        match deps.gate.outstanding(run_id).await? {
+        let outstanding = deps.gate.outstanding(run_id).await?;
+        match outstanding.filter(|_| !self.rebuilding) {
             None => {
-                // Redis lost the run's counters (flushed, restarted, expired): rebuild them.
+                // Redis lost the run's counters (flushed, restarted, expired): rebuild them. Until
+                // the ready tasks are queued, a failed step (the counters loaded but the catch-up
+                // or the publish failed) means rebuilding again on the next tick.
+                self.rebuilding = true;
                 let counters = load_counters(deps, plan, graph, run_id).await?;
                 let ready = counters.ready_tasks(plan, graph, run_id, 1);
                 deps.queue.publish(&ready).await?;
+                self.rebuilding = false;
                 warn!(run_id = %run_id, republished = ready.len(), "the dependency counters were lost; rebuilt them from state");
                 progress
                     .message(&format!("dependency counters rebuilt from state; {} tasks queued again", ready.len()));
@@ -543,10 +551,26 @@ async fn load_counters(
 ) -> Result<Counters, ApplyError> {
     let tables = task_tables(plan);
     let recorded = deps.state.get_intervals(&tables).await?;
-    let mut done = finished_tasks(plan, graph, &recorded);
+    let finished = finished_tasks(plan, graph, &recorded);
     let mut unfinished_parents = vec![0u32; graph.len()];
     for (index, slot) in unfinished_parents.iter_mut().enumerate() {
-        *slot = graph.parents(index as u32).filter(|parent| !done[*parent as usize]).count() as u32;
+        *slot = graph.parents(index as u32).filter(|parent| !finished[*parent as usize]).count() as u32;
+    }
+    // Tasks that failed in this run, and everything waiting for them, are settled without
+    // success (as the worker that saw the failure settled them): they are not outstanding and
+    // release nothing, so a rebuild mid-run does not wait for them forever.
+    let mut done = finished;
+    let failed: BTreeSet<TaskId> = deps.state.task_failures(run_id).await?.into_iter().map(|f| f.task_id).collect();
+    if !failed.is_empty() {
+        let mut pending: std::collections::VecDeque<u32> = (0..graph.len() as u32)
+            .filter(|index| failed.contains(&graph.tasks[*index as usize].id) && !done[*index as usize])
+            .collect();
+        while let Some(next) = pending.pop_front() {
+            if std::mem::replace(&mut done[next as usize], true) {
+                continue;
+            }
+            pending.extend(graph.children(next));
+        }
     }
     deps.gate.load(run_id, &unfinished_parents, &done).await?;
     let recorded_after = deps.state.get_intervals(&tables).await?;

@@ -431,6 +431,19 @@ pub async fn janitor(
     now: Timestamp,
 ) -> Result<JanitorReport, PromoterError> {
     let mut report = JanitorReport::default();
+    // Read in this order, so that a run promoted or started while the janitor reads is seen as
+    // referenced: the candidates first (a snapshot stored later is never one), then the running
+    // runs, then the environments (a run that finished after it was read as running shows in
+    // its environment).
+    let candidates = state.all_snapshots().await?;
+    let mut referenced: BTreeSet<(ModelName, sluice_core::names::Version)> = BTreeSet::new();
+    for run in state.running_runs().await? {
+        if let Some(plan) = state.get_plan(&run.plan_id).await? {
+            for planned in &plan.snapshots {
+                referenced.insert((planned.snapshot.name.clone(), planned.snapshot.version.clone()));
+            }
+        }
+    }
     let mut kept = Vec::new();
     for record in state.list_environments().await? {
         let expired = !record.state.name.is_prod() && record.expires_at.is_some_and(|at| at <= now);
@@ -451,27 +464,19 @@ pub async fn janitor(
         state.delete_environment(&record.state.name).await?;
         report.environments_removed += 1;
     }
-    // Physical tables still needed: every kept environment's, and every running plan's.
-    let mut referenced: BTreeSet<(ModelName, sluice_core::names::Version)> = BTreeSet::new();
+    // Physical tables still needed: every kept environment's (what it shows, and what a rollback
+    // would show), and every running plan's.
     for record in &kept {
-        // What the environment shows, and what a rollback would show.
         for snapshot in
             record.state.snapshots.iter().chain(record.previous.iter().flat_map(|previous| &previous.snapshots))
         {
             referenced.insert((snapshot.name.clone(), snapshot.version.clone()));
         }
     }
-    for run in state.running_runs().await? {
-        if let Some(plan) = state.get_plan(&run.plan_id).await? {
-            for planned in &plan.snapshots {
-                referenced.insert((planned.snapshot.name.clone(), planned.snapshot.version.clone()));
-            }
-        }
-    }
     // What goes: the unreferenced snapshots, and the tables of those that have one.
     let mut unreferenced_snapshots = Vec::new();
     let mut doomed: BTreeMap<(ModelName, sluice_core::names::Version), (String, PhysicalTable)> = BTreeMap::new();
-    for snapshot in state.all_snapshots().await? {
+    for snapshot in candidates {
         let key = (snapshot.name.clone(), snapshot.version.clone());
         if referenced.contains(&key) {
             continue;

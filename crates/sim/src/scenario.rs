@@ -362,6 +362,7 @@ async fn simulate(seed: u64) -> Outcome {
                         if let Some(plan) = plan {
                             aborts += 1;
                             services.world.note(&format!("operator aborts {plan}"));
+                            services.world.lock().operator_aborted.insert(plan.clone());
                             let _ =
                                 sluice_coordinator::abort(services.state.as_ref(), &plan, "aborted by the simulation")
                                     .await;
@@ -370,6 +371,7 @@ async fn simulate(seed: u64) -> Outcome {
                     17 => {
                         let gateway = services.world.lock().below(gateways as u64);
                         let purged = services.queue.purge(&format!("g{gateway}"));
+                        services.world.lock().purged = true;
                         services.world.note(&format!("operator purges g{gateway}: {purged} tasks"));
                     }
                     18..=20 => {
@@ -530,6 +532,19 @@ async fn check_end(world: &Shared, truth: &dyn StateStore, environment: &Environ
             succeeded_plans.insert(plan_id.clone());
         }
         for run in &runs {
+            // The outcome matches what happened: an abort needs an operator's abort, a purge, or
+            // a resume that superseded the run.
+            if run.status == RunStatus::Aborted {
+                let error = run.error.clone().unwrap_or_default();
+                let (aborted_by_operator, purged) = {
+                    let world = world.lock();
+                    (world.operator_aborted.contains(plan_id), world.purged)
+                };
+                let superseded = error.contains("taken over") || error.contains("superseded");
+                if !aborted_by_operator && !purged && !superseded {
+                    problems.push(format!("run {} was aborted though nobody aborted or purged it: {error}", run.id));
+                }
+            }
             let rows = audit.iter().filter(|entry| entry.run_id == run.id).count();
             if run.status != RunStatus::Running && rows != 1 {
                 problems.push(format!("run {} ({}) has {rows} audit rows", run.id, run.status));

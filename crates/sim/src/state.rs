@@ -15,7 +15,7 @@ use sluice_state::{
     StateError, TaskFailure, TaskStore,
 };
 
-use crate::world::Shared;
+use crate::world::{Shared, current_task};
 
 #[derive(Clone)]
 pub struct SimState {
@@ -61,8 +61,8 @@ impl SimState {
         F: std::future::Future<Output = Result<(), StateError>>,
     {
         write.await?;
-        let now = tokio::time::Instant::now();
         let mut world = self.world.lock();
+        let now = world.tick();
         for record in records {
             let key = (record.name.clone(), record.version.clone(), record.interval.start.0);
             world.recorded_at.entry(key).or_insert(now);
@@ -132,10 +132,23 @@ impl IntervalStore for SimState {
         self.call(true, "record_intervals", self.record_times(records, self.inner.record_intervals(records))).await
     }
     async fn get_intervals(&self, keys: &[IntervalKey]) -> Result<BTreeMap<IntervalKey, IntervalSet>, StateError> {
-        self.call(false, "get_intervals", self.inner.get_intervals(keys)).await
+        let op = async {
+            let answer = self.inner.get_intervals(keys).await?;
+            let mut world = self.world.lock();
+            let now = world.tick();
+            world.reads.entry(current_task()).or_default().intervals = Some(now);
+            Ok(answer)
+        };
+        self.call(false, "get_intervals", op).await
     }
     async fn remove_intervals(&self, keys: &[IntervalKey]) -> Result<(), StateError> {
-        self.call(true, "remove_intervals", self.inner.remove_intervals(keys)).await
+        let op = async {
+            self.inner.remove_intervals(keys).await?;
+            let mut world = self.world.lock();
+            world.recorded_at.retain(|(name, version, _), _| !keys.iter().any(|(n, v)| n == name && v == version));
+            Ok(())
+        };
+        self.call(true, "remove_intervals", op).await
     }
 }
 
@@ -159,7 +172,6 @@ impl RunStore for SimState {
         let op = async {
             let running = self.inner.running_runs().await?;
             let record = self.inner.begin_run(start).await?;
-            let now = tokio::time::Instant::now();
             let mut ended = Vec::new();
             for run in running {
                 if let Ok(Some(after)) = self.inner.get_run(&run.id).await
@@ -169,6 +181,7 @@ impl RunStore for SimState {
                 }
             }
             let mut world = self.world.lock();
+            let now = world.tick();
             for run in ended {
                 world.ended_at.entry(run).or_insert(now);
             }
@@ -178,7 +191,14 @@ impl RunStore for SimState {
         self.call(true, "begin_run", op).await
     }
     async fn get_run(&self, id: &RunId) -> Result<Option<RunRecord>, StateError> {
-        self.call(false, "get_run", self.inner.get_run(id)).await
+        let op = async {
+            let answer = self.inner.get_run(id).await?;
+            let mut world = self.world.lock();
+            let now = world.tick();
+            world.reads.entry(current_task()).or_default().run = Some(now);
+            Ok(answer)
+        };
+        self.call(false, "get_run", op).await
     }
     async fn runs_of_plan(&self, plan_id: &PlanId) -> Result<Vec<RunRecord>, StateError> {
         self.call(false, "runs_of_plan", self.inner.runs_of_plan(plan_id)).await
@@ -192,7 +212,9 @@ impl RunStore for SimState {
     async fn finish_run(&self, id: &RunId, outcome: RunOutcome) -> Result<(), StateError> {
         let op = async {
             self.inner.finish_run(id, outcome).await?;
-            self.world.lock().ended_at.entry(id.clone()).or_insert_with(tokio::time::Instant::now);
+            let mut world = self.world.lock();
+            let now = world.tick();
+            world.ended_at.entry(id.clone()).or_insert(now);
             Ok(())
         };
         self.call(true, "finish_run", op).await
@@ -201,7 +223,9 @@ impl RunStore for SimState {
         let run_id = finalization.run_id.clone();
         let op = async {
             let record = self.inner.finalize_run(finalization).await?;
-            self.world.lock().ended_at.entry(run_id).or_insert_with(tokio::time::Instant::now);
+            let mut world = self.world.lock();
+            let now = world.tick();
+            world.ended_at.entry(run_id).or_insert(now);
             Ok(record)
         };
         self.call(true, "finalize_run", op).await
@@ -241,13 +265,22 @@ impl BreakerStore for SimState {
     async fn trip_breaker(&self, plan_id: &PlanId, reason: &str) -> Result<(), StateError> {
         let op = async {
             self.inner.trip_breaker(plan_id, reason).await?;
-            self.world.lock().tripped_at.entry(plan_id.clone()).or_insert_with(tokio::time::Instant::now);
+            let mut world = self.world.lock();
+            let now = world.tick();
+            world.tripped_at.entry(plan_id.clone()).or_insert(now);
             Ok(())
         };
         self.call(true, "trip_breaker", op).await
     }
     async fn breaker(&self, plan_id: &PlanId) -> Result<Option<String>, StateError> {
-        self.call(false, "breaker", self.inner.breaker(plan_id)).await
+        let op = async {
+            let answer = self.inner.breaker(plan_id).await?;
+            let mut world = self.world.lock();
+            let now = world.tick();
+            world.reads.entry(current_task()).or_default().breaker = Some(now);
+            Ok(answer)
+        };
+        self.call(false, "breaker", op).await
     }
     async fn reset_breaker(&self, plan_id: &PlanId) -> Result<(), StateError> {
         let op = async {

@@ -11,7 +11,7 @@ use sluice_core::names::PhysicalTable;
 use sluice_engine::{Canceller, EngineError, TableChecksum, ViewUpdate, Warehouse, WarehouseFactory};
 use sluice_state::{IntervalStore, RunStatus, RunStore};
 
-use crate::world::{Shared, WHOLE, day_cells};
+use crate::world::{Shared, WHOLE, current_task, day_cells};
 
 #[derive(Clone)]
 pub struct SimWarehouses {
@@ -64,13 +64,6 @@ struct SimConnection {
     gateway: String,
 }
 
-/// The longest a write can take from the worker's last look at state to its start in the
-/// warehouse (a state answer, a table check, the statement's way there): a write that starts
-/// this long after its interval was recorded was decided on a recorded interval.
-fn decision_window(world: &Shared) -> std::time::Duration {
-    std::time::Duration::from_millis(4 * world.lock().faults.max_latency_ms + 1)
-}
-
 impl SimConnection {
     /// The checks at the start of a data write, against state as it is.
     async fn check_write(&self, table: &str, interval: Option<Interval>) {
@@ -87,38 +80,47 @@ impl SimConnection {
                 .lock()
                 .violation(format!("a worker of gateway {} wrote {table} of gateway {}", self.gateway, info.gateway));
         }
-        // A live run (running, not being aborted) must plan this table, or have been live within
-        // the time a worker takes from its last look at state to the write.
-        let window = decision_window(&self.world);
-        let now = tokio::time::Instant::now();
-        let mut live_until: Option<tokio::time::Instant> = None;
+        // What this worker slot last read before writing: the moments its decision was taken on.
+        let (reads, now) = {
+            let mut world = self.world.lock();
+            (world.reads.get(&current_task()).copied().unwrap_or_default(), world.tick())
+        };
+        // A run planning this table must have been running when the slot last read its run, and
+        // its plan's breaker closed when the slot last read the breaker.
+        let run_read = reads.run.unwrap_or(now);
+        let breaker_read = reads.breaker.unwrap_or(now);
+        let mut decided_live = false;
         for plan_id in info.planned.keys() {
+            let tripped = self.world.lock().tripped_at.get(plan_id).copied();
+            if tripped.is_some_and(|tripped| tripped < breaker_read) {
+                continue;
+            }
             for run in truth.runs_of_plan(plan_id).await.unwrap_or_default() {
-                let (ended, tripped) = {
-                    let world = self.world.lock();
-                    (world.ended_at.get(&run.id).copied(), world.tripped_at.get(plan_id).copied())
+                let ended = self.world.lock().ended_at.get(&run.id).copied();
+                let running_when_read = match ended {
+                    Some(ended) => ended > run_read,
+                    None => run.status == RunStatus::Running,
                 };
-                let until = match (run.status == RunStatus::Running, ended, tripped) {
-                    (true, _, None) => Some(now),
-                    (true, _, Some(tripped)) => Some(tripped),
-                    (false, Some(ended), tripped) => Some(tripped.map_or(ended, |tripped| tripped.min(ended))),
-                    (false, None, _) => None,
-                };
-                live_until = live_until.max(until);
+                decided_live |= running_when_read;
             }
         }
-        if live_until.is_none_or(|until| until + window < now) {
+        if !decided_live {
             self.world.lock().violation(format!("write to {table} while no running, unaborted run plans it"));
         }
+        // The interval must not have been recorded when the slot last read the table's intervals
+        // (or at all, if it never read them).
         if let Some(interval) = interval {
             let recorded = truth.get_intervals(std::slice::from_ref(&info.key)).await.unwrap_or_default();
             let covered = recorded.get(&info.key).is_some_and(|set| set.covers(interval));
             if covered {
-                let window = decision_window(&self.world);
                 let mut world = self.world.lock();
                 let (model, version) = info.key.clone();
                 let since = world.recorded_at.get(&(model, version, interval.start.0)).copied();
-                if since.is_none_or(|at| at + window < tokio::time::Instant::now()) {
+                let decided_unaware = match (since, reads.intervals) {
+                    (Some(since), Some(read)) => since > read,
+                    _ => false,
+                };
+                if !decided_unaware {
                     world.violation(format!("{table} {interval} executed again after it was recorded"));
                 }
             }

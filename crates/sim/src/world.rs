@@ -102,6 +102,7 @@ pub struct World {
     pub faults: FaultRates,
     trace: DefaultHasher,
     pub steps: u64,
+    moments: u64,
     pub violations: Vec<String>,
     pub log: std::collections::VecDeque<String>,
     pub tables: BTreeMap<String, TableCells>,
@@ -112,12 +113,18 @@ pub struct World {
     pub truth: MemoryState,
     /// Physical tables the janitor dropped.
     pub dropped: BTreeSet<String>,
-    /// When each run stopped being live (finished or superseded).
-    pub ended_at: BTreeMap<RunId, tokio::time::Instant>,
+    /// Plans the operator aborted, and whether a queue was ever purged by hand.
+    pub operator_aborted: BTreeSet<PlanId>,
+    pub purged: bool,
+    /// When (logical clock) each run stopped being live (finished or superseded).
+    pub ended_at: BTreeMap<RunId, u64>,
     /// When each plan's breaker was tripped (forgotten when a resume resets it).
-    pub tripped_at: BTreeMap<PlanId, tokio::time::Instant>,
+    pub tripped_at: BTreeMap<PlanId, u64>,
+    /// Per tokio task (a worker slot): when it last read intervals, a run and a breaker from
+    /// state, the moments its decision to write was taken on.
+    pub reads: BTreeMap<u64, Reads>,
     /// When each recorded interval (by table and start) was first recorded.
-    pub recorded_at: BTreeMap<(ModelName, Version, i64), tokio::time::Instant>,
+    pub recorded_at: BTreeMap<(ModelName, Version, i64), u64>,
 }
 
 impl World {
@@ -129,6 +136,7 @@ impl World {
             faults,
             trace: DefaultHasher::new(),
             steps: 0,
+            moments: 0,
             violations: Vec::new(),
             log: std::collections::VecDeque::new(),
             tables: BTreeMap::new(),
@@ -138,8 +146,18 @@ impl World {
             dropped: BTreeSet::new(),
             recorded_at: BTreeMap::new(),
             ended_at: BTreeMap::new(),
+            operator_aborted: BTreeSet::new(),
+            purged: false,
             tripped_at: BTreeMap::new(),
+            reads: BTreeMap::new(),
         }
+    }
+
+    /// The next moment of the simulation's logical clock: it orders reads and writes of state
+    /// that happen at the same (paused) instant.
+    pub fn tick(&mut self) -> u64 {
+        self.moments += 1;
+        self.moments
     }
 
     pub fn chance(&mut self, probability: f64) -> bool {
@@ -227,6 +245,19 @@ pub fn day_cells(span: Interval) -> Vec<(i64, Interval)> {
         day += DAY;
     }
     cells
+}
+
+/// When one task last read what a write is decided on.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reads {
+    pub intervals: Option<u64>,
+    pub run: Option<u64>,
+    pub breaker: Option<u64>,
+}
+
+/// The current tokio task, as a number (the simulation's stand-in for "this worker slot").
+pub fn current_task() -> u64 {
+    tokio::task::try_id().and_then(|id| id.to_string().parse().ok()).unwrap_or(0)
 }
 
 /// The world shared by every simulated component.

@@ -286,16 +286,18 @@ impl Shared {
     ) -> Result<Outlook, WorkerError> {
         let state = &self.deps.state;
         let retry = self.config.retry;
+        let recorded =
+            durable(retry, "intervals", || async { Ok(state.get_intervals(std::slice::from_ref(key)).await?) }).await?;
+        let breaker = durable(retry, "breaker", || async { Ok(state.breaker(&message.plan_id).await?) }).await?;
+        // The run last, closest to the write: a run that ends after this read has at most this
+        // task's way to the warehouse left to overlap.
         let run = durable(retry, "run", || async { Ok(state.get_run(&message.run_id).await?) }).await?;
         if run.is_none_or(|run| run.status != RunStatus::Running) {
             return Ok(Outlook::RunOver);
         }
-        let breaker = durable(retry, "breaker", || async { Ok(state.breaker(&message.plan_id).await?) }).await?;
         if breaker.is_some() {
             return Ok(Outlook::Aborted);
         }
-        let recorded =
-            durable(retry, "intervals", || async { Ok(state.get_intervals(std::slice::from_ref(key)).await?) }).await?;
         if recorded.get(key).is_some_and(|set| set.covers(interval)) {
             return Ok(Outlook::Recorded);
         }
@@ -729,10 +731,12 @@ impl Settled {
                     return Err(WorkerError::UnknownRun(message.run_id));
                 }
             };
-        // Children are published again when this completion may be a repeat (a redelivery, a
-        // skip): they may have been published before, so they go out as a later attempt.
+        // The ready children are published whenever the gate reports them, also for a repeated
+        // completion: whoever completed the task first (a copy of this delivery, a rebuild's
+        // catch-up) may have died before publishing them. A repeat may publish a child twice;
+        // the copy finds its interval recorded and only settles.
         let repeat = !completion.newly_done;
-        if completion.newly_done || delivery.redelivered || skipped {
+        {
             let ready: Vec<TaskMessage> = completion
                 .ready
                 .iter()
