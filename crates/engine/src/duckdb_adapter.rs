@@ -12,7 +12,7 @@ use sluice_core::model::SeedData;
 use sluice_core::names::PhysicalTable;
 
 use crate::sql::{self, Dialect};
-use crate::{Canceller, EngineError, TableChecksum, ViewUpdate, Warehouse};
+use crate::{Canceller, EngineError, GatewayPromotion, PromotionOutcome, TableChecksum, ViewUpdate, Warehouse};
 
 const ENGINE: &str = "duckdb";
 
@@ -395,6 +395,38 @@ impl Warehouse for DuckDbWarehouse {
             script.extend(sql::view_update_statements(update));
         }
         self.ddl_transaction(script).await
+    }
+
+    async fn promote_environment(&mut self, promotion: &GatewayPromotion) -> Result<PromotionOutcome, EngineError> {
+        let promotion = promotion.clone();
+        self.call(move |connection, database| {
+            let _ddl = lock(&database.ddl);
+            in_transaction(connection, |transaction| {
+                for statement in sql::create_promotion_marker() {
+                    transaction.execute_batch(&statement)?;
+                }
+                let shown: Option<String> = transaction
+                    .query_row(&sql::select_promotion_marker(&promotion.environment, false), [], |row| row.get(0))
+                    .optional()?;
+                let outcome = PromotionOutcome::decide(shown.as_deref(), &promotion);
+                if outcome != PromotionOutcome::Applied {
+                    return Ok(outcome);
+                }
+                for schema in sql::view_schemas(&promotion.updates) {
+                    transaction.execute_batch(&sql::create_schema(schema))?;
+                }
+                for update in &promotion.updates {
+                    for statement in sql::view_update_statements(update) {
+                        transaction.execute_batch(&statement)?;
+                    }
+                }
+                for statement in sql::set_promotion_marker(&promotion.environment, promotion.plan.as_deref()) {
+                    transaction.execute_batch(&statement)?;
+                }
+                Ok(outcome)
+            })
+        })
+        .await
     }
 
     async fn drop_table(&mut self, table: &PhysicalTable) -> Result<(), EngineError> {

@@ -98,6 +98,14 @@ pub trait Warehouse: Send {
     /// failure rolls everything back: the views stay exactly as they were.
     async fn promote(&mut self, updates: &[ViewUpdate]) -> Result<(), EngineError>;
 
+    /// One gateway's share of an environment's promotion, in one transaction: applies
+    /// `promotion.updates` (as `promote`) only if the gateway's promotion marker for the
+    /// environment (table `sluice__meta.promotions`, kept in the same transaction) shows
+    /// `expected_plan` or nothing, and moves the marker to `plan`. A marker already showing `plan`
+    /// changes nothing (a promotion rolled forward again); one showing another plan is `Stale`
+    /// and changes nothing either, so a late promoter can never put back older views.
+    async fn promote_environment(&mut self, promotion: &GatewayPromotion) -> Result<PromotionOutcome, EngineError>;
+
     /// Drops the table, or the view of that name (VIEW models); nothing when neither exists.
     async fn drop_table(&mut self, table: &PhysicalTable) -> Result<(), EngineError>;
 
@@ -119,6 +127,45 @@ pub struct ViewUpdate {
     pub name: String,
     pub target: Option<PhysicalTable>,
 }
+
+/// One gateway's share of an environment's promotion (see [`Warehouse::promote_environment`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayPromotion {
+    pub environment: String,
+    /// The plan the gateway's views must show now; `None` when none was promoted before.
+    pub expected_plan: Option<String>,
+    /// The plan they show after; `None` when the environment leaves the gateway (janitor).
+    pub plan: Option<String>,
+    pub updates: Vec<ViewUpdate>,
+}
+
+/// What a gateway's promotion did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PromotionOutcome {
+    Applied,
+    /// The gateway showed the plan already: nothing changed.
+    AlreadyShown,
+    /// The gateway shows another plan than expected: nothing changed.
+    Stale {
+        shown: Option<String>,
+    },
+}
+
+impl PromotionOutcome {
+    /// Decides from the marker the gateway shows.
+    pub fn decide(shown: Option<&str>, promotion: &GatewayPromotion) -> PromotionOutcome {
+        match shown {
+            None => PromotionOutcome::Applied,
+            Some(shown) if Some(shown) == promotion.plan.as_deref() => PromotionOutcome::AlreadyShown,
+            Some(shown) if Some(shown) == promotion.expected_plan.as_deref() => PromotionOutcome::Applied,
+            Some(shown) => PromotionOutcome::Stale { shown: Some(shown.to_string()) },
+        }
+    }
+}
+
+/// Where each gateway keeps which plan each environment's views show.
+pub const PROMOTION_MARKER_SCHEMA: &str = "sluice__meta";
+pub const PROMOTION_MARKER_TABLE: &str = "promotions";
 
 /// A table's row count and an order-independent checksum of its rows (comparable on one engine only).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError, PgRow};
 use sqlx::{AssertSqlSafe, Column, Connection, Row, TypeInfo};
 
 use crate::sql::{self, Dialect, ROWS_ALIAS};
-use crate::{Canceller, EngineError, TableChecksum, ViewUpdate, Warehouse};
+use crate::{Canceller, EngineError, GatewayPromotion, PromotionOutcome, TableChecksum, ViewUpdate, Warehouse};
 
 const ENGINE: &str = "postgres";
 
@@ -201,6 +201,37 @@ fn write_lock(table: &PhysicalTable, interval: Option<Interval>) -> String {
 }
 
 /// `SELECT pg_advisory_xact_lock(…)`, the first statement of every DDL transaction.
+/// A gateway's share of a promotion in one transaction, under the DDL lock: the marker read
+/// with a row lock, then (when it shows the expected plan or none) the views and the marker.
+async fn promote_guarded(
+    connection: &mut PgConnection,
+    promotion: &GatewayPromotion,
+) -> Result<PromotionOutcome, sqlx::Error> {
+    let mut transaction = connection.begin().await?;
+    let [schema, table] = sql::create_promotion_marker();
+    sqlx::raw_sql(AssertSqlSafe(format!("{};\n{schema};\n{table}", ddl_lock()))).execute(&mut *transaction).await?;
+    let shown: Option<String> =
+        sqlx::query_scalar(AssertSqlSafe(sql::select_promotion_marker(&promotion.environment, true)))
+            .fetch_optional(&mut *transaction)
+            .await?;
+    let outcome = PromotionOutcome::decide(shown.as_deref(), promotion);
+    if outcome != PromotionOutcome::Applied {
+        transaction.rollback().await?;
+        return Ok(outcome);
+    }
+    let mut script = Vec::new();
+    for schema in sql::view_schemas(&promotion.updates) {
+        script.push(sql::create_schema(schema));
+    }
+    for update in &promotion.updates {
+        script.extend(sql::view_update_statements(update));
+    }
+    script.extend(sql::set_promotion_marker(&promotion.environment, promotion.plan.as_deref()));
+    sqlx::raw_sql(AssertSqlSafe(script.join(";\n"))).execute(&mut *transaction).await?;
+    transaction.commit().await?;
+    Ok(outcome)
+}
+
 fn ddl_lock() -> String {
     format!("SELECT pg_advisory_xact_lock({DDL_LOCK_KEY})")
 }
@@ -398,6 +429,12 @@ impl Warehouse for PostgresWarehouse {
         }
         // One simple query: PostgreSQL runs it as one implicit transaction, so any failure rolls back every view.
         self.run(script.join(";\n")).await.map(|_| ())
+    }
+
+    async fn promote_environment(&mut self, promotion: &GatewayPromotion) -> Result<PromotionOutcome, EngineError> {
+        let connection = self.connection().await?;
+        let result = promote_guarded(connection, promotion).await;
+        self.settle(result)
     }
 
     async fn drop_table(&mut self, table: &PhysicalTable) -> Result<(), EngineError> {

@@ -14,12 +14,14 @@ use serde::Serialize;
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, ModelName, PhysicalTable, PlanId};
 use sluice_core::plan::{EnvironmentState, Plan, ViewChange};
+use sluice_core::snapshot::Snapshot;
 use sluice_core::task_graph::{TaskGraph, finished_tasks, task_tables};
-use sluice_engine::{EngineError, ViewUpdate, WarehouseFactory};
+use sluice_engine::{EngineError, GatewayPromotion, PromotionOutcome, ViewUpdate, WarehouseFactory};
 use sluice_queue::{EventBus, QueueError, RunEvent, RunId};
 use sluice_state::host::{Clock, offload};
 use sluice_state::{
-    AuditEntry, EnvironmentPromotion, RunFinalization, RunOutcome, RunRecord, RunStatus, StateError, StateStore,
+    AuditEntry, EnvironmentPromotion, IntervalKey, RunFinalization, RunOutcome, RunRecord, RunStatus, StateError,
+    StateStore,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
@@ -50,6 +52,9 @@ pub enum PromoterError {
     UnknownPlan(PlanId),
     #[error("building the task graph failed: {0}")]
     Join(String),
+    /// Some gateways show the new plan, another failed: rolled forward by trying again.
+    #[error("promotion in progress: gateways {done} show the new plan; the next failed: {error}")]
+    PartialPromotion { done: String, error: String },
 }
 
 impl PromoterError {
@@ -59,6 +64,8 @@ impl PromoterError {
             PromoterError::State(error) => error.is_transient(),
             PromoterError::Queue(error) => error.is_transient(),
             PromoterError::Warehouse { source, .. } => source.is_transient(),
+            // Rolled forward: giving up would leave the environment split across gateways.
+            PromoterError::PartialPromotion { .. } => true,
             _ => false,
         }
     }
@@ -105,7 +112,12 @@ fn updates_by_gateway(plan: &Plan, current: Option<&EnvironmentState>) -> BTreeM
         .unwrap_or_default();
     let gateway_of_planned: BTreeMap<&ModelName, &str> =
         plan.snapshots.iter().map(|p| (&p.snapshot.name, p.snapshot.gateway.as_str())).collect();
+    // Every gateway the environment touches before or after gets its share, also an empty one:
+    // its promotion marker moves to the new plan with the others.
     let mut updates: BTreeMap<String, Vec<ViewUpdate>> = BTreeMap::new();
+    for gateway in gateway_of_current.values().chain(gateway_of_planned.values()) {
+        updates.entry((*gateway).to_string()).or_default();
+    }
     for change in plan.view_changes(current) {
         let (name, target) = match change {
             ViewChange::Point { name, table } => (name, Some(table)),
@@ -275,7 +287,12 @@ async fn promote(deps: &PromoterDeps, plan: &Plan) -> Result<(EnvironmentState, 
             actual: current_plan,
         }));
     }
-    swap_views(deps.warehouses.as_ref(), updates_by_gateway(plan, current_state)).await?;
+    let swap = EnvironmentSwap {
+        environment: &plan.environment,
+        expected_plan: plan.previous_plan_id.as_ref(),
+        plan: Some(&plan.id),
+    };
+    swap_views(deps.warehouses.as_ref(), &swap, updates_by_gateway(plan, current_state)).await?;
     Ok((new_state, expires_at))
 }
 
@@ -332,18 +349,65 @@ pub async fn run(deps: PromoterDeps, shutdown: CancellationToken) -> Result<(), 
     Ok(())
 }
 
-/// Applies view updates, one transaction per gateway.
+/// An environment's promotion across its gateways: which plan it leaves and which it shows.
+struct EnvironmentSwap<'a> {
+    environment: &'a EnvironmentName,
+    expected_plan: Option<&'a PlanId>,
+    plan: Option<&'a PlanId>,
+}
+
+/// Applies an environment's view updates, one guarded transaction per gateway (each gateway's
+/// promotion marker moves from `expected_plan` to `plan` with its views). A gateway already
+/// showing the plan is skipped (a promotion rolled forward again); one showing another plan
+/// stops everything with `StaleEnvironment`. A failure once some gateway shows the new plan is
+/// `PartialPromotion`: the caller rolls it forward (tries again) instead of giving up, so the
+/// environment never stays split across gateways.
 async fn swap_views(
     warehouses: &dyn WarehouseFactory,
+    swap: &EnvironmentSwap<'_>,
     updates: BTreeMap<String, Vec<ViewUpdate>>,
 ) -> Result<(), PromoterError> {
+    let mut shown_by = Vec::new();
     for (gateway, updates) in updates {
-        let failed = |source| PromoterError::Warehouse { gateway: gateway.clone(), source };
-        let mut warehouse = warehouses.connect(&gateway).await.map_err(failed)?;
-        warehouse.promote(&updates).await.map_err(failed)?;
-        info!(gateway = %gateway, views = updates.len(), "views swapped");
+        let promotion = GatewayPromotion {
+            environment: swap.environment.to_string(),
+            expected_plan: swap.expected_plan.map(ToString::to_string),
+            plan: swap.plan.map(ToString::to_string),
+            updates,
+        };
+        let outcome = match promote_gateway(warehouses, &gateway, &promotion).await {
+            Ok(outcome) => outcome,
+            Err(error) if shown_by.is_empty() => return Err(error),
+            Err(error) => {
+                return Err(PromoterError::PartialPromotion { done: shown_by.join(", "), error: error.to_string() });
+            }
+        };
+        match outcome {
+            PromotionOutcome::Applied => {
+                info!(gateway = %gateway, views = promotion.updates.len(), "views swapped");
+            }
+            PromotionOutcome::AlreadyShown => info!(gateway = %gateway, "the gateway shows the plan already"),
+            PromotionOutcome::Stale { shown } => {
+                return Err(PromoterError::State(StateError::StaleEnvironment {
+                    environment: swap.environment.clone(),
+                    expected: swap.expected_plan.cloned(),
+                    actual: shown.map(PlanId),
+                }));
+            }
+        }
+        shown_by.push(gateway);
     }
     Ok(())
+}
+
+async fn promote_gateway(
+    warehouses: &dyn WarehouseFactory,
+    gateway: &str,
+    promotion: &GatewayPromotion,
+) -> Result<PromotionOutcome, PromoterError> {
+    let failed = |source| PromoterError::Warehouse { gateway: gateway.to_string(), source };
+    let mut warehouse = warehouses.connect(gateway).await.map_err(failed)?;
+    warehouse.promote_environment(promotion).await.map_err(failed)
 }
 
 /// Refuses when another run holds the environment.
@@ -385,6 +449,9 @@ pub async fn rollback(
     let current_versions: BTreeMap<&ModelName, (&sluice_core::names::Version, &str)> =
         record.state.snapshots.iter().map(|s| (&s.name, (&s.version, s.gateway.as_str()))).collect();
     let mut updates: BTreeMap<String, Vec<ViewUpdate>> = BTreeMap::new();
+    for snapshot in previous.snapshots.iter().chain(&record.state.snapshots) {
+        updates.entry(snapshot.gateway.clone()).or_default();
+    }
     for snapshot in &previous.snapshots {
         let Some(table) = snapshot.physical_table() else { continue };
         if current_versions.get(&snapshot.name).map(|(version, _)| *version) != Some(&snapshot.version) {
@@ -405,7 +472,9 @@ pub async fn rollback(
             });
         }
     }
-    swap_views(warehouses, updates).await?;
+    let swap =
+        EnvironmentSwap { environment, expected_plan: record.state.plan_id.as_ref(), plan: previous.plan_id.as_ref() };
+    swap_views(warehouses, &swap, updates).await?;
     let promotion = EnvironmentPromotion {
         state: &previous,
         expected_plan: record.state.plan_id.as_ref(),
@@ -425,34 +494,33 @@ pub struct JanitorReport {
 
 /// Drops expired environments (their views, then their records) and the physical tables no
 /// environment and no running plan references (then their intervals and snapshots).
+///
+/// Tables are claimed in state before they are dropped (`DropStore`): the claim checks that no
+/// run started or ended and no environment moved since the janitor read what references what,
+/// and a run cannot begin on a claimed table, so a table is never dropped under a run that uses
+/// it. A claim that finds things moved is read and tried again; a janitor that died after its
+/// claim leaves tombstones, whose tables the next pass drops first.
 pub async fn janitor(
     state: &Arc<dyn StateStore>,
     warehouses: &dyn WarehouseFactory,
     now: Timestamp,
 ) -> Result<JanitorReport, PromoterError> {
     let mut report = JanitorReport::default();
-    // Read in this order, so that a run promoted or started while the janitor reads is seen as
-    // referenced: the candidates first (a snapshot stored later is never one), then the running
-    // runs, then the environments (a run that finished after it was read as running shows in
-    // its environment).
-    let candidates = state.all_snapshots().await?;
-    let mut referenced: BTreeSet<(ModelName, sluice_core::names::Version)> = BTreeSet::new();
-    for run in state.running_runs().await? {
-        if let Some(plan) = state.get_plan(&run.plan_id).await? {
-            for planned in &plan.snapshots {
-                referenced.insert((planned.snapshot.name.clone(), planned.snapshot.version.clone()));
-            }
-        }
+    // What a janitor that died mid-way claimed.
+    let unfinished = state.tables_being_dropped().await?;
+    if !unfinished.is_empty() {
+        report.tables_dropped += drop_claimed(state, warehouses, &unfinished).await?;
     }
-    let mut kept = Vec::new();
     for record in state.list_environments().await? {
         let expired = !record.state.name.is_prod() && record.expires_at.is_some_and(|at| at <= now);
         if !expired {
-            kept.push(record);
             continue;
         }
         ensure_not_leased(state, &record.state.name, now).await?;
         let mut updates: BTreeMap<String, Vec<ViewUpdate>> = BTreeMap::new();
+        for snapshot in &record.state.snapshots {
+            updates.entry(snapshot.gateway.clone()).or_default();
+        }
         for snapshot in record.state.snapshots.iter().filter(|s| s.kind.is_materialized()) {
             updates.entry(snapshot.gateway.clone()).or_default().push(ViewUpdate {
                 schema: record.state.name.view_schema(&snapshot.name.schema),
@@ -460,47 +528,90 @@ pub async fn janitor(
                 target: None,
             });
         }
-        swap_views(warehouses, updates).await?;
+        let swap = EnvironmentSwap {
+            environment: &record.state.name,
+            expected_plan: record.state.plan_id.as_ref(),
+            plan: None,
+        };
+        swap_views(warehouses, &swap, updates).await?;
         state.delete_environment(&record.state.name).await?;
         report.environments_removed += 1;
     }
-    // Physical tables still needed: every kept environment's (what it shows, and what a rollback
-    // would show), and every running plan's.
-    for record in &kept {
-        for snapshot in
-            record.state.snapshots.iter().chain(record.previous.iter().flat_map(|previous| &previous.snapshots))
-        {
-            referenced.insert((snapshot.name.clone(), snapshot.version.clone()));
+    let mut attempts = 0;
+    let (doomed, unreferenced_snapshots) = loop {
+        attempts += 1;
+        let candidates = state.all_snapshots().await?;
+        let mut referenced: BTreeSet<(ModelName, sluice_core::names::Version)> = BTreeSet::new();
+        let running = state.running_runs().await?;
+        for run in &running {
+            if let Some(plan) = state.get_plan(&run.plan_id).await? {
+                for planned in &plan.snapshots {
+                    referenced.insert((planned.snapshot.name.clone(), planned.snapshot.version.clone()));
+                }
+            }
         }
+        let mut environments_seen = BTreeMap::new();
+        for record in state.list_environments().await? {
+            // What the environment shows, and what a rollback would show.
+            for snapshot in
+                record.state.snapshots.iter().chain(record.previous.iter().flat_map(|previous| &previous.snapshots))
+            {
+                referenced.insert((snapshot.name.clone(), snapshot.version.clone()));
+            }
+            environments_seen.insert(record.state.name.clone(), record.state.plan_id.clone());
+        }
+        let mut unreferenced_snapshots = Vec::new();
+        let mut doomed: BTreeMap<IntervalKey, (String, PhysicalTable)> = BTreeMap::new();
+        for snapshot in candidates {
+            let key = (snapshot.name.clone(), snapshot.version.clone());
+            if referenced.contains(&key) {
+                continue;
+            }
+            if let Some(table) = snapshot.physical_table() {
+                doomed.entry(key).or_insert_with(|| (snapshot.gateway.clone(), table));
+            }
+            unreferenced_snapshots.push(snapshot.id.clone());
+        }
+        let keys: Vec<IntervalKey> = doomed.keys().cloned().collect();
+        let running_seen: Vec<RunId> = running.into_iter().map(|run| run.id).collect();
+        match state.claim_tables_for_drop(&keys, &running_seen, &environments_seen).await {
+            Ok(()) => break (keys, unreferenced_snapshots),
+            Err(StateError::Contention { .. }) if attempts < 3 => {
+                info!("runs or environments moved while the janitor read them; reading again");
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
+    report.tables_dropped += drop_claimed(state, warehouses, &doomed).await?;
+    state.delete_snapshots(&unreferenced_snapshots).await?;
+    Ok(report)
+}
+
+/// Drops claimed tables (their intervals went with the claim), then releases the claims.
+async fn drop_claimed(
+    state: &Arc<dyn StateStore>,
+    warehouses: &dyn WarehouseFactory,
+    keys: &[IntervalKey],
+) -> Result<u64, PromoterError> {
+    let mut dropped = 0;
+    let mut snapshots_by_key: BTreeMap<IntervalKey, Snapshot> = BTreeMap::new();
+    for snapshot in state.all_snapshots().await? {
+        snapshots_by_key.entry((snapshot.name.clone(), snapshot.version.clone())).or_insert(snapshot);
     }
-    // What goes: the unreferenced snapshots, and the tables of those that have one.
-    let mut unreferenced_snapshots = Vec::new();
-    let mut doomed: BTreeMap<(ModelName, sluice_core::names::Version), (String, PhysicalTable)> = BTreeMap::new();
-    for snapshot in candidates {
-        let key = (snapshot.name.clone(), snapshot.version.clone());
-        if referenced.contains(&key) {
-            continue;
-        }
-        if let Some(table) = snapshot.physical_table() {
-            doomed.entry(key).or_insert_with(|| (snapshot.gateway.clone(), table));
-        }
-        unreferenced_snapshots.push(snapshot.id.clone());
-    }
-    // The records go before the tables: a janitor that dies in between leaves a table that no
-    // record vouches for (rebuilt if it is ever needed again), never a record of a dropped table.
-    let keys: Vec<_> = doomed.keys().cloned().collect();
-    state.remove_intervals(&keys).await?;
-    for (gateway, table) in doomed.values() {
+    for key in keys {
+        let Some(snapshot) = snapshots_by_key.get(key) else { continue };
+        let Some(table) = snapshot.physical_table() else { continue };
+        let gateway = &snapshot.gateway;
         let mut warehouse = warehouses
             .connect(gateway)
             .await
             .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
         warehouse
-            .drop_table(table)
+            .drop_table(&table)
             .await
             .map_err(|source| PromoterError::Warehouse { gateway: gateway.clone(), source })?;
-        report.tables_dropped += 1;
+        dropped += 1;
     }
-    state.delete_snapshots(&unreferenced_snapshots).await?;
-    Ok(report)
+    state.release_dropped_tables(keys).await?;
+    Ok(dropped)
 }

@@ -4,15 +4,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
-use sluice_core::interval::{IntervalSet, Timestamp};
+use sluice_core::interval::{Interval, IntervalSet, Timestamp};
 use sluice_core::names::{EnvironmentName, PlanId, SnapshotId, TaskId};
 use sluice_core::plan::Plan;
 use sluice_core::snapshot::Snapshot;
 use sluice_state::{
-    AuditEntry, AuditLog, BreakerStore, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, EnvironmentStore,
-    FinishedTask, IntervalKey, IntervalRecord, IntervalStore, LeaseStore, MemoryState, PlanStore, PlanSummary,
-    RunFinalization, RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, RunStore, SnapshotStore,
-    StateError, TaskFailure, TaskStore,
+    AuditEntry, AuditLog, BreakerStore, DropStore, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord,
+    EnvironmentStore, FinishedTask, IntervalKey, IntervalRecord, IntervalStore, LeaseStore, MemoryState, PlanStore,
+    PlanSummary, RunFinalization, RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, RunStore,
+    SnapshotStore, StateError, TaskFailure, TaskOutlook, TaskStore,
 };
 
 use crate::world::{Shared, current_task};
@@ -258,6 +258,26 @@ impl TaskStore for SimState {
     async fn task_failures(&self, run_id: &RunId) -> Result<Vec<TaskFailure>, StateError> {
         self.call(false, "task_failures", self.inner.task_failures(run_id)).await
     }
+    async fn task_outlook(
+        &self,
+        run_id: &RunId,
+        plan_id: &PlanId,
+        key: &IntervalKey,
+        interval: Interval,
+    ) -> Result<TaskOutlook, StateError> {
+        let op = async {
+            let answer = self.inner.task_outlook(run_id, plan_id, key, interval).await?;
+            let mut world = self.world.lock();
+            let now = world.tick();
+            // One read of all three at one moment.
+            let reads = world.reads.entry(current_task()).or_default();
+            reads.intervals = Some(now);
+            reads.run = Some(now);
+            reads.breaker = Some(now);
+            Ok(answer)
+        };
+        self.call(false, "task_outlook", op).await
+    }
 }
 
 #[async_trait]
@@ -289,6 +309,31 @@ impl BreakerStore for SimState {
             Ok(())
         };
         self.call(true, "reset_breaker", op).await
+    }
+}
+
+#[async_trait]
+impl DropStore for SimState {
+    async fn claim_tables_for_drop(
+        &self,
+        tables: &[IntervalKey],
+        running_seen: &[RunId],
+        environments_seen: &BTreeMap<EnvironmentName, Option<PlanId>>,
+    ) -> Result<(), StateError> {
+        let op = async {
+            self.inner.claim_tables_for_drop(tables, running_seen, environments_seen).await?;
+            // The claim removes the tables' intervals, as `remove_intervals` does.
+            let mut world = self.world.lock();
+            world.recorded_at.retain(|(name, version, _), _| !tables.iter().any(|(n, v)| n == name && v == version));
+            Ok(())
+        };
+        self.call(true, "claim_tables_for_drop", op).await
+    }
+    async fn tables_being_dropped(&self) -> Result<Vec<IntervalKey>, StateError> {
+        self.call(false, "tables_being_dropped", self.inner.tables_being_dropped()).await
+    }
+    async fn release_dropped_tables(&self, tables: &[IntervalKey]) -> Result<(), StateError> {
+        self.call(true, "release_dropped_tables", self.inner.release_dropped_tables(tables)).await
     }
 }
 

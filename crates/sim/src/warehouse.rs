@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use sluice_core::interval::{Interval, Timestamp};
 use sluice_core::model::SeedData;
 use sluice_core::names::PhysicalTable;
-use sluice_engine::{Canceller, EngineError, TableChecksum, ViewUpdate, Warehouse, WarehouseFactory};
+use sluice_engine::{
+    Canceller, EngineError, GatewayPromotion, PromotionOutcome, TableChecksum, ViewUpdate, Warehouse, WarehouseFactory,
+};
 use sluice_state::{IntervalStore, RunStatus, RunStore};
 
 use crate::world::{Shared, WHOLE, current_task, day_cells};
@@ -127,6 +129,27 @@ impl SimConnection {
         }
     }
 
+    /// Every table a view is pointed at must be complete for some plan that writes it.
+    async fn check_targets(&self, updates: &[ViewUpdate]) {
+        let truth = self.world.lock().truth.clone();
+        for update in updates {
+            let Some(target) = &update.target else { continue };
+            let name = target.to_string();
+            let info = self.world.lock().registry.get(&name).cloned();
+            let Some(info) = info else { continue };
+            let recorded = truth.get_intervals(std::slice::from_ref(&info.key)).await.unwrap_or_default();
+            let have = recorded.get(&info.key).cloned().unwrap_or_default();
+            let complete =
+                info.planned.values().any(|planned| planned.ranges().iter().all(|range| have.covers(*range)));
+            if !complete {
+                self.world.lock().violation(format!(
+                    "view {}.{} pointed at {name}, whose planned intervals are not all recorded",
+                    update.schema, update.name
+                ));
+            }
+        }
+    }
+
     fn write_cells(&self, table: &str, cells: Vec<(i64, Interval)>) {
         let mut world = self.world.lock();
         let values: Vec<(i64, u64)> =
@@ -138,6 +161,22 @@ impl SimConnection {
         }
         for (cell, value) in values {
             stored.cells.insert(cell, value);
+        }
+    }
+}
+
+/// Applies view updates to the modelled warehouse.
+fn apply_views(world: &mut crate::world::World, gateway: &str, updates: &[ViewUpdate]) {
+    world.note(&format!("promote {} views on {gateway}", updates.len()));
+    for update in updates {
+        let key = (gateway.to_string(), update.schema.clone(), update.name.clone());
+        match &update.target {
+            Some(target) => {
+                world.views.insert(key, target.to_string());
+            }
+            None => {
+                world.views.remove(&key);
+            }
         }
     }
 }
@@ -247,40 +286,35 @@ impl Warehouse for SimConnection {
         if failed(&self.world) {
             return Err(unavailable());
         }
-        let truth = self.world.lock().truth.clone();
-        // Every table a view is pointed at must be complete for some plan that writes it.
-        for update in updates {
-            let Some(target) = &update.target else { continue };
-            let name = target.to_string();
-            let info = self.world.lock().registry.get(&name).cloned();
-            let Some(info) = info else { continue };
-            let recorded = truth.get_intervals(std::slice::from_ref(&info.key)).await.unwrap_or_default();
-            let have = recorded.get(&info.key).cloned().unwrap_or_default();
-            let complete =
-                info.planned.values().any(|planned| planned.ranges().iter().all(|range| have.covers(*range)));
-            if !complete {
-                self.world.lock().violation(format!(
-                    "view {}.{} pointed at {name}, whose planned intervals are not all recorded",
-                    update.schema, update.name
-                ));
-            }
-        }
+        self.check_targets(updates).await;
         // One transaction: every view changes at once, at commit.
         self.world.pause().await;
-        let mut world = self.world.lock();
-        world.note(&format!("promote {} views on {}", updates.len(), self.gateway));
-        for update in updates {
-            let key = (self.gateway.clone(), update.schema.clone(), update.name.clone());
-            match &update.target {
-                Some(target) => {
-                    world.views.insert(key, target.to_string());
-                }
-                None => {
-                    world.views.remove(&key);
-                }
-            }
-        }
+        apply_views(&mut self.world.lock(), &self.gateway, updates);
         Ok(())
+    }
+
+    async fn promote_environment(&mut self, promotion: &GatewayPromotion) -> Result<PromotionOutcome, EngineError> {
+        self.world.pause().await;
+        if failed(&self.world) {
+            return Err(unavailable());
+        }
+        // One transaction: the marker read, the views and the marker written, with no await
+        // that could let anything in between.
+        let key = (self.gateway.clone(), promotion.environment.clone());
+        let shown = self.world.lock().markers.get(&key).cloned();
+        let outcome = PromotionOutcome::decide(shown.as_deref(), promotion);
+        if outcome == PromotionOutcome::Applied {
+            self.check_targets(&promotion.updates).await;
+            let mut world = self.world.lock();
+            apply_views(&mut world, &self.gateway, &promotion.updates);
+            match &promotion.plan {
+                Some(plan) => world.markers.insert(key, plan.clone()),
+                None => world.markers.remove(&key),
+            };
+        }
+        self.world.note(&format!("promotion of {} on {}: {outcome:?}", promotion.environment, self.gateway));
+        self.world.pause().await;
+        Ok(outcome)
     }
 
     async fn drop_table(&mut self, table: &PhysicalTable) -> Result<(), EngineError> {

@@ -107,6 +107,8 @@ pub struct World {
     pub log: std::collections::VecDeque<String>,
     pub tables: BTreeMap<String, TableCells>,
     pub registry: BTreeMap<String, TableInfo>,
+    /// `(gateway, environment)` → the plan the gateway's promotion marker shows.
+    pub markers: BTreeMap<(String, String), String>,
     /// `(gateway, schema, view)` → the physical table it selects from.
     pub views: BTreeMap<(String, String, String), String>,
     /// The state store as it is, without faults: what the checks read.
@@ -142,6 +144,7 @@ impl World {
             tables: BTreeMap::new(),
             registry: BTreeMap::new(),
             views: BTreeMap::new(),
+            markers: BTreeMap::new(),
             truth: MemoryState::new(),
             dropped: BTreeSet::new(),
             recorded_at: BTreeMap::new(),

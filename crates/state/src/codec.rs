@@ -1,12 +1,12 @@
 //! Conversions shared by both stores: rows of plain columns to domain records, JSON bodies, and
 //! the interval compaction computed before a write.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sluice_core::interval::{Interval, IntervalSet, Timestamp};
-use sluice_core::names::{EnvironmentName, ModelName, PlanId, SnapshotId, TaskId};
+use sluice_core::names::{EnvironmentName, ModelName, PlanId, SnapshotId, TaskId, Version};
 use sluice_core::plan::{EnvironmentState, Plan};
 use sluice_core::snapshot::Snapshot;
 
@@ -76,6 +76,46 @@ pub(crate) fn lease_expiry(now: Timestamp, ttl_seconds: i64) -> Result<Timestamp
 /// The same plan id or the same absence.
 pub(crate) fn same_plan(expected: Option<&PlanId>, actual: Option<&str>) -> bool {
     expected.map(|plan| plan.0.as_str()) == actual
+}
+
+/// Tombstone rows as keys, in key order.
+pub(crate) fn tombstone_keys(rows: Vec<(String, String)>) -> Result<BTreeSet<IntervalKey>, StateError> {
+    let mut keys = BTreeSet::new();
+    for (name, version) in rows {
+        keys.insert((model_name(&name)?, Version(version)));
+    }
+    Ok(keys)
+}
+
+/// The claim's check of the running runs (`running`: the ids of every run stored as running)
+/// against what the janitor read: `Contention` unless they are the same set.
+pub(crate) fn check_running_seen(running: Vec<String>, seen: &[RunId]) -> Result<(), StateError> {
+    let running: BTreeSet<String> = running.into_iter().collect();
+    let seen: BTreeSet<&str> = seen.iter().map(|run| run.0.as_str()).collect();
+    if !running.iter().map(String::as_str).eq(seen.iter().copied()) {
+        return Err(StateError::Contention { what: "the running runs".to_string() });
+    }
+    Ok(())
+}
+
+/// The claim's check of the environments (`rows`: every stored (name, plan id)) against what the
+/// janitor read: `Contention` for the first, by name, that is missing from `seen` or shows
+/// another plan there.
+pub(crate) fn check_environments_seen(
+    rows: Vec<(String, Option<String>)>,
+    seen: &BTreeMap<EnvironmentName, Option<PlanId>>,
+) -> Result<(), StateError> {
+    let mut stored = BTreeMap::new();
+    for (name, plan) in rows {
+        stored.insert(environment_name(&name)?, plan);
+    }
+    for (name, plan) in stored {
+        let matches = seen.get(&name).is_some_and(|expected| same_plan(expected.as_ref(), plan.as_deref()));
+        if !matches {
+            return Err(StateError::Contention { what: format!("environment {name}") });
+        }
+    }
+    Ok(())
 }
 
 /// An environment row and its snapshot rows, from either store.

@@ -13,8 +13,8 @@ use sluice_core::plan::{Change, EnvironmentState, Plan, PlannedSnapshot};
 use sluice_core::snapshot::{Fingerprint, Snapshot};
 
 use crate::{
-    AuditEntry, EnvironmentPromotion, FinishedTask, IntervalRecord, RunFinalization, RunId, RunOutcome, RunProgress,
-    RunRecord, RunStart, RunStatus, StateError, StateStore, TaskFailure,
+    AuditEntry, EnvironmentPromotion, FinishedTask, IntervalKey, IntervalRecord, RunFinalization, RunId, RunOutcome,
+    RunProgress, RunRecord, RunStart, RunStatus, StateError, StateStore, TaskFailure, TaskOutlook,
 };
 
 /// One backend under test: the store as the roles see it, and a way to look at its tables.
@@ -37,6 +37,16 @@ impl Inspect {
             Inspect::Sqlite(state) => state.count_rows_for_tests("sluice_intervals").await,
             Inspect::Postgres(state) => state.count_rows_for_tests("sluice_intervals").await,
             Inspect::Memory(state) => state.interval_rows_for_tests(),
+        }
+    }
+
+    /// Stores interval rows as they are (SQLite, PostgreSQL: no merging with the stored rows, as
+    /// concurrent writers can leave them; memory keeps merged ranges only).
+    async fn insert_interval_rows(&self, key: &IntervalKey, ranges: &[Interval]) {
+        match self {
+            Inspect::Sqlite(state) => state.insert_interval_rows_for_tests(key, ranges).await,
+            Inspect::Postgres(state) => state.insert_interval_rows_for_tests(key, ranges).await,
+            Inspect::Memory(state) => state.insert_interval_rows_for_tests(key, ranges),
         }
     }
 
@@ -235,6 +245,18 @@ conformance_tests!(
     finalize_unknown_run_is_not_found,
     concurrent_finalize_runs_write_one_audit_row,
     superseding_begin_run_audits_and_resets_the_breaker,
+    task_outlook_reads_the_run_status,
+    task_outlook_reads_the_breaker,
+    task_outlook_reads_recorded_intervals,
+    task_outlook_merges_adjacent_and_overlapping_rows,
+    claim_removes_intervals_and_lists_tables_until_released,
+    claim_is_idempotent,
+    begin_run_of_a_plan_using_a_claimed_table_writes_nothing,
+    intervals_of_a_claimed_table_are_not_recorded,
+    claim_after_a_run_began_or_ended_changes_nothing,
+    claim_on_a_stale_environment_map_changes_nothing,
+    concurrent_claims_and_begin_runs_exclude_each_other,
+    concurrent_claims_and_interval_writes_leave_no_interval,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1342,4 +1364,497 @@ async fn superseding_begin_run_audits_and_resets_the_breaker(backend: Backend) {
     assert_eq!(store.list_audit(10).await.unwrap(), vec![expected]);
     assert_eq!(store.breaker(&applied.id).await.unwrap().as_deref(), Some("aborted again"));
     assert_eq!(store.get_run(&second.id).await.unwrap(), Some(second));
+}
+
+/// The outlook of `run` of plan `plan` for `interval` of `key`.
+async fn outlook(store: &dyn StateStore, run: &str, plan: &str, key: &IntervalKey, interval: Interval) -> TaskOutlook {
+    store.task_outlook(&run_id(run), &plan_id(plan), key, interval).await.unwrap()
+}
+
+/// Checks `task_outlook`'s `recorded` against `expected` and against what `get_intervals` says.
+async fn assert_recorded(store: &dyn StateStore, key: &IntervalKey, interval: Interval, expected: bool) {
+    let recorded = outlook(store, "none-1", "none", key, interval).await.recorded;
+    assert_eq!(recorded, expected, "task_outlook of {interval} in {key:?}");
+    let sets = store.get_intervals(std::slice::from_ref(key)).await.unwrap();
+    let by_get_intervals = sets.get(key).is_some_and(|set| set.covers(interval));
+    assert_eq!(by_get_intervals, expected, "get_intervals of {interval} in {key:?}");
+}
+
+async fn task_outlook_reads_the_run_status(backend: Backend) {
+    let store = &*backend.store;
+    let key = (model("sushi.orders"), Version("aaaa".to_string()));
+    let plan = plan("pa", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    let nothing = TaskOutlook { run: None, breaker: None, recorded: false };
+    assert_eq!(outlook(store, "pa-1", "pa", &key, interval(0, 1)).await, nothing, "no such run");
+
+    let first = begin(store, &plan, "pa-1", 1_000).await.unwrap();
+    let running = outlook(store, "pa-1", "pa", &key, interval(0, 1)).await;
+    assert_eq!(running, TaskOutlook { run: Some(RunStatus::Running), ..nothing.clone() });
+    assert_eq!(outlook(store, "pa-2", "pa", &key, interval(0, 1)).await.run, None, "another run of the plan");
+
+    store.finish_run(&first.id, outcome(RunStatus::Failed, Some("boom"), 1_100)).await.unwrap();
+    assert_eq!(outlook(store, "pa-1", "pa", &key, interval(0, 1)).await.run, Some(RunStatus::Failed));
+
+    // A resume, finished as aborted (a finalized run reads as its first outcome).
+    store.release_lease(&env("dev"), &first.id).await.unwrap();
+    let second = begin(store, &plan, "pa-2", 1_200).await.unwrap();
+    assert_eq!(outlook(store, "pa-2", "pa", &key, interval(0, 1)).await.run, Some(RunStatus::Running));
+    let aborted = outcome(RunStatus::Aborted, Some("aborted by alice"), 1_300);
+    finalize(store, &second.id, &aborted, None, &audit_of(&second, &aborted, "aborted")).await.unwrap();
+    assert_eq!(outlook(store, "pa-2", "pa", &key, interval(0, 1)).await.run, Some(RunStatus::Aborted));
+    assert_eq!(outlook(store, "pa-1", "pa", &key, interval(0, 1)).await.run, Some(RunStatus::Failed));
+}
+
+async fn task_outlook_reads_the_breaker(backend: Backend) {
+    let store = &*backend.store;
+    let key = (model("sushi.orders"), Version("aaaa".to_string()));
+    let plan = plan("pa", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    begin(store, &plan, "pa-1", 1_000).await.unwrap();
+    assert_eq!(outlook(store, "pa-1", "pa", &key, interval(0, 1)).await.breaker, None);
+
+    store.trip_breaker(&plan.id, "aborted by alice").await.unwrap();
+    store.trip_breaker(&plan.id, "too many failures").await.unwrap();
+    store.trip_breaker(&plan_id("pb"), "another plan").await.unwrap();
+    let tripped = outlook(store, "pa-1", "pa", &key, interval(0, 1)).await;
+    assert_eq!(
+        tripped,
+        TaskOutlook { run: Some(RunStatus::Running), breaker: Some("aborted by alice".to_string()), recorded: false }
+    );
+    // The breaker is the plan's, whether or not the run exists.
+    assert_eq!(outlook(store, "nope", "pb", &key, interval(0, 1)).await.breaker.as_deref(), Some("another plan"));
+
+    store.reset_breaker(&plan.id).await.unwrap();
+    assert_eq!(outlook(store, "pa-1", "pa", &key, interval(0, 1)).await.breaker, None);
+    assert_eq!(outlook(store, "pa-1", "pb", &key, interval(0, 1)).await.breaker.as_deref(), Some("another plan"));
+    store.trip_breaker(&plan.id, "again").await.unwrap();
+    assert_eq!(outlook(store, "pa-1", "pa", &key, interval(0, 1)).await.breaker.as_deref(), Some("again"));
+}
+
+async fn task_outlook_reads_recorded_intervals(backend: Backend) {
+    let store = &*backend.store;
+    let key = (model("sushi.orders"), Version("aaaa".to_string()));
+    let other_version = (model("sushi.orders"), Version("bbbb".to_string()));
+    let other_model = (model("sushi.items"), Version("aaaa".to_string()));
+    let record = |key: &IntervalKey, start: i64, end: i64| IntervalRecord {
+        name: key.0.clone(),
+        version: key.1.clone(),
+        interval: interval(start, end),
+    };
+    assert_recorded(store, &key, interval(0, 24), false).await;
+    store.record_intervals(&[record(&key, 0, 24), record(&other_version, 30, 40)]).await.unwrap();
+    store.record_intervals(&[record(&other_model, 40, 50)]).await.unwrap();
+
+    assert_recorded(store, &key, interval(0, 24), true).await; // exactly covering
+    assert_recorded(store, &key, interval(3, 4), true).await; // inside
+    assert_recorded(store, &key, interval(20, 25), false).await; // partially covering
+    assert_recorded(store, &key, interval(24, 25), false).await; // only touching
+    assert_recorded(store, &key, interval(30, 31), false).await; // recorded for another version
+    assert_recorded(store, &key, interval(40, 41), false).await; // recorded for another model
+    assert_recorded(store, &other_version, interval(30, 40), true).await;
+    assert_recorded(store, &other_model, interval(0, 1), false).await;
+    // An empty interval is covered by any set, as `IntervalSet::covers` says.
+    let empty = Interval { start: hour(60), end: hour(60) };
+    assert_recorded(store, &(model("sushi.unknown"), Version("v0".to_string())), empty, true).await;
+
+    // Everything in one read.
+    let plan = plan("pa", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    begin(store, &plan, "pa-1", 1_000).await.unwrap();
+    store.trip_breaker(&plan.id, "aborted by alice").await.unwrap();
+    assert_eq!(
+        outlook(store, "pa-1", "pa", &key, interval(5, 6)).await,
+        TaskOutlook { run: Some(RunStatus::Running), breaker: Some("aborted by alice".to_string()), recorded: true }
+    );
+
+    store.remove_intervals(std::slice::from_ref(&key)).await.unwrap();
+    assert_recorded(store, &key, interval(0, 24), false).await;
+    assert_recorded(store, &key, interval(3, 4), false).await;
+    assert_recorded(store, &other_version, interval(30, 40), true).await;
+}
+
+async fn task_outlook_merges_adjacent_and_overlapping_rows(backend: Backend) {
+    let store = &*backend.store;
+    let key = (model("sushi.orders"), Version("aaaa".to_string()));
+    // Rows as concurrent writers can leave them: adjacent, overlapping, chained through an
+    // overlap, and two with a one-hour gap between them.
+    let rows = [
+        interval(0, 10),
+        interval(10, 20),
+        interval(30, 40),
+        interval(35, 45),
+        interval(50, 56),
+        interval(55, 62),
+        interval(61, 70),
+        interval(80, 85),
+        interval(86, 90),
+    ];
+    backend.inspect.insert_interval_rows(&key, &rows).await;
+
+    assert_recorded(store, &key, interval(5, 15), true).await; // two adjacent rows
+    assert_recorded(store, &key, interval(0, 20), true).await;
+    assert_recorded(store, &key, interval(32, 44), true).await; // two overlapping rows
+    assert_recorded(store, &key, interval(30, 45), true).await;
+    assert_recorded(store, &key, interval(51, 69), true).await; // a chain of three
+    assert_recorded(store, &key, interval(50, 70), true).await;
+    assert_recorded(store, &key, interval(0, 21), false).await; // past the end
+    assert_recorded(store, &key, interval(15, 35), false).await; // across a gap
+    assert_recorded(store, &key, interval(82, 88), false).await; // across a one-hour gap
+    assert_recorded(store, &key, interval(85, 86), false).await; // in the gap, touching both
+    assert_recorded(store, &key, interval(86, 90), true).await;
+
+    store.remove_intervals(std::slice::from_ref(&key)).await.unwrap();
+    assert_recorded(store, &key, interval(5, 15), false).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The janitor's claim
+
+fn table(name: &str, version: &str) -> IntervalKey {
+    (model(name), Version(version.to_string()))
+}
+
+fn record_of(key: &IntervalKey, start: i64, end: i64) -> IntervalRecord {
+    IntervalRecord { name: key.0.clone(), version: key.1.clone(), interval: interval(start, end) }
+}
+
+/// The janitor's claim of `tables`, having read the running runs `running` and the environments
+/// `environments` (name, plan id).
+async fn claim(
+    store: &dyn StateStore,
+    tables: &[IntervalKey],
+    running: &[&str],
+    environments: &[(&str, Option<&str>)],
+) -> Result<(), StateError> {
+    let running: Vec<RunId> = running.iter().map(|id| run_id(id)).collect();
+    let environments: BTreeMap<EnvironmentName, Option<PlanId>> =
+        environments.iter().map(|(name, plan)| (env(name), plan.map(plan_id))).collect();
+    store.claim_tables_for_drop(tables, &running, &environments).await
+}
+
+/// The recorded ranges of `key`.
+async fn ranges_of(store: &dyn StateStore, key: &IntervalKey) -> Vec<Interval> {
+    store.get_intervals(std::slice::from_ref(key)).await.unwrap()[key].ranges().to_vec()
+}
+
+/// Asserts `TableBeingDropped` naming the physical table of `key`.
+fn assert_being_dropped(outcome: Result<impl std::fmt::Debug, StateError>, key: &IntervalKey) {
+    match outcome {
+        Err(error @ StateError::TableBeingDropped { .. }) => {
+            let expected = sluice_core::names::PhysicalTable::of(&key.0, &key.1).to_string();
+            assert!(matches!(&error, StateError::TableBeingDropped { table } if *table == expected), "{error:?}");
+            assert!(error.is_transient(), "{error}");
+            assert!(error.to_string().contains(&expected), "{error}");
+        }
+        other => panic!("expected TableBeingDropped for {key:?}, got {other:?}"),
+    }
+}
+
+async fn claim_removes_intervals_and_lists_tables_until_released(backend: Backend) {
+    let store = &*backend.store;
+    let orders = table("sushi.orders", "bbbb");
+    let items = table("sushi.items", "aaaa");
+    let kept = table("sushi.orders", "aaaa");
+    store
+        .record_intervals(&[record_of(&orders, 0, 24), record_of(&items, 0, 5), record_of(&kept, 0, 24)])
+        .await
+        .unwrap();
+    assert!(store.tables_being_dropped().await.unwrap().is_empty());
+
+    claim(store, &[orders.clone(), items.clone()], &[], &[]).await.unwrap();
+    assert!(ranges_of(store, &orders).await.is_empty());
+    assert!(ranges_of(store, &items).await.is_empty());
+    assert_eq!(ranges_of(store, &kept).await, vec![interval(0, 24)], "another version is another table");
+    // In key order.
+    assert_eq!(store.tables_being_dropped().await.unwrap(), vec![items.clone(), orders.clone()]);
+
+    store.release_dropped_tables(std::slice::from_ref(&orders)).await.unwrap();
+    assert_eq!(store.tables_being_dropped().await.unwrap(), vec![items.clone()]);
+    // Releasing again, or a table never claimed, or nothing, is fine.
+    store.release_dropped_tables(&[orders.clone(), kept.clone()]).await.unwrap();
+    store.release_dropped_tables(&[]).await.unwrap();
+    assert_eq!(store.tables_being_dropped().await.unwrap(), vec![items.clone()]);
+
+    // A released table can be recorded again (a plan rebuilds it); a claimed one cannot.
+    store.record_intervals(&[record_of(&orders, 0, 1)]).await.unwrap();
+    assert_eq!(ranges_of(store, &orders).await, vec![interval(0, 1)]);
+    assert_being_dropped(store.record_intervals(&[record_of(&items, 0, 1)]).await, &items);
+    store.release_dropped_tables(std::slice::from_ref(&items)).await.unwrap();
+    assert!(store.tables_being_dropped().await.unwrap().is_empty());
+    store.record_intervals(&[record_of(&items, 0, 1)]).await.unwrap();
+    assert_eq!(ranges_of(store, &items).await, vec![interval(0, 1)]);
+}
+
+async fn claim_is_idempotent(backend: Backend) {
+    let store = &*backend.store;
+    let orders = table("sushi.orders", "aaaa");
+    let items = table("sushi.items", "aaaa");
+    store.record_intervals(&[record_of(&orders, 0, 24)]).await.unwrap();
+    claim(store, std::slice::from_ref(&orders), &[], &[]).await.unwrap();
+    // Again (a janitor retrying after a lost reply), with a table listed twice, and with a new one.
+    claim(store, &[orders.clone(), orders.clone()], &[], &[]).await.unwrap();
+    claim(store, &[orders.clone(), items.clone()], &[], &[]).await.unwrap();
+    claim(store, &[], &[], &[]).await.unwrap();
+    assert_eq!(store.tables_being_dropped().await.unwrap(), vec![items.clone(), orders.clone()]);
+    assert!(ranges_of(store, &orders).await.is_empty());
+    store.release_dropped_tables(&[orders.clone(), items.clone()]).await.unwrap();
+    assert!(store.tables_being_dropped().await.unwrap().is_empty());
+}
+
+async fn begin_run_of_a_plan_using_a_claimed_table_writes_nothing(backend: Backend) {
+    let store = &*backend.store;
+    // The simulation's case: a failed plan whose new tables nobody references while it is not
+    // running, resumed while the janitor drops them.
+    let orders = snapshot("sushi.orders", "aaaa");
+    let items = snapshot("sushi.items", "bbbb");
+    let failed_plan = plan("pa", "dev", None, 1, &[orders.clone(), items.clone()]);
+    let first = begin(store, &failed_plan, "pa-1", 1_000).await.unwrap();
+    let items_table = table("sushi.items", "bbbb");
+    store.record_intervals(&[record_of(&items_table, 0, 3)]).await.unwrap();
+    let failed = outcome(RunStatus::Failed, Some("boom"), 1_100);
+    let audit = audit_of(&first, &failed, "failed: boom");
+    finalize(store, &first.id, &failed, None, &audit).await.unwrap();
+    store.trip_breaker(&failed_plan.id, "too many failures").await.unwrap();
+
+    claim(store, std::slice::from_ref(&items_table), &[], &[]).await.unwrap();
+    assert_being_dropped(begin(store, &failed_plan, "pa-2", 1_200).await, &items_table);
+    // Nothing of the resume was written: no run, no lease, the breaker still tripped.
+    assert_eq!(store.get_run(&run_id("pa-2")).await.unwrap(), None);
+    assert_eq!(backend.inspect.run_rows().await, 1);
+    assert_eq!(store.get_lease(&env("dev")).await.unwrap(), None);
+    assert_eq!(store.breaker(&failed_plan.id).await.unwrap().as_deref(), Some("too many failures"));
+    assert_eq!(store.list_audit(10).await.unwrap().len(), 1);
+    assert!(ranges_of(store, &items_table).await.is_empty());
+
+    // A new plan using the table writes no plan and no snapshot either, nor takes over a lease.
+    let fresh = snapshot("sushi.customers", "cccc");
+    let other = plan("pb", "qa", None, 2, &[fresh.clone(), items.clone()]);
+    let holder = plan("pc", "qa", None, 3, std::slice::from_ref(&fresh));
+    begin(store, &holder, "pc-1", 1_000).await.unwrap();
+    assert_being_dropped(begin(store, &other, "pb-1", 1_300).await, &items_table);
+    assert_eq!(store.get_plan(&other.id).await.unwrap(), None);
+    assert!(store.runs_of_plan(&other.id).await.unwrap().is_empty());
+    let lease = store.get_lease(&env("qa")).await.unwrap().unwrap();
+    assert_eq!(lease.run_id, run_id("pc-1"), "the expired lease was not taken over");
+    assert_eq!(store.get_run(&run_id("pc-1")).await.unwrap().unwrap().status, RunStatus::Running);
+    let mut doomed_snapshot = snapshot("sushi.items", "bbbb");
+    doomed_snapshot.id = SnapshotId("sushi.items@only-in-pd".to_string());
+    let only_here = plan("pd", "staging", None, 4, &[doomed_snapshot.clone()]);
+    assert_being_dropped(begin(store, &only_here, "pd-1", 1_300).await, &items_table);
+    assert!(store.get_snapshots(std::slice::from_ref(&doomed_snapshot.id)).await.unwrap().is_empty());
+
+    // Once the janitor is done, the resume goes ahead.
+    store.release_dropped_tables(std::slice::from_ref(&items_table)).await.unwrap();
+    let resumed = begin(store, &failed_plan, "pa-2", 1_400).await.unwrap();
+    assert_eq!(resumed.status, RunStatus::Running);
+    assert_eq!(store.breaker(&failed_plan.id).await.unwrap(), None);
+}
+
+async fn intervals_of_a_claimed_table_are_not_recorded(backend: Backend) {
+    let store = &*backend.store;
+    let running = plan("pa", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    let run = begin(store, &running, "pa-1", 1_000).await.unwrap();
+    let kept = table("sushi.orders", "aaaa");
+    let doomed = table("sushi.items", "zzzz");
+    claim(store, std::slice::from_ref(&doomed), &["pa-1"], &[]).await.unwrap();
+
+    let finished = |n: u8, key: &IntervalKey, hour: i64| FinishedTask {
+        run_id: run.id.clone(),
+        task_id: task(n),
+        interval: Some(record_of(key, hour, hour + 1)),
+        intervals: 1,
+        retries: 0,
+    };
+    // One interval of the batch is for the claimed table: the whole batch records nothing.
+    assert_being_dropped(store.finish_tasks(&[finished(1, &kept, 0), finished(2, &doomed, 0)]).await, &doomed);
+    assert!(store.done_tasks(&run.id).await.unwrap().is_empty());
+    let stored = store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!((stored.tasks_done, stored.intervals_done), (0, 0));
+    assert!(ranges_of(store, &kept).await.is_empty());
+    assert!(ranges_of(store, &doomed).await.is_empty());
+    // The same for `record_intervals`.
+    assert_being_dropped(store.record_intervals(&[record_of(&kept, 0, 1), record_of(&doomed, 0, 1)]).await, &doomed);
+    assert!(ranges_of(store, &kept).await.is_empty());
+    assert!(ranges_of(store, &doomed).await.is_empty());
+
+    // Tasks that record no interval, or only intervals of other tables, go through.
+    let no_interval = FinishedTask { interval: None, ..finished(3, &doomed, 0) };
+    store.finish_tasks(&[finished(1, &kept, 0), no_interval]).await.unwrap();
+    assert_eq!(store.done_tasks(&run.id).await.unwrap(), BTreeSet::from([task(1), task(3)]));
+    assert_eq!(ranges_of(store, &kept).await, vec![interval(0, 1)]);
+
+    store.release_dropped_tables(std::slice::from_ref(&doomed)).await.unwrap();
+    store.finish_tasks(&[finished(2, &doomed, 0)]).await.unwrap();
+    assert_eq!(ranges_of(store, &doomed).await, vec![interval(0, 1)]);
+}
+
+async fn claim_after_a_run_began_or_ended_changes_nothing(backend: Backend) {
+    let store = &*backend.store;
+    let doomed = table("sushi.items", "zzzz");
+    store.record_intervals(&[record_of(&doomed, 0, 24)]).await.unwrap();
+    let assert_nothing_claimed = || async {
+        assert!(store.tables_being_dropped().await.unwrap().is_empty());
+        assert_eq!(ranges_of(store, &doomed).await, vec![interval(0, 24)]);
+    };
+
+    // The janitor read no running run; then a run began.
+    let first = plan("pa", "dev", None, 1, &[snapshot("sushi.items", "zzzz")]);
+    begin(store, &first, "pa-1", 1_000).await.unwrap();
+    let error = claim(store, std::slice::from_ref(&doomed), &[], &[]).await.unwrap_err();
+    assert!(matches!(error, StateError::Contention { .. }), "{error:?}");
+    assert!(error.is_transient());
+    assert_nothing_claimed().await;
+
+    // The janitor read pa-1 running; then it was superseded by a resume (one ended, one began).
+    begin(store, &first, "pa-2", 1_010).await.unwrap();
+    let error = claim(store, std::slice::from_ref(&doomed), &["pa-1"], &[]).await.unwrap_err();
+    assert!(matches!(error, StateError::Contention { .. }), "{error:?}");
+    assert_nothing_claimed().await;
+
+    // The janitor read pa-2 running; then it ended: still not the set it read.
+    store.finish_run(&run_id("pa-2"), outcome(RunStatus::Failed, Some("boom"), 1_100)).await.unwrap();
+    let error = claim(store, std::slice::from_ref(&doomed), &["pa-2"], &[]).await.unwrap_err();
+    assert!(matches!(error, StateError::Contention { .. }), "{error:?}");
+    // A run read that never existed is a difference too.
+    let error = claim(store, std::slice::from_ref(&doomed), &["ghost-1"], &[]).await.unwrap_err();
+    assert!(matches!(error, StateError::Contention { .. }), "{error:?}");
+    assert_nothing_claimed().await;
+
+    // Read again: the same set (in any order, repeated) is accepted.
+    let second = plan("pb", "qa", None, 2, &[snapshot("sushi.orders", "aaaa")]);
+    let third = plan("pc", "staging", None, 3, &[snapshot("sushi.orders", "aaaa")]);
+    begin(store, &second, "pb-1", 1_200).await.unwrap();
+    begin(store, &third, "pc-1", 1_200).await.unwrap();
+    claim(store, std::slice::from_ref(&doomed), &["pc-1", "pb-1", "pc-1"], &[]).await.unwrap();
+    assert_eq!(store.tables_being_dropped().await.unwrap(), vec![doomed.clone()]);
+    assert!(ranges_of(store, &doomed).await.is_empty());
+}
+
+async fn claim_on_a_stale_environment_map_changes_nothing(backend: Backend) {
+    let store = &*backend.store;
+    let doomed = table("sushi.items", "zzzz");
+    store.record_intervals(&[record_of(&doomed, 0, 24)]).await.unwrap();
+    promote(store, &state("dev", Some("p1"), &[snapshot("sushi.orders", "aaaa")]), None, 10).await.unwrap();
+    promote(store, &state("empty", None, &[]), None, 10).await.unwrap();
+
+    let stale_maps: [&[(&str, Option<&str>)]; 4] = [
+        // The janitor read no environment; then dev and empty were created.
+        &[],
+        // It read dev at another plan, or without a plan.
+        &[("dev", Some("p0")), ("empty", None)],
+        &[("dev", None), ("empty", None)],
+        // It missed one environment.
+        &[("dev", Some("p1"))],
+    ];
+    for environments in stale_maps {
+        let error = claim(store, std::slice::from_ref(&doomed), &[], environments).await.unwrap_err();
+        assert!(matches!(error, StateError::Contention { .. }), "{environments:?}: {error:?}");
+        assert!(error.is_transient());
+        assert!(store.tables_being_dropped().await.unwrap().is_empty());
+        assert_eq!(ranges_of(store, &doomed).await, vec![interval(0, 24)]);
+    }
+
+    // The map as it is; an environment deleted since the read only dropped references.
+    claim(store, std::slice::from_ref(&doomed), &[], &[("dev", Some("p1")), ("empty", None), ("gone", Some("p7"))])
+        .await
+        .unwrap();
+    assert_eq!(store.tables_being_dropped().await.unwrap(), vec![doomed.clone()]);
+    assert!(ranges_of(store, &doomed).await.is_empty());
+
+    // A promotion after the janitor's read makes its map stale.
+    promote(store, &state("dev", Some("p2"), &[snapshot("sushi.orders", "bbbb")]), Some("p1"), 20).await.unwrap();
+    let other = table("sushi.orders", "cccc");
+    let error = claim(store, std::slice::from_ref(&other), &[], &[("dev", Some("p1")), ("empty", None)]).await;
+    assert!(matches!(error, Err(StateError::Contention { .. })), "{error:?}");
+    assert_eq!(store.tables_being_dropped().await.unwrap(), vec![doomed]);
+}
+
+async fn concurrent_claims_and_begin_runs_exclude_each_other(backend: Backend) {
+    // Each round, the janitor reads the running runs and claims a table, while a plan using that
+    // table begins: exactly one of the two may succeed (both would be the bug: a run writing
+    // into a table being dropped; neither would be a refusal without a cause).
+    for round in 0..12_i64 {
+        let version = format!("v{round}");
+        let doomed = table("sushi.items", &version);
+        let running: Vec<String> =
+            backend.store.running_runs().await.unwrap().into_iter().map(|run| run.id.0).collect();
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let begun = {
+            let store = Arc::clone(&backend.store);
+            let barrier = Arc::clone(&barrier);
+            let plan =
+                plan(&format!("p{round}"), &format!("env{round}"), None, round, &[snapshot("sushi.items", &version)]);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                begin(&*store, &plan, &format!("p{round}-1"), 1_000).await
+            })
+        };
+        let claimed = {
+            let store = Arc::clone(&backend.store);
+            let barrier = Arc::clone(&barrier);
+            let doomed = doomed.clone();
+            tokio::spawn(async move {
+                let running: Vec<&str> = running.iter().map(String::as_str).collect();
+                barrier.wait().await;
+                claim(&*store, std::slice::from_ref(&doomed), &running, &[]).await
+            })
+        };
+        let begun = begun.await.unwrap();
+        let claimed = claimed.await.unwrap();
+        match (&begun, &claimed) {
+            (Ok(_), Err(StateError::Contention { .. })) => {
+                assert!(backend.store.tables_being_dropped().await.unwrap().iter().all(|key| key != &doomed));
+            }
+            (Err(StateError::TableBeingDropped { .. }), Ok(())) => {
+                assert_eq!(backend.store.get_run(&run_id(&format!("p{round}-1"))).await.unwrap(), None);
+            }
+            other => panic!("round {round}: expected exactly one of begin_run and the claim to win, got {other:?}"),
+        }
+    }
+}
+
+async fn concurrent_claims_and_interval_writes_leave_no_interval(backend: Backend) {
+    // A running run's worker records intervals of a table while the janitor claims it: the
+    // write either fails, or lands before the claim and is removed by it. Either way no
+    // interval of a claimed table is left.
+    let running = plan("pa", "dev", None, 1, &[snapshot("sushi.orders", "aaaa")]);
+    let run = begin(&*backend.store, &running, "pa-1", 1_000).await.unwrap();
+    for round in 0..12_u8 {
+        let doomed = table("sushi.items", &format!("v{round}"));
+        let barrier = Arc::new(tokio::sync::Barrier::new(3));
+        let finished = {
+            let store = Arc::clone(&backend.store);
+            let barrier = Arc::clone(&barrier);
+            let task = FinishedTask {
+                run_id: run.id.clone(),
+                task_id: task(round),
+                interval: Some(record_of(&doomed, 0, 1)),
+                intervals: 1,
+                retries: 0,
+            };
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.finish_tasks(std::slice::from_ref(&task)).await
+            })
+        };
+        let recorded = {
+            let store = Arc::clone(&backend.store);
+            let barrier = Arc::clone(&barrier);
+            let record = record_of(&doomed, 5, 6);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.record_intervals(std::slice::from_ref(&record)).await
+            })
+        };
+        barrier.wait().await;
+        claim(&*backend.store, std::slice::from_ref(&doomed), &["pa-1"], &[]).await.unwrap();
+        for outcome in [finished.await.unwrap(), recorded.await.unwrap()] {
+            match outcome {
+                Ok(()) | Err(StateError::TableBeingDropped { .. }) => {}
+                Err(other) => panic!("round {round}: expected success or TableBeingDropped, got {other:?}"),
+            }
+        }
+        assert!(
+            ranges_of(&*backend.store, &doomed).await.is_empty(),
+            "round {round}: an interval of {doomed:?} is left"
+        );
+    }
 }

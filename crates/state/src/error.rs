@@ -1,9 +1,9 @@
 //! `StateError`: every way a state-store call fails, and whether retrying can help.
 
 use sluice_core::interval::Timestamp;
-use sluice_core::names::{EnvironmentName, PlanId, SnapshotId};
+use sluice_core::names::{EnvironmentName, PhysicalTable, PlanId, SnapshotId};
 
-use crate::types::{RunId, RunStatus};
+use crate::types::{IntervalKey, RunId, RunStatus};
 
 /// Every failure of the state store. Messages are lowercase and never contain a connection
 /// URL or password. `is_transient` says whether the caller should retry with backoff.
@@ -52,6 +52,11 @@ pub enum StateError {
     #[error("snapshot {snapshot} is still used by environment {environment}")]
     SnapshotInUse { snapshot: SnapshotId, environment: EnvironmentName },
 
+    /// The janitor claimed a physical table (`schema.table`) the call would use or record an
+    /// interval for, and is dropping it: retrying once the janitor is done can succeed.
+    #[error("the janitor is dropping table {table} that this plan uses; apply again once it is done")]
+    TableBeingDropped { table: String },
+
     /// A row changed hands too often while this call tried to read it; retry.
     #[error("{what} changed concurrently, retry")]
     Contention { what: String },
@@ -80,6 +85,7 @@ impl StateError {
         match self {
             StateError::Connect { transient, .. } => *transient,
             StateError::Contention { .. } => true,
+            StateError::TableBeingDropped { .. } => true,
             StateError::Database(error) => is_transient_sqlx(error),
             StateError::Migration(sqlx::migrate::MigrateError::Execute(error))
             | StateError::Migration(sqlx::migrate::MigrateError::ExecuteMigration(error, _)) => {
@@ -91,6 +97,13 @@ impl StateError {
 
     pub(crate) fn not_found(what: impl Into<String>) -> StateError {
         StateError::NotFound { what: what.into() }
+    }
+
+    /// `TableBeingDropped` for the first key (in key order) among `claimed`, if any: the
+    /// keys a call would use that have a tombstone.
+    pub(crate) fn table_being_dropped<'a>(claimed: impl IntoIterator<Item = &'a IntervalKey>) -> Option<StateError> {
+        let (name, version) = claimed.into_iter().min()?;
+        Some(StateError::TableBeingDropped { table: PhysicalTable::of(name, version).to_string() })
     }
 
     pub(crate) fn corrupt(what: impl Into<String>, reason: impl Into<String>) -> StateError {
@@ -177,5 +190,20 @@ mod tests {
         };
         assert_eq!(error.to_string(), "environment prod moved: expected it to show plan p1, but it shows no plan");
         assert!(!error.is_transient());
+    }
+
+    #[test]
+    fn table_being_dropped_names_the_first_table_and_is_transient() {
+        let key = |name: &str, version: &str| {
+            (sluice_core::names::ModelName::parse(name).unwrap(), sluice_core::names::Version(version.to_string()))
+        };
+        let keys = [key("sushi.orders", "bbbb"), key("sushi.items", "cccc"), key("sushi.orders", "aaaa")];
+        let error = StateError::table_being_dropped(&keys).unwrap();
+        assert_eq!(
+            error.to_string(),
+            "the janitor is dropping table sluice__sushi.sushi__items__cccc that this plan uses; apply again once it is done"
+        );
+        assert!(error.is_transient());
+        assert!(StateError::table_being_dropped(&[]).is_none());
     }
 }

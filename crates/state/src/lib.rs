@@ -22,12 +22,13 @@ pub use memory::MemoryState;
 pub use postgres::PostgresState;
 pub use sqlite::SqliteState;
 pub use store::{
-    AuditLog, BreakerStore, EnvironmentStore, IntervalStore, LeaseStore, PlanStore, RunStore, SnapshotStore,
+    AuditLog, BreakerStore, DropStore, EnvironmentStore, IntervalStore, LeaseStore, PlanStore, RunStore, SnapshotStore,
     StateStore, TaskStore,
 };
 pub use types::{
     AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, FinishedTask, IntervalKey, IntervalRecord,
     PlanSummary, RunFinalization, RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
+    TaskOutlook,
 };
 
 /// Where embedded mode keeps its state, relative to the project folder.

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use sluice_core::interval::{IntervalSet, Timestamp};
+use sluice_core::interval::{Interval, IntervalSet, Timestamp};
 use sluice_core::names::{EnvironmentName, PlanId, SnapshotId, TaskId};
 use sluice_core::plan::{EnvironmentState, Plan};
 use sluice_core::snapshot::Snapshot;
@@ -32,11 +32,13 @@ use sluice_core::snapshot::Snapshot;
 use crate::codec::{lease_expiry, to_stored_count};
 use crate::error::StateError;
 use crate::store::{
-    AuditLog, BreakerStore, EnvironmentStore, IntervalStore, LeaseStore, PlanStore, RunStore, SnapshotStore, TaskStore,
+    AuditLog, BreakerStore, DropStore, EnvironmentStore, IntervalStore, LeaseStore, PlanStore, RunStore, SnapshotStore,
+    TaskStore,
 };
 use crate::types::{
     AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, FinishedTask, IntervalKey, IntervalRecord,
     PlanSummary, RunFinalization, RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
+    TaskOutlook,
 };
 
 /// The state store in memory. `Clone` shares the tables (they sit behind one `Arc<Mutex<_>>`).
@@ -86,6 +88,8 @@ struct MemoryTables {
     run_positions: BTreeMap<RunId, usize>,
     /// `sluice_intervals`: the compacted ranges of each (model, version).
     intervals: BTreeMap<IntervalKey, IntervalSet>,
+    /// `sluice_tables_being_dropped`: the janitor's tombstones.
+    tables_being_dropped: BTreeSet<IntervalKey>,
     /// `sluice_breakers`: the reason each tripped breaker was tripped for.
     breakers: BTreeMap<PlanId, String>,
     /// `sluice_audit_log`, oldest first.
@@ -217,6 +221,25 @@ impl MemoryTables {
         let sequence = self.next_plan_sequence;
         self.next_plan_sequence += 1;
         self.plans.insert(plan.id.clone(), StoredPlan { sequence, plan: plan.clone() });
+    }
+
+    /// `TableBeingDropped` if a non-empty interval of `records` is for a table with a tombstone
+    /// (empty intervals are never stored, so they are not checked, as in SQLite).
+    fn check_not_being_dropped(&self, records: &[IntervalRecord]) -> Result<(), StateError> {
+        let mut claimed = BTreeSet::new();
+        for record in records {
+            if record.interval.is_empty() {
+                continue;
+            }
+            let key = (record.name.clone(), record.version.clone());
+            if self.tables_being_dropped.contains(&key) {
+                claimed.insert(key);
+            }
+        }
+        match StateError::table_being_dropped(&claimed) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 
     /// Merges intervals into the stored ranges of their keys; the records were checked already.
@@ -439,7 +462,8 @@ impl MemoryTables {
         let environment = &plan.environment;
         let expires_at = lease_expiry(start.now, start.lease_ttl_seconds)?;
 
-        // Checks, in SQLite's order: stale environment, held lease, existing run.
+        // Checks, in SQLite's order: stale environment, a table being dropped, held lease,
+        // existing run.
         let actual = self.environments.get(environment).and_then(|stored| stored.current.plan_id.clone());
         if plan.previous_plan_id != actual {
             return Err(StateError::StaleEnvironment {
@@ -447,6 +471,16 @@ impl MemoryTables {
                 expected: plan.previous_plan_id.clone(),
                 actual,
             });
+        }
+        let mut claimed = BTreeSet::new();
+        for planned in &plan.snapshots {
+            let key = (planned.snapshot.name.clone(), planned.snapshot.version.clone());
+            if self.tables_being_dropped.contains(&key) {
+                claimed.insert(key);
+            }
+        }
+        if let Some(error) = StateError::table_being_dropped(&claimed) {
+            return Err(error);
         }
         if let Some(lease) = self.leases.get(environment) {
             let can_take_over = lease.expires_at <= start.now || lease.plan_id == plan.id;
@@ -617,6 +651,7 @@ impl MemoryTables {
         }
         let records: Vec<IntervalRecord> = finished.iter().filter_map(|task| task.interval.clone()).collect();
         check_interval_records(&records)?;
+        self.check_not_being_dropped(&records)?;
         // Every run must exist; the first missing one, by id, is reported.
         let run_ids: BTreeSet<&RunId> = finished.iter().map(|task| &task.run_id).collect();
         for run_id in &run_ids {
@@ -685,6 +720,56 @@ impl MemoryTables {
             None => stored.failures.push(failure.clone()),
         }
         Ok(())
+    }
+
+    fn task_outlook(&self, run_id: &RunId, plan_id: &PlanId, key: &IntervalKey, interval: Interval) -> TaskOutlook {
+        // A key with nothing recorded reads as the empty set, as `get_intervals` returns it
+        // (which covers an empty interval).
+        let recorded = match self.intervals.get(key) {
+            Some(set) => set.covers(interval),
+            None => IntervalSet::new().covers(interval),
+        };
+        TaskOutlook {
+            run: self.run(run_id).map(|stored| stored.record.status),
+            breaker: self.breakers.get(plan_id).cloned(),
+            recorded,
+        }
+    }
+
+    // --- drops --------------------------------------------------------------------------------
+
+    fn claim_tables_for_drop(
+        &mut self,
+        tables: &[IntervalKey],
+        running_seen: &[RunId],
+        environments_seen: &BTreeMap<EnvironmentName, Option<PlanId>>,
+    ) -> Result<(), StateError> {
+        let running: BTreeSet<&RunId> = self
+            .runs
+            .iter()
+            .filter(|stored| stored.record.status == RunStatus::Running)
+            .map(|stored| &stored.record.id)
+            .collect();
+        let seen: BTreeSet<&RunId> = running_seen.iter().collect();
+        if running != seen {
+            return Err(StateError::Contention { what: "the running runs".to_string() });
+        }
+        for (name, environment) in &self.environments {
+            if environments_seen.get(name) != Some(&environment.current.plan_id) {
+                return Err(StateError::Contention { what: format!("environment {name}") });
+            }
+        }
+        for key in tables {
+            self.intervals.remove(key);
+            self.tables_being_dropped.insert(key.clone());
+        }
+        Ok(())
+    }
+
+    fn release_dropped_tables(&mut self, tables: &[IntervalKey]) {
+        for key in tables {
+            self.tables_being_dropped.remove(key);
+        }
     }
 
     // --- audit --------------------------------------------------------------------------------
@@ -771,7 +856,9 @@ impl LeaseStore for MemoryState {
 impl IntervalStore for MemoryState {
     async fn record_intervals(&self, records: &[IntervalRecord]) -> Result<(), StateError> {
         check_interval_records(records)?;
-        self.lock_tables()?.insert_intervals(records);
+        let mut tables = self.lock_tables()?;
+        tables.check_not_being_dropped(records)?;
+        tables.insert_intervals(records);
         Ok(())
     }
 
@@ -861,6 +948,37 @@ impl TaskStore for MemoryState {
     async fn task_failures(&self, run_id: &RunId) -> Result<Vec<TaskFailure>, StateError> {
         Ok(self.lock_tables()?.run(run_id).map(|stored| stored.failures.clone()).unwrap_or_default())
     }
+
+    async fn task_outlook(
+        &self,
+        run_id: &RunId,
+        plan_id: &PlanId,
+        key: &IntervalKey,
+        interval: Interval,
+    ) -> Result<TaskOutlook, StateError> {
+        Ok(self.lock_tables()?.task_outlook(run_id, plan_id, key, interval))
+    }
+}
+
+#[async_trait]
+impl DropStore for MemoryState {
+    async fn claim_tables_for_drop(
+        &self,
+        tables: &[IntervalKey],
+        running_seen: &[RunId],
+        environments_seen: &BTreeMap<EnvironmentName, Option<PlanId>>,
+    ) -> Result<(), StateError> {
+        self.lock_tables()?.claim_tables_for_drop(tables, running_seen, environments_seen)
+    }
+
+    async fn tables_being_dropped(&self) -> Result<Vec<IntervalKey>, StateError> {
+        Ok(self.lock_tables()?.tables_being_dropped.iter().cloned().collect())
+    }
+
+    async fn release_dropped_tables(&self, tables: &[IntervalKey]) -> Result<(), StateError> {
+        self.lock_tables()?.release_dropped_tables(tables);
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -903,5 +1021,15 @@ impl MemoryState {
     /// Stored runs: what SQLite's `sluice_runs` row count is.
     pub(crate) fn run_rows_for_tests(&self) -> i64 {
         i64::try_from(self.tables.lock().unwrap().runs.len()).unwrap()
+    }
+
+    /// What SQLite's raw interval rows are here: the store keeps merged ranges only, so the
+    /// ranges are merged into the key's set.
+    pub(crate) fn insert_interval_rows_for_tests(&self, key: &IntervalKey, ranges: &[Interval]) {
+        let mut tables = self.tables.lock().unwrap();
+        let set = tables.intervals.entry(key.clone()).or_default();
+        for range in ranges {
+            set.insert(*range);
+        }
     }
 }

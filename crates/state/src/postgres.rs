@@ -1,9 +1,14 @@
 //! `PostgresState`: the state store of distributed mode, the only truth the coordinator, workers
 //! and promoter share. Batches travel as arrays (`unnest`), so a batch is one statement.
 //!
-//! Races are settled by row locks taken in one fixed order — environment row, plan, snapshots
-//! (sorted by id), lease row, runs — so concurrent calls wait for each other instead of
-//! deadlocking: a promotion locks the environment row `FOR UPDATE`; `begin_run` locks it
+//! Races are settled by locks taken in one fixed order — the drop-claim advisory lock, then the
+//! rows: environment row, plan, snapshots (sorted by id), lease row, runs — so concurrent calls
+//! wait for each other instead of deadlocking. The drop-claim lock ([`DROP_CLAIM_LOCK`], a
+//! transaction-level advisory lock) is always the first lock of its transaction, taken before
+//! any row is touched: exclusive by the janitor's `claim_tables_for_drop`, shared by
+//! `begin_run` and by every transaction that records intervals (`record_intervals`,
+//! `finish_tasks`), so a claim never interleaves with any of them while those never wait for
+//! each other. A promotion locks the environment row `FOR UPDATE`; `begin_run` locks it
 //! `FOR SHARE`, then takes the lease with `INSERT ... ON CONFLICT DO UPDATE ... WHERE`, which
 //! waits for a concurrent insert of the same lease and decides against the committed row.
 //! `finalize_run` locks the environment row it promotes `FOR UPDATE`, then the lease row of the
@@ -14,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sluice_core::interval::{IntervalSet, Timestamp};
+use sluice_core::interval::{Interval, IntervalSet, Timestamp};
 use sluice_core::names::{EnvironmentName, PlanId, SnapshotId, TaskId};
 use sluice_core::plan::Plan;
 use sluice_core::snapshot::Snapshot;
@@ -23,20 +28,22 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Postgres, Row, Transaction};
 
 use crate::codec::{
-    AuditRow, EnvironmentRow, IntervalRow, LeaseRow, PlanSummaryRow, RunRow, TaskFailureRow, decode_plan,
-    decode_snapshot, environment_name, environments_from_rows, group_interval_records, interval_key_columns,
-    interval_sets_from_rows, lease_expiry, plan_interval_rewrite, same_plan, snapshot_columns, snapshot_id_texts,
-    task_id, to_json, to_stored_count,
+    AuditRow, EnvironmentRow, IntervalRow, LeaseRow, PlanSummaryRow, RunRow, TaskFailureRow, check_environments_seen,
+    check_running_seen, decode_plan, decode_snapshot, environment_name, environments_from_rows, group_interval_records,
+    interval_key_columns, interval_sets_from_rows, lease_expiry, plan_interval_rewrite, same_plan, snapshot_columns,
+    snapshot_id_texts, task_id, to_json, to_stored_count, tombstone_keys,
 };
 use sluice_core::config::{redact, url_password};
 
 use crate::error::{StateError, is_foreign_key_violation, is_transient_sqlx, is_unique_violation};
 use crate::store::{
-    AuditLog, BreakerStore, EnvironmentStore, IntervalStore, LeaseStore, PlanStore, RunStore, SnapshotStore, TaskStore,
+    AuditLog, BreakerStore, DropStore, EnvironmentStore, IntervalStore, LeaseStore, PlanStore, RunStore, SnapshotStore,
+    TaskStore,
 };
 use crate::types::{
     AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, FinishedTask, IntervalKey, IntervalRecord,
     PlanSummary, RunFinalization, RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
+    TaskOutlook,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -49,6 +56,12 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often `begin_run` retries when the lease row vanishes between its two statements.
 const LEASE_ATTEMPTS: usize = 3;
+
+/// The key of the transaction-level advisory lock that keeps the janitor's claim
+/// (`claim_tables_for_drop`, exclusive) apart from `begin_run` and from interval writes (both
+/// shared); first in the module's lock order. The bytes spell `sluicedr`. Advisory locks are
+/// per database, so only this store's own transactions can meet it.
+const DROP_CLAIM_LOCK: i64 = 0x736c_7569_6365_6472;
 
 /// The state store in a PostgreSQL database.
 #[derive(Clone)]
@@ -148,14 +161,63 @@ impl PostgresState {
     }
 }
 
-/// Records intervals inside the caller's transaction, merged with the stored ranges they touch.
+/// Takes the drop-claim lock ([`DROP_CLAIM_LOCK`]) until the caller's transaction ends. It must
+/// be the transaction's first lock, and a statement of its own: under READ COMMITTED a statement
+/// reads the snapshot taken when it started, so a check folded into the statement that waited
+/// for the lock would not see what the holder committed meanwhile; the statements after this
+/// one do.
+async fn lock_drop_claim(connection: &mut PgConnection, exclusive: bool) -> Result<(), StateError> {
+    let sql = if exclusive { "SELECT pg_advisory_xact_lock($1)" } else { "SELECT pg_advisory_xact_lock_shared($1)" };
+    sqlx::query(sql).bind(DROP_CLAIM_LOCK).execute(&mut *connection).await?;
+    Ok(())
+}
+
+/// Fails with `TableBeingDropped` if any (name, version) of the two columns has a tombstone.
+/// The caller holds the drop-claim lock (shared), so no claim commits until it ends.
+async fn check_not_being_dropped(
+    connection: &mut PgConnection,
+    names: &[&str],
+    versions: &[&str],
+) -> Result<(), StateError> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT d.name, d.version
+         FROM unnest($1::text[], $2::text[]) AS k(name, version)
+         JOIN sluice_tables_being_dropped d ON d.name = k.name AND d.version = k.version",
+    )
+    .bind(names)
+    .bind(versions)
+    .fetch_all(&mut *connection)
+    .await?;
+    let claimed = tombstone_keys(rows)?;
+    match StateError::table_being_dropped(&claimed) {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// Records intervals inside the caller's transaction, merged with the stored ranges they touch;
+/// fails with `TableBeingDropped` (the caller rolls back) if a table has a tombstone. Must run
+/// before anything else in the transaction: it takes the drop-claim lock first.
 async fn write_intervals(connection: &mut PgConnection, records: &[IntervalRecord]) -> Result<(), StateError> {
     let writes = group_interval_records(records)?;
     if writes.is_empty() {
         return Ok(());
     }
+    // A claim commits its tombstones and the removal of the tables' intervals together; this
+    // write must either see the tombstone or have its rows seen (and removed) by the claim's
+    // delete. `SELECT ... FOR SHARE` on tombstone rows cannot give that: a tombstone inserted
+    // after the check has no row to lock yet, and the claim's delete does not see rows inserted
+    // by a transaction still in progress. The shared advisory lock does, cheaply: writers never
+    // wait for each other on it (only for a claim, which is rare and short), and it is one
+    // statement on an in-memory lock table; the check after it reads a tiny, nearly always
+    // empty table by its primary key.
+    lock_drop_claim(&mut *connection, false).await?;
     let names: Vec<&str> = writes.iter().map(|write| write.name.as_str()).collect();
     let versions: Vec<&str> = writes.iter().map(|write| write.version.as_str()).collect();
+    check_not_being_dropped(&mut *connection, &names, &versions).await?;
     let lows: Vec<i64> = writes.iter().map(|write| write.low).collect();
     let highs: Vec<i64> = writes.iter().map(|write| write.high).collect();
     let stored = sqlx::query_as::<_, IntervalRow>(
@@ -780,6 +842,9 @@ impl RunStore for PostgresState {
         let environment = &plan.environment;
         let expires_at = lease_expiry(start.now, start.lease_ttl_seconds)?;
         let mut transaction = self.begin().await?;
+        // First: a janitor's claim commits wholly before this run (its tombstones are seen
+        // below) or after it (it sees this run among the running ones and gives up).
+        lock_drop_claim(&mut transaction, false).await?;
 
         let actual = lock_environment(&mut transaction, environment, false).await?.flatten();
         if !same_plan(plan.previous_plan_id.as_ref(), actual.as_deref()) {
@@ -789,6 +854,10 @@ impl RunStore for PostgresState {
                 actual: actual.map(PlanId),
             });
         }
+        let names: Vec<String> = plan.snapshots.iter().map(|planned| planned.snapshot.name.to_string()).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let versions: Vec<&str> = plan.snapshots.iter().map(|planned| planned.snapshot.version.0.as_str()).collect();
+        check_not_being_dropped(&mut transaction, &names, &versions).await?;
         insert_plan(&mut transaction, plan).await?;
         insert_snapshots(&mut transaction, start.snapshots).await?;
         take_lease(&mut transaction, &start, expires_at).await?;
@@ -1076,6 +1145,133 @@ impl TaskStore for PostgresState {
         .await?;
         rows.into_iter().map(TaskFailureRow::into_failure).collect()
     }
+
+    async fn task_outlook(
+        &self,
+        run_id: &RunId,
+        plan_id: &PlanId,
+        key: &IntervalKey,
+        interval: Interval,
+    ) -> Result<TaskOutlook, StateError> {
+        // One statement, so one snapshot: the run, the breaker and the key's rows that overlap
+        // the interval (found through `sluice_intervals_key`), one output row per interval row,
+        // or one row of NULLs when none overlaps. A row that only touches the interval holds
+        // none of its instants, so the overlapping rows alone decide coverage.
+        let rows: Vec<OutlookRow> = sqlx::query_as(
+            "SELECT r.status, b.reason, i.start_ts, i.end_ts
+             FROM (SELECT 1) AS one
+             LEFT JOIN sluice_runs r ON r.id = $1
+             LEFT JOIN sluice_breakers b ON b.plan_id = $2
+             LEFT JOIN sluice_intervals i
+                ON i.name = $3 AND i.version = $4 AND i.start_ts < $6 AND i.end_ts > $5",
+        )
+        .bind(&run_id.0)
+        .bind(&plan_id.0)
+        .bind(key.0.to_string())
+        .bind(&key.1.0)
+        .bind(interval.start.0)
+        .bind(interval.end.0)
+        .fetch_all(&self.pool)
+        .await?;
+        outlook_from_rows(run_id, rows, interval)
+    }
+}
+
+/// One row of the `task_outlook` statement: the run's status and the breaker's reason (repeated
+/// on every row), and one recorded range of the key overlapping the interval, if any.
+type OutlookRow = (Option<String>, Option<String>, Option<i64>, Option<i64>);
+
+/// Folds the rows of the `task_outlook` statement; the ranges are merged as `get_intervals`
+/// merges them.
+fn outlook_from_rows(run_id: &RunId, rows: Vec<OutlookRow>, interval: Interval) -> Result<TaskOutlook, StateError> {
+    let mut run = None;
+    let mut breaker = None;
+    let mut ranges = Vec::with_capacity(rows.len());
+    for (status, reason, start, end) in rows {
+        if let Some(status) = status {
+            let parsed = RunStatus::parse(&status)
+                .ok_or_else(|| StateError::corrupt(format!("run {run_id}"), format!("unknown status {status:?}")))?;
+            run = Some(parsed);
+        }
+        if reason.is_some() {
+            breaker = reason;
+        }
+        if let (Some(start), Some(end)) = (start, end) {
+            ranges.push(Interval { start: Timestamp(start), end: Timestamp(end) });
+        }
+    }
+    let recorded = IntervalSet::from_intervals(ranges).covers(interval);
+    Ok(TaskOutlook { run, breaker, recorded })
+}
+
+#[async_trait]
+impl DropStore for PostgresState {
+    async fn claim_tables_for_drop(
+        &self,
+        tables: &[IntervalKey],
+        running_seen: &[RunId],
+        environments_seen: &BTreeMap<EnvironmentName, Option<PlanId>>,
+    ) -> Result<(), StateError> {
+        let mut transaction = self.begin().await?;
+        // Exclusive: waits for every `begin_run` and interval write in progress to end, and
+        // holds off new ones until this commits. The reads below are statements of their own,
+        // so they see everything those committed.
+        lock_drop_claim(&mut transaction, true).await?;
+        let running: Vec<String> = sqlx::query_scalar("SELECT id FROM sluice_runs WHERE status = 'running'")
+            .fetch_all(&mut *transaction)
+            .await?;
+        check_running_seen(running, running_seen)?;
+        let rows: Vec<(String, Option<String>)> =
+            sqlx::query_as("SELECT name, plan_id FROM sluice_environments").fetch_all(&mut *transaction).await?;
+        check_environments_seen(rows, environments_seen)?;
+
+        let (names, versions) = interval_key_columns(tables);
+        if !names.is_empty() {
+            sqlx::query(
+                "INSERT INTO sluice_tables_being_dropped (name, version)
+                 SELECT * FROM unnest($1::text[], $2::text[])
+                 ON CONFLICT (name, version) DO NOTHING",
+            )
+            .bind(&names)
+            .bind(&versions)
+            .execute(&mut *transaction)
+            .await?;
+            sqlx::query(
+                "DELETE FROM sluice_intervals i
+                 USING unnest($1::text[], $2::text[]) AS k(name, version)
+                 WHERE i.name = k.name AND i.version = k.version",
+            )
+            .bind(&names)
+            .bind(&versions)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn tables_being_dropped(&self) -> Result<Vec<IntervalKey>, StateError> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, version FROM sluice_tables_being_dropped").fetch_all(&self.pool).await?;
+        Ok(tombstone_keys(rows)?.into_iter().collect())
+    }
+
+    async fn release_dropped_tables(&self, tables: &[IntervalKey]) -> Result<(), StateError> {
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let (names, versions) = interval_key_columns(tables);
+        sqlx::query(
+            "DELETE FROM sluice_tables_being_dropped d
+             USING unnest($1::text[], $2::text[]) AS k(name, version)
+             WHERE d.name = k.name AND d.version = k.version",
+        )
+        .bind(names)
+        .bind(versions)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -1130,6 +1326,21 @@ impl PostgresState {
             .fetch_one(&self.pool)
             .await
             .unwrap()
+    }
+
+    /// Inserts interval rows as they are, without merging them with the stored ones: the
+    /// overlapping or adjacent rows concurrent writers can leave behind.
+    pub(crate) async fn insert_interval_rows_for_tests(&self, key: &IntervalKey, ranges: &[Interval]) {
+        for range in ranges {
+            sqlx::query("INSERT INTO sluice_intervals (name, version, start_ts, end_ts) VALUES ($1, $2, $3, $4)")
+                .bind(key.0.to_string())
+                .bind(&key.1.0)
+                .bind(range.start.0)
+                .bind(range.end.0)
+                .execute(&self.pool)
+                .await
+                .unwrap();
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sluice_core::interval::{IntervalSet, Timestamp};
+use sluice_core::interval::{Interval, IntervalSet, Timestamp};
 use sluice_core::names::{EnvironmentName, PlanId, SnapshotId, TaskId};
 use sluice_core::plan::Plan;
 use sluice_core::snapshot::Snapshot;
@@ -20,18 +20,20 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use crate::codec::{
-    AuditRow, EnvironmentRow, IntervalRow, LeaseRow, PlanSummaryRow, RunRow, TaskFailureRow, decode_plan,
-    decode_snapshot, environment_name, environments_from_rows, group_interval_records, interval_key_columns,
-    interval_sets_from_rows, lease_expiry, plan_interval_rewrite, same_plan, snapshot_columns, snapshot_id_texts,
-    task_id, to_json, to_stored_count,
+    AuditRow, EnvironmentRow, IntervalRow, LeaseRow, PlanSummaryRow, RunRow, TaskFailureRow, check_environments_seen,
+    check_running_seen, decode_plan, decode_snapshot, environment_name, environments_from_rows, group_interval_records,
+    interval_key_columns, interval_sets_from_rows, lease_expiry, plan_interval_rewrite, same_plan, snapshot_columns,
+    snapshot_id_texts, task_id, to_json, to_stored_count, tombstone_keys,
 };
 use crate::error::{StateError, is_foreign_key_violation, is_transient_sqlx, is_unique_violation};
 use crate::store::{
-    AuditLog, BreakerStore, EnvironmentStore, IntervalStore, LeaseStore, PlanStore, RunStore, SnapshotStore, TaskStore,
+    AuditLog, BreakerStore, DropStore, EnvironmentStore, IntervalStore, LeaseStore, PlanStore, RunStore, SnapshotStore,
+    TaskStore,
 };
 use crate::types::{
     AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, FinishedTask, IntervalKey, IntervalRecord,
     PlanSummary, RunFinalization, RunId, RunOutcome, RunProgress, RunRecord, RunStart, RunStatus, TaskFailure,
+    TaskOutlook,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -105,12 +107,37 @@ fn json_list<T: serde::Serialize>(values: &T) -> Result<String, StateError> {
     to_json("key list", values)
 }
 
-/// Records intervals inside the caller's transaction, merged with the stored ranges they touch.
+/// Fails with `TableBeingDropped` if any of the (name, version) pairs has a tombstone, inside
+/// the caller's write transaction (`BEGIN IMMEDIATE` makes the check and the caller's writes
+/// one step for the janitor's claim).
+async fn check_not_being_dropped(connection: &mut SqliteConnection, keys: &[(&str, &str)]) -> Result<(), StateError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT d.name, d.version
+         FROM json_each(?1) AS k JOIN sluice_tables_being_dropped AS d
+           ON d.name = k.value ->> 0 AND d.version = k.value ->> 1",
+    )
+    .bind(json_list(&keys)?)
+    .fetch_all(&mut *connection)
+    .await?;
+    let claimed = tombstone_keys(rows)?;
+    match StateError::table_being_dropped(&claimed) {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// Records intervals inside the caller's transaction, merged with the stored ranges they touch;
+/// fails with `TableBeingDropped` (writing nothing) if a table has a tombstone.
 async fn write_intervals(connection: &mut SqliteConnection, records: &[IntervalRecord]) -> Result<(), StateError> {
     let writes = group_interval_records(records)?;
     if writes.is_empty() {
         return Ok(());
     }
+    let keys: Vec<(&str, &str)> = writes.iter().map(|write| (write.name.as_str(), write.version.as_str())).collect();
+    check_not_being_dropped(&mut *connection, &keys).await?;
     let envelopes: Vec<(&str, &str, i64, i64)> =
         writes.iter().map(|write| (write.name.as_str(), write.version.as_str(), write.low, write.high)).collect();
     let stored = sqlx::query_as::<_, IntervalRow>(
@@ -655,6 +682,15 @@ impl RunStore for SqliteState {
                 actual: actual.map(PlanId),
             });
         }
+        // Under the write lock, so a janitor's claim commits wholly before or after this run.
+        let plan_tables: Vec<(String, &str)> = plan
+            .snapshots
+            .iter()
+            .map(|planned| (planned.snapshot.name.to_string(), planned.snapshot.version.0.as_str()))
+            .collect();
+        let plan_keys: Vec<(&str, &str)> =
+            plan_tables.iter().map(|(name, version)| (name.as_str(), *version)).collect();
+        check_not_being_dropped(&mut transaction, &plan_keys).await?;
         insert_plan(&mut transaction, plan).await?;
         insert_snapshots(&mut transaction, start.snapshots).await?;
 
@@ -824,6 +860,33 @@ impl RunStore for SqliteState {
     }
 }
 
+/// One row of the `task_outlook` statement: the run's status and the breaker's reason (repeated
+/// on every row), and one recorded range of the key overlapping the interval, if any.
+type OutlookRow = (Option<String>, Option<String>, Option<i64>, Option<i64>);
+
+/// Folds the rows of the `task_outlook` statement; the ranges are merged as `get_intervals`
+/// merges them.
+fn outlook_from_rows(run_id: &RunId, rows: Vec<OutlookRow>, interval: Interval) -> Result<TaskOutlook, StateError> {
+    let mut run = None;
+    let mut breaker = None;
+    let mut ranges = Vec::with_capacity(rows.len());
+    for (status, reason, start, end) in rows {
+        if let Some(status) = status {
+            let parsed = RunStatus::parse(&status)
+                .ok_or_else(|| StateError::corrupt(format!("run {run_id}"), format!("unknown status {status:?}")))?;
+            run = Some(parsed);
+        }
+        if reason.is_some() {
+            breaker = reason;
+        }
+        if let (Some(start), Some(end)) = (start, end) {
+            ranges.push(Interval { start: Timestamp(start), end: Timestamp(end) });
+        }
+    }
+    let recorded = IntervalSet::from_intervals(ranges).covers(interval);
+    Ok(TaskOutlook { run, breaker, recorded })
+}
+
 #[async_trait]
 impl TaskStore for SqliteState {
     async fn record_task_done(&self, run_id: &RunId, tasks: &[TaskId]) -> Result<(), StateError> {
@@ -952,6 +1015,102 @@ impl TaskStore for SqliteState {
         .await?;
         rows.into_iter().map(TaskFailureRow::into_failure).collect()
     }
+
+    async fn task_outlook(
+        &self,
+        run_id: &RunId,
+        plan_id: &PlanId,
+        key: &IntervalKey,
+        interval: Interval,
+    ) -> Result<TaskOutlook, StateError> {
+        // One statement, so one read transaction: the run, the breaker and the key's rows that
+        // overlap the interval (found through `sluice_intervals_key`), one output row per
+        // interval row, or one row of NULLs when none overlaps. A row that only touches the
+        // interval holds none of its instants, so the overlapping rows alone decide coverage.
+        let rows: Vec<OutlookRow> = sqlx::query_as(
+            "SELECT r.status, b.reason, i.start_ts, i.end_ts
+             FROM (SELECT 1) AS one
+             LEFT JOIN sluice_runs AS r ON r.id = ?1
+             LEFT JOIN sluice_breakers AS b ON b.plan_id = ?2
+             LEFT JOIN sluice_intervals AS i
+                ON i.name = ?3 AND i.version = ?4 AND i.start_ts < ?6 AND i.end_ts > ?5",
+        )
+        .bind(&run_id.0)
+        .bind(&plan_id.0)
+        .bind(key.0.to_string())
+        .bind(&key.1.0)
+        .bind(interval.start.0)
+        .bind(interval.end.0)
+        .fetch_all(&self.pool)
+        .await?;
+        outlook_from_rows(run_id, rows, interval)
+    }
+}
+
+#[async_trait]
+impl DropStore for SqliteState {
+    async fn claim_tables_for_drop(
+        &self,
+        tables: &[IntervalKey],
+        running_seen: &[RunId],
+        environments_seen: &BTreeMap<EnvironmentName, Option<PlanId>>,
+    ) -> Result<(), StateError> {
+        // `BEGIN IMMEDIATE`: no `begin_run`, promotion or interval write commits between the
+        // checks and the writes below.
+        let mut transaction = self.begin_write().await?;
+        let running: Vec<String> = sqlx::query_scalar("SELECT id FROM sluice_runs WHERE status = 'running'")
+            .fetch_all(&mut *transaction)
+            .await?;
+        check_running_seen(running, running_seen)?;
+        let rows: Vec<(String, Option<String>)> =
+            sqlx::query_as("SELECT name, plan_id FROM sluice_environments").fetch_all(&mut *transaction).await?;
+        check_environments_seen(rows, environments_seen)?;
+
+        let (names, versions) = interval_key_columns(tables);
+        let pairs: Vec<(&String, &String)> = names.iter().zip(versions.iter()).collect();
+        if !pairs.is_empty() {
+            let list = json_list(&pairs)?;
+            sqlx::query(
+                "INSERT INTO sluice_tables_being_dropped (name, version)
+                 SELECT value ->> 0, value ->> 1 FROM json_each(?1) WHERE true
+                 ON CONFLICT (name, version) DO NOTHING",
+            )
+            .bind(&list)
+            .execute(&mut *transaction)
+            .await?;
+            sqlx::query(
+                "DELETE FROM sluice_intervals
+                 WHERE (name, version) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?1))",
+            )
+            .bind(&list)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn tables_being_dropped(&self) -> Result<Vec<IntervalKey>, StateError> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, version FROM sluice_tables_being_dropped").fetch_all(&self.pool).await?;
+        Ok(tombstone_keys(rows)?.into_iter().collect())
+    }
+
+    async fn release_dropped_tables(&self, tables: &[IntervalKey]) -> Result<(), StateError> {
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let (names, versions) = interval_key_columns(tables);
+        let pairs: Vec<(&String, &String)> = names.iter().zip(versions.iter()).collect();
+        sqlx::query(
+            "DELETE FROM sluice_tables_being_dropped
+             WHERE (name, version) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?1))",
+        )
+        .bind(json_list(&pairs)?)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -1006,5 +1165,20 @@ impl SqliteState {
             .fetch_one(&self.pool)
             .await
             .unwrap()
+    }
+
+    /// Inserts interval rows as they are, without merging them with the stored ones: the
+    /// overlapping or adjacent rows concurrent writers can leave behind.
+    pub(crate) async fn insert_interval_rows_for_tests(&self, key: &IntervalKey, ranges: &[Interval]) {
+        for range in ranges {
+            sqlx::query("INSERT INTO sluice_intervals (name, version, start_ts, end_ts) VALUES (?1, ?2, ?3, ?4)")
+                .bind(key.0.to_string())
+                .bind(&key.1.0)
+                .bind(range.start.0)
+                .bind(range.end.0)
+                .execute(&self.pool)
+                .await
+                .unwrap();
+        }
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
-use sluice_core::interval::{IntervalSet, Timestamp};
+use sluice_core::interval::{Interval, IntervalSet, Timestamp};
 use sluice_core::names::{EnvironmentName, PlanId, SnapshotId, TaskId};
 use sluice_core::plan::Plan;
 use sluice_core::snapshot::Snapshot;
@@ -16,7 +16,7 @@ use sluice_core::snapshot::Snapshot;
 use crate::error::StateError;
 use crate::types::{
     AuditEntry, EnvironmentLease, EnvironmentPromotion, EnvironmentRecord, FinishedTask, IntervalKey, IntervalRecord,
-    PlanSummary, RunFinalization, RunId, RunOutcome, RunProgress, RunRecord, RunStart, TaskFailure,
+    PlanSummary, RunFinalization, RunId, RunOutcome, RunProgress, RunRecord, RunStart, TaskFailure, TaskOutlook,
 };
 
 /// Snapshots by id, stored once and shared by every plan and environment that uses them.
@@ -83,7 +83,9 @@ pub trait LeaseStore: Send + Sync {
 pub trait IntervalStore: Send + Sync {
     /// Records intervals in one transaction, merging them with the overlapping or adjacent
     /// stored ranges of the same (model, version). A recorded interval is never lost, also
-    /// under concurrent writers (which may leave overlapping rows that reads merge).
+    /// under concurrent writers (which may leave overlapping rows that reads merge). Fails with
+    /// `TableBeingDropped` if a (model, version) with a non-empty interval has a tombstone
+    /// ([`DropStore`]), and then records nothing.
     async fn record_intervals(&self, records: &[IntervalRecord]) -> Result<(), StateError>;
 
     /// The recorded intervals of each key, in one query; a key with nothing recorded maps to
@@ -92,6 +94,37 @@ pub trait IntervalStore: Send + Sync {
 
     /// Forgets every interval of the keys (their tables were dropped or must be rebuilt).
     async fn remove_intervals(&self, keys: &[IntervalKey]) -> Result<(), StateError>;
+}
+
+/// The janitor's claim on the physical tables it drops, serialized with [`RunStore::begin_run`]
+/// so that no run starts using a table between the janitor's reads and its drops. Backed by the
+/// `sluice_tables_being_dropped` table (a tombstone per claimed (model, version)) of SQLite or
+/// PostgreSQL, read with `sluice_runs`, `sluice_environments` and `sluice_intervals`. While a
+/// table has a tombstone, `begin_run` refuses a plan using it and `record_intervals` /
+/// `finish_tasks` refuse to record an interval for it, both with `TableBeingDropped`.
+#[async_trait]
+pub trait DropStore: Send + Sync {
+    /// The janitor's claim, in one transaction, serialized with `begin_run`: fails with
+    /// `StateError::Contention` if the running runs are not exactly `running_seen` (a run
+    /// started or ended since the janitor read them) or any environment shows another plan than
+    /// in `environments_seen` (name → plan id; an environment absent from the map must not
+    /// exist; one in the map that no longer exists is fine, deleting it only dropped
+    /// references), and then changes nothing; else marks every table of `tables` as being
+    /// dropped (a tombstone) and removes its recorded intervals. Idempotent for tables already
+    /// claimed.
+    async fn claim_tables_for_drop(
+        &self,
+        tables: &[IntervalKey],
+        running_seen: &[RunId],
+        environments_seen: &BTreeMap<EnvironmentName, Option<PlanId>>,
+    ) -> Result<(), StateError>;
+
+    /// The tables claimed and not yet released, in key order (a janitor that died mid-way leaves
+    /// some): the next janitor drops them first.
+    async fn tables_being_dropped(&self) -> Result<Vec<IntervalKey>, StateError>;
+
+    /// The janitor dropped these tables: their tombstones go (unclaimed ones are ignored).
+    async fn release_dropped_tables(&self, tables: &[IntervalKey]) -> Result<(), StateError>;
 }
 
 /// Plans as reviewed: stored once by id. Backed by the `sluice_plans` table of SQLite or PostgreSQL.
@@ -116,7 +149,9 @@ pub trait RunStore: Send + Sync {
     /// the same plan, is taken over and that run marked aborted), and inserts the run as
     /// `running`. Every run it supersedes (a running run of the environment whose lease it took
     /// over) is finished as aborted with its audit row, and the plan's circuit breaker is reset
-    /// (a resume), in the same transaction. On any error nothing is written.
+    /// (a resume), in the same transaction. Fails with `TableBeingDropped` if the physical table
+    /// (model, version) of any of the plan's snapshots has a tombstone ([`DropStore`]; checked
+    /// after the environment). On any error nothing is written.
     async fn begin_run(&self, start: RunStart<'_>) -> Result<RunRecord, StateError>;
 
     async fn get_run(&self, id: &RunId) -> Result<Option<RunRecord>, StateError>;
@@ -156,8 +191,9 @@ pub trait TaskStore: Send + Sync {
     /// The worker's hot path, in one transaction for a batch of tasks (of any runs): records
     /// their intervals (as `record_intervals`), marks them done (as `record_task_done`), and adds
     /// to each run's progress what its tasks not recorded done before gained, so that a task
-    /// finished twice counts once. Fails with `NotFound` for a run that does not exist, and then
-    /// records nothing.
+    /// finished twice counts once. Fails with `TableBeingDropped` when an interval's table has a
+    /// tombstone (as `record_intervals`), else with `NotFound` for a run that does not exist,
+    /// and then records nothing.
     async fn finish_tasks(&self, finished: &[FinishedTask]) -> Result<(), StateError>;
 
     /// The tasks marked done in this run.
@@ -172,6 +208,18 @@ pub trait TaskStore: Send + Sync {
 
     /// The failures of a run, in the order they were first recorded.
     async fn task_failures(&self, run_id: &RunId) -> Result<Vec<TaskFailure>, StateError>;
+
+    /// What a worker must know before it runs a task, read at one moment in one round trip: the
+    /// run's status (`None`: no such run), the plan's breaker (`Some(reason)` when tripped), and
+    /// whether the task's interval is recorded for its physical table (covered by the recorded
+    /// ranges, merged as `get_intervals` merges them).
+    async fn task_outlook(
+        &self,
+        run_id: &RunId,
+        plan_id: &PlanId,
+        key: &IntervalKey,
+        interval: Interval,
+    ) -> Result<TaskOutlook, StateError>;
 }
 
 /// The circuit breaker of a plan: once tripped (abort, too many failures), workers stop taking
@@ -208,6 +256,7 @@ pub trait StateStore:
     + TaskStore
     + BreakerStore
     + AuditLog
+    + DropStore
     + Send
     + Sync
 {
@@ -223,6 +272,7 @@ impl<T> StateStore for T where
         + TaskStore
         + BreakerStore
         + AuditLog
+        + DropStore
         + Send
         + Sync
 {

@@ -160,6 +160,19 @@ pub struct TaskFailure {
     pub attempts: u32,
 }
 
+/// What a worker must know before it runs a task, read at one moment by
+/// [`crate::TaskStore::task_outlook`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskOutlook {
+    /// The run's status; `None` when there is no such run.
+    pub run: Option<RunStatus>,
+    /// The reason the plan's circuit breaker was tripped; `None` when it is closed.
+    pub breaker: Option<String>,
+    /// Whether the task's interval is recorded for its physical table (covered by the recorded
+    /// ranges, merged as [`crate::IntervalStore::get_intervals`] merges them).
+    pub recorded: bool,
+}
+
 /// One interval of one physical table (model name and version) that holds its data.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IntervalRecord {

@@ -284,21 +284,20 @@ impl Shared {
         key: &IntervalKey,
         interval: Interval,
     ) -> Result<Outlook, WorkerError> {
+        // One read, one moment: the run, the breaker and the interval (one round trip).
         let state = &self.deps.state;
-        let retry = self.config.retry;
-        let recorded =
-            durable(retry, "intervals", || async { Ok(state.get_intervals(std::slice::from_ref(key)).await?) }).await?;
-        let breaker = durable(retry, "breaker", || async { Ok(state.breaker(&message.plan_id).await?) }).await?;
-        // The run last, closest to the write: a run that ends after this read has at most this
-        // task's way to the warehouse left to overlap.
-        let run = durable(retry, "run", || async { Ok(state.get_run(&message.run_id).await?) }).await?;
-        if run.is_none_or(|run| run.status != RunStatus::Running) {
+        let (run_id, plan_id) = (&message.run_id, &message.plan_id);
+        let outlook = durable(self.config.retry, "task outlook", || async {
+            Ok(state.task_outlook(run_id, plan_id, key, interval).await?)
+        })
+        .await?;
+        if outlook.run != Some(RunStatus::Running) {
             return Ok(Outlook::RunOver);
         }
-        if breaker.is_some() {
+        if outlook.breaker.is_some() {
             return Ok(Outlook::Aborted);
         }
-        if recorded.get(key).is_some_and(|set| set.covers(interval)) {
+        if outlook.recorded {
             return Ok(Outlook::Recorded);
         }
         Ok(Outlook::Go)

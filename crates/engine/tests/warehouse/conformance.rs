@@ -3,7 +3,7 @@
 use sluice_core::interval::{Interval, Timestamp};
 use sluice_core::model::SeedData;
 use sluice_core::names::PhysicalTable;
-use sluice_engine::{ViewUpdate, Warehouse};
+use sluice_engine::{GatewayPromotion, PromotionOutcome, ViewUpdate, Warehouse};
 
 use crate::support::{Fixture, table};
 
@@ -46,6 +46,7 @@ conformance_suite!(
     physical_view_is_created_and_replaced,
     promote_creates_swaps_and_drops_views,
     failed_promote_leaves_every_view_as_it_was,
+    environment_promotion_moves_the_marker_with_the_views,
     checksum_compares_contents,
     errors_are_classified_and_the_connection_survives,
     drop_table_drops_tables_and_views,
@@ -393,6 +394,47 @@ async fn promote_creates_swaps_and_drops_views(fixture: Fixture) {
     assert_eq!(warehouse.view_target("shop", "items").await.unwrap().as_deref(), Some("sluice__shop.shop__items__v2"));
     warehouse.promote(&[view("shop__dev", "items", None)]).await.unwrap();
     warehouse.promote(&[]).await.unwrap();
+}
+
+fn promotion(expected: Option<&str>, plan: Option<&str>, updates: Vec<ViewUpdate>) -> GatewayPromotion {
+    GatewayPromotion {
+        environment: "prod".into(),
+        expected_plan: expected.map(str::to_string),
+        plan: plan.map(str::to_string),
+        updates,
+    }
+}
+
+async fn environment_promotion_moves_the_marker_with_the_views(fixture: Fixture) {
+    let mut warehouse = fixture.open().await;
+    warehouse.execute(ITEMS).await.unwrap();
+    let (v1, v2) = (versioned("items", "v1"), versioned("items", "v2"));
+    for version in [&v1, &v2] {
+        warehouse.ensure_table(version, &[], ITEMS_QUERY).await.unwrap();
+    }
+    let first = promotion(None, Some("p1"), vec![view("shop", "items", Some(&v1))]);
+    assert_eq!(warehouse.promote_environment(&first).await.unwrap(), PromotionOutcome::Applied);
+    // Rolled forward again: nothing changes.
+    assert_eq!(warehouse.promote_environment(&first).await.unwrap(), PromotionOutcome::AlreadyShown);
+    let second = promotion(Some("p1"), Some("p2"), vec![view("shop", "items", Some(&v2))]);
+    assert_eq!(warehouse.promote_environment(&second).await.unwrap(), PromotionOutcome::Applied);
+    assert_eq!(warehouse.view_target("shop", "items").await.unwrap().as_deref(), Some("sluice__shop.shop__items__v2"));
+    // A late promoter of p1 (made against nothing, or against p1) cannot put v1 back.
+    for late in [first.clone(), promotion(Some("p0"), Some("p1"), vec![view("shop", "items", Some(&v1))])] {
+        assert_eq!(
+            warehouse.promote_environment(&late).await.unwrap(),
+            PromotionOutcome::Stale { shown: Some("p2".into()) }
+        );
+    }
+    let mut reader = fixture.open().await;
+    assert_eq!(reader.view_target("shop", "items").await.unwrap().as_deref(), Some("sluice__shop.shop__items__v2"));
+    // A share without updates moves the marker all the same; removing the environment clears it.
+    let third = promotion(Some("p2"), Some("p3"), Vec::new());
+    assert_eq!(warehouse.promote_environment(&third).await.unwrap(), PromotionOutcome::Applied);
+    let removed = promotion(Some("p3"), None, vec![view("shop", "items", None)]);
+    assert_eq!(warehouse.promote_environment(&removed).await.unwrap(), PromotionOutcome::Applied);
+    assert_eq!(reader.view_target("shop", "items").await.unwrap(), None);
+    assert_eq!(warehouse.promote_environment(&first).await.unwrap(), PromotionOutcome::Applied);
 }
 
 async fn failed_promote_leaves_every_view_as_it_was(fixture: Fixture) {
