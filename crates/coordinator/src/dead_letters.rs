@@ -3,7 +3,8 @@
 //! answer, that many times); nobody would run it again, so its run would wait forever and at
 //! last look purged. Whoever follows or reconciles runs takes the dead letters of their
 //! gateways: a task whose interval is recorded finished after all (only its acks were lost) and
-//! is completed; any other fails its run naming the task, its interval and why.
+//! is completed; any other fails its run naming the task, its interval and why. Dead letters of
+//! runs that are not running (or unknown) stay where they are, for an operator.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -32,16 +33,16 @@ pub async fn settle_dead_letters<'a>(
             let message = delivery.task.clone();
             let run = deps.state.get_run(&message.run_id).await?;
             if run.is_none_or(|run| run.status != RunStatus::Running) {
-                // A task of a finished or unknown run: nothing waits for it.
-                delivery.ack().await?;
-                handled += 1;
+                // A task of a finished or unknown run: nothing waits for it; it stays a dead
+                // letter for an operator to look at.
+                delivery.requeue().await?;
                 continue;
             }
             let graph = match graphs.get(&message.plan_id) {
                 Some(graph) => Arc::clone(graph),
                 None => {
                     let Some(plan) = deps.state.get_plan(&message.plan_id).await? else {
-                        delivery.ack().await?;
+                        delivery.requeue().await?;
                         continue;
                     };
                     let built = offload(move || {

@@ -718,13 +718,8 @@ impl OrphanReconciler {
         let state = &deps.state;
         let running = state.running_runs().await?;
         self.seen.retain(|id, _| running.iter().any(|run| &run.id == id));
-        let mut gateways_of_running = BTreeSet::new();
-        for run in &running {
-            if let Some(plan) = state.get_plan(&run.plan_id).await? {
-                gateways_of_running.extend(plan.snapshots.iter().map(|planned| planned.snapshot.gateway.clone()));
-            }
-        }
-        dead_letters::settle_dead_letters(deps, gateways_of_running.iter().map(String::as_str)).await?;
+        // The dead letters of the gateways of runs nobody follows (a follower takes its own).
+        let mut orphan_gateways: BTreeSet<String> = BTreeSet::new();
         let mut done = Vec::new();
         for run in running {
             let lease = state.get_lease(&run.environment).await?;
@@ -738,6 +733,7 @@ impl OrphanReconciler {
             };
             let gateways: BTreeSet<&str> =
                 plan.snapshots.iter().map(|planned| planned.snapshot.gateway.as_str()).collect();
+            orphan_gateways.extend(gateways.iter().map(|gateway| gateway.to_string()));
             if state.breaker(&run.plan_id).await?.is_some() {
                 // Being aborted: the workers drain it and the last one settles it. If its
                 // queued tasks were purged meanwhile (or its counters lost), nobody will: once
@@ -799,6 +795,7 @@ impl OrphanReconciler {
                 done.push(Reconciled::Requeued { run_id: run.id.clone(), tasks: ready.len() });
             }
         }
+        dead_letters::settle_dead_letters(deps, orphan_gateways.iter().map(String::as_str)).await?;
         Ok(done)
     }
 }

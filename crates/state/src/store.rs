@@ -1,9 +1,9 @@
 //! The state store's capability traits and `StateStore`, the sum every role holds as
 //! `Arc<dyn StateStore>`.
 //!
-//! Every trait has two implementations: [`crate::SqliteState`] (embedded mode, `.sluice/state.db`)
-//! and [`crate::PostgresState`] (distributed mode, `SLUICE_STATE_URL`). The conformance suite in
-//! `conformance.rs` runs the same checks against both.
+//! Every trait has three implementations: [`crate::SqliteState`] (embedded mode, `.sluice/state.db`),
+//! [`crate::PostgresState`] (distributed mode, `SLUICE_STATE_URL`) and [`crate::MemoryState`] (the
+//! protocol simulation's). The conformance suite in `conformance.rs` runs the same checks against all three.
 
 use std::collections::{BTreeMap, BTreeSet};
 
