@@ -129,19 +129,32 @@ pub async fn settled_runs_reach_one_promoter_and_events_reach_subscribers(events
     assert!(events.next_settled().await.unwrap().is_none());
 }
 
+/// Takes a gateway's dead letters once the broker has routed some there (dead-lettering is
+/// asynchronous in RabbitMQ), waiting up to five seconds.
+async fn take_dead_letters_eventually(queue: &dyn TaskQueue, gateway: &str) -> Vec<crate::Delivery> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let taken = queue.take_dead_letters(gateway, 10).await.unwrap();
+        if !taken.is_empty() || tokio::time::Instant::now() > deadline {
+            return taken;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn rejected_tasks_are_taken_from_the_dead_letters(queue: &dyn TaskQueue) {
     let run = RunId("r-dead".into());
     queue.publish(&[task(&run, 3, "d"), task(&run, 4, "other")]).await.unwrap();
     assert!(queue.take_dead_letters("d", 10).await.unwrap().is_empty());
     let delivery = queue.next("d").await.unwrap().unwrap();
     delivery.reject().await.unwrap();
-    let taken = queue.take_dead_letters("d", 10).await.unwrap();
+    let taken = take_dead_letters_eventually(queue, "d").await;
     assert_eq!(taken.iter().map(|dead| dead.task.clone()).collect::<Vec<_>>(), vec![task(&run, 3, "d")]);
     // Not answered for good: it stays a dead letter.
     for dead in taken {
         dead.requeue().await.unwrap();
     }
-    let again = queue.take_dead_letters("d", 10).await.unwrap();
+    let again = take_dead_letters_eventually(queue, "d").await;
     assert_eq!(again.len(), 1, "a requeued dead letter is taken again");
     for dead in again {
         dead.ack().await.unwrap();
