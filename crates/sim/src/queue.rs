@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::world::Shared;
 
 /// Deliveries of one message before the broker dead-letters it (RabbitMQ's `x-delivery-limit`).
-pub const DELIVERY_LIMIT: u32 = 8;
+pub const DELIVERY_LIMIT: u32 = 4;
 
 struct Entry {
     task: TaskMessage,
