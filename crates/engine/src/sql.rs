@@ -383,6 +383,40 @@ fn is_word_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || byte == b'_'
 }
 
+/// Creates the promotion marker table if absent (`sluice__meta.promotions`: environment → plan).
+pub(crate) fn create_promotion_marker() -> [String; 2] {
+    let schema = quote_identifier(crate::PROMOTION_MARKER_SCHEMA);
+    let table = qualified_name(crate::PROMOTION_MARKER_SCHEMA, crate::PROMOTION_MARKER_TABLE);
+    [
+        format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
+        format!("CREATE TABLE IF NOT EXISTS {table} (environment VARCHAR PRIMARY KEY, plan_id VARCHAR NOT NULL)"),
+    ]
+}
+
+/// The statements that move an environment's promotion marker to `plan` (or delete it).
+pub(crate) fn set_promotion_marker(environment: &str, plan: Option<&str>) -> Vec<String> {
+    let table = qualified_name(crate::PROMOTION_MARKER_SCHEMA, crate::PROMOTION_MARKER_TABLE);
+    let environment = string_literal(environment);
+    let mut statements = vec![format!("DELETE FROM {table} WHERE environment = {environment}")];
+    if let Some(plan) = plan {
+        statements.push(format!(
+            "INSERT INTO {table} (environment, plan_id) VALUES ({environment}, {})",
+            string_literal(plan)
+        ));
+    }
+    statements
+}
+
+/// Reads the plan an environment's marker shows.
+pub(crate) fn select_promotion_marker(environment: &str, lock: bool) -> String {
+    let table = qualified_name(crate::PROMOTION_MARKER_SCHEMA, crate::PROMOTION_MARKER_TABLE);
+    format!(
+        "SELECT plan_id FROM {table} WHERE environment = {}{}",
+        string_literal(environment),
+        if lock { " FOR UPDATE" } else { "" }
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,38 +529,4 @@ mod tests {
         let removal = ViewUpdate { target: None, ..update };
         assert_eq!(view_update_statements(&removal).len(), 1);
     }
-}
-
-/// Creates the promotion marker table if absent (`sluice__meta.promotions`: environment → plan).
-pub(crate) fn create_promotion_marker() -> [String; 2] {
-    let schema = quote_identifier(crate::PROMOTION_MARKER_SCHEMA);
-    let table = qualified_name(crate::PROMOTION_MARKER_SCHEMA, crate::PROMOTION_MARKER_TABLE);
-    [
-        format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
-        format!("CREATE TABLE IF NOT EXISTS {table} (environment VARCHAR PRIMARY KEY, plan_id VARCHAR NOT NULL)"),
-    ]
-}
-
-/// The statements that move an environment's promotion marker to `plan` (or delete it).
-pub(crate) fn set_promotion_marker(environment: &str, plan: Option<&str>) -> Vec<String> {
-    let table = qualified_name(crate::PROMOTION_MARKER_SCHEMA, crate::PROMOTION_MARKER_TABLE);
-    let environment = string_literal(environment);
-    let mut statements = vec![format!("DELETE FROM {table} WHERE environment = {environment}")];
-    if let Some(plan) = plan {
-        statements.push(format!(
-            "INSERT INTO {table} (environment, plan_id) VALUES ({environment}, {})",
-            string_literal(plan)
-        ));
-    }
-    statements
-}
-
-/// Reads the plan an environment's marker shows.
-pub(crate) fn select_promotion_marker(environment: &str, lock: bool) -> String {
-    let table = qualified_name(crate::PROMOTION_MARKER_SCHEMA, crate::PROMOTION_MARKER_TABLE);
-    format!(
-        "SELECT plan_id FROM {table} WHERE environment = {}{}",
-        string_literal(environment),
-        if lock { " FOR UPDATE" } else { "" }
-    )
 }

@@ -147,6 +147,9 @@ fn retry_policy() -> RetryPolicy {
     }
 }
 
+/// Starts (or restarts) a process.
+type Starter = Box<dyn Fn() -> JoinHandle<()> + Send>;
+
 /// A long-running role: restarted when it stops (as a container is), killed on a crash.
 struct Process {
     name: String,
@@ -298,22 +301,21 @@ async fn simulate(seed: u64) -> Outcome {
     let environment = EnvironmentName::prod();
 
     // The long-running processes.
-    let mut processes: Vec<(Process, Box<dyn Fn() -> JoinHandle<()> + Send>)> = Vec::new();
+    let mut processes: Vec<(Process, Starter)> = Vec::new();
     for gateway in 0..shape.gateways {
         let workers = 1 + world.lock().below(2);
         for number in 0..workers {
             let concurrency = 1 + world.lock().below(3) as usize;
             let services = services.clone();
             let name = format!("g{gateway}");
-            let start: Box<dyn Fn() -> JoinHandle<()> + Send> =
-                Box::new(move || spawn_worker(&services, name.clone(), concurrency));
+            let start: Starter = Box::new(move || spawn_worker(&services, name.clone(), concurrency));
             processes.push((Process { name: format!("worker g{gateway}.{number}"), handle: Some(start()) }, start));
         }
     }
     let promoters = 1 + world.lock().below(2);
     for number in 0..promoters {
         let services = services.clone();
-        let start: Box<dyn Fn() -> JoinHandle<()> + Send> = Box::new(move || spawn_promoter(&services));
+        let start: Starter = Box::new(move || spawn_promoter(&services));
         processes.push((Process { name: format!("promoter {number}"), handle: Some(start()) }, start));
     }
 
@@ -428,10 +430,10 @@ async fn simulate(seed: u64) -> Outcome {
             && let Some(model) = poison
         {
             let table = plan.snapshots.iter().find(|p| p.snapshot.name.table == format!("m{model}"));
-            if let Some(table) = table.and_then(|p| p.snapshot.physical_table()) {
-                if let Some(info) = world.lock().registry.get_mut(&table.to_string()) {
-                    info.poisoned = true;
-                }
+            if let Some(table) = table.and_then(|p| p.snapshot.physical_table())
+                && let Some(info) = world.lock().registry.get_mut(&table.to_string())
+            {
+                info.poisoned = true;
             }
         }
         *current_plan.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(plan.id.clone());

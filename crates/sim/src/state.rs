@@ -242,9 +242,7 @@ impl TaskStore for SimState {
     }
     async fn finish_tasks(&self, finished: &[FinishedTask]) -> Result<(), StateError> {
         let records: Vec<IntervalRecord> = finished.iter().filter_map(|task| task.interval.clone()).collect();
-        let outcome =
-            self.call(true, "finish_tasks", self.record_times(&records, self.inner.finish_tasks(finished))).await;
-        outcome
+        self.call(true, "finish_tasks", self.record_times(&records, self.inner.finish_tasks(finished))).await
     }
     async fn done_tasks(&self, run_id: &RunId) -> Result<BTreeSet<TaskId>, StateError> {
         self.call(false, "done_tasks", self.inner.done_tasks(run_id)).await
