@@ -107,7 +107,8 @@ async fn kill_9_the_promoter_mid_promotion() {
     scenario.roles.forget("promoter");
     let (mut coordinator, plan) = scenario.start_apply();
     scenario.wait_for_tasks(&mut coordinator, &plan, TASKS as u64);
-    // Holding sluice's DDL lock stops the promotion inside its transaction.
+    // Holding sluice's DDL lock stops the promotion inside its transaction (its first statement
+    // takes the lock and creates the promotion marker table).
     let mut blocker = sqlx::PgConnection::connect(&scenario.sandbox.warehouse_url()).await.unwrap();
     sqlx::query("SELECT pg_advisory_lock($1)").bind(DDL_LOCK_KEY).execute(&mut blocker).await.unwrap();
     scenario.roles.start(&scenario.sandbox, &scenario.services, "promoter", &["promoter"]);
@@ -119,7 +120,7 @@ async fn kill_9_the_promoter_mid_promotion() {
             runtime.block_on(
                 sqlx::query_scalar(
                     "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock' \
-                     AND query LIKE '%pg_advisory_xact_lock%' AND query LIKE '%CREATE%VIEW%'",
+                     AND query LIKE '%pg_advisory_xact_lock%' AND query LIKE '%sluice__meta%'",
                 )
                 .bind(&warehouse_database)
                 .fetch_one(&mut admin),
