@@ -36,7 +36,7 @@ fn redis_up() -> bool {
 
 fn start_redis() {
     if !redis_up() {
-        // As ../shared/services.md starts it: nothing on disk.
+        // As scripts/services.sh starts it: nothing on disk.
         run(
             "redis-server",
             &[

@@ -6,7 +6,7 @@
 //! is completed; any other fails its run naming the task, its interval and why. Dead letters of
 //! runs that are not running (or unknown) stay where they are, for an operator.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use sluice_core::names::PlanId;
@@ -120,17 +120,7 @@ async fn settle_one(
             attempts: 0,
         };
         deps.state.record_task_failure(&message.run_id, &failure).await?;
-        let mut settled = vec![index];
-        let mut seen = BTreeSet::from([index]);
-        let mut pending = VecDeque::from([index]);
-        while let Some(next) = pending.pop_front() {
-            for child in graph.children(next) {
-                if seen.insert(child) {
-                    settled.push(child);
-                    pending.push_back(child);
-                }
-            }
-        }
+        let settled = graph.with_descendants([index]);
         deps.gate.skip(&message.run_id, &settled).await?
     };
     if run_complete {

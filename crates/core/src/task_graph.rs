@@ -139,6 +139,21 @@ impl TaskGraph {
             .map(|node| node.index() as u32)
     }
 
+    /// `roots` and every task that transitively waits for one of them, each once, roots first.
+    pub fn with_descendants(&self, roots: impl IntoIterator<Item = u32>) -> Vec<u32> {
+        let mut seen = vec![false; self.len()];
+        let mut found = Vec::new();
+        let mut pending: std::collections::VecDeque<u32> = roots.into_iter().collect();
+        while let Some(task) = pending.pop_front() {
+            if std::mem::replace(&mut seen[task as usize], true) {
+                continue;
+            }
+            found.push(task);
+            pending.extend(self.children(task));
+        }
+        found
+    }
+
     /// Each task's number of parents: the counters a dependency gate starts from.
     pub fn parent_counts(&self) -> Vec<u32> {
         let mut counts = vec![0u32; self.tasks.len()];
@@ -274,6 +289,30 @@ mod tests {
                 forward_only: false,
             },
         )
+    }
+
+    #[test]
+    fn descendants_are_every_task_reachable_from_the_roots_once() {
+        let shape = SyntheticProject::duckdb(6, 3, 4, false);
+        let start = Timestamp::parse("2024-01-01").unwrap();
+        let plan = plan_of(&shape.files(), &BTreeMap::new(), Timestamp(start.0 + shape.span_seconds() + 86_400));
+        let graph = TaskGraph::build(&plan);
+        for roots in [vec![0u32], vec![0, 1], vec![(graph.len() - 1) as u32]] {
+            let found = graph.with_descendants(roots.clone());
+            // Reachable means: a root, or a child of something reachable (a fixpoint).
+            let mut reachable: BTreeSet<u32> = roots.iter().copied().collect();
+            loop {
+                let more: BTreeSet<u32> = reachable.iter().flat_map(|task| graph.children(*task)).collect();
+                let before = reachable.len();
+                reachable.extend(more);
+                if reachable.len() == before {
+                    break;
+                }
+            }
+            assert_eq!(found.iter().copied().collect::<BTreeSet<_>>(), reachable);
+            assert_eq!(found.len(), reachable.len(), "each task once");
+            assert_eq!(&found[..roots.len()], &roots[..], "roots first");
+        }
     }
 
     /// Runs the graph to completion with in-degree counters, returning the completion order.
