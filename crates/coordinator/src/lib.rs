@@ -450,7 +450,6 @@ impl Watch {
         if self.settled_by_coordinator {
             return Ok(false);
         }
-        dead_letters::settle_dead_letters(deps, self.gateways.iter().map(String::as_str)).await?;
         let outstanding = deps.gate.outstanding(run_id).await?;
         match outstanding.filter(|_| !self.rebuilding) {
             None => {
@@ -473,9 +472,16 @@ impl Watch {
                 for gateway in &self.gateways {
                     queued += deps.queue.queued(gateway).await?;
                 }
-                let quiet = queued == 0
+                let mut quiet = queued == 0
                     && !follower.any_running(config.heartbeat_timeout)
                     && self.last_event.elapsed() >= config.stall_after;
+                // A quiet run may be waiting on a dead-lettered task: its dead letters first, and
+                // only if there were none is the quiet taken for a purge. (Looked at only then:
+                // the dead letters of other runs stay untouched while this one moves.)
+                if quiet && dead_letters::settle_dead_letters(deps, self.gateways.iter().map(String::as_str)).await? > 0
+                {
+                    quiet = false;
+                }
                 if !quiet {
                     self.stalled_since = None;
                 } else if self.stalled_since.is_none() {
