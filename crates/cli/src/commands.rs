@@ -1,6 +1,7 @@
 //! The subcommands that read and change state: plan, apply, abort, status, rollback, janitor,
 //! environments.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::sync::Arc;
@@ -9,7 +10,9 @@ use anyhow::{Result, anyhow};
 use sluice_coordinator::ApplyOutcome;
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, PlanId};
+use sluice_engine::WarehouseFactory;
 
+use sluice_core::plan::Plan;
 use sluice_core::plan_text::format_plan;
 use sluice_core::task_graph::TaskGraph;
 use sluice_state::{RunStatus, StateStore};
@@ -260,6 +263,9 @@ pub async fn status(common: &Common<'_>, plan_id: Option<&str>) -> Result<()> {
                     run.retries,
                     run.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
                 );
+                if run.status == RunStatus::Running {
+                    promotion_status(state.as_ref(), context.as_ref(), &plan).await?;
+                }
                 for failure in state.task_failures(&run.id).await? {
                     println!(
                         "    failed {} {} after {} attempts: {}",
@@ -285,6 +291,41 @@ pub async fn status(common: &Common<'_>, plan_id: Option<&str>) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// For a running run whose every task is done: where its promotion stands, gateway by gateway
+/// (each gateway's promotion marker is the journal the promoter rolls forward).
+async fn promotion_status(state: &dyn StateStore, context: Option<&ProjectContext>, plan: &Plan) -> Result<()> {
+    let done = state.done_tasks_of_plan(&plan.id).await?.len();
+    if done < plan.task_count() {
+        return Ok(());
+    }
+    let gateways: BTreeSet<&str> = plan.snapshots.iter().map(|planned| planned.snapshot.gateway.as_str()).collect();
+    let Some(context) = context else {
+        println!("    promotion: every task is done; the views move once a promoter finalizes the run");
+        return Ok(());
+    };
+    let warehouses = warehouses(context);
+    let mut shown = Vec::new();
+    let mut moved = 0;
+    for gateway in &gateways {
+        let marker = match warehouses.connect(gateway).await {
+            Ok(mut warehouse) => warehouse.shown_plan(plan.environment.as_str()).await,
+            Err(error) => Err(error),
+        };
+        shown.push(match marker {
+            Ok(Some(shown)) if shown == plan.id.0 => {
+                moved += 1;
+                format!("{gateway}: moved")
+            }
+            Ok(Some(other)) => format!("{gateway}: shows plan {other}"),
+            Ok(None) => format!("{gateway}: shows no plan yet"),
+            Err(error) => format!("{gateway}: marker unreadable ({error})"),
+        });
+    }
+    let stage = if moved == 0 { "waiting for a promoter" } else { "in progress, rolled forward by the promoter" };
+    println!("    promotion {stage}: {moved} of {} gateways moved ({})", gateways.len(), shown.join("; "));
     Ok(())
 }
 

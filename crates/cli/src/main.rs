@@ -339,6 +339,9 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // The fault suite's fault points (`FAILPOINTS=name=action;…`), in test builds only.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")

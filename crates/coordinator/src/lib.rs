@@ -301,6 +301,9 @@ pub async fn apply(
     // Subscribe before publishing so that no event of this run is missed.
     let stream = deps.events.subscribe().await?;
     let ready = counters.ready_tasks(&plan, &graph, &run.id, 0);
+    // The fault suite stops the coordinator here (`pause`) and kills it: a run begun with
+    // nothing queued, which the orphan reconciler must queue.
+    fail::fail_point!("coordinator-before-publish");
     deps.queue.publish(&ready).await?;
     info!(run_id = %run.id, tasks = graph.len(), done = done_count, ready = ready.len(), "tasks published");
     progress.message(&format!("{} ready tasks queued; the rest follow as their parents finish", ready.len()));
@@ -466,7 +469,23 @@ impl Watch {
                     .message(&format!("dependency counters rebuilt from state; {} tasks queued again", ready.len()));
                 self.stalled_since = None;
             }
-            Some(0) => self.stalled_since = None,
+            Some(0) => {
+                // Everything is settled, yet the run is still running: its settled event was
+                // never published (the gate lost the keys as the last task settled and a rebuild
+                // settled the rest) or was lost. Published again while the quiet lasts (a
+                // finalization is idempotent).
+                match self.stalled_since {
+                    None => self.stalled_since = Some(tokio::time::Instant::now()),
+                    Some(since) if since.elapsed() >= config.stall_after => {
+                        warn!(run_id = %run_id, "every task is settled but the run was not finalized; settling it again");
+                        deps.events
+                            .publish(RunEvent::RunSettled { run_id: run_id.clone(), plan_id: plan.id.clone() })
+                            .await?;
+                        self.stalled_since = Some(tokio::time::Instant::now());
+                    }
+                    Some(_) => {}
+                }
+            }
             Some(outstanding) => {
                 let mut queued = 0;
                 for gateway in &self.gateways {

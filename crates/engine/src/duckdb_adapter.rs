@@ -429,6 +429,22 @@ impl Warehouse for DuckDbWarehouse {
         .await
     }
 
+    async fn shown_plan(&mut self, environment: &str) -> Result<Option<String>, EngineError> {
+        let environment = environment.to_string();
+        self.call(move |connection, _| {
+            let exists: i64 =
+                connection.query_row(&sql::promotion_marker_exists(), [], |row| row.get(0)).map_err(classify)?;
+            if exists == 0 {
+                return Ok(None);
+            }
+            connection
+                .query_row(&sql::select_promotion_marker(&environment, false), [], |row| row.get(0))
+                .optional()
+                .map_err(classify)
+        })
+        .await
+    }
+
     async fn drop_table(&mut self, table: &PhysicalTable) -> Result<(), EngineError> {
         let table = table.clone();
         self.call(move |connection, database| {

@@ -106,6 +106,10 @@ pub trait Warehouse: Send {
     /// and changes nothing either, so a late promoter can never put back older views.
     async fn promote_environment(&mut self, promotion: &GatewayPromotion) -> Result<PromotionOutcome, EngineError>;
 
+    /// The plan the gateway's promotion marker shows for `environment` (`None` before any
+    /// promotion): where a promotion across gateways stands, for `sluice status`.
+    async fn shown_plan(&mut self, environment: &str) -> Result<Option<String>, EngineError>;
+
     /// Drops the table, or the view of that name (VIEW models); nothing when neither exists.
     async fn drop_table(&mut self, table: &PhysicalTable) -> Result<(), EngineError>;
 

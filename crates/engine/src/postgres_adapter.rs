@@ -437,6 +437,24 @@ impl Warehouse for PostgresWarehouse {
         self.settle(result)
     }
 
+    async fn shown_plan(&mut self, environment: &str) -> Result<Option<String>, EngineError> {
+        let exists = self.first_row(sql::promotion_marker_exists()).await?;
+        let exists: i64 = match exists {
+            Some(row) => row
+                .try_get(0)
+                .map_err(|error| EngineError::UnexpectedResult { engine: ENGINE, message: error.to_string() })?,
+            None => 0,
+        };
+        if exists == 0 {
+            return Ok(None);
+        }
+        let Some(row) = self.first_row(sql::select_promotion_marker(environment, false)).await? else {
+            return Ok(None);
+        };
+        row.try_get::<Option<String>, _>(0)
+            .map_err(|error| EngineError::UnexpectedResult { engine: ENGINE, message: error.to_string() })
+    }
+
     async fn drop_table(&mut self, table: &PhysicalTable) -> Result<(), EngineError> {
         let connection = self.connection().await?;
         let result = sqlx::query(

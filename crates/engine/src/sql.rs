@@ -407,6 +407,15 @@ pub(crate) fn set_promotion_marker(environment: &str, plan: Option<&str>) -> Vec
     statements
 }
 
+/// Whether the promotion marker table exists (1) or not (0), on either engine.
+pub(crate) fn promotion_marker_exists() -> String {
+    format!(
+        "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = {} AND table_name = {}",
+        string_literal(crate::PROMOTION_MARKER_SCHEMA),
+        string_literal(crate::PROMOTION_MARKER_TABLE)
+    )
+}
+
 /// Reads the plan an environment's marker shows.
 pub(crate) fn select_promotion_marker(environment: &str, lock: bool) -> String {
     let table = qualified_name(crate::PROMOTION_MARKER_SCHEMA, crate::PROMOTION_MARKER_TABLE);

@@ -55,6 +55,13 @@ pub enum PromoterError {
     /// Some gateways show the new plan, another failed: rolled forward by trying again.
     #[error("promotion in progress: gateways {done} show the new plan; the next failed: {error}")]
     PartialPromotion { done: String, error: String },
+    /// The run's promotion has begun (its intent is recorded): it is rolled forward, never
+    /// ended otherwise.
+    #[error("promotion underway, rolled forward: {error}")]
+    Underway { error: String },
+    /// The run was aborted (or ended) before its promotion could begin: no view moved.
+    #[error("the run was aborted before its promotion began")]
+    NotBegun,
 }
 
 impl PromoterError {
@@ -65,7 +72,7 @@ impl PromoterError {
             PromoterError::Queue(error) => error.is_transient(),
             PromoterError::Warehouse { source, .. } => source.is_transient(),
             // Rolled forward: giving up would leave the environment split across gateways.
-            PromoterError::PartialPromotion { .. } => true,
+            PromoterError::PartialPromotion { .. } | PromoterError::Underway { .. } => true,
             _ => false,
         }
     }
@@ -182,7 +189,10 @@ pub async fn finalize_run(deps: &PromoterDeps, run_id: &RunId, plan_id: &PlanId)
         return Ok(summary(&run, &plan, outcome, run.error.clone(), run.finished_at.unwrap_or(run.started_at)));
     }
 
-    let decision = if let Some(reason) = state.breaker(plan_id).await? {
+    // A run whose promotion has begun is rolled forward whatever happened since (an abort, a
+    // promoter that died between gateways): it can only end promoted.
+    let breaker = if run.promoting { None } else { state.breaker(plan_id).await? };
+    let decision = if let Some(reason) = breaker {
         Decision { status: RunStatus::Aborted, error: Some(reason), promotion: None }
     } else {
         let failures = state.task_failures(run_id).await?;
@@ -197,8 +207,13 @@ pub async fn finalize_run(deps: &PromoterDeps, run_id: &RunId, plan_id: &PlanId)
             );
             Decision { status: RunStatus::Failed, error: Some(error), promotion: None }
         } else {
-            match promote(deps, &plan).await {
+            match promote(deps, &plan, run_id).await {
                 Ok(promotion) => Decision { status: RunStatus::Succeeded, error: None, promotion: Some(promotion) },
+                Err(PromoterError::NotBegun) => {
+                    let reason = state.breaker(plan_id).await?;
+                    let reason = reason.unwrap_or_else(|| "the run ended before its promotion began".to_string());
+                    Decision { status: RunStatus::Aborted, error: Some(reason), promotion: None }
+                }
                 // A lost connection is tried again (the settled run is delivered again); the
                 // run stays running meanwhile.
                 Err(error) if error.is_transient() => return Err(error),
@@ -236,6 +251,10 @@ pub async fn finalize_run(deps: &PromoterDeps, run_id: &RunId, plan_id: &PlanId)
         now: finished_at,
     });
     let record = state.finalize_run(RunFinalization { run_id, outcome: &outcome, promotion, audit: &audit }).await?;
+    if record.status == RunStatus::Running {
+        // Its promotion began after this promoter decided otherwise: roll it forward instead.
+        return Err(PromoterError::Underway { error: format!("run {run_id} is promoting; not ended {outcome_text}") });
+    }
     let recorded_outcome = outcome_name(record.status);
     let result =
         summary(&record, &plan, recorded_outcome, record.error.clone(), record.finished_at.unwrap_or(finished_at));
@@ -253,9 +272,15 @@ pub async fn finalize_run(deps: &PromoterDeps, run_id: &RunId, plan_id: &PlanId)
 }
 
 /// Checks every task is done and the environment still shows the plan this one was made
-/// against (or already shows this one: another promoter got there first), then swaps the views;
-/// returns the environment state to compare-and-swap, with its expiry.
-async fn promote(deps: &PromoterDeps, plan: &Plan) -> Result<(EnvironmentState, Option<Timestamp>), PromoterError> {
+/// against (or already shows this one: another promoter got there first), records the
+/// promotion's intent (`NotBegun` if the run was aborted first), then swaps the views; returns
+/// the environment state to compare-and-swap, with its expiry. Once the intent is recorded every
+/// failure is `Underway` or `PartialPromotion`: tried again until every gateway moved.
+async fn promote(
+    deps: &PromoterDeps,
+    plan: &Plan,
+    run_id: &RunId,
+) -> Result<(EnvironmentState, Option<Timestamp>), PromoterError> {
     let state = &deps.state;
     let graph_plan = plan.clone();
     let graph = offload(move || TaskGraph::build(&graph_plan)).await.map_err(PromoterError::Join)?;
@@ -292,7 +317,12 @@ async fn promote(deps: &PromoterDeps, plan: &Plan) -> Result<(EnvironmentState, 
         expected_plan: plan.previous_plan_id.as_ref(),
         plan: Some(&plan.id),
     };
-    swap_views(deps.warehouses.as_ref(), &swap, updates_by_gateway(plan, current_state)).await?;
+    if !state.begin_promotion(run_id, &plan.id).await? {
+        return Err(PromoterError::NotBegun);
+    }
+    swap_views(deps.warehouses.as_ref(), &swap, updates_by_gateway(plan, current_state)).await.map_err(|error| {
+        if error.is_transient() { error } else { PromoterError::Underway { error: error.to_string() } }
+    })?;
     Ok((new_state, expires_at))
 }
 

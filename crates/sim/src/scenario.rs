@@ -43,6 +43,7 @@ pub struct Outcome {
 
 /// Runs one seed on a fresh single-threaded runtime with a paused clock.
 pub fn run_seed(seed: u64) -> Outcome {
+    quiet_simulated_crashes();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -145,6 +146,19 @@ fn retry_policy() -> RetryPolicy {
         max_elapsed: Duration::from_secs(60),
         jitter: 0.0,
     }
+}
+
+/// Keeps the panics of simulated crashes out of the output (other panics are reported as usual).
+fn quiet_simulated_crashes() {
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(|| {
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !info.payload().is::<crate::world::SimulatedCrash>() {
+                report(info);
+            }
+        }));
+    });
 }
 
 /// Starts (or restarts) a process.
@@ -273,6 +287,7 @@ fn register(world: &Shared, plan: &Plan) {
             query,
             planned: BTreeMap::new(),
             poisoned: false,
+            crashes: false,
         });
         if !intervals.is_empty() {
             info.planned.insert(plan.id.clone(), intervals);
@@ -402,6 +417,8 @@ async fn simulate(seed: u64) -> Outcome {
     }
     let poison =
         if world.lock().chance(0.15) { Some(world.lock().below(shape.models.len() as u64) as usize) } else { None };
+    // Whether the poisoned model fails its writes or crashes the slot running them.
+    let crashes = world.lock().chance(0.5);
     let mut coordinators: Vec<JoinHandle<()>> = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3 * 3600);
     let mut summary = Vec::new();
@@ -433,7 +450,11 @@ async fn simulate(seed: u64) -> Outcome {
             if let Some(table) = table.and_then(|p| p.snapshot.physical_table())
                 && let Some(info) = world.lock().registry.get_mut(&table.to_string())
             {
-                info.poisoned = true;
+                if crashes {
+                    info.crashes = true;
+                } else {
+                    info.poisoned = true;
+                }
             }
         }
         *current_plan.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(plan.id.clone());
@@ -477,6 +498,7 @@ async fn simulate(seed: u64) -> Outcome {
             // The fix for a poisoned model lands before the resume.
             for info in world.lock().registry.values_mut() {
                 info.poisoned = false;
+                info.crashes = false;
             }
         }
         if latest_status(truth.as_ref(), &plan.id).await != Some(RunStatus::Succeeded) {
@@ -499,8 +521,8 @@ async fn simulate(seed: u64) -> Outcome {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    // Let the last finalizations settle, then stop every process.
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    // Let the last finalizations (and stalled promotions) settle, then stop every process.
+    tokio::time::sleep(Duration::from_secs(150)).await;
     drop(processes);
     for coordinator in coordinators {
         coordinator.abort();

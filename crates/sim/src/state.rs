@@ -225,10 +225,15 @@ impl RunStore for SimState {
             let record = self.inner.finalize_run(finalization).await?;
             let mut world = self.world.lock();
             let now = world.tick();
-            world.ended_at.entry(run_id).or_insert(now);
+            if record.status != RunStatus::Running {
+                world.ended_at.entry(run_id).or_insert(now);
+            }
             Ok(record)
         };
         self.call(true, "finalize_run", op).await
+    }
+    async fn begin_promotion(&self, run_id: &RunId, plan_id: &PlanId) -> Result<bool, StateError> {
+        self.call(true, "begin_promotion", self.inner.begin_promotion(run_id, plan_id)).await
     }
     async fn add_run_progress(&self, id: &RunId, progress: RunProgress) -> Result<(), StateError> {
         self.call(true, "add_run_progress", self.inner.add_run_progress(id, progress)).await

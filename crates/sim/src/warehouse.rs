@@ -3,6 +3,7 @@
 //! the moment a write or a promotion happens.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sluice_core::interval::{Interval, Timestamp};
@@ -67,6 +68,22 @@ struct SimConnection {
 }
 
 impl SimConnection {
+    /// A poisoned table's write fails with an SQL error; a crashing one's brings the slot down.
+    fn poison(&self, table: &str) -> Result<(), EngineError> {
+        let (poisoned, crashes) = match self.world.lock().registry.get(table) {
+            Some(info) => (info.poisoned, info.crashes),
+            None => (false, false),
+        };
+        if crashes {
+            self.world.note(&format!("a write to {table} crashes its worker slot"));
+            std::panic::panic_any(crate::world::SimulatedCrash);
+        }
+        if poisoned {
+            return Err(EngineError::Statement { engine: "sim", code: None, message: "poisoned model".into() });
+        }
+        Ok(())
+    }
+
     /// The checks at the start of a data write, against state as it is.
     async fn check_write(&self, table: &str, interval: Option<Interval>) {
         let (truth, info) = {
@@ -226,9 +243,7 @@ impl Warehouse for SimConnection {
         if failed(&self.world) {
             return Err(unavailable());
         }
-        if self.world.lock().registry.get(&name).is_some_and(|info| info.poisoned) {
-            return Err(EngineError::Statement { engine: "sim", code: None, message: "poisoned model".into() });
-        }
+        self.poison(&name)?;
         self.check_write(&name, Some(interval)).await;
         let cells = day_cells(interval);
         let rows = cells.len() as u64;
@@ -244,6 +259,7 @@ impl Warehouse for SimConnection {
         if failed(&self.world) {
             return Err(unavailable());
         }
+        self.poison(&name)?;
         self.check_write(&name, None).await;
         let span = {
             let world = self.world.lock();
@@ -295,6 +311,15 @@ impl Warehouse for SimConnection {
 
     async fn promote_environment(&mut self, promotion: &GatewayPromotion) -> Result<PromotionOutcome, EngineError> {
         self.world.pause().await;
+        let stall = {
+            let mut world = self.world.lock();
+            let stalls = world.faults.promotion_stalls;
+            if world.chance(stalls) { Some(Duration::from_millis(world.below(120_000))) } else { None }
+        };
+        if let Some(stall) = stall {
+            self.world.note(&format!("promotion of {} on {} stalls {stall:?}", promotion.environment, self.gateway));
+            tokio::time::sleep(stall).await;
+        }
         if failed(&self.world) {
             return Err(unavailable());
         }
@@ -315,6 +340,11 @@ impl Warehouse for SimConnection {
         self.world.note(&format!("promotion of {} on {}: {outcome:?}", promotion.environment, self.gateway));
         self.world.pause().await;
         Ok(outcome)
+    }
+
+    async fn shown_plan(&mut self, environment: &str) -> Result<Option<String>, EngineError> {
+        self.world.pause().await;
+        Ok(self.world.lock().markers.get(&(self.gateway.clone(), environment.to_string())).cloned())
     }
 
     async fn drop_table(&mut self, table: &PhysicalTable) -> Result<(), EngineError> {

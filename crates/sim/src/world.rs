@@ -41,6 +41,9 @@ pub struct FaultRates {
     pub duplicate_settled: f64,
     /// A warehouse call fails transiently.
     pub warehouse_fails: f64,
+    /// A promotion stalls (up to two minutes) before it reads the gateway's marker: a late
+    /// promoter, still holding a plan that another promoter finished long ago.
+    pub promotion_stalls: f64,
 }
 
 impl FaultRates {
@@ -60,6 +63,7 @@ impl FaultRates {
             ack_lost: rate(0.08),
             duplicate_settled: rate(0.5),
             warehouse_fails: rate(0.05),
+            promotion_stalls: rate(0.5),
         }
         .with_latency(rng.gen_range(0..60))
     }
@@ -85,6 +89,9 @@ pub struct TableInfo {
     pub planned: BTreeMap<PlanId, IntervalSet>,
     /// Writes fail with an SQL error while this is set (a poison model).
     pub poisoned: bool,
+    /// Writes crash the worker slot running them while this is set (a model whose query brings
+    /// its worker down): the delivery comes back until the queue dead-letters it.
+    pub crashes: bool,
 }
 
 /// One table's modelled contents: a value per day (`start` of the day), or one cell (`-1`) for a
@@ -95,6 +102,9 @@ pub struct TableCells {
 }
 
 pub const WHOLE: i64 = -1;
+
+/// The panic payload of a simulated crash of a worker slot (kept out of the test's output).
+pub struct SimulatedCrash;
 pub const DAY: i64 = 86_400;
 
 pub struct World {
@@ -179,7 +189,9 @@ impl World {
     pub fn note(&mut self, event: &str) {
         event.hash(&mut self.trace);
         self.steps += 1;
-        if self.log.len() == 4000 {
+        // A replayed seed (SLUICE_SIM_SEED) keeps its whole log; a sweep its last events.
+        let cap = if std::env::var_os("SLUICE_SIM_SEED").is_some() { usize::MAX } else { 4000 };
+        if self.log.len() >= cap {
             self.log.pop_front();
         }
         self.log.push_back(format!("{:>6} {event}", self.steps));

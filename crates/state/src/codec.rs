@@ -222,6 +222,7 @@ pub(crate) struct RunRow {
     pub retries: i64,
     pub error: Option<String>,
     pub user_name: String,
+    pub promoting: bool,
 }
 
 impl RunRow {
@@ -239,6 +240,7 @@ impl RunRow {
             retries: from_stored_count(self.retries, "run retries")?,
             error: self.error,
             user: self.user_name,
+            promoting: self.promoting,
             plan_id: PlanId(self.plan_id),
             id: RunId(self.id),
         })

@@ -238,6 +238,7 @@ conformance_tests!(
     breaker_trip_and_reset,
     audit_log_is_newest_first,
     finalize_run_records_outcome_releases_lease_and_audits,
+    a_promoting_run_ends_only_promoted,
     finalize_run_twice_keeps_the_first_outcome,
     finalize_run_promotes_the_environment,
     finalize_run_accepts_an_environment_already_promoted,
@@ -1118,6 +1119,57 @@ async fn finalize_run_twice_keeps_the_first_outcome(backend: Backend) {
     let record = store.get_environment(&env("dev")).await.unwrap().unwrap();
     assert_eq!(record.state, first_state, "the environment was not promoted");
     assert_eq!(record.updated_at, Timestamp(10));
+}
+
+async fn a_promoting_run_ends_only_promoted(backend: Backend) {
+    let store = &*backend.store;
+    let old_state = state("dev", Some("p0"), &[snapshot("sushi.orders", "aaaa")]);
+    promote(store, &old_state, None, 10).await.unwrap();
+    let applied = plan("p1", "dev", Some("p0"), 20, &[snapshot("sushi.orders", "bbbb")]);
+    let run = begin(store, &applied, "p1-1", 1_000).await.unwrap();
+    assert!(!run.promoting);
+
+    // The intent is recorded once, and again (idempotent); the record shows it.
+    assert!(store.begin_promotion(&run.id, &applied.id).await.unwrap());
+    assert!(store.begin_promotion(&run.id, &applied.id).await.unwrap());
+    let promoting = store.get_run(&run.id).await.unwrap().unwrap();
+    assert!(promoting.promoting && promoting.status == RunStatus::Running, "{promoting:?}");
+
+    // An abort now is too late: the breaker trips, but neither an aborted nor a failed outcome
+    // ends the run, and a resume does not supersede it.
+    store.trip_breaker(&applied.id, "aborted by alice").await.unwrap();
+    assert!(store.begin_promotion(&run.id, &applied.id).await.unwrap(), "the intent holds past the breaker");
+    for status in [RunStatus::Aborted, RunStatus::Failed] {
+        let ended = outcome(status, Some("too late"), 1_100);
+        let refused = finalize(store, &run.id, &ended, None, &audit_of(&run, &ended, "aborted")).await.unwrap();
+        assert_eq!(refused, promoting, "{status:?} does not end a promoting run");
+    }
+    let resumed = begin(store, &applied, "p1-2", 1_150).await;
+    assert!(matches!(resumed, Err(StateError::RunPromoting { ref run, .. }) if run.0 == "p1-1"), "{resumed:?}");
+    assert_eq!(store.get_run(&run.id).await.unwrap().as_ref(), Some(&promoting));
+    assert!(store.list_audit(10).await.unwrap().is_empty(), "no audit row yet");
+
+    // Promoted, it ends.
+    let new_state = state("dev", Some("p1"), &[snapshot("sushi.orders", "bbbb")]);
+    let succeeded = outcome(RunStatus::Succeeded, None, 1_200);
+    let promotion = EnvironmentPromotion {
+        state: &new_state,
+        expected_plan: Some(&plan_id("p0")),
+        expires_at: None,
+        now: Timestamp(1_200),
+    };
+    let done =
+        finalize(store, &run.id, &succeeded, Some(promotion), &audit_of(&run, &succeeded, "promoted")).await.unwrap();
+    assert_eq!(done.status, RunStatus::Succeeded);
+    assert!(!store.begin_promotion(&run.id, &applied.id).await.unwrap(), "an ended run does not promote again");
+
+    // A run aborted first never begins its promotion.
+    let later = plan("p2", "dev", Some("p1"), 30, &[snapshot("sushi.orders", "cccc")]);
+    let second = begin(store, &later, "p2-1", 1_300).await.unwrap();
+    store.trip_breaker(&later.id, "aborted by bob").await.unwrap();
+    assert!(!store.begin_promotion(&second.id, &later.id).await.unwrap());
+    assert!(!store.get_run(&second.id).await.unwrap().unwrap().promoting);
+    assert!(!store.begin_promotion(&RunId("nobody-1".to_string()), &later.id).await.unwrap(), "unknown run");
 }
 
 async fn finalize_run_promotes_the_environment(backend: Backend) {

@@ -58,6 +58,9 @@ pub enum StateError {
     TableBeingDropped { table: String },
 
     /// A row changed hands too often while this call tried to read it; retry.
+    #[error("run {run} of environment {environment} is being promoted; apply again once it has finished")]
+    RunPromoting { run: RunId, environment: EnvironmentName },
+
     #[error("{what} changed concurrently, retry")]
     Contention { what: String },
 
@@ -86,6 +89,7 @@ impl StateError {
             StateError::Connect { transient, .. } => *transient,
             StateError::Contention { .. } => true,
             StateError::TableBeingDropped { .. } => true,
+            StateError::RunPromoting { .. } => true,
             StateError::Database(error) => is_transient_sqlx(error),
             StateError::Migration(sqlx::migrate::MigrateError::Execute(error))
             | StateError::Migration(sqlx::migrate::MigrateError::ExecuteMigration(error, _)) => {

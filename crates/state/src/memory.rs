@@ -488,6 +488,11 @@ impl MemoryTables {
                 return Err(lease_held_error(lease));
             }
         }
+        if let Some(promoting) = self.runs.iter().map(|stored| &stored.record).find(|record| {
+            &record.environment == environment && record.status == RunStatus::Running && record.promoting
+        }) {
+            return Err(StateError::RunPromoting { run: promoting.id.clone(), environment: environment.clone() });
+        }
         if self.run_positions.contains_key(start.run_id) {
             return Err(StateError::RunExists { run: start.run_id.clone() });
         }
@@ -534,6 +539,7 @@ impl MemoryTables {
             retries: 0,
             error: None,
             user: start.user.to_string(),
+            promoting: false,
         };
         self.run_positions.insert(start.run_id.clone(), self.runs.len());
         self.runs.push(StoredRun { record: record.clone(), done_tasks: BTreeSet::new(), failures: Vec::new() });
@@ -591,8 +597,11 @@ impl MemoryTables {
         let Some(stored) = self.run(id) else {
             return Err(run_not_found(id));
         };
-        if stored.record.status != RunStatus::Running {
-            // Finished already: the first outcome wins, nothing is written.
+        if stored.record.status != RunStatus::Running
+            || (stored.record.promoting && outcome.status != RunStatus::Succeeded)
+        {
+            // Finished already: the first outcome wins, nothing is written. A promoting run's
+            // views are moving: it ends promoted, whatever was decided before that began.
             return Ok(stored.record.clone());
         }
         let environment = stored.record.environment.clone();
@@ -916,6 +925,20 @@ impl RunStore for MemoryState {
 
     async fn finalize_run(&self, finalization: RunFinalization<'_>) -> Result<RunRecord, StateError> {
         self.lock_tables()?.finalize_run(finalization)
+    }
+
+    async fn begin_promotion(&self, run_id: &RunId, plan_id: &PlanId) -> Result<bool, StateError> {
+        let mut tables = self.lock_tables()?;
+        let tripped = tables.breakers.contains_key(plan_id);
+        let Some(stored) = tables.run_mut(run_id) else {
+            return Ok(false);
+        };
+        let record = &mut stored.record;
+        if record.status != RunStatus::Running || (tripped && !record.promoting) {
+            return Ok(false);
+        }
+        record.promoting = true;
+        Ok(true)
     }
 
     async fn add_run_progress(&self, id: &RunId, progress: RunProgress) -> Result<(), StateError> {

@@ -328,7 +328,7 @@ async fn select_lease(
 
 async fn select_run(connection: &mut PgConnection, id: &RunId) -> Result<Option<RunRecord>, StateError> {
     let row = sqlx::query_as::<_, RunRow>(
-        "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+        "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name, promoting
          FROM sluice_runs WHERE id = $1",
     )
     .bind(&id.0)
@@ -340,7 +340,7 @@ async fn select_run(connection: &mut PgConnection, id: &RunId) -> Result<Option<
 /// The run, its row locked `FOR UPDATE` until the transaction ends.
 async fn lock_run(connection: &mut PgConnection, id: &RunId) -> Result<Option<RunRecord>, StateError> {
     let row = sqlx::query_as::<_, RunRow>(
-        "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+        "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name, promoting
          FROM sluice_runs WHERE id = $1 FOR UPDATE",
     )
     .bind(&id.0)
@@ -527,9 +527,9 @@ async fn supersede_runs(connection: &mut PgConnection, start: &RunStart<'_>) -> 
              UPDATE sluice_runs SET status = 'aborted', finished_at = $2, error = $3
              WHERE environment = $1 AND status = 'running'
              RETURNING seq, id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done,
-                       retries, error, user_name
+                       retries, error, user_name, promoting
          )
-         SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+         SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name, promoting
          FROM superseded ORDER BY seq",
     )
     .bind(start.plan.environment.as_str())
@@ -538,8 +538,12 @@ async fn supersede_runs(connection: &mut PgConnection, start: &RunStart<'_>) -> 
     .fetch_all(&mut *connection)
     .await?;
     let superseded = rows.len();
-    for row in rows {
-        let run = row.into_record()?;
+    let runs = rows.into_iter().map(RunRow::into_record).collect::<Result<Vec<_>, _>>()?;
+    // A promoting run is never superseded; the error rolls back `begin_run`'s transaction.
+    if let Some(promoting) = runs.iter().find(|run| run.promoting) {
+        return Err(StateError::RunPromoting { run: promoting.id.clone(), environment: promoting.environment.clone() });
+    }
+    for run in runs {
         insert_audit(&mut *connection, &superseded_audit(&run, start.run_id, start.now)).await?;
     }
     Ok(superseded)
@@ -899,6 +903,7 @@ impl RunStore for PostgresState {
             retries: 0,
             error: None,
             user: start.user.to_string(),
+            promoting: false,
         })
     }
 
@@ -909,7 +914,7 @@ impl RunStore for PostgresState {
 
     async fn runs_of_plan(&self, plan_id: &PlanId) -> Result<Vec<RunRecord>, StateError> {
         let rows = sqlx::query_as::<_, RunRow>(
-            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name, promoting
              FROM sluice_runs WHERE plan_id = $1 ORDER BY seq",
         )
         .bind(&plan_id.0)
@@ -920,7 +925,7 @@ impl RunStore for PostgresState {
 
     async fn running_runs(&self) -> Result<Vec<RunRecord>, StateError> {
         let rows = sqlx::query_as::<_, RunRow>(
-            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name, promoting
              FROM sluice_runs WHERE status = 'running' ORDER BY seq",
         )
         .fetch_all(&self.pool)
@@ -930,7 +935,7 @@ impl RunStore for PostgresState {
 
     async fn latest_run(&self, plan_id: &PlanId) -> Result<Option<RunRecord>, StateError> {
         let row = sqlx::query_as::<_, RunRow>(
-            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name, promoting
              FROM sluice_runs WHERE plan_id = $1 ORDER BY seq DESC LIMIT 1",
         )
         .bind(&plan_id.0)
@@ -978,6 +983,10 @@ impl RunStore for PostgresState {
             // Finished already (maybe by a finalization we waited for): the first outcome wins.
             return Ok(run);
         }
+        if run.promoting && outcome.status != RunStatus::Succeeded {
+            // Its views are moving: it ends promoted, whatever was decided before that began.
+            return Ok(run);
+        }
         if let (Some(promotion), Some(current)) = (&finalization.promotion, current) {
             // An environment showing the plan already was promoted by an earlier attempt.
             if !environment_shows(current.as_ref(), promotion.state.plan_id.as_ref()) {
@@ -994,6 +1003,19 @@ impl RunStore for PostgresState {
         };
         transaction.commit().await?;
         Ok(finished)
+    }
+
+    async fn begin_promotion(&self, run_id: &RunId, plan_id: &PlanId) -> Result<bool, StateError> {
+        let marked = sqlx::query(
+            "UPDATE sluice_runs SET promoting = TRUE
+             WHERE id = $1 AND status = 'running'
+               AND (promoting OR NOT EXISTS (SELECT 1 FROM sluice_breakers WHERE plan_id = $2))",
+        )
+        .bind(&run_id.0)
+        .bind(&plan_id.0)
+        .execute(&self.pool)
+        .await?;
+        Ok(marked.rows_affected() == 1)
     }
 
     async fn add_run_progress(&self, id: &RunId, progress: RunProgress) -> Result<(), StateError> {

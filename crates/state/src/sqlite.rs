@@ -213,7 +213,7 @@ async fn select_lease(
 
 async fn select_run(connection: &mut SqliteConnection, id: &RunId) -> Result<Option<RunRecord>, StateError> {
     let row = sqlx::query_as::<_, RunRow>(
-        "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+        "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name, promoting
          FROM sluice_runs WHERE id = ?1",
     )
     .bind(&id.0)
@@ -386,7 +386,7 @@ fn superseded_audit(run: &RunRecord, new_run: &RunId, now: Timestamp) -> AuditEn
 async fn supersede_runs(connection: &mut SqliteConnection, start: &RunStart<'_>) -> Result<usize, StateError> {
     let environment = &start.plan.environment;
     let rows = sqlx::query_as::<_, RunRow>(
-        "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+        "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name, promoting
          FROM sluice_runs WHERE environment = ?1 AND status = 'running' ORDER BY seq",
     )
     .bind(environment.as_str())
@@ -394,6 +394,11 @@ async fn supersede_runs(connection: &mut SqliteConnection, start: &RunStart<'_>)
     .await?;
     if rows.is_empty() {
         return Ok(0);
+    }
+    let runs = rows.into_iter().map(RunRow::into_record).collect::<Result<Vec<_>, _>>()?;
+    // A promoting run is never superseded; the error rolls back `begin_run`'s transaction.
+    if let Some(promoting) = runs.iter().find(|run| run.promoting) {
+        return Err(StateError::RunPromoting { run: promoting.id.clone(), environment: promoting.environment.clone() });
     }
     sqlx::query(
         "UPDATE sluice_runs SET status = 'aborted', finished_at = ?2, error = ?3
@@ -404,9 +409,8 @@ async fn supersede_runs(connection: &mut SqliteConnection, start: &RunStart<'_>)
     .bind(format!("lease taken over by run {}", start.run_id))
     .execute(&mut *connection)
     .await?;
-    let superseded = rows.len();
-    for row in rows {
-        let run = row.into_record()?;
+    let superseded = runs.len();
+    for run in runs {
         insert_audit(&mut *connection, &superseded_audit(&run, start.run_id, start.now)).await?;
     }
     Ok(superseded)
@@ -752,6 +756,7 @@ impl RunStore for SqliteState {
             retries: 0,
             error: None,
             user: start.user.to_string(),
+            promoting: false,
         })
     }
 
@@ -762,7 +767,7 @@ impl RunStore for SqliteState {
 
     async fn runs_of_plan(&self, plan_id: &PlanId) -> Result<Vec<RunRecord>, StateError> {
         let rows = sqlx::query_as::<_, RunRow>(
-            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name, promoting
              FROM sluice_runs WHERE plan_id = ?1 ORDER BY seq",
         )
         .bind(&plan_id.0)
@@ -773,7 +778,7 @@ impl RunStore for SqliteState {
 
     async fn running_runs(&self) -> Result<Vec<RunRecord>, StateError> {
         let rows = sqlx::query_as::<_, RunRow>(
-            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name, promoting
              FROM sluice_runs WHERE status = 'running' ORDER BY seq",
         )
         .fetch_all(&self.pool)
@@ -783,7 +788,7 @@ impl RunStore for SqliteState {
 
     async fn latest_run(&self, plan_id: &PlanId) -> Result<Option<RunRecord>, StateError> {
         let row = sqlx::query_as::<_, RunRow>(
-            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name
+            "SELECT id, plan_id, environment, status, started_at, finished_at, intervals_done, tasks_done, retries, error, user_name, promoting
              FROM sluice_runs WHERE plan_id = ?1 ORDER BY seq DESC LIMIT 1",
         )
         .bind(&plan_id.0)
@@ -822,6 +827,10 @@ impl RunStore for SqliteState {
             // Finished already: the first outcome wins, nothing is written.
             return Ok(run);
         }
+        if run.promoting && outcome.status != RunStatus::Succeeded {
+            // Its views are moving: it ends promoted, whatever was decided before that began.
+            return Ok(run);
+        }
         if let Some(promotion) = &finalization.promotion {
             let current = environment_plan(&mut transaction, &promotion.state.name).await?;
             // An environment showing the plan already was promoted by an earlier attempt.
@@ -839,6 +848,19 @@ impl RunStore for SqliteState {
         };
         transaction.commit().await?;
         Ok(finished)
+    }
+
+    async fn begin_promotion(&self, run_id: &RunId, plan_id: &PlanId) -> Result<bool, StateError> {
+        let marked = sqlx::query(
+            "UPDATE sluice_runs SET promoting = 1
+             WHERE id = ?1 AND status = 'running'
+               AND (promoting OR NOT EXISTS (SELECT 1 FROM sluice_breakers WHERE plan_id = ?2))",
+        )
+        .bind(&run_id.0)
+        .bind(&plan_id.0)
+        .execute(&self.pool)
+        .await?;
+        Ok(marked.rows_affected() == 1)
     }
 
     async fn add_run_progress(&self, id: &RunId, progress: RunProgress) -> Result<(), StateError> {

@@ -149,7 +149,8 @@ pub trait RunStore: Send + Sync {
     /// the same plan, is taken over and that run marked aborted), and inserts the run as
     /// `running`. Every run it supersedes (a running run of the environment whose lease it took
     /// over) is finished as aborted with its audit row, and the plan's circuit breaker is reset
-    /// (a resume), in the same transaction. Fails with `TableBeingDropped` if the physical table
+    /// (a resume), in the same transaction; a running run of the environment that is promoting
+    /// is never superseded (`RunPromoting`). Fails with `TableBeingDropped` if the physical table
     /// (model, version) of any of the plan's snapshots has a tombstone ([`DropStore`]; checked
     /// after the environment). On any error nothing is written.
     async fn begin_run(&self, start: RunStart<'_>) -> Result<RunRecord, StateError>;
@@ -169,13 +170,22 @@ pub trait RunStore: Send + Sync {
     /// another status it fails with `RunFinished`. Does not release the lease.
     async fn finish_run(&self, id: &RunId, outcome: RunOutcome) -> Result<(), StateError>;
 
+    /// Records the promotion's intent: marks the run promoting if it is running and its plan's
+    /// breaker is not tripped (or it is promoting already), in one statement that orders it
+    /// against `trip_breaker` and `finalize_run`. True when the run is (now) promoting: the
+    /// promoter may move views, and the run can only end promoted. False when the run has ended
+    /// or was aborted first: no view may move.
+    async fn begin_promotion(&self, run_id: &RunId, plan_id: &PlanId) -> Result<bool, StateError>;
+
     /// Ends a running run in one transaction: when `promotion` is given, compare-and-swaps the
     /// environment as [`EnvironmentStore::promote_environment`] does (an environment that already
     /// shows the promotion's plan is left as it is; one that shows another plan than expected
     /// fails with `StaleEnvironment` and nothing is written); then records the outcome, releases
     /// the environment's lease if the run holds it and appends the audit row. A run that is
     /// already finished is left exactly as it is (finalizing is idempotent, and the first
-    /// outcome wins); either way the stored record is returned. `NotFound` for an unknown run.
+    /// outcome wins); so is a promoting run finalized with any outcome but succeeded (it still
+    /// shows `running`: its promotion is rolled forward). Either way the stored record is
+    /// returned. `NotFound` for an unknown run.
     async fn finalize_run(&self, finalization: RunFinalization<'_>) -> Result<RunRecord, StateError>;
 
     /// Adds to the run's counters.

@@ -95,6 +95,10 @@ pub struct RunRecord {
     pub retries: u64,
     pub error: Option<String>,
     pub user: String,
+    /// The promoter has begun moving the environment's views to this run's plan (the promotion's
+    /// intent, recorded before the first gateway moves): from then on the run can only end
+    /// promoted, rolled forward by whichever promoter finalizes it.
+    pub promoting: bool,
 }
 
 /// What `begin_run` pushes in one transaction: the plan, its snapshots, the lease and the run.

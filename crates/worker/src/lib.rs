@@ -31,6 +31,9 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::retry::{RetryPolicy, RetrySchedule};
 
+/// The tracing target of the task timeline: one event as a task's work begins, one as it ends.
+pub const TIMELINE: &str = "sluice::timeline";
+
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     pub gateway: String,
@@ -534,7 +537,13 @@ impl Slot {
         let (rows, retries, skipped) = if already_recorded {
             (0, 0, true)
         } else {
-            match self.execute_watched(&context, &message).await {
+            // The task timeline (`SLUICE_LOG=sluice::timeline=debug`): when each delivery's work
+            // began and ended, in which process and slot; the fault suite reads it to show that
+            // two copies of a task really ran at once.
+            debug!(target: TIMELINE, redelivered = delivery.redelivered, attempt = message.attempt, "task started");
+            let execution = self.execute_watched(&context, &message).await;
+            debug!(target: TIMELINE, "task finished");
+            match execution {
                 Some(Execution::Done { rows, retries }) => (rows, retries, false),
                 Some(Execution::Failed { error, attempts }) => {
                     return self.fail(delivery, &context, index, task.interval, error, attempts).await;
@@ -842,7 +851,9 @@ pub async fn run(config: WorkerConfig, deps: WorkerDeps, shutdown: CancellationT
         match joined {
             Ok(Ok(())) => {}
             Ok(Err(error)) => result = Err(error),
-            Err(error) => result = Err(WorkerError::Join(error.to_string())),
+            // A slot that panicked dropped its delivery unacked: the task is delivered again.
+            Err(error) if error.is_panic() => result = Err(WorkerError::Join("a task slot panicked".to_string())),
+            Err(_) => result = Err(WorkerError::Join("a task slot was cancelled".to_string())),
         }
     }
     // The tasks still being settled finish before the worker stops.

@@ -383,6 +383,7 @@ async fn promote_creates_swaps_and_drops_views(fixture: Fixture) {
     // Another connection (the promoter's, a reader's) sees the swap.
     let mut reader = fixture.open().await;
     assert_eq!(reader.view_target("shop", "items").await.unwrap().as_deref(), Some("sluice__shop.shop__items__v2"));
+    assert_eq!(reader.shown_plan("prod").await.unwrap().as_deref(), Some("p2"));
     assert_eq!(count(reader.as_mut(), "shop.items").await, 3);
     assert_eq!(
         reader.view_target("shop__dev", "items").await.unwrap().as_deref(),
@@ -412,8 +413,11 @@ async fn environment_promotion_moves_the_marker_with_the_views(fixture: Fixture)
     for version in [&v1, &v2] {
         warehouse.ensure_table(version, &[], ITEMS_QUERY).await.unwrap();
     }
+    assert_eq!(warehouse.shown_plan("prod").await.unwrap(), None, "no marker before the first promotion");
     let first = promotion(None, Some("p1"), vec![view("shop", "items", Some(&v1))]);
     assert_eq!(warehouse.promote_environment(&first).await.unwrap(), PromotionOutcome::Applied);
+    assert_eq!(warehouse.shown_plan("prod").await.unwrap().as_deref(), Some("p1"));
+    assert_eq!(warehouse.shown_plan("dev").await.unwrap(), None, "each environment has its own marker");
     // Rolled forward again: nothing changes.
     assert_eq!(warehouse.promote_environment(&first).await.unwrap(), PromotionOutcome::AlreadyShown);
     let second = promotion(Some("p1"), Some("p2"), vec![view("shop", "items", Some(&v2))]);
@@ -434,6 +438,7 @@ async fn environment_promotion_moves_the_marker_with_the_views(fixture: Fixture)
     let removed = promotion(Some("p3"), None, vec![view("shop", "items", None)]);
     assert_eq!(warehouse.promote_environment(&removed).await.unwrap(), PromotionOutcome::Applied);
     assert_eq!(reader.view_target("shop", "items").await.unwrap(), None);
+    assert_eq!(reader.shown_plan("prod").await.unwrap(), None, "a removed environment shows no plan");
     assert_eq!(warehouse.promote_environment(&first).await.unwrap(), PromotionOutcome::Applied);
 }
 

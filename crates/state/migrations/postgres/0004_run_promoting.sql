@@ -1,0 +1,3 @@
+-- The promotion's intent: set by the promoter before the first gateway's views move; from then
+-- on the run can only end promoted (see RunStore::begin_promotion).
+ALTER TABLE sluice_runs ADD COLUMN promoting BOOLEAN NOT NULL DEFAULT FALSE;
