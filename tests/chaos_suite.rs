@@ -10,7 +10,7 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::fault::{Scenario, recovered};
+use support::fault::{EVENTS, Scenario, TABLES, TASKS, recovered, tasks_run_at_once, timeline_after, worker_timeline};
 use support::wait_for;
 
 fn run(program: &str, args: &[&str]) {
@@ -71,6 +71,8 @@ fn start_rabbitmq() {
 }
 
 const DEFAULT_CONSUMER_TIMEOUT_MS: &str = "1800000";
+/// How often a channel checks its consumers' timeouts, by default (RabbitMQ 3.10).
+const DEFAULT_CHANNEL_TICK_MS: &str = "60000";
 
 /// Brings the services back when a test ends, pass or fail.
 struct Restore;
@@ -86,6 +88,13 @@ impl Drop for Restore {
                 &format!("application:set_env(rabbit, consumer_timeout, {DEFAULT_CONSUMER_TIMEOUT_MS})."),
             ])
             .output();
+        let _ = Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "eval",
+                &format!("application:set_env(rabbit, channel_tick_interval, {DEFAULT_CHANNEL_TICK_MS})."),
+            ])
+            .output();
     }
 }
 
@@ -93,14 +102,33 @@ impl Drop for Restore {
 async fn rabbitmq_restarted_mid_run() {
     let _restore = Restore;
     let scenario = Scenario::new("rabbit-restart", 3).await;
+    // Each hour's readings take 50 ms: after the restart some 15 s of work remain for six
+    // slots, far longer than a worker's longest pause between reconnects (5 s), so that every
+    // worker that comes back finds work.
+    let paced = EVENTS.replace(
+        "FROM generate_series(0, 9) AS g (n)",
+        "FROM generate_series(0, 9) AS g (n), (SELECT pg_sleep(0.05)) AS pace",
+    );
+    assert_ne!(paced, EVENTS);
+    scenario.sandbox.write("models/fault/events.sql", &paced);
     let (mut coordinator, plan) = scenario.start_apply();
-    scenario.wait_for_tasks(&mut coordinator, &plan, 300);
+    scenario.wait_for_tasks(&mut coordinator, &plan, 200);
     let fault = Instant::now();
     run("rabbitmqctl", &["-q", "stop_app"]);
+    // Where each worker's log stood with the broker down: what follows was written after.
+    let workers = ["worker 0", "worker 1", "worker 2"];
+    let offsets: Vec<usize> =
+        workers.iter().map(|worker| std::fs::metadata(scenario.roles.log(worker)).unwrap().len() as usize).collect();
     run("rabbitmqctl", &["-q", "start_app"]);
-    let finished = coordinator.wait();
+    let finished = coordinator.wait_within(Duration::from_secs(300));
     assert_eq!(finished.code, Some(0), "{finished:?}");
     recovered("rabbit-restart", fault);
+    // Every worker came back and took work: more tasks began in each after the restart than
+    // it could have held from before it (its prefetch of 4).
+    for (worker, offset) in workers.iter().zip(offsets) {
+        let started = timeline_after(&scenario.roles.log(worker), offset).iter().filter(|event| event.started).count();
+        assert!(started > 4, "{worker} began {started} tasks after the restart");
+    }
     scenario.verify(&plan, 0).await;
 }
 
@@ -141,16 +169,29 @@ async fn redis_restarted_mid_run() {
 async fn a_task_longer_than_the_consumer_timeout_is_written_once() {
     let _restore = Restore;
     run("rabbitmqctl", &["-q", "eval", "application:set_env(rabbit, consumer_timeout, 3000)."]);
+    // Channels check the timeout every half second instead of every minute (channels opened
+    // from now on), so that it surely strikes while a slow task runs.
+    run("rabbitmqctl", &["-q", "eval", "application:set_env(rabbit, channel_tick_interval, 500)."]);
     let scenario = Scenario::new("consumer-timeout", 3).await;
-    // Two intervals that each run longer than the lowered consumer timeout.
+    // Two intervals that each run longer than the lowered consumer timeout, and one that keeps
+    // the run going until a copy redelivered during the first two could have committed (without
+    // the write lock it would add its rows to the first copy's).
     scenario.sandbox.write("models/fault/slow.sql", &support::sleeping_model("fault.slow", 2, 8));
+    scenario.sandbox.write("models/fault/slower.sql", &support::sleeping_model("fault.slower", 1, 18));
     let (coordinator, plan) = scenario.start_apply();
     let finished = coordinator.wait();
     assert_eq!(finished.code, Some(0), "{finished:?}");
     let mut warehouse = scenario.sandbox.warehouse().await;
     let rows = warehouse.query_i64("SELECT COUNT(*) FROM fault.slow").await.unwrap();
     assert_eq!(rows, Some(2), "each slow interval written once");
+    let rows = warehouse.query_i64("SELECT COUNT(*) FROM fault.slower").await.unwrap();
+    assert_eq!(rows, Some(1), "the slower interval written once");
     drop(warehouse);
-    // The slow model is not part of the plain-SQL reference; the rest must match it.
-    scenario.verify_with(&plan, 0, 1, 2).await;
+    // The broker took a slow task back from its worker and delivered it again while the first
+    // copy still ran: a redelivered copy began work, and two copies of one task ran at once.
+    let timeline = worker_timeline(&scenario.sandbox);
+    assert!(timeline.iter().any(|event| event.started && event.redelivered), "no redelivered task began");
+    assert!(!tasks_run_at_once(&timeline).is_empty(), "no two copies of a task ran at once");
+    // The slow models are not part of the plain-SQL reference; the rest must match it.
+    scenario.verify_with(&plan, 0, TABLES.len() + 2, TASKS + 3).await;
 }

@@ -22,7 +22,9 @@ use sluice_core::names::PlanId;
 use sluice_core::task_graph::TaskGraph;
 use sluice_queue::TaskMessage;
 use sqlx::Connection;
-use support::fault::{DAILY, NOW, SUMMARY, Scenario, TASKS, kill_9, recovered};
+use support::fault::{
+    DAILY, EVENTS, NOW, SUMMARY, Scenario, TASKS, kill_9, recovered, sample_views, tasks_run_at_once, worker_timeline,
+};
 use support::{Sandbox, Spawned, wait_for};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -81,10 +83,13 @@ async fn kill_9_the_coordinator_before_it_queued_its_tasks() {
     scenario.roles.forget("promoter");
     let promoter = ["promoter", "--reconcile-every", "1", "--orphan-stall", "3"];
     scenario.roles.start(&scenario.sandbox, &scenario.services, "promoter", &promoter);
-    let command = scenario.command(&["--lease-ttl", "3", "plan", "--auto-apply", "--now", NOW]);
+    // The coordinator stops at its fault point just before it publishes the ready tasks.
+    let mut command = scenario.command(&["--lease-ttl", "3", "plan", "--auto-apply", "--now", NOW]);
+    command.env("FAILPOINTS", "coordinator-before-publish=pause");
     let mut coordinator = Spawned::start(&scenario.sandbox, command);
     let plan = coordinator.read_plan_id();
-    // The run is started and its counters loaded; its ready tasks are being queued, or not yet.
+    // The run is begun and its counters loaded (the line is printed before the fault point):
+    // from here on, nothing it could still do publishes a task.
     coordinator.wait_for_stderr("applying plan");
     let fault = Instant::now();
     kill_9(coordinator.pid());
@@ -92,35 +97,49 @@ async fn kill_9_the_coordinator_before_it_queued_its_tasks() {
     recovered("kill-coordinator-early", fault);
     assert!(status.contains(&format!("run {plan}-1: succeeded")), "{status}");
     drop(coordinator);
+    // The promoter's reconciler queued the work nobody had queued.
+    let log = std::fs::read_to_string(scenario.roles.log("promoter")).unwrap();
+    assert!(
+        log.contains("a run no coordinator follows had lost its counters or stalled; rebuilt them from state")
+            && log.contains(&format!("{plan}-1")),
+        "{log}"
+    );
     scenario.verify(&plan, 0).await;
 }
 
-/// The transaction-level advisory lock every sluice DDL transaction on PostgreSQL takes first
-/// (`DDL_LOCK_KEY` of the PostgreSQL adapter), promotion included.
-const DDL_LOCK_KEY: i64 = 0x736c_7569_6365_0001;
-
 #[tokio::test(flavor = "multi_thread")]
-async fn kill_9_the_promoter_mid_promotion() {
+async fn kill_9_the_promoter_mid_promotion_of_a_second_plan() {
     let mut scenario = Scenario::new("kill-promoter", 3).await;
-    // No promoter while the backfill runs: the run settles and waits for one.
+    let (first, first_plan) = scenario.start_apply();
+    let promoted = first.wait();
+    assert_eq!(promoted.code, Some(0), "{promoted:?}");
+    let mut warehouse = sqlx::PgConnection::connect(&scenario.sandbox.warehouse_url()).await.unwrap();
+    let first_views = sample_views(&mut warehouse).await;
+    assert_eq!(first_views.len(), 3, "{first_views:?}");
+    scenario.earlier_views.push(first_views);
+    // A second plan: the daily readings counted another way (the same rows), so new versions of
+    // the daily and summary tables, and their two views to move.
+    scenario
+        .sandbox
+        .write("models/fault/daily.sql", &DAILY.replace("COUNT(*) AS readings", "COUNT(reading) AS readings"));
+    // No promoter while it runs: the run settles and waits for one.
     kill_9(scenario.roles.pid("promoter"));
     scenario.roles.forget("promoter");
     let (mut coordinator, plan) = scenario.start_apply();
-    scenario.wait_for_tasks(&mut coordinator, &plan, TASKS as u64);
-    // Holding sluice's DDL lock stops the promotion inside its transaction (its first statement
-    // takes the lock and creates the promotion marker table).
-    let mut blocker = sqlx::PgConnection::connect(&scenario.sandbox.warehouse_url()).await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock($1)").bind(DDL_LOCK_KEY).execute(&mut blocker).await.unwrap();
+    scenario.wait_for_tasks(&mut coordinator, &plan, SECOND_PLAN_TASKS as u64);
+    // A reader of the summary view in an open transaction: the promotion's statements on that
+    // view (the last one it moves) wait for it, after the daily view's statements have run.
+    sqlx::raw_sql("BEGIN; SELECT * FROM fault.summary LIMIT 0").execute(&mut warehouse).await.unwrap();
     scenario.roles.start(&scenario.sandbox, &scenario.services, "promoter", &["promoter"]);
     let warehouse_database = scenario.sandbox.databases()[0].clone();
     let mut admin = sqlx::PgConnection::connect(support::POSTGRES_ADMIN_URL).await.unwrap();
     let runtime = tokio::runtime::Handle::current();
-    wait_for("the promotion to wait inside its transaction", std::time::Duration::from_secs(120), || {
+    wait_for("the promotion to wait at the summary view", std::time::Duration::from_secs(120), || {
         let waiting: i64 = tokio::task::block_in_place(|| {
             runtime.block_on(
                 sqlx::query_scalar(
                     "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock' \
-                     AND query LIKE '%pg_advisory_xact_lock%' AND query LIKE '%sluice__meta%'",
+                     AND wait_event = 'relation' AND query LIKE '%DROP VIEW IF EXISTS \"fault\".\"summary\"%'",
                 )
                 .bind(&warehouse_database)
                 .fetch_one(&mut admin),
@@ -132,15 +151,22 @@ async fn kill_9_the_promoter_mid_promotion() {
     let fault = Instant::now();
     kill_9(scenario.roles.pid("promoter"));
     scenario.roles.forget("promoter");
-    sqlx::query("SELECT pg_advisory_unlock($1)").bind(DDL_LOCK_KEY).execute(&mut blocker).await.unwrap();
-    blocker.close().await.unwrap();
+    sqlx::raw_sql("ROLLBACK").execute(&mut warehouse).await.unwrap();
+    warehouse.close().await.unwrap();
     admin.close().await.unwrap();
+    // `status` shows where the promotion stands: every task done, no gateway moved yet.
+    let status = scenario.sluice(&["status", &plan]).stdout;
+    let pending = format!("promotion waiting for a promoter: 0 of 1 gateways moved (local: shows plan {first_plan})");
+    assert!(status.contains(&pending), "{status}");
     scenario.roles.start(&scenario.sandbox, &scenario.services, "promoter again", &["promoter"]);
     let run = coordinator.wait();
     assert_eq!(run.code, Some(0), "{run:?}");
     recovered("kill-promoter", fault);
-    scenario.verify(&plan, 0).await;
+    scenario.verify_with(&plan, 0, 3, SECOND_PLAN_TASKS).await;
 }
+
+/// The tasks of the second plan of the promoter scenario: the daily totals and the summary.
+const SECOND_PLAN_TASKS: usize = 84 + 1;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn state_connections_terminated_mid_run_are_retried() {
@@ -258,12 +284,54 @@ async fn task_ids(sandbox: &Sandbox, plan: &str) -> Vec<sluice_core::names::Task
     TaskGraph::build(&plan).tasks.iter().map(|task| task.id).collect()
 }
 
+/// The hour whose readings wait for the test in the duplicate scenario.
+const HELD_HOUR: &str = "2024-01-10 05:00:00";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_tasks_delivered_twice_at_once_are_written_once() {
     let scenario = Scenario::new("twice", 3).await;
+    // Each hour's readings take a shared lock of their own hour inside the write; the test holds
+    // one hour's lock, so that hour's task stays in the middle of its write until released.
+    let hour_key = |ts: &str| format!("CAST(EXTRACT(EPOCH FROM CAST({ts} AS TIMESTAMP)) / 3600 AS INT)");
+    let events = EVENTS.replace(
+        "FROM generate_series(0, 9) AS g (n)",
+        &format!(
+            "FROM generate_series(0, 9) AS g (n), (SELECT pg_advisory_xact_lock_shared(7, {})) AS held",
+            hour_key("@start_ts")
+        ),
+    );
+    assert_ne!(events, EVENTS);
+    scenario.sandbox.write("models/fault/events.sql", &events);
+    let mut holder = sqlx::PgConnection::connect(&scenario.sandbox.warehouse_url()).await.unwrap();
+    let hold = format!("SELECT pg_advisory_lock(7, {})", hour_key(&format!("'{HELD_HOUR}'")));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(hold)).execute(&mut holder).await.unwrap();
+
     let (mut coordinator, plan) = scenario.start_apply();
-    scenario.wait_for_tasks(&mut coordinator, &plan, 1);
-    // Every hourly task published a second time while the first copies are being worked on.
+    let waiting_writes = |count: i64| {
+        let database = scenario.sandbox.databases()[0].clone();
+        let runtime = tokio::runtime::Handle::current();
+        move || {
+            let waiting: i64 = tokio::task::block_in_place(|| {
+                runtime.block_on(async {
+                    let mut admin = sqlx::PgConnection::connect(support::POSTGRES_ADMIN_URL).await.unwrap();
+                    sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock' \
+                         AND query LIKE '%pg_advisory_xact_lock_shared%' AND query LIKE $2",
+                    )
+                    .bind(&database)
+                    .bind(format!("%'{HELD_HOUR}'%"))
+                    .fetch_one(&mut admin)
+                    .await
+                })
+            })
+            .unwrap();
+            waiting >= count
+        }
+    };
+    wait_for("the held hour's write to wait", std::time::Duration::from_secs(300), waiting_writes(1));
+    coordinator.assert_running("the held hour's write");
+    // Every hourly task published a second time while the first copies are being worked on;
+    // the held hour's copy finds its first copy mid-write.
     let ids = task_ids(&scenario.sandbox, &plan).await;
     let duplicates: Vec<TaskMessage> = ids[..2016]
         .iter()
@@ -280,8 +348,14 @@ async fn the_same_tasks_delivered_twice_at_once_are_written_once() {
     let broker = scenario.services.broker().await;
     sluice_queue::TaskQueue::publish(&broker, &duplicates).await.unwrap();
     broker.close().await;
+    wait_for("both copies of the held hour to be mid-write", std::time::Duration::from_secs(300), waiting_writes(2));
+    sqlx::raw_sql("SELECT pg_advisory_unlock_all()").execute(&mut holder).await.unwrap();
+    holder.close().await.unwrap();
     let run = coordinator.wait();
     assert_eq!(run.code, Some(0), "{run:?}");
+    // The timeline shows two executions of one task at the same moment.
+    let at_once = tasks_run_at_once(&worker_timeline(&scenario.sandbox));
+    assert!(!at_once.is_empty(), "no two copies of a task ran at once");
     scenario.verify(&plan, 0).await;
 }
 

@@ -80,6 +80,7 @@ pub type ViewSample = Vec<(String, String)>;
 
 /// Samples the environment's views while a run goes: each sample is one snapshot of pg_views.
 pub struct ViewWatcher {
+    url: String,
     samples: Arc<Mutex<BTreeSet<ViewSample>>>,
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -94,31 +95,55 @@ impl ViewWatcher {
         let mut connection = sqlx::PgConnection::connect(&url).await.unwrap();
         let task = tokio::spawn(async move {
             while !stopping.is_cancelled() {
-                let rows: ViewSample = sqlx::query_as(
-                    "SELECT viewname::text, definition FROM pg_views WHERE schemaname = 'fault' ORDER BY viewname",
-                )
-                .fetch_all(&mut connection)
-                .await
-                .unwrap();
-                recorded.lock().unwrap().insert(rows);
+                match try_sample_views(&mut connection).await {
+                    Ok(rows) => {
+                        recorded.lock().unwrap().insert(rows);
+                    }
+                    // A view dropped between the catalog read and its definition's (a swap
+                    // committed during the query): no moment was seen, nothing is recorded.
+                    Err(error) if error.to_string().contains("could not open relation with OID") => {}
+                    Err(error) => panic!("sampling the views: {error}"),
+                }
                 // A sampling period, not a synchronisation: every moment is as good as another.
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
-        ViewWatcher { samples, stop, task }
+        ViewWatcher { url: sandbox.warehouse_url(), samples, stop, task }
     }
 
-    /// Stops sampling; asserts every sample showed no view or every view on its final table.
-    pub async fn check(self, views: usize) {
+    /// Stops sampling; asserts every sample showed no view, every view of an earlier plan
+    /// (`earlier`: each one a whole environment, all of which must have been seen), or every
+    /// view on its final table.
+    pub async fn check(self, views: usize, earlier: &[ViewSample]) {
         self.stop.cancel();
         self.task.await.unwrap();
         let samples = self.samples.lock().unwrap().clone();
-        let last = samples.iter().max_by_key(|sample| sample.len()).cloned().unwrap_or_default();
+        let mut connection = sqlx::PgConnection::connect(&self.url).await.unwrap();
+        let last = sample_views(&mut connection).await;
+        connection.close().await.unwrap();
         assert_eq!(last.len(), views, "every view is there in the end: {last:?}");
+        for before in earlier {
+            assert_ne!(*before, last, "the earlier environment differs from the final one");
+            assert!(samples.contains(before), "the earlier environment was seen: {before:?}");
+        }
         for sample in &samples {
-            assert!(sample.is_empty() || *sample == last, "a mixed environment was visible: {sample:?}");
+            assert!(
+                sample.is_empty() || *sample == last || earlier.contains(sample),
+                "a mixed environment was visible: {sample:?}"
+            );
         }
     }
+}
+
+/// One look at the fault project's views.
+pub async fn sample_views(connection: &mut sqlx::PgConnection) -> ViewSample {
+    try_sample_views(connection).await.unwrap()
+}
+
+async fn try_sample_views(connection: &mut sqlx::PgConnection) -> Result<ViewSample, sqlx::Error> {
+    sqlx::query_as("SELECT viewname::text, definition FROM pg_views WHERE schemaname = 'fault' ORDER BY viewname")
+        .fetch_all(connection)
+        .await
 }
 
 /// One scenario: a sandbox with the fault project, its services, roles and view watcher.
@@ -128,12 +153,17 @@ pub struct Scenario {
     pub services: Services,
     pub roles: Roles,
     pub watcher: Option<ViewWatcher>,
+    /// Whole environments of earlier plans the watcher may also have seen (see `ViewWatcher::check`).
+    pub earlier_views: Vec<ViewSample>,
 }
 
 /// The password of the RabbitMQ and Redis users every fault scenario's processes connect as:
 /// `verify` checks that no line those processes wrote contains it (the local PostgreSQL trusts
 /// 127.0.0.1, so it gets none).
 pub const SECRET: &str = "Fault-Suite-Pw-93xq";
+
+/// `SLUICE_LOG` of every fault-suite process: info, and the workers' task timeline.
+const LOG: &str = "info,sluice::timeline=debug";
 const SECRET_USER: &str = "sluice_fault_suite";
 
 fn run_ok(program: &str, args: &[&str]) {
@@ -159,14 +189,16 @@ impl Scenario {
         let mut services = Services::new(name);
         services.amqp_url = format!("amqp://{SECRET_USER}:{SECRET}@127.0.0.1:5672/%2f");
         services.redis_url = format!("redis://{SECRET_USER}:{SECRET}@127.0.0.1:6379");
-        services.log = Some("info".to_string());
+        services.log = Some(LOG.to_string());
         Scenario::with_services(name, workers, services).await
     }
 
     /// `new` with the default (passwordless) users: for scenarios that restart Redis, which
     /// keeps no ACL user across a restart.
     pub async fn plain(name: &str, workers: usize) -> Scenario {
-        Scenario::with_services(name, workers, Services::new(name)).await
+        let mut services = Services::new(name);
+        services.log = Some(LOG.to_string());
+        Scenario::with_services(name, workers, services).await
     }
 
     async fn with_services(name: &str, workers: usize, services: Services) -> Scenario {
@@ -178,7 +210,7 @@ impl Scenario {
         sandbox.execute(EXPECTED).await;
         let roles = Roles::cluster(&sandbox, &services, workers, 2);
         let watcher = Some(ViewWatcher::start(&sandbox).await);
-        Scenario { name: name.to_string(), sandbox, services, roles, watcher }
+        Scenario { name: name.to_string(), sandbox, services, roles, watcher, earlier_views: Vec::new() }
     }
 
     pub fn command(&self, args: &[&str]) -> std::process::Command {
@@ -187,8 +219,30 @@ impl Scenario {
         command
     }
 
+    /// Runs `sluice` with the scenario's services; what it printed is also appended to
+    /// `cli.out` in the sandbox's folder, for the credential scan.
     pub fn sluice(&self, args: &[&str]) -> Run {
-        Run::from(self.command(args).stdin(std::process::Stdio::null()).output().unwrap())
+        self.sluice_command(self.command(args), args)
+    }
+
+    fn sluice_command(&self, mut command: std::process::Command, args: &[&str]) -> Run {
+        use std::io::Write;
+        let run = Run::from(command.stdin(std::process::Stdio::null()).output().unwrap());
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.sandbox.folder.path().join("cli.out"))
+            .unwrap();
+        writeln!(file, "$ sluice {args:?} -> {:?}\n{}\n{}", run.code, run.stdout, run.stderr).unwrap();
+        run
+    }
+
+    /// The tasks the plan's running run has finished, from `sluice status PLAN`.
+    pub fn running_tasks_done(&self, plan: &str) -> Option<u64> {
+        let status = self.sluice(&["status", plan]).stdout;
+        let line = status.lines().find(|line| line.contains(": running ("))?;
+        let before = line.split(" tasks").next()?;
+        before.rsplit(' ').next()?.parse().ok()
     }
 
     /// Starts `plan --auto-apply` and waits until the coordinator has queued the ready tasks;
@@ -205,7 +259,7 @@ impl Scenario {
         let what = format!("{tasks} tasks done");
         wait_for(&what, Duration::from_secs(300), || {
             coordinator.assert_running(&what);
-            self.sandbox.running_tasks_done(plan).is_some_and(|done| done >= tasks)
+            self.running_tasks_done(plan).is_some_and(|done| done >= tasks)
         });
     }
 
@@ -213,7 +267,7 @@ impl Scenario {
     pub fn wait_for_end(&self, plan: &str) -> String {
         let mut status = String::new();
         wait_for("the run to end", Duration::from_secs(300), || {
-            status = self.sandbox.sluice(&["status", plan]).stdout;
+            status = self.sluice(&["status", plan]).stdout;
             !status.contains(": running (") && status.contains(" run ")
         });
         status
@@ -221,12 +275,12 @@ impl Scenario {
 
     /// The checks every scenario ends with; `dead_letters` is what the scenario put there.
     pub async fn verify(self, plan: &str, dead_letters: u32) {
-        self.verify_with(plan, dead_letters, 0, 0).await;
+        self.verify_with(plan, dead_letters, TABLES.len(), TASKS).await;
     }
 
-    /// `verify` for a project with `extra_models` more models, of `extra_tasks` tasks, than the
-    /// fault project (they are not compared with the plain-SQL tables).
-    pub async fn verify_with(mut self, plan: &str, dead_letters: u32, extra_models: usize, extra_tasks: usize) {
+    /// `verify` for an environment of `views` views and a plan of `tasks` tasks (models beyond
+    /// the fault project's are not compared with the plain-SQL tables).
+    pub async fn verify_with(mut self, plan: &str, dead_letters: u32, views: usize, tasks: usize) {
         // Every table equals the plain-SQL one, through the promoted views.
         let mut warehouse = self.sandbox.warehouse().await;
         for table in TABLES {
@@ -236,7 +290,7 @@ impl Scenario {
         }
         drop(warehouse);
         if let Some(watcher) = self.watcher.take() {
-            watcher.check(TABLES.len() + extra_models).await;
+            watcher.check(views, &self.earlier_views).await;
         }
         // Every task of the plan recorded done once, over all its runs.
         let mut state = sqlx::PgConnection::connect(&self.sandbox.state_url()).await.unwrap();
@@ -246,7 +300,7 @@ impl Scenario {
                 .fetch_one(&mut state)
                 .await
                 .unwrap();
-        let tasks = (TASKS + extra_tasks) as i64;
+        let tasks = tasks as i64;
         assert_eq!((rows, distinct), (tasks, tasks), "each task recorded done once");
         state.close().await.unwrap();
         let broker = self.services.broker().await;
@@ -269,15 +323,25 @@ impl Scenario {
 
         // Nothing left behind.
         self.roles.stop();
-        // No line any process of the scenario wrote shows a password.
-        for entry in std::fs::read_dir(self.sandbox.folder.path()).unwrap() {
-            let path = entry.unwrap().path();
-            let is_log = path.extension().is_some_and(|extension| extension == "log" || extension == "stderr");
-            if is_log {
-                let text = std::fs::read_to_string(&path).unwrap_or_default();
-                assert!(!text.contains(SECRET), "{} shows the password:\n{text}", path.display());
+        // Connection errors name the address they failed on, with the password masked: a
+        // worker pointed at a closed port, once for RabbitMQ and once for Redis.
+        let closed_amqp = format!("amqp://{SECRET_USER}:{SECRET}@127.0.0.1:1/%2f");
+        let closed_redis = format!("redis://{SECRET_USER}:{SECRET}@127.0.0.1:1");
+        if self.services.amqp_url.contains(SECRET) {
+            for (variable, url) in [("SLUICE_AMQP_URL", &closed_amqp), ("SLUICE_REDIS_URL", &closed_redis)] {
+                let args = ["worker", "--gateway", "local"];
+                let mut command = self.command(&args);
+                command.env(variable, url);
+                let refused = self.sluice_command(command, &args);
+                assert_eq!(refused.code, Some(1), "{refused:?}");
+                assert!(refused.stderr.contains("***@127.0.0.1:1"), "the error names the address: {refused:?}");
             }
         }
+        // No byte any process of the scenario wrote (logs, stdout and stderr of the roles and of
+        // every CLI invocation) shows a password.
+        let mut scanned = 0;
+        scan_for_secret(self.sandbox.folder.path(), &mut scanned);
+        assert!(scanned > 0, "the scan read the processes' output");
         let keys = std::process::Command::new("redis-cli")
             .args(["-u", &self.services.redis_url, "--scan", "--pattern", &format!("{}:*", self.services.prefix)])
             .output()
@@ -308,6 +372,21 @@ impl Scenario {
     }
 }
 
+/// Asserts that no file under `folder` contains `SECRET`; counts the bytes read.
+fn scan_for_secret(folder: &std::path::Path, scanned: &mut usize) {
+    for entry in std::fs::read_dir(folder).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            scan_for_secret(&path, scanned);
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        *scanned += bytes.len();
+        let shows = bytes.windows(SECRET.len()).any(|window| window == SECRET.as_bytes());
+        assert!(!shows, "{} shows the password:\n{}", path.display(), String::from_utf8_lossy(&bytes));
+    }
+}
+
 pub fn kill_9(pid: u32) {
     let killed = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     assert!(killed.success());
@@ -316,4 +395,108 @@ pub fn kill_9(pid: u32) {
 /// Prints how long recovery took (for the table; never asserted).
 pub fn recovered(scenario: &str, since: Instant) {
     eprintln!("scenario {scenario}: recovered in {:.1} s", since.elapsed().as_secs_f64());
+}
+
+/// One event of the workers' task timeline (tracing target `sluice::timeline`), read back from
+/// a role's log: a delivery's work on a task began (`started`) or ended.
+#[derive(Clone, Debug)]
+pub struct TimelineEvent {
+    pub log: String,
+    /// The log line's UTC timestamp (fixed width: it orders as text).
+    pub at: String,
+    pub task: u32,
+    pub started: bool,
+    pub redelivered: bool,
+}
+
+/// The timeline events of every worker log in the sandbox's folder.
+pub fn worker_timeline(sandbox: &Sandbox) -> Vec<TimelineEvent> {
+    let mut events = Vec::new();
+    for entry in std::fs::read_dir(sandbox.folder.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("worker") && name.ends_with(".log") {
+            events.extend(timeline_after(&path, 0));
+        }
+    }
+    events
+}
+
+/// The timeline events of one log, from byte `offset` on.
+pub fn timeline_after(log: &std::path::Path, offset: usize) -> Vec<TimelineEvent> {
+    let bytes = std::fs::read(log).unwrap();
+    let text = strip_ansi(&String::from_utf8_lossy(&bytes[offset.min(bytes.len())..]));
+    let name = log.file_name().unwrap().to_string_lossy().into_owned();
+    text.lines()
+        .filter(|line| line.contains(" sluice::timeline: "))
+        .map(|line| {
+            let (context, event) = line.split_once(" sluice::timeline: ").unwrap();
+            let at = context.split_whitespace().next().unwrap().to_string();
+            let task = context.rsplit("task=").next().unwrap();
+            let digits: String = task.chars().take_while(char::is_ascii_digit).collect();
+            TimelineEvent {
+                log: name.clone(),
+                at,
+                task: digits.parse().unwrap_or_else(|_| panic!("no task index in {line:?}")),
+                started: event.starts_with("task started"),
+                redelivered: event.contains("redelivered=true"),
+            }
+        })
+        .collect()
+}
+
+/// The tasks two of whose executions (in any processes or slots) overlapped in time: one began
+/// before the other ended. An execution with no end in the log was still running when the log
+/// was read.
+pub fn tasks_run_at_once(events: &[TimelineEvent]) -> BTreeSet<u32> {
+    use std::collections::BTreeMap;
+    // Each log's starts of a task paired with its ends, first in first out.
+    let mut open: BTreeMap<(String, u32), Vec<String>> = BTreeMap::new();
+    let mut executions: BTreeMap<u32, Vec<(String, String)>> = BTreeMap::new();
+    let mut ordered = events.to_vec();
+    ordered.sort_by(|a, b| (&a.log, &a.at).cmp(&(&b.log, &b.at)));
+    for event in ordered {
+        let starts = open.entry((event.log.clone(), event.task)).or_default();
+        if event.started {
+            starts.push(event.at);
+        } else if !starts.is_empty() {
+            let began = starts.remove(0);
+            executions.entry(event.task).or_default().push((began, event.at));
+        }
+    }
+    for ((_, task), starts) in open {
+        for began in starts {
+            executions.entry(task).or_default().push((began, "still running".to_string()));
+        }
+    }
+    let mut overlapping = BTreeSet::new();
+    for (task, mut spans) in executions {
+        spans.sort();
+        let mut latest_end = String::new();
+        for (began, ended) in spans {
+            if !latest_end.is_empty() && began < latest_end {
+                overlapping.insert(task);
+            }
+            latest_end = latest_end.max(ended);
+        }
+    }
+    overlapping
+}
+
+/// `text` without ANSI colour sequences (`ESC [ … m`).
+fn strip_ansi(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for skipped in chars.by_ref() {
+                if skipped == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
 }

@@ -6,7 +6,6 @@
 
 pub mod fault;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -250,10 +249,12 @@ impl Run {
     }
 }
 
-/// A `sluice` process running in the background: stdout piped, stderr to a file (a pipe
-/// nobody reads would block a chatty process).
+/// A `sluice` process running in the background, its stdout and stderr each in a file of the
+/// sandbox's folder (a pipe nobody reads would block a chatty process; the files stay for the
+/// fault suite's credential scan).
 pub struct Spawned {
     child: Child,
+    stdout: PathBuf,
     stderr: PathBuf,
 }
 
@@ -261,27 +262,24 @@ impl Spawned {
     pub fn start(sandbox: &Sandbox, mut command: Command) -> Spawned {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let index = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stdout = sandbox.folder.path().join(format!("spawned-{index}.stdout"));
         let stderr = sandbox.folder.path().join(format!("spawned-{index}.stderr"));
-        let file = std::fs::File::create(&stderr).unwrap();
-        let child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(file).spawn().unwrap();
-        Spawned { child, stderr }
+        let (out, err) = (std::fs::File::create(&stdout).unwrap(), std::fs::File::create(&stderr).unwrap());
+        let child = command.stdin(Stdio::null()).stdout(out).stderr(err).spawn().unwrap();
+        Spawned { child, stdout, stderr }
     }
 
-    /// Reads stdout until a line starts with `prefix`; returns the line. The rest of stdout is
-    /// drained in the background.
+    /// Waits until the process has written a line starting with `prefix` to stdout; returns it.
     pub fn read_until(&mut self, prefix: &str) -> String {
-        let stdout = self.child.stdout.take().unwrap();
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let read = reader.read_line(&mut line).unwrap();
-            assert!(read > 0, "the process ended before printing {prefix:?}");
-            if line.starts_with(prefix) {
-                std::thread::spawn(move || for _ in reader.lines() {});
-                return line.trim_end().to_string();
-            }
-        }
+        let what = format!("a line starting with {prefix:?} on stdout");
+        let path = self.stdout.clone();
+        let mut found = None;
+        self.wait_for_output(&what, || {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            found = text.lines().find(|line| line.starts_with(prefix)).map(str::to_string);
+            found.is_some()
+        });
+        found.unwrap()
     }
 
     pub fn pid(&self) -> u32 {
@@ -292,11 +290,21 @@ impl Spawned {
     pub fn wait_for_stderr(&mut self, text: &str) {
         let what = format!("{text:?} on stderr");
         let path = self.stderr.clone();
-        wait_for(&what, Duration::from_secs(300), || {
-            if std::fs::read_to_string(&path).unwrap_or_default().contains(text) {
+        self.wait_for_output(&what, || std::fs::read_to_string(&path).unwrap_or_default().contains(text));
+    }
+
+    /// Waits until `written` holds; panics with stderr if the process exits without it.
+    fn wait_for_output(&mut self, what: &str, mut written: impl FnMut() -> bool) {
+        wait_for(what, Duration::from_secs(300), || {
+            // Whether it had exited before the look: what it wrote by then is all it wrote.
+            let exited = self.child.try_wait().unwrap();
+            if written() {
                 return true;
             }
-            self.assert_running(&what);
+            if let Some(status) = exited {
+                let stderr = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+                panic!("the process exited ({status}) while waiting for {what}:\n{stderr}");
+            }
             false
         });
     }
@@ -316,12 +324,36 @@ impl Spawned {
         stored.trim_start_matches("Stored as plan ").split(';').next().unwrap().to_string()
     }
 
-    /// Waits for the process; its exit code, the stdout not yet read, and its stderr.
-    pub fn wait(self) -> Run {
-        let output = self.child.wait_with_output().unwrap();
+    /// `wait`, but panics (after killing the process) if it has not ended within `deadline`: a
+    /// scenario whose recovery failed ends red instead of hanging.
+    pub fn wait_within(mut self, deadline: Duration) -> Run {
+        let pid = self.child.id();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let status = self.child.wait();
+            let _ = sender.send(());
+            (self, status)
+        });
+        if receiver.recv_timeout(deadline).is_err() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            let (spawned, _) = waiter.join().unwrap();
+            let stderr = std::fs::read_to_string(&spawned.stderr).unwrap_or_default();
+            panic!("the process did not end within {deadline:?}:\n{stderr}");
+        }
+        let (spawned, status) = waiter.join().unwrap();
         Run {
-            code: output.status.code(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            code: status.unwrap().code(),
+            stdout: std::fs::read_to_string(&spawned.stdout).unwrap_or_default(),
+            stderr: std::fs::read_to_string(&spawned.stderr).unwrap_or_default(),
+        }
+    }
+
+    /// Waits for the process; its exit code, stdout and stderr.
+    pub fn wait(mut self) -> Run {
+        let status = self.child.wait().unwrap();
+        Run {
+            code: status.code(),
+            stdout: std::fs::read_to_string(&self.stdout).unwrap_or_default(),
             stderr: std::fs::read_to_string(&self.stderr).unwrap_or_default(),
         }
     }
@@ -441,10 +473,18 @@ impl Roles {
     pub fn start(&mut self, sandbox: &Sandbox, services: &Services, name: &str, args: &[&str]) {
         let mut command = sandbox.command(args);
         services.apply_to(&mut command);
-        // The log goes to a file: a pipe nobody reads would block a chatty role.
-        let log = sandbox.folder.path().join(format!("{}.log", name.replace(' ', "-")));
+        // The log (stderr) and stdout go to files: a pipe nobody reads would block a chatty
+        // role, and the fault suite scans every byte written for credentials.
+        // A role started again under a name keeps its first life's files.
+        let base = name.replace(' ', "-");
+        let file_name = (1..)
+            .map(|life| if life == 1 { base.clone() } else { format!("{base}-{life}") })
+            .find(|candidate| !sandbox.folder.path().join(format!("{candidate}.log")).exists())
+            .unwrap();
+        let log = sandbox.folder.path().join(format!("{file_name}.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).spawn().unwrap();
+        let stdout = std::fs::File::create(sandbox.folder.path().join(format!("{file_name}.stdout"))).unwrap();
+        let child = command.stdin(Stdio::null()).stdout(stdout).stderr(file).spawn().unwrap();
         self.children.push((name.to_string(), child, log));
     }
 
@@ -467,6 +507,11 @@ impl Roles {
             let name = format!("worker {index}");
             self.start(sandbox, services, &name, &["worker", "--gateway", "local", "--concurrency", &concurrency]);
         }
+    }
+
+    /// The log (stderr) file of a running role.
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.children.iter().find(|(role, _, _)| role == name).map(|(_, _, log)| log.clone()).unwrap()
     }
 
     /// The process id of a role.

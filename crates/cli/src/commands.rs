@@ -229,6 +229,9 @@ pub async fn abort(common: &Common<'_>, plan_id: &str) -> Result<()> {
     let run =
         sluice_coordinator::abort(state.as_ref(), &PlanId(plan_id.to_string()), "aborted by `sluice abort`").await?;
     match run {
+        Some(run) if run.promoting => {
+            println!("plan {plan_id}: run {} is already being promoted; too late to abort, it ends promoted", run.id)
+        }
         Some(run) => println!("plan {plan_id}: breaker tripped; run {} stops between intervals", run.id),
         None => println!("plan {plan_id}: breaker tripped; it has no run yet"),
     }
