@@ -323,6 +323,17 @@ impl DropStore for SimState {
         running_seen: &[RunId],
         environments_seen: &BTreeMap<EnvironmentName, Option<PlanId>>,
     ) -> Result<(), StateError> {
+        // A janitor that stalls between its reads and its claim (up to half a minute): runs may
+        // begin and environments move in between, which the claim must notice.
+        let stall = {
+            let mut world = self.world.lock();
+            let stalls = world.faults.janitor_stalls;
+            if world.chance(stalls) { Some(std::time::Duration::from_millis(world.below(30_000))) } else { None }
+        };
+        if let Some(stall) = stall {
+            self.world.note(&format!("the janitor stalls {stall:?} before its claim"));
+            tokio::time::sleep(stall).await;
+        }
         let op = async {
             self.inner.claim_tables_for_drop(tables, running_seen, environments_seen).await?;
             // The claim removes the tables' intervals, as `remove_intervals` does.

@@ -44,6 +44,8 @@ pub struct FaultRates {
     /// A promotion stalls (up to two minutes) before it reads the gateway's marker: a late
     /// promoter, still holding a plan that another promoter finished long ago.
     pub promotion_stalls: f64,
+    /// The janitor stalls (up to half a minute) between its reads and its claim.
+    pub janitor_stalls: f64,
 }
 
 impl FaultRates {
@@ -64,6 +66,7 @@ impl FaultRates {
             duplicate_settled: rate(0.5),
             warehouse_fails: rate(0.05),
             promotion_stalls: rate(0.5),
+            janitor_stalls: rate(0.6),
         }
         .with_latency(rng.gen_range(0..60))
     }
