@@ -387,6 +387,18 @@ fn scan_for_secret(folder: &std::path::Path, scanned: &mut usize) {
     }
 }
 
+/// The index of `model`'s task whose interval starts at `start`, in a stored plan's graph.
+pub async fn task_index(sandbox: &Sandbox, plan: &str, model: &str, start: &str) -> u32 {
+    let state = sluice_state::open_state(&sandbox.state_url()).await.unwrap();
+    let plan = state.get_plan(&sluice_core::names::PlanId(plan.to_string())).await.unwrap().unwrap();
+    let start = sluice_core::interval::Timestamp::parse(start).unwrap();
+    let graph = sluice_core::task_graph::TaskGraph::build(&plan);
+    let found = graph.tasks.iter().position(|task| {
+        plan.snapshots[task.snapshot as usize].snapshot.name.to_string() == model && task.interval.start == start
+    });
+    found.unwrap_or_else(|| panic!("no task of {model} starts at {start:?}")) as u32
+}
+
 pub fn kill_9(pid: u32) {
     let killed = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     assert!(killed.success());

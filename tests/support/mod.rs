@@ -341,16 +341,16 @@ impl Spawned {
             panic!("the process did not end within {deadline:?}:\n{stderr}");
         }
         let (spawned, status) = waiter.join().unwrap();
-        Run {
-            code: status.unwrap().code(),
-            stdout: std::fs::read_to_string(&spawned.stdout).unwrap_or_default(),
-            stderr: std::fs::read_to_string(&spawned.stderr).unwrap_or_default(),
-        }
+        spawned.ended(status.unwrap())
     }
 
     /// Waits for the process; its exit code, stdout and stderr.
     pub fn wait(mut self) -> Run {
         let status = self.child.wait().unwrap();
+        self.ended(status)
+    }
+
+    fn ended(&self, status: std::process::ExitStatus) -> Run {
         Run {
             code: status.code(),
             stdout: std::fs::read_to_string(&self.stdout).unwrap_or_default(),

@@ -10,11 +10,10 @@ use anyhow::{Result, anyhow};
 use sluice_coordinator::ApplyOutcome;
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, PlanId};
-use sluice_engine::WarehouseFactory;
-
 use sluice_core::plan::Plan;
 use sluice_core::plan_text::format_plan;
 use sluice_core::task_graph::TaskGraph;
+use sluice_engine::WarehouseFactory;
 use sluice_state::{RunStatus, StateStore};
 use sluice_worker::retry::RetryPolicy;
 

@@ -57,10 +57,11 @@ pub enum StateError {
     #[error("the janitor is dropping table {table} that this plan uses; apply again once it is done")]
     TableBeingDropped { table: String },
 
-    /// A row changed hands too often while this call tried to read it; retry.
+    /// `begin_run` would supersede a run whose promotion has begun; it ends promoted first.
     #[error("run {run} of environment {environment} is being promoted; apply again once it has finished")]
     RunPromoting { run: RunId, environment: EnvironmentName },
 
+    /// A row changed hands too often while this call tried to read it; retry.
     #[error("{what} changed concurrently, retry")]
     Contention { what: String },
 

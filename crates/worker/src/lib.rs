@@ -538,7 +538,7 @@ impl Slot {
             (0, 0, true)
         } else {
             // The task timeline (`SLUICE_LOG=sluice::timeline=debug`): when each delivery's work
-            // began and ended, in which process and slot; the fault suite reads it to show that
+            // began and ended (the process is the log's); the fault suite reads it to show that
             // two copies of a task really ran at once.
             debug!(target: TIMELINE, redelivered = delivery.redelivered, attempt = message.attempt, "task started");
             let execution = self.execute_watched(&context, &message).await;
