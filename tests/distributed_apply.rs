@@ -27,7 +27,7 @@ const LEDGER: &str = "MODEL (
     batch_size 1
   ),
   start '2024-01-01',
-  end '2024-02-01',
+  end '2024-01-31',
   cron '@daily',
   columns (day DATE, entries BIGINT)
 );
@@ -42,7 +42,7 @@ const LEDGER_REPORT: &str = "MODEL (
     batch_size 1
   ),
   start '2024-01-01',
-  end '2024-02-01',
+  end '2024-01-31',
   cron '@daily'
 );
 
@@ -148,7 +148,7 @@ async fn three_workers_and_a_promoter_produce_what_embedded_mode_produces() {
 /// Two years of daily orders: long enough to stop in the middle.
 async fn long_backfill() -> Sandbox {
     let sandbox = Sandbox::new(Backend::Postgres).await;
-    let orders = sandbox.read("models/orders.sql").replace("end '2024-04-01'", "end '2026-01-01'");
+    let orders = sandbox.read("models/orders.sql").replace("end '2024-03-31'", "end '2026-01-01'");
     sandbox.write("models/orders.sql", &orders);
     sandbox
 }

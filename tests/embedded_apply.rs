@@ -102,7 +102,7 @@ const FRAGILE: &str = "MODEL (
   name sushi.fragile,
   kind INCREMENTAL_BY_TIME_RANGE (time_column order_date, batch_size 1),
   start '2024-01-01',
-  end '2024-01-11',
+  end '2024-01-10',
   cron '@daily'
 );
 
@@ -149,7 +149,7 @@ async fn failing_model_keeps_finished_intervals_and_resumes_after_the_fix(backen
 async fn abort_stops_between_intervals_and_apply_resumes(backend: Backend) {
     let sandbox = Sandbox::new(backend).await;
     // Two years of daily orders: long enough to abort in the middle.
-    let orders = sandbox.read("models/orders.sql").replace("end '2024-04-01'", "end '2026-01-01'");
+    let orders = sandbox.read("models/orders.sql").replace("end '2024-03-31'", "end '2026-01-01'");
     sandbox.write("models/orders.sql", &orders);
     let mut child = sandbox.spawn(&["plan", "--auto-apply", "--now", "2026-01-01", "--workers", "1"]);
     let plan = child.read_plan_id();

@@ -20,7 +20,7 @@ pub const EVENTS: &str = "MODEL (
     batch_size 1
   ),
   start '2024-01-01',
-  end '2024-03-25',
+  end '2024-03-24',
   cron '@hourly',
   columns (hour TIMESTAMP, device INT, reading BIGINT)
 );
@@ -39,7 +39,7 @@ pub const DAILY: &str = "MODEL (
     batch_size 1
   ),
   start '2024-01-01',
-  end '2024-03-25',
+  end '2024-03-24',
   cron '@daily',
   columns (day DATE, readings BIGINT, total BIGINT)
 );
@@ -53,7 +53,7 @@ pub const SUMMARY: &str = "MODEL (
   name fault.summary,
   kind FULL,
   start '2024-01-01',
-  end '2024-03-25',
+  end '2024-03-24',
   cron '@daily'
 );
 

@@ -576,6 +576,6 @@ pub fn sleeping_model(name: &str, days: u32, seconds: u32) -> String {
 
 SELECT CAST(@start_ds AS DATE) AS day, (SELECT 1 FROM (SELECT pg_sleep({seconds})) AS s) AS one
 ",
-        end = days + 1
+        end = days
     )
 }

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
 use sluice_core::interval::{Interval, Timestamp};
 use sluice_core::names::ModelName;
-use sluice_core::plan::first_plan;
+use sluice_core::plan::{effective_starts, first_plan};
 use sluice_core::project::load_project;
 use sluice_core::query::QueryTemplate;
 
@@ -216,7 +216,7 @@ fn render_command(cli: &Cli, model: &str, start: Option<&str>, end: Option<&str>
     };
     let start = match start {
         Some(text) => Timestamp::parse(text).map_err(|error| anyhow!("--start: {error}"))?,
-        None => model.cron.tick_at_or_after(model.start),
+        None => model.cron.tick_at_or_after(effective_starts(&project, commands::now())[&name]),
     };
     let end = match end {
         Some(text) => Timestamp::parse(text).map_err(|error| anyhow!("--end: {error}"))?,

@@ -57,16 +57,16 @@ impl Progress for Quiet {
 const CONFIG: &str = "gateways:\n  pg:\n    connection:\n      type: postgres\n      database: DATABASE\nmodel_defaults:\n  dialect: postgres\n  start: 2024-01-01\n  cron: '@daily'\n";
 
 const ORDERS: &str =
-    "MODEL (name shop.orders, kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 1), end '2024-02-01');
+    "MODEL (name shop.orders, kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 1), end '2024-01-31');
 SELECT CAST(d.day AS DATE) AS ds, g.n AS amount
 FROM generate_series(CAST(@start_ds AS TIMESTAMP), CAST(@end_ds AS TIMESTAMP), INTERVAL '1 day') AS d(day)
 CROSS JOIN generate_series(1, 3) AS g(n)";
 
 const DAILY: &str =
-    "MODEL (name shop.daily, kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 4), end '2024-02-01');
+    "MODEL (name shop.daily, kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 4), end '2024-01-31');
 SELECT ds, SUM(amount) AS total FROM shop.orders WHERE ds BETWEEN @start_ds AND @end_ds GROUP BY ds";
 
-const SUMMARY: &str = "MODEL (name shop.summary, kind FULL, end '2024-02-01');
+const SUMMARY: &str = "MODEL (name shop.summary, kind FULL, end '2024-01-31');
 SELECT COUNT(*) AS days, SUM(total) AS total FROM shop.daily";
 
 async fn fresh_database() -> String {

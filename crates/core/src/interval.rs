@@ -117,6 +117,15 @@ impl Timestamp {
         Ok(Timestamp(local_seconds - offset_seconds))
     }
 
+    /// Reads an `end` boundary as SQLMesh does: a date without a time of day ends with that
+    /// day (`2024-01-31` is exclusive `2024-02-01`); with a time it is the exclusive end itself.
+    pub fn parse_end(text: &str) -> Result<Timestamp, TimeParseError> {
+        let parsed = Timestamp::parse(text)?;
+        let trimmed = text.trim();
+        let date_only = trimmed.len() == 10 || (trimmed.len() == 8 && trimmed.bytes().all(|b| b.is_ascii_digit()));
+        Ok(if date_only { Timestamp(parsed.0 + SECONDS_PER_DAY) } else { parsed })
+    }
+
     /// The UTC calendar date, like `2024-01-01`.
     pub fn date_string(&self) -> String {
         let mut text = String::with_capacity(10);
@@ -981,5 +990,16 @@ mod tests {
                 days
             );
         }
+    }
+
+    /// SQLMesh 0.236 plans `end '2026-11-25'` on a daily model through 2026-11-25 and
+    /// `end '2026-11-29 05:00'` on an hourly one up to 04:59:59 (observed with `sqlmesh plan`).
+    #[test]
+    fn a_date_only_end_includes_its_day() {
+        let day = |text: &str| Timestamp::parse(text).unwrap();
+        assert_eq!(Timestamp::parse_end("2026-11-25").unwrap(), day("2026-11-26"));
+        assert_eq!(Timestamp::parse_end("20261125").unwrap(), day("2026-11-26"));
+        assert_eq!(Timestamp::parse_end("2026-11-29 05:00").unwrap(), day("2026-11-29 05:00"));
+        assert!(Timestamp::parse_end("2026-11-31").is_err());
     }
 }

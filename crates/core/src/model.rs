@@ -92,7 +92,8 @@ pub struct Model {
     pub file: String,
     pub kind: ModelKind,
     pub cron: Cron,
-    pub start: Timestamp,
+    /// `None`: derived at plan time as SQLMesh does (see `plan::effective_starts`).
+    pub start: Option<Timestamp>,
     pub end: Option<Timestamp>,
     pub owner: Option<String>,
     pub description: Option<String>,

@@ -214,9 +214,11 @@ impl FileReader<'_> {
         }
     }
 
+    /// A timestamp; `end` reads a date without a time as the end of that day, as SQLMesh does.
     fn timestamp(&mut self, key: &TokenWithSpan, value: &[&TokenWithSpan]) -> Option<Timestamp> {
         let text = self.scalar(key, value)?;
-        match Timestamp::parse(&text) {
+        let is_end = matches!(&key.token, Token::Word(word) if word.value.eq_ignore_ascii_case("end"));
+        match if is_end { Timestamp::parse_end(&text) } else { Timestamp::parse(&text) } {
             Ok(timestamp) => Some(timestamp),
             Err(error) => {
                 self.error(value[0], error.to_string());
@@ -580,17 +582,10 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
         }),
         None => config.model_defaults.cron.clone().or_else(|| Cron::parse("@daily").ok()),
     };
+    // Without a start (here or in model_defaults) the plan derives one as SQLMesh does.
     let start = match take("start") {
-        Some((key, value)) => reader.timestamp(key, &value),
-        None => {
-            if config.model_defaults.start.is_none() {
-                reader.error(
-                    model_token,
-                    "the model has no start; expected a start property or model_defaults.start in config.yaml",
-                );
-            }
-            config.model_defaults.start
-        }
+        Some((key, value)) => reader.timestamp(key, &value).map(Some),
+        None => Some(config.model_defaults.start),
     };
     let end = take("end").and_then(|(key, value)| reader.timestamp(key, &value));
     let owner = take("owner").and_then(|(key, value)| reader.scalar(key, &value));

@@ -166,11 +166,17 @@ struct Backfill {
     batches: Vec<BackfillBatch>,
 }
 
-fn compute_backfill(snapshot: &Snapshot, cron: &Cron, recorded: Option<&IntervalSet>, now: Timestamp) -> Backfill {
+fn compute_backfill(
+    snapshot: &Snapshot,
+    cron: &Cron,
+    start: Timestamp,
+    recorded: Option<&IntervalSet>,
+    now: Timestamp,
+) -> Backfill {
     let empty = IntervalSet::new();
     let recorded = recorded.unwrap_or(&empty);
     let nothing = Backfill { missing_ranges: Vec::new(), missing_interval_count: 0, batches: Vec::new() };
-    let Some(range) = covered_range(cron, snapshot.start, snapshot.end, now) else {
+    let Some(range) = covered_range(cron, start, snapshot.end, now) else {
         return nothing;
     };
     match &snapshot.kind {
@@ -262,8 +268,28 @@ pub fn first_plan(project: &Project, now: Timestamp) -> Plan {
     build_plan(project, context)
 }
 
+/// Every model's start: its own (or `model_defaults.start`), else the earliest of its parents'
+/// starts, else the cron tick before the last one at or before `now` — SQLMesh's rule, so a
+/// model without a start backfills its last complete interval, or from its parents' start.
+pub fn effective_starts(project: &Project, now: Timestamp) -> BTreeMap<ModelName, Timestamp> {
+    let mut starts: BTreeMap<ModelName, Timestamp> = BTreeMap::new();
+    for name in &project.order {
+        let model = &project.models[name];
+        let start = model.start.unwrap_or_else(|| {
+            let parents = project.parents.get(name).into_iter().flatten();
+            parents.filter_map(|parent| starts.get(parent).copied()).min().unwrap_or_else(|| {
+                let floor = model.cron.tick_at_or_before(now);
+                model.cron.tick_at_or_before(Timestamp(floor.0 - 1))
+            })
+        });
+        starts.insert(name.clone(), start);
+    }
+    starts
+}
+
 pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
     let fingerprints = fingerprint_project(project);
+    let starts = effective_starts(project, context.now);
     let base_by_name: BTreeMap<&ModelName, &Snapshot> =
         context.base.map(|base| base.snapshots.iter().map(|s| (&s.name, s)).collect()).unwrap_or_default();
 
@@ -368,7 +394,7 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
                     version,
                     kind: model.kind.clone(),
                     cron: model.cron.text().to_string(),
-                    start: model.start,
+                    start: starts[name],
                     end: model.end,
                     gateway: model.gateway.clone(),
                     dialect: model.dialect.clone(),
@@ -398,7 +424,7 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
         }
 
         let recorded = context.recorded_intervals.get(&(name.clone(), snapshot.version.clone()));
-        let backfill = compute_backfill(&snapshot, &model.cron, recorded, context.now);
+        let backfill = compute_backfill(&snapshot, &model.cron, starts[name], recorded, context.now);
         let materialized_parents = project
             .materialized_parents(name)
             .iter()

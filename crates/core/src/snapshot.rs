@@ -98,7 +98,7 @@ fn metadata_hash(model: &Model) -> String {
     let mut hasher = FieldHasher::new();
     hasher
         .field("cron", model.cron.text())
-        .field("start", &model.start.0.to_string())
+        .field("start", &model.start.map(|start| start.0.to_string()).unwrap_or_default())
         .field("end", &model.end.map(|end| end.0.to_string()).unwrap_or_default())
         .field("owner", model.owner.as_deref().unwrap_or(""))
         .field("description", model.description.as_deref().unwrap_or(""))

@@ -418,16 +418,16 @@ mod tests {
             models: BTreeMap::from([
                 (
                     "models/a.sql".to_string(),
-                    "MODEL (name s.a, kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 1), end '2024-01-05');\nSELECT 1 AS ds".to_string(),
+                    "MODEL (name s.a, kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 1), end '2024-01-04');\nSELECT 1 AS ds".to_string(),
                 ),
-                ("models/f.sql".to_string(), "MODEL (name s.f, kind FULL, end '2024-01-05');\nSELECT * FROM s.a".to_string()),
+                ("models/f.sql".to_string(), "MODEL (name s.f, kind FULL, end '2024-01-04');\nSELECT * FROM s.a".to_string()),
                 (
                     "models/u.sql".to_string(),
-                    "MODEL (name s.u, kind INCREMENTAL_BY_UNIQUE_KEY (unique_key id, batch_size 1), end '2024-01-05');\nSELECT * FROM s.a".to_string(),
+                    "MODEL (name s.u, kind INCREMENTAL_BY_UNIQUE_KEY (unique_key id, batch_size 1), end '2024-01-04');\nSELECT * FROM s.a".to_string(),
                 ),
                 (
                     "models/r.sql".to_string(),
-                    "MODEL (name s.r, kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 1), end '2024-01-05');\nSELECT * FROM s.a UNION ALL SELECT * FROM @this_model".to_string(),
+                    "MODEL (name s.r, kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 1), end '2024-01-04');\nSELECT * FROM s.a UNION ALL SELECT * FROM @this_model".to_string(),
                 ),
             ]),
             ..ProjectFiles::default()

@@ -30,7 +30,7 @@ const ORDERS: &str = "
 MODEL (
   name shop.orders,
   kind INCREMENTAL_BY_TIME_RANGE (time_column ds),
-  end '2024-01-06'
+  end '2024-01-05'
 );
 SELECT id, ds, amount FROM raw.events WHERE ds BETWEEN @start_ds AND @end_ds
 ";
@@ -39,7 +39,7 @@ const DAILY: &str = "
 MODEL (
   name shop.daily,
   kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 2),
-  end '2024-01-06'
+  end '2024-01-05'
 );
 SELECT ds, SUM(amount) AS total
 FROM shop.orders
@@ -48,7 +48,7 @@ GROUP BY ds
 ";
 
 const SUMMARY: &str = "
-MODEL (name shop.summary, kind FULL, end '2024-01-06');
+MODEL (name shop.summary, kind FULL, end '2024-01-05');
 SELECT COUNT(*) AS n FROM shop.daily
 ";
 
@@ -124,7 +124,7 @@ const DAILY_BREAKING: &str = "
 MODEL (
   name shop.daily,
   kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 2),
-  end '2024-01-06'
+  end '2024-01-05'
 );
 SELECT ds, SUM(amount) AS total
 FROM shop.orders
@@ -307,7 +307,7 @@ fn metadata_and_whitespace_changes_rebuild_nothing() {
             Task graph: 0 tasks, 0 dependencies, critical path 0 tasks
         "#]],
     );
-    let owned = ORDERS.replace("end '2024-01-06'", "end '2024-01-06', owner 'jane'");
+    let owned = ORDERS.replace("end '2024-01-05'", "end '2024-01-05', owner 'jane'");
     let plan = state.plan(
         &project(&[("models/orders.sql", &owned), ("models/daily.sql", DAILY), ("models/summary.sql", SUMMARY)]),
         "prod",
@@ -495,4 +495,48 @@ fn every_error_of_a_project_is_reported_with_file_line_and_column() {
           models/l.sql:1:1: expected the file to start with a MODEL (...) block
     "#]]
     .assert_eq(&text);
+}
+
+/// Models without a start, as SQLMesh 0.236 plans them (observed with `sqlmesh plan` at the same
+/// moment): a root backfills only its last complete interval; a child starts where its earliest
+/// parent starts.
+#[test]
+fn a_model_without_start_starts_as_sqlmesh_derives_it() {
+    let config = "gateways:\n  local:\n    connection:\n      type: duckdb\nmodel_defaults:\n  dialect: duckdb\n";
+    let files = ProjectFiles {
+        config: Some(config.to_string()),
+        models: [
+            ("models/a.sql", "MODEL (name s.a, kind INCREMENTAL_BY_TIME_RANGE (time_column ds));\nSELECT @start_ds AS ds"),
+            (
+                "models/b.sql",
+                "MODEL (name s.b, kind INCREMENTAL_BY_TIME_RANGE (time_column ds), start '2026-11-20');\nSELECT @start_ds AS ds",
+            ),
+            ("models/c.sql", "MODEL (name s.c, kind INCREMENTAL_BY_TIME_RANGE (time_column ds));\nSELECT a.ds FROM s.a AS a JOIN s.b AS b ON a.ds = b.ds"),
+            ("models/h.sql", "MODEL (name s.h, kind INCREMENTAL_BY_TIME_RANGE (time_column ts), cron '@hourly');\nSELECT @start_ts AS ts"),
+        ]
+        .iter()
+        .map(|(path, text)| (path.to_string(), text.to_string()))
+        .collect(),
+        csv_files: BTreeMap::new(),
+        external_models: None,
+    };
+    let project = load_project(&files).unwrap_or_else(|errors| panic!("{errors}"));
+    let plan = sluice_core::plan::first_plan(&project, Timestamp::parse("2026-11-30 19:45:12").unwrap());
+    let ranges: Vec<String> = plan
+        .snapshots
+        .iter()
+        .map(|planned| {
+            let ranges: Vec<String> = planned.missing_ranges.iter().map(ToString::to_string).collect();
+            format!("{} {}", planned.snapshot.name, ranges.join(" "))
+        })
+        .collect();
+    expect![[r#"
+        [
+            "s.a [2026-11-29 00:00:00, 2026-11-30 00:00:00)",
+            "s.b [2026-11-20 00:00:00, 2026-11-30 00:00:00)",
+            "s.c [2026-11-20 00:00:00, 2026-11-30 00:00:00)",
+            "s.h [2026-11-30 18:00:00, 2026-11-30 19:00:00)",
+        ]
+    "#]]
+    .assert_debug_eq(&ranges);
 }

@@ -85,7 +85,7 @@ impl Shape {
         config.push_str(
             "default_gateway: g0\nmodel_defaults:\n  dialect: duckdb\n  start: '2024-01-01'\n  cron: '@daily'\n",
         );
-        let end = self.end().date_string();
+        let end = self.end().to_string();
         let mut models = BTreeMap::new();
         for (index, model) in self.models.iter().enumerate() {
             let mut text = String::new();

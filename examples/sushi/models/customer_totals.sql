@@ -1,7 +1,7 @@
 MODEL (
   name sushi.customer_totals,
   kind FULL,
-  end '2024-04-01',
+  end '2024-03-31',
   grain customer_id
 );
 

@@ -6,7 +6,7 @@ MODEL (
     lookback 1
   ),
   start '2024-01-01',
-  end '2024-04-01',
+  end '2024-03-31',
   cron '@daily',
   grain order_date
 );

@@ -5,7 +5,7 @@ MODEL (
     batch_size 1
   ),
   start '2024-01-01',
-  end '2024-04-01',
+  end '2024-03-31',
   cron '@daily',
   grain order_id,
   owner 'data-eng',
