@@ -31,9 +31,11 @@ impl ProjectContext {
     }
 }
 
-/// Reads `config.yaml` alone (what the long-running roles need).
+/// Reads `config.yaml` (or `config.yml`) alone (what the long-running roles need).
 pub fn load_config(root: &Path) -> Result<Config> {
-    let path = root.join("config.yaml");
+    let name = crate::project_files::config_file(root)?
+        .ok_or_else(|| anyhow!("{} has no config.yaml (or config.yml)", root.display()))?;
+    let path = root.join(name);
     let text = std::fs::read_to_string(&path).with_context(|| format!("while reading {}", path.display()))?;
     let outcome = sluice_core::config::parse_config(&path.to_string_lossy(), &text);
     for warning in &outcome.warnings {

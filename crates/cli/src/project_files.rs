@@ -5,7 +5,6 @@ use std::fs;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use sluice_core::config::CONFIG_FILE;
 use sluice_core::project::{EXTERNAL_MODELS_FILE, ProjectFiles};
 
 /// Folders never read as part of a project.
@@ -36,14 +35,22 @@ fn read(root: &Path, relative: &str) -> Result<String> {
     fs::read_to_string(&path).with_context(|| format!("while reading {}", path.display()))
 }
 
-/// Reads `config.yaml`, `external_models.yaml`, `models/**/*.sql` and every CSV file of the project.
+/// The project's config file name (`config.yaml` or `config.yml`), if it has one.
+pub fn config_file(root: &Path) -> Result<Option<&'static str>> {
+    let present: Vec<&str> =
+        ["config.yaml", "config.yml", "config.py"].into_iter().filter(|name| root.join(name).is_file()).collect();
+    sluice_core::config::config_file_name(&present).map_err(|message| anyhow::anyhow!("{}: {message}", root.display()))
+}
+
+/// Reads `config.yaml` (or `config.yml`), `external_models.yaml`, `models/**/*.sql` and every CSV file of the project.
 pub fn read_project_files(root: &Path) -> Result<ProjectFiles> {
     if !root.is_dir() {
         bail!("project folder {} does not exist", root.display());
     }
     let mut files = ProjectFiles::default();
-    if root.join(CONFIG_FILE).is_file() {
-        files.config = Some(read(root, CONFIG_FILE)?);
+    if let Some(name) = config_file(root)? {
+        files.config = Some(read(root, name)?);
+        files.config_file = Some(name.to_string());
     }
     if root.join(EXTERNAL_MODELS_FILE).is_file() {
         files.external_models = Some(read(root, EXTERNAL_MODELS_FILE)?);

@@ -17,6 +17,22 @@ use crate::names::{IDENTIFIER_EXPECTATION, is_valid_identifier};
 
 pub const CONFIG_FILE: &str = "config.yaml";
 
+/// The project's config file among the files of its root folder: `config.yaml` or
+/// `config.yml` (SQLMesh reads either); both, or only a Python config, is an error.
+pub fn config_file_name(root_files: &[&str]) -> Result<Option<&'static str>, String> {
+    let has = |name: &str| root_files.contains(&name);
+    match (has("config.yaml"), has("config.yml")) {
+        (true, true) => Err("the project has both config.yaml and config.yml; keep one".to_string()),
+        (true, false) => Ok(Some("config.yaml")),
+        (false, true) => Ok(Some("config.yml")),
+        (false, false) if has("config.py") => {
+            Err("config.py is a Python config, which sluice cannot run; write the same settings to config.yaml"
+                .to_string())
+        }
+        (false, false) => Ok(None),
+    }
+}
+
 /// The password of a `scheme://user:password@host/…` URL (as written, not decoded): what must
 /// never reach a message.
 pub fn url_password(url: &str) -> Option<&str> {
@@ -618,5 +634,18 @@ project: sushi
         let outcome = parse_config("config.yaml", "gateways:\n  a: [\n");
         assert_eq!(outcome.errors.len(), 1);
         assert!(outcome.errors[0].location.line >= 2, "{:?}", outcome.errors);
+    }
+
+    #[test]
+    fn the_config_is_config_yaml_or_config_yml_never_both() {
+        assert_eq!(config_file_name(&["config.yaml"]), Ok(Some("config.yaml")));
+        assert_eq!(config_file_name(&["config.yml"]), Ok(Some("config.yml")));
+        assert_eq!(config_file_name(&[]), Ok(None));
+        assert_eq!(
+            config_file_name(&["config.yaml", "config.yml"]),
+            Err("the project has both config.yaml and config.yml; keep one".to_string())
+        );
+        assert!(config_file_name(&["config.py"]).unwrap_err().starts_with("config.py is a Python config"));
+        assert_eq!(config_file_name(&["config.py", "config.yml"]), Ok(Some("config.yml")));
     }
 }

@@ -18,8 +18,10 @@ pub const EXTERNAL_MODELS_FILE: &str = "external_models.yaml";
 /// The text of a project's files, keyed by project-relative path with `/` separators.
 #[derive(Clone, Debug, Default)]
 pub struct ProjectFiles {
-    /// `config.yaml`, when the project has one.
+    /// The project's config (`config.yaml` or `config.yml`), when it has one.
     pub config: Option<String>,
+    /// The config's file name, for messages; `None` reads as `config.yaml`.
+    pub config_file: Option<String>,
     /// Every `models/**/*.sql` file.
     pub models: BTreeMap<String, String>,
     /// Every CSV file (seeds).
@@ -101,7 +103,7 @@ pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
     let mut warnings = Vec::new();
     let config = match &files.config {
         Some(text) => {
-            let outcome = parse_config(CONFIG_FILE, text);
+            let outcome = parse_config(files.config_file.as_deref().unwrap_or(CONFIG_FILE), text);
             warnings.extend(outcome.warnings);
             for error in outcome.errors {
                 errors.push_error(error);

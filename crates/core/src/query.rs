@@ -10,7 +10,7 @@ use sqlparser::ast::{
     VisitorMut,
 };
 use sqlparser::dialect::{Dialect, dialect_from_str};
-use sqlparser::parser::Parser;
+use sqlparser::parser::{Parser, ParserOptions};
 
 use crate::interval::{Interval, TimeMacro, Timestamp, render_time_macro};
 
@@ -126,10 +126,17 @@ pub fn parse_query(text: &str, dialect_name: &str) -> Result<ModelQuery, QueryPa
     let Some(dialect) = dialect_for(dialect_name) else {
         return Err(QueryParseError { line: 0, column: 0, message: format!("unknown dialect {dialect_name:?}") });
     };
-    let statements = Parser::parse_sql(dialect.as_ref(), text).map_err(|error| {
-        let message = error.to_string();
-        split_parser_message(message.strip_prefix("sql parser error: ").unwrap_or(&message))
-    })?;
+    // As lenient as SQLMesh: a trailing comma before FROM (or in any list) is accepted in every
+    // dialect; printing the query back drops it.
+    let options = ParserOptions::new().with_trailing_commas(true);
+    let statements = Parser::new(dialect.as_ref())
+        .with_options(options)
+        .try_with_sql(text)
+        .and_then(|mut parser| parser.parse_statements())
+        .map_err(|error| {
+            let message = error.to_string();
+            split_parser_message(message.strip_prefix("sql parser error: ").unwrap_or(&message))
+        })?;
     let mut statements = statements.into_iter();
     let (Some(statement), None) = (statements.next(), statements.next()) else {
         return Err(QueryParseError { line: 0, column: 0, message: "expected exactly one query".to_string() });
@@ -309,6 +316,14 @@ mod tests {
         let a = parse_query("SELECT a,\n  b -- note\nFROM x.y", "duckdb").unwrap();
         let b = parse_query("select a, b from x.y /* other */", "duckdb").unwrap();
         assert_eq!(a.normalized.to_lowercase(), b.normalized.to_lowercase());
+    }
+
+    #[test]
+    fn a_trailing_comma_before_from_parses_in_every_dialect_and_is_printed_without() {
+        for dialect in ["postgres", "duckdb", "mysql"] {
+            let query = parse_query("SELECT\n  a,\n  b,\nFROM x.y", dialect).unwrap();
+            assert_eq!(query.normalized, "SELECT a, b FROM x.y", "{dialect}");
+        }
     }
 
     #[test]

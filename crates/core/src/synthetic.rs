@@ -125,6 +125,6 @@ impl SyntheticProject {
                 models.insert(file, text);
             }
         }
-        ProjectFiles { config: Some(config), models, csv_files: BTreeMap::new(), external_models: None }
+        ProjectFiles { config: Some(config), models, ..ProjectFiles::default() }
     }
 }

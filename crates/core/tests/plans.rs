@@ -57,7 +57,7 @@ fn project(models: &[(&str, &str)]) -> Project {
         config: Some(CONFIG.to_string()),
         models: models.iter().map(|(path, text)| (path.to_string(), text.to_string())).collect(),
         csv_files: BTreeMap::new(),
-        external_models: None,
+        ..ProjectFiles::default()
     };
     match load_project(&files) {
         Ok(project) => project,
@@ -453,7 +453,7 @@ fn errors_of(models: &[(&str, &str)], config: &str) -> String {
         config: Some(config.to_string()),
         models: models.iter().map(|(path, text)| (path.to_string(), text.to_string())).collect(),
         csv_files: BTreeMap::new(),
-        external_models: None,
+        ..ProjectFiles::default()
     };
     match load_project(&files) {
         Ok(_) => panic!("the project loaded"),
@@ -518,7 +518,7 @@ fn a_model_without_start_starts_as_sqlmesh_derives_it() {
         .map(|(path, text)| (path.to_string(), text.to_string()))
         .collect(),
         csv_files: BTreeMap::new(),
-        external_models: None,
+        ..ProjectFiles::default()
     };
     let project = load_project(&files).unwrap_or_else(|errors| panic!("{errors}"));
     let plan = sluice_core::plan::first_plan(&project, Timestamp::parse("2026-11-30 19:45:12").unwrap());
