@@ -62,6 +62,8 @@ pub fn read_project_files(root: &Path) -> Result<ProjectFiles> {
     for path in paths {
         if path.starts_with("models/") && path.ends_with(".sql") {
             models.insert(path.clone(), read(root, &path)?);
+        } else if (path.starts_with("models/") || path.starts_with("macros/")) && path.ends_with(".py") {
+            files.python_files.insert(path.clone(), read(root, &path)?);
         } else if path.ends_with(".csv") {
             csv_files.insert(path.clone(), read(root, &path)?);
         }

@@ -101,6 +101,8 @@ pub struct Model {
     pub gateway: String,
     pub dialect: String,
     pub tags: Vec<String>,
+    /// Models (or external tables) named in `depends_on`, lower-cased: parents the query does not name.
+    pub depends_on: Vec<String>,
     /// Declared columns, name and type as written.
     pub columns: Vec<(String, String)>,
     pub enabled: bool,

@@ -19,6 +19,8 @@ use crate::query::{dialect_for, parse_query, time_placeholder};
 pub struct ModelFileContext<'a> {
     pub config: &'a Config,
     pub csv_files: &'a BTreeMap<String, String>,
+    /// Python macros of the project's `macros/` folder by lower-cased name, with their file.
+    pub python_macros: &'a BTreeMap<String, String>,
 }
 
 /// A model and the warnings its file produced.
@@ -44,6 +46,7 @@ const PROPERTIES: &[&str] = &[
     "tags",
     "columns",
     "enabled",
+    "depends_on",
 ];
 /// Properties SQLMesh accepts that sluice does not use yet: a warning, not an error.
 const SQLMESH_ONLY_PROPERTIES: &[&str] = &[
@@ -388,7 +391,46 @@ struct MacroScope<'a> {
     kind_name: &'a str,
     variables: &'a BTreeMap<String, VariableValue>,
     locals: BTreeMap<String, String>,
+    python_macros: &'a BTreeMap<String, String>,
 }
+
+/// SQLMesh's built-in macro functions and variables that sluice does not evaluate yet.
+const SQLMESH_MACROS: &[&str] = &[
+    "if",
+    "each",
+    "reduce",
+    "filter",
+    "sql",
+    "star",
+    "generate_surrogate_key",
+    "safe_add",
+    "safe_sub",
+    "safe_div",
+    "and",
+    "or",
+    "eval",
+    "union",
+    "haversine_distance",
+    "pivot",
+    "deduplicate",
+    "date_spine",
+    "resolve_template",
+    "with",
+    "join",
+    "where",
+    "group_by",
+    "having",
+    "order_by",
+    "limit",
+    "columns_to_types",
+    "schema",
+    "table_name",
+    "this_env",
+    "blueprint",
+    "environment_naming",
+    "resolve_table",
+    "func",
+];
 
 const MACRO_EXPECTATION: &str = "expected a time macro such as @start_ds or @end_ts, @this_model, @gateway, @model_kind_name, @VAR('name') or a name defined with @DEF";
 
@@ -459,6 +501,24 @@ fn render_statement(reader: &mut FileReader, tokens: &[TokenWithSpan], scope: &M
                     }
                 } else if let Some(value) = scope.locals.get(&name) {
                     text.push_str(value);
+                } else if let Some(python_file) = scope.python_macros.get(&name) {
+                    reader.error(
+                        token,
+                        format!(
+                            "{} is a Python macro ({python_file}), which sluice cannot run; write its SQL in the model, or as a @DEF",
+                            word.value
+                        ),
+                    );
+                    ok = false;
+                } else if SQLMESH_MACROS.contains(&name.as_str()) {
+                    reader.error(
+                        token,
+                        format!(
+                            "{} is a SQLMesh macro sluice does not evaluate yet; write its SQL out in the model",
+                            word.value
+                        ),
+                    );
+                    ok = false;
                 } else {
                     reader.error(token, format!("unknown macro {}; {MACRO_EXPECTATION}", word.value));
                     ok = false;
@@ -592,6 +652,12 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
     let description = take("description").and_then(|(key, value)| reader.scalar(key, &value));
     let grain =
         take("grain").or_else(|| take("grains")).and_then(|(key, value)| reader.list(key, &value)).unwrap_or_default();
+    let depends_on: Vec<String> = take("depends_on")
+        .and_then(|(key, value)| reader.list(key, &value))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|name| name.to_ascii_lowercase())
+        .collect();
     let tags = take("tags").and_then(|(key, value)| reader.list(key, &value)).unwrap_or_default();
     let enabled = take("enabled").and_then(|(key, value)| reader.boolean(key, &value)).unwrap_or(true);
     let gateway = match take("gateway") {
@@ -694,6 +760,7 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
         kind_name,
         variables: &config.variables,
         locals: BTreeMap::new(),
+        python_macros: context.python_macros,
     };
     let mut pre_statements = Vec::new();
     let mut post_statements = Vec::new();
@@ -731,6 +798,27 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
                 scope.locals.insert(local_key, rendered);
             }
             continue;
+        }
+        // Text sluice cannot run must stop the model, never be run as something else: an inline
+        // AUDIT's query would otherwise read as a post-statement, or as the query of a Jinja model.
+        let opens_audit = is_word(&first.token, "AUDIT")
+            && matches!(statement_significant.get(1).map(|t| &t.token), Some(Token::LParen));
+        if opens_audit {
+            reader.error(first, "inline AUDIT blocks are not run by sluice yet; remove the audit to apply this model");
+            query_failed = true;
+            break;
+        }
+        let opens_jinja = ["JINJA_QUERY_BEGIN", "JINJA_STATEMENT_BEGIN", "JINJA_END"]
+            .iter()
+            .any(|keyword| is_word(&first.token, keyword))
+            || matches!(first.token, Token::LBrace);
+        if opens_jinja {
+            reader.error(
+                first,
+                "Jinja blocks are not rendered by sluice yet; write the model in SQL with SQLMesh macros",
+            );
+            query_failed = true;
+            break;
         }
         let starts_query = matches!(first.token, Token::LParen)
             || ["SELECT", "WITH", "FROM", "VALUES"].iter().any(|keyword| is_word(&first.token, keyword));
@@ -817,6 +905,7 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
         gateway,
         dialect,
         tags,
+        depends_on,
         columns,
         enabled,
         pre_statements,
@@ -848,7 +937,11 @@ mod tests {
     fn parse(text: &str) -> Result<ParsedModel, Vec<ProjectError>> {
         let config = config();
         let csv_files = BTreeMap::from([("seeds/x.csv".to_string(), "id,name\n1,a\n2,b\n".to_string())]);
-        parse_model_file("models/m.sql", text, ModelFileContext { config: &config, csv_files: &csv_files })
+        parse_model_file(
+            "models/m.sql",
+            text,
+            ModelFileContext { config: &config, csv_files: &csv_files, python_macros: &BTreeMap::new() },
+        )
     }
 
     fn messages(errors: Vec<ProjectError>) -> Vec<String> {
@@ -911,7 +1004,7 @@ ANALYZE;
         let text = "gateways:\n  wh:\n    connection:\n      type: duckdb\n      database: data/bench.duckdb\nmodel_defaults:\n  start: 2024-01-01\n";
         let config = parse_config("config.yaml", text).config.unwrap();
         let csv_files = BTreeMap::new();
-        let context = ModelFileContext { config: &config, csv_files: &csv_files };
+        let context = ModelFileContext { config: &config, csv_files: &csv_files, python_macros: &BTreeMap::new() };
         let errors =
             parse_model_file("models/m.sql", "MODEL (name bench.m, kind FULL);\nSELECT 1 AS x", context).unwrap_err();
         assert_eq!(

@@ -28,6 +28,50 @@ pub struct ProjectFiles {
     pub csv_files: BTreeMap<String, String>,
     /// `external_models.yaml`, when present.
     pub external_models: Option<String>,
+    /// Every Python file under `models/` (Python models) and `macros/` (Python macros): sluice
+    /// cannot run them, but names them in its errors.
+    pub python_files: BTreeMap<String, String>,
+}
+
+/// Python macros by lower-cased name, with the file defining each: every `def NAME(` that
+/// follows a `@macro` decorator.
+fn python_macros(files: &ProjectFiles) -> BTreeMap<String, String> {
+    let mut macros = BTreeMap::new();
+    for (path, text) in files.python_files.iter().filter(|(path, _)| path.starts_with("macros/")) {
+        let mut decorated = false;
+        for line in text.lines().map(str::trim_start) {
+            if line.starts_with("@macro") {
+                decorated = true;
+            } else if decorated
+                && let Some(rest) = line.strip_prefix("def ").or_else(|| line.strip_prefix("async def "))
+                && let Some((name, _)) = rest.split_once('(')
+            {
+                macros.insert(name.trim().to_ascii_lowercase(), path.clone());
+                decorated = false;
+            }
+        }
+    }
+    macros
+}
+
+/// One error per Python model: sluice runs SQL models only.
+fn refuse_python_models(files: &ProjectFiles, errors: &mut ErrorSink) {
+    for (path, text) in files.python_files.iter().filter(|(path, _)| path.starts_with("models/")) {
+        // The model's name, when `@model("schema.name", ...)` gives it plainly.
+        let name = text
+            .split_once("@model(")
+            .map(|(_, rest)| rest.trim_start())
+            .and_then(|rest| rest.strip_prefix('"').or_else(|| rest.strip_prefix('\'')))
+            .and_then(|rest| rest.split(['"', '\'']).next())
+            .map(|name| format!(" ({name})"))
+            .unwrap_or_default();
+        errors.push(
+            SourceLocation::file(path),
+            format!(
+                "a Python model{name}, which sluice cannot run; rewrite it as a SQL model in models/*.sql, or remove it and declare its table in {EXTERNAL_MODELS_FILE}"
+            ),
+        );
+    }
 }
 
 /// A checked project.
@@ -115,7 +159,9 @@ pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
     let Some(config) = config else {
         return errors.finish(unreachable_project());
     };
-    let context = ModelFileContext { config: &config, csv_files: &files.csv_files };
+    refuse_python_models(files, &mut errors);
+    let python_macros = python_macros(files);
+    let context = ModelFileContext { config: &config, csv_files: &files.csv_files, python_macros: &python_macros };
     let mut models: BTreeMap<ModelName, Model> = BTreeMap::new();
     for (path, text) in &files.models {
         match parse_model_file(path, text, context) {
@@ -150,9 +196,10 @@ pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
     let mut parents: BTreeMap<ModelName, Vec<ModelName>> = BTreeMap::new();
     for (name, model) in &models {
         let mut model_parents = Vec::new();
-        for reference in model.query.iter().flat_map(|query| &query.references) {
+        let references = model.query.iter().flat_map(|query| &query.references).chain(&model.depends_on);
+        for reference in references {
             match by_key.get(reference) {
-                Some(parent) if parent != name => model_parents.push(parent.clone()),
+                Some(parent) if parent != name && !model_parents.contains(parent) => model_parents.push(parent.clone()),
                 Some(_) => {}
                 None if external_models.contains(reference) || files.external_models.is_none() => {}
                 None => warnings.push(ProjectError::new(

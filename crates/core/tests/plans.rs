@@ -484,7 +484,7 @@ fn every_error_of_a_project_is_reported_with_file_line_and_column() {
     expect![[r#"
         the project has 10 errors:
           models/a.sql:1:26: unknown model kind SNAPSHOT; expected VIEW, FULL, INCREMENTAL_BY_TIME_RANGE, INCREMENTAL_BY_UNIQUE_KEY, SEED or EMBEDDED
-          models/b.sql:1:21: unknown property colour; expected one of name, kind, cron, start, end, owner, description, grain, grains, gateway, dialect, tags, columns, enabled
+          models/b.sql:1:21: unknown property colour; expected one of name, kind, cron, start, end, owner, description, grain, grains, gateway, dialect, tags, columns, enabled, depends_on
           models/c.sql:1:1: the MODEL block has no name property; expected name schema.table
           models/d.sql:2:8: unknown macro @nope; expected a time macro such as @start_ds or @end_ts, @this_model, @gateway, @model_kind_name, @VAR('name') or a name defined with @DEF
           models/e.sql:2:15: SQL does not parse (duckdb): Expected: table name, found: WHERE
@@ -499,7 +499,7 @@ fn every_error_of_a_project_is_reported_with_file_line_and_column() {
 
 /// Models without a start, as SQLMesh 0.236 plans them (observed with `sqlmesh plan` at the same
 /// moment): a root backfills only its last complete interval; a child starts where its earliest
-/// parent starts.
+/// parent starts, `depends_on` naming a parent as the query does.
 #[test]
 fn a_model_without_start_starts_as_sqlmesh_derives_it() {
     let config = "gateways:\n  local:\n    connection:\n      type: duckdb\nmodel_defaults:\n  dialect: duckdb\n";
@@ -513,6 +513,7 @@ fn a_model_without_start_starts_as_sqlmesh_derives_it() {
             ),
             ("models/c.sql", "MODEL (name s.c, kind INCREMENTAL_BY_TIME_RANGE (time_column ds));\nSELECT a.ds FROM s.a AS a JOIN s.b AS b ON a.ds = b.ds"),
             ("models/h.sql", "MODEL (name s.h, kind INCREMENTAL_BY_TIME_RANGE (time_column ts), cron '@hourly');\nSELECT @start_ts AS ts"),
+            ("models/d.sql", "MODEL (name s.d, kind FULL, depends_on [s.b]);\nSELECT 1 AS one"),
         ]
         .iter()
         .map(|(path, text)| (path.to_string(), text.to_string()))
@@ -535,8 +536,48 @@ fn a_model_without_start_starts_as_sqlmesh_derives_it() {
             "s.a [2026-11-29 00:00:00, 2026-11-30 00:00:00)",
             "s.b [2026-11-20 00:00:00, 2026-11-30 00:00:00)",
             "s.c [2026-11-20 00:00:00, 2026-11-30 00:00:00)",
+            "s.d [2026-11-20 00:00:00, 2026-11-30 00:00:00)",
             "s.h [2026-11-30 18:00:00, 2026-11-30 19:00:00)",
         ]
     "#]]
     .assert_debug_eq(&ranges);
+}
+
+/// What sluice cannot run is refused, each model named with the file or macro and what to do;
+/// an inline AUDIT's query is never taken as the model's (or a Jinja model's) query.
+#[test]
+fn python_jinja_and_inline_audits_are_refused_one_error_each() {
+    let files = ProjectFiles {
+        config: Some(CONFIG.to_string()),
+        models: [
+            ("models/a.sql", "MODEL (name s.a, kind FULL);\nSELECT @add_one(1) AS x"),
+            (
+                "models/b.sql",
+                "MODEL (name s.b, kind FULL);\nJINJA_QUERY_BEGIN;\nSELECT {{ x }} AS x;\nJINJA_END;\nAUDIT (name b_ok);\nSELECT 1 AS x",
+            ),
+            ("models/c.sql", "MODEL (name s.c, kind FULL);\nSELECT 1 AS x;\n\nAUDIT (name c_ok);\nSELECT * FROM @this_model WHERE x IS NULL"),
+            ("models/d.sql", "MODEL (name s.d, kind FULL);\nSELECT @EACH([1, 2], x -> x) AS x"),
+        ]
+        .iter()
+        .map(|(path, text)| (path.to_string(), text.to_string()))
+        .collect(),
+        python_files: [
+            ("macros/util.py", "from sqlmesh import macro\n\n@macro()\ndef add_one(evaluator, value):\n    return value + 1\n"),
+            ("models/py_model.py", "from sqlmesh import model\n\n@model(\n    \"s.py_model\",\n    columns={\"x\": \"int\"},\n)\ndef execute(context, **kwargs):\n    pass\n"),
+        ]
+        .iter()
+        .map(|(path, text)| (path.to_string(), text.to_string()))
+        .collect(),
+        ..ProjectFiles::default()
+    };
+    let Err(errors) = load_project(&files) else { panic!("the project loaded") };
+    expect![[r#"
+        the project has 5 errors:
+          models/a.sql:2:8: @add_one is a Python macro (macros/util.py), which sluice cannot run; write its SQL in the model, or as a @DEF
+          models/b.sql:2:1: Jinja blocks are not rendered by sluice yet; write the model in SQL with SQLMesh macros
+          models/c.sql:4:1: inline AUDIT blocks are not run by sluice yet; remove the audit to apply this model
+          models/d.sql:2:8: @EACH is a SQLMesh macro sluice does not evaluate yet; write its SQL out in the model
+          models/py_model.py: a Python model (s.py_model), which sluice cannot run; rewrite it as a SQL model in models/*.sql, or remove it and declare its table in external_models.yaml
+    "#]]
+    .assert_eq(&errors.to_string());
 }
