@@ -49,13 +49,13 @@ fn copy_folder(from: &Path, to: &Path) {
     }
 }
 
-async fn create_database(name: &str) {
+pub async fn create_database(name: &str) {
     let mut admin =
         sqlx::PgConnection::connect(POSTGRES_ADMIN_URL).await.expect("PostgreSQL must run on 127.0.0.1:5432");
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(&mut admin).await.unwrap();
 }
 
-fn unique(prefix: &str) -> String {
+pub fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     format!("{prefix}_{}_{nanos}", std::process::id())
 }

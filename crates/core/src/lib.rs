@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod cron;
+pub mod dialect;
 pub mod error;
 pub mod interval;
 pub mod model;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use sqlparser::ast::Query;
 
 use crate::cron::{Cron, batch_intervals, missing_intervals};
+use crate::dialect::translate;
 use crate::interval::{Interval, IntervalSet, Timestamp};
 use crate::model::{Model, ModelKind};
 use crate::names::{EnvironmentName, ModelName, PhysicalTable, PlanId, SnapshotId, Version, short_hash};
@@ -376,7 +377,11 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
                         let table = parent_snapshot.physical_table()?;
                         Some(Replacement::Table { schema: table.schema, table: table.table })
                     };
-                    rewrite_references(&query.query, &resolve)
+                    let mut rendered = rewrite_references(&query.query, &resolve);
+                    if let Some(gateway) = project.config.gateways.get(&model.gateway) {
+                        translate(&mut rendered, &model.dialect, gateway.connection.default_dialect());
+                    }
+                    rendered
                 });
                 let category = match &change {
                     Change::Direct(category) => Some(*category),

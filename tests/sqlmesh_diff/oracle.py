@@ -1,0 +1,107 @@
+"""The SQLMesh side of the differential suite (tests/sqlmesh_diff.rs), run by the pinned SQLMesh
+virtual environment that scripts/services.sh installs.
+
+  oracle.py apply PROJECT EXECUTION_TIME [ENV]   runs `sqlmesh plan ENV --auto-apply` on PROJECT
+  oracle.py dump DUCKDB_FILE|POSTGRES_URL VIEW...  prints each view's columns, types, row count and
+                                                   an order-independent checksum, one JSON line each
+
+Both tools' warehouses are dumped by the same code, so a difference is in the data, never in how
+it was read.
+"""
+
+import decimal
+import datetime
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def apply(project: str, execution_time: str, environment: str = "prod") -> None:
+    sqlmesh = Path(sys.executable).with_name("sqlmesh")
+    command = [str(sqlmesh), "--paths", project, "plan"]
+    if environment != "prod":
+        command.append(environment)
+    command += ["--auto-apply", "--no-prompts", "--execution-time", execution_time]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or "Error" in result.stdout:
+        sys.stderr.write(result.stdout + result.stderr)
+        sys.exit(result.returncode or 1)
+
+
+def normalized(value):
+    """One cell as text both tools' drivers agree on: numbers by value, times in ISO form."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float, decimal.Decimal)):
+        number = float(value)
+        if number == int(number) and abs(number) < 2**53:
+            return str(int(number))
+        return repr(round(number, 9))
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    return str(value)
+
+
+def table_summary(columns, rows):
+    lines = sorted("\x1f".join(normalized(cell) for cell in row) for row in rows)
+    digest = hashlib.sha256("\x1e".join(lines).encode()).hexdigest()[:16]
+    return {"columns": columns, "rows": len(lines), "checksum": digest}
+
+
+def dump(target: str, views) -> None:
+    if target.startswith("postgres"):
+        import psycopg2
+
+        connection = psycopg2.connect(target)
+        cursor = connection.cursor()
+
+        def query(sql):
+            cursor.execute(sql)
+            return [d[0] for d in cursor.description], cursor.fetchall()
+
+        def types(schema, name):
+            cursor.execute(
+                "SELECT column_name, data_type FROM information_schema.columns"
+                " WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+                (schema, name),
+            )
+            return cursor.fetchall()
+    else:
+        import duckdb
+
+        connection = duckdb.connect(target, read_only=True)
+
+        def query(sql):
+            result = connection.execute(sql)
+            return [d[0] for d in result.description], result.fetchall()
+
+        def types(schema, name):
+            return connection.execute(
+                "SELECT column_name, data_type FROM information_schema.columns"
+                " WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+                [schema, name],
+            ).fetchall()
+
+    for view in views:
+        schema, name = view.split(".")
+        try:
+            _, rows = query(f'SELECT * FROM "{schema}"."{name}"')
+            columns = [f"{column} {data_type}" for column, data_type in types(schema, name)]
+            summary = table_summary(columns, rows)
+        except Exception as error:  # a missing view is a difference to report, not a crash
+            summary = {"error": str(error).splitlines()[0]}
+        print(json.dumps({"view": view, **summary}, sort_keys=True))
+
+
+if __name__ == "__main__":
+    verb, *arguments = sys.argv[1:]
+    if verb == "apply":
+        apply(*arguments)
+    elif verb == "dump":
+        dump(arguments[0], arguments[1:])
+    else:
+        sys.exit(f"unknown verb {verb}; expected apply or dump")
