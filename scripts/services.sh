@@ -89,3 +89,18 @@ if ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
 fi
 
 log "PostgreSQL, MariaDB, Redis and RabbitMQ are up"
+
+# SQLMesh, the differential suite's oracle (tests/sqlmesh_diff.rs), pinned, in its own virtual
+# environment outside the clone (installed once per machine, about a minute).
+SQLMESH_VERSION=0.236.4
+venv="${SLUICE_SQLMESH_VENV:-$HOME/.cache/sluice/sqlmesh-$SQLMESH_VERSION}"
+if ! "$venv/bin/python" -c "import sqlmesh, duckdb, psycopg2" >/dev/null 2>&1; then
+  command -v python3 >/dev/null || apt_install python3
+  python3 -c "import venv, ensurepip" >/dev/null 2>&1 || apt_install python3-venv
+  log "installing SQLMesh $SQLMESH_VERSION into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv" || fail "python3 -m venv $venv"
+  "$venv/bin/pip" install -q "sqlmesh==$SQLMESH_VERSION" "duckdb==1.5.6" "psycopg2-binary==2.9.13" \
+    || fail "pip install sqlmesh==$SQLMESH_VERSION"
+fi
+log "SQLMesh $SQLMESH_VERSION is in $venv"

@@ -14,15 +14,17 @@ use std::process::Command;
 /// The SQLMesh version every expectation of this suite was checked against.
 const SQLMESH_VERSION: &str = "0.236.4";
 
-/// The pinned SQLMesh's Python: `SLUICE_SQLMESH_PYTHON`, else where scripts/services.sh puts it.
+/// The pinned SQLMesh's Python, in the virtual environment scripts/services.sh installs
+/// (`SLUICE_SQLMESH_VENV`, default `~/.cache/sluice/sqlmesh-VERSION`).
 fn python() -> PathBuf {
-    let path = match std::env::var_os("SLUICE_SQLMESH_PYTHON") {
+    let venv = match std::env::var_os("SLUICE_SQLMESH_VENV") {
         Some(path) => PathBuf::from(path),
         None => {
             let home = std::env::var_os("HOME").expect("HOME is set");
-            Path::new(&home).join(format!(".cache/sluice/sqlmesh-{SQLMESH_VERSION}/bin/python"))
+            Path::new(&home).join(format!(".cache/sluice/sqlmesh-{SQLMESH_VERSION}"))
         }
     };
+    let path = venv.join("bin/python");
     assert!(
         path.is_file(),
         "{} is missing: run bash scripts/services.sh (it installs SQLMesh {SQLMESH_VERSION})",

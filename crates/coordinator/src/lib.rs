@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, PlanId, RunId, TaskId};
-use sluice_core::plan::{Change, Plan, PlanContext, build_plan};
+use sluice_core::plan::{Change, Plan, PlanContext, build_plan, plan_base};
 use sluice_core::project::Project;
 use sluice_core::snapshot::fingerprint_project;
 use sluice_core::task_graph::{TaskGraph, finished_tasks, task_tables};
@@ -165,7 +165,8 @@ pub async fn plan_against_state(
     let current = state.get_environment(environment).await?;
     let prod = if environment.is_prod() { None } else { state.get_environment(&EnvironmentName::prod()).await? };
     let current_state = current.map(|record| record.state);
-    let base = current_state.clone().or_else(|| prod.map(|record| record.state));
+    let prod_state = prod.map(|record| record.state);
+    let base = plan_base(environment, current_state.as_ref(), prod_state.as_ref());
     let ids: Vec<_> =
         fingerprint_project(project).iter().map(|(name, fingerprint)| fingerprint.snapshot_id(name)).collect();
     let known = state.get_snapshots(&ids).await?;
@@ -177,6 +178,7 @@ pub async fn plan_against_state(
                 environment,
                 current: current_state.as_ref(),
                 base: base.as_ref(),
+                prod: prod_state.as_ref(),
                 known_snapshots: &known,
                 recorded_intervals: recorded,
                 now,

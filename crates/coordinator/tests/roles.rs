@@ -161,6 +161,7 @@ async fn coordinator_workers_and_promoter_apply_a_plan_then_a_change() {
                     environment: &prod,
                     current: current.as_ref(),
                     base: current.as_ref(),
+                    prod: None,
                     known_snapshots: &known,
                     recorded_intervals: &recorded,
                     now: Timestamp::parse("2024-03-01").unwrap(),

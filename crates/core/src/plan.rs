@@ -32,8 +32,12 @@ pub struct PlanContext<'a> {
     pub environment: &'a EnvironmentName,
     /// The environment's own state; `None` when it does not exist yet.
     pub current: Option<&'a EnvironmentState>,
-    /// What changes are computed against: `current`, or prod's state for a new environment.
+    /// What changes are computed against: `current` over prod's state (a development
+    /// environment holds only the models that differ from prod), or prod's for a new one.
     pub base: Option<&'a EnvironmentState>,
+    /// Prod's state, for a development environment: only models whose version differs from
+    /// prod's get a view there, as SQLMesh does by default.
+    pub prod: Option<&'a EnvironmentState>,
     /// Snapshots the state store already holds, by id, from any environment: a snapshot with
     /// the same fingerprint is reused with its physical table.
     pub known_snapshots: &'a BTreeMap<SnapshotId, Snapshot>,
@@ -79,6 +83,14 @@ pub struct PlannedSnapshot {
     pub batches: Vec<BackfillBatch>,
     /// Indices (into `Plan::snapshots`) of the materialized snapshots this one's tasks wait for.
     pub materialized_parents: Vec<u32>,
+    /// Whether the environment shows this model: always in prod; in a development environment
+    /// only when its version differs from prod's (plans stored before this field: all shown).
+    #[serde(default = "shown_by_default")]
+    pub promoted: bool,
+}
+
+fn shown_by_default() -> bool {
+    true
 }
 
 /// A change of one view of the environment.
@@ -123,18 +135,29 @@ impl Plan {
         self.snapshots.iter().map(|planned| planned.batches.len()).sum()
     }
 
+    /// The environment's state once the plan is promoted: the snapshots it shows (in a
+    /// development environment, only those that differ from prod).
+    pub fn environment_state(&self) -> EnvironmentState {
+        EnvironmentState {
+            name: self.environment.clone(),
+            plan_id: Some(self.id.clone()),
+            snapshots: self.snapshots.iter().filter(|planned| planned.promoted).map(|p| p.snapshot.clone()).collect(),
+        }
+    }
+
     /// The views to create, replace or drop when the plan is promoted.
     pub fn view_changes(&self, current: Option<&EnvironmentState>) -> Vec<ViewChange> {
         let current_versions: BTreeMap<&ModelName, &Version> =
             current.map(|state| state.snapshots.iter().map(|s| (&s.name, &s.version)).collect()).unwrap_or_default();
         let mut changes = Vec::new();
-        for planned in &self.snapshots {
+        for planned in self.snapshots.iter().filter(|planned| planned.promoted) {
             let Some(table) = planned.snapshot.physical_table() else { continue };
             if current_versions.get(&planned.snapshot.name) != Some(&&planned.snapshot.version) {
                 changes.push(ViewChange::Point { name: planned.snapshot.name.clone(), table });
             }
         }
-        let planned_names: BTreeSet<&ModelName> = self.snapshots.iter().map(|p| &p.snapshot.name).collect();
+        let planned_names: BTreeSet<&ModelName> =
+            self.snapshots.iter().filter(|planned| planned.promoted).map(|p| &p.snapshot.name).collect();
         if let Some(current) = current {
             for snapshot in &current.snapshots {
                 if !planned_names.contains(&snapshot.name) && snapshot.kind.is_materialized() {
@@ -251,6 +274,25 @@ fn categorize(model: &Model, new: &Fingerprint, old: &Snapshot, forward_only: bo
 }
 
 /// Computes the plan of `project` against the environment in `context`.
+/// What a plan of `environment` compares against: prod's state for prod or a new environment;
+/// for an existing development environment, its own snapshots over prod's (it records only the
+/// models that differ from prod).
+pub fn plan_base(
+    environment: &EnvironmentName,
+    current: Option<&EnvironmentState>,
+    prod: Option<&EnvironmentState>,
+) -> Option<EnvironmentState> {
+    let Some(current) = current else { return prod.cloned() };
+    let mut base = current.clone();
+    if !environment.is_prod()
+        && let Some(prod) = prod
+    {
+        let own: BTreeSet<&ModelName> = current.snapshots.iter().map(|snapshot| &snapshot.name).collect();
+        base.snapshots.extend(prod.snapshots.iter().filter(|snapshot| !own.contains(&snapshot.name)).cloned());
+    }
+    Some(base)
+}
+
 /// The plan of a project against an empty state: a first apply to prod at `now` (what the
 /// benchmarks and `sluice render` plan, with nothing stored to compare with).
 pub fn first_plan(project: &Project, now: Timestamp) -> Plan {
@@ -261,6 +303,7 @@ pub fn first_plan(project: &Project, now: Timestamp) -> Plan {
         environment: &environment,
         current: None,
         base: None,
+        prod: None,
         known_snapshots: &known,
         recorded_intervals: &recorded,
         now,
@@ -291,6 +334,8 @@ pub fn effective_starts(project: &Project, now: Timestamp) -> BTreeMap<ModelName
 pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
     let fingerprints = fingerprint_project(project);
     let starts = effective_starts(project, context.now);
+    let prod_versions: BTreeMap<&ModelName, &Version> =
+        context.prod.map(|prod| prod.snapshots.iter().map(|s| (&s.name, &s.version)).collect()).unwrap_or_default();
     let base_by_name: BTreeMap<&ModelName, &Snapshot> =
         context.base.map(|base| base.snapshots.iter().map(|s| (&s.name, s)).collect()).unwrap_or_default();
 
@@ -435,11 +480,13 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
             .iter()
             .filter_map(|parent| index_of.get(parent).map(|index| *index as u32))
             .collect();
+        let promoted = context.environment.is_prod() || prod_versions.get(name) != Some(&&snapshot.version);
         index_of.insert(name, planned.len());
         planned.push(PlannedSnapshot {
             snapshot,
             change,
             previous: previous.cloned(),
+            promoted,
             missing_ranges: backfill.missing_ranges,
             missing_interval_count: backfill.missing_interval_count,
             batches: backfill.batches,

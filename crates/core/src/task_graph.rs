@@ -283,6 +283,7 @@ mod tests {
                 environment: &EnvironmentName::prod(),
                 current: None,
                 base: None,
+                prod: None,
                 known_snapshots: &known,
                 recorded_intervals: recorded,
                 now,

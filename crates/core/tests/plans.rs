@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use expect_test::{Expect, expect};
 use sluice_core::interval::{IntervalSet, Timestamp};
 use sluice_core::names::{EnvironmentName, ModelName, SnapshotId, Version};
-use sluice_core::plan::{EnvironmentState, Plan, PlanContext, build_plan};
+use sluice_core::plan::{EnvironmentState, Plan, PlanContext, build_plan, plan_base};
 use sluice_core::plan_text::format_plan;
 use sluice_core::project::{Project, ProjectFiles, load_project};
 use sluice_core::snapshot::Snapshot;
@@ -81,13 +81,15 @@ impl State {
     fn plan(&self, project: &Project, environment: &str, forward_only: bool) -> Plan {
         let environment = EnvironmentName::parse(environment).unwrap();
         let current = self.environments.get(&environment);
-        let base = current.or_else(|| self.environments.get(&EnvironmentName::prod()));
+        let prod = if environment.is_prod() { None } else { self.environments.get(&EnvironmentName::prod()) };
+        let base = plan_base(&environment, current, prod);
         build_plan(
             project,
             PlanContext {
                 environment: &environment,
                 current,
-                base,
+                base: base.as_ref(),
+                prod,
                 known_snapshots: &self.known,
                 recorded_intervals: &self.recorded,
                 now: Timestamp::parse("2024-01-10").unwrap(),
@@ -111,12 +113,7 @@ impl State {
             }
             self.known.insert(planned.snapshot.id.clone(), planned.snapshot.clone());
         }
-        let state = EnvironmentState {
-            name: plan.environment.clone(),
-            plan_id: Some(plan.id.clone()),
-            snapshots: plan.snapshots.iter().map(|planned| planned.snapshot.clone()).collect(),
-        };
-        self.environments.insert(plan.environment.clone(), state);
+        self.environments.insert(plan.environment.clone(), plan.environment_state());
     }
 }
 
@@ -198,7 +195,6 @@ fn breaking_change_in_dev_backfills_only_the_model_and_its_descendants_then_prod
               shop.summary  FULL                       5 intervals, rebuilt in full
 
             Views:
-              shop__dev.orders -> sluice__shop.shop__orders__a8e028a6da
               shop__dev.daily -> sluice__shop.shop__daily__bc14618129
               shop__dev.summary -> sluice__shop.shop__summary__90df868e0e
 

@@ -293,11 +293,7 @@ async fn promote(
             what: format!("{missing} of the plan's tasks are not done; apply the plan again to resume"),
         }));
     }
-    let new_state = EnvironmentState {
-        name: plan.environment.clone(),
-        plan_id: Some(plan.id.clone()),
-        snapshots: plan.snapshots.iter().map(|planned| planned.snapshot.clone()).collect(),
-    };
+    let new_state = plan.environment_state();
     let expires_at = plan.environment_ttl_seconds.map(|ttl| Timestamp(deps.clock.now().0 + ttl));
     let current = state.get_environment(&plan.environment).await?;
     let current_plan = current.as_ref().and_then(|record| record.state.plan_id.clone());

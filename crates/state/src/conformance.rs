@@ -344,6 +344,7 @@ fn plan(id: &str, environment: &str, previous: Option<&str>, created_at: i64, sn
                 missing_interval_count: 24,
                 batches: vec![],
                 materialized_parents: vec![],
+                promoted: true,
             })
             .collect(),
         removed: vec![],
