@@ -122,8 +122,14 @@ impl Case {
         self.config_file = "config.yml";
     }
 
-    /// Plans and applies `environment` at `now` with both tools, then compares `views`.
+    /// Plans and applies `environment` at `now` with both tools, then compares `views`: each
+    /// must be shown by SQLMesh, with the same columns and rows by sluice.
     fn apply_and_compare(&self, environment: &str, now: &str, views: &[&str]) {
+        self.apply_and_compare_shown(environment, now, views, &[]);
+    }
+
+    /// As `apply_and_compare`, and the `hidden` views must exist in neither tool's warehouse.
+    fn apply_and_compare_shown(&self, environment: &str, now: &str, views: &[&str], hidden: &[&str]) {
         let oracle = Command::new(python())
             .arg(oracle_script())
             .args(["apply", &self.oracle.project.display().to_string(), now, environment])
@@ -144,10 +150,16 @@ impl Case {
             String::from_utf8_lossy(&sluice.stdout),
             String::from_utf8_lossy(&sluice.stderr)
         );
-        let expected = dump(&self.oracle.warehouse, views);
-        let actual = dump(&self.sluice.warehouse, views);
+        let all: Vec<&str> = views.iter().chain(hidden).copied().collect();
+        let expected = dump(&self.oracle.warehouse, &all);
+        let actual = dump(&self.sluice.warehouse, &all);
         for view in views {
-            assert!(!expected[*view].contains("\"error\""), "SQLMesh has no view {view}: {}", expected[*view]);
+            assert!(!expected[*view].contains("\"missing\""), "SQLMesh shows no view {view}");
+        }
+        for view in hidden {
+            assert!(expected[*view].contains("\"missing\""), "SQLMesh shows view {view}: {}", expected[*view]);
+        }
+        for view in &all {
             assert_eq!(actual[*view], expected[*view], "{view} differs from SQLMesh's ({environment} at {now})");
         }
     }
@@ -269,4 +281,34 @@ async fn duckdb_dialect_on_postgres_equals_sqlmeshs() {
         "MODEL (name t.averages, kind VIEW);\nSELECT SUM(n) / COUNT(*) AS mean FROM t.ratios",
     );
     case.apply_and_compare("prod", "2024-01-10", &["t.ratios", "t.averages"]);
+}
+
+/// A breaking change in dev: only the changed models (and their descendants) get dev views, the
+/// rest stay prod's alone; reverting it in dev leaves dev showing nothing of its own.
+#[tokio::test]
+async fn a_breaking_change_in_dev_equals_sqlmeshs() {
+    let case = Case::new("dev", Engine::DuckDb, "duckdb").await;
+    case.write("seeds/items.csv", ITEMS_CSV);
+    case.write("models/items.sql", "MODEL (name k.items, kind SEED (path '../seeds/items.csv'));");
+    let events = "MODEL (\n  name k.events,\n  kind INCREMENTAL_BY_TIME_RANGE (time_column ds),\n  start '2024-01-01'\n);\nSELECT CAST(@start_ds AS DATE) AS ds, id AS item_id, id * 2 AS qty FROM k.items";
+    case.write("models/events.sql", events);
+    case.write(
+        "models/totals.sql",
+        "MODEL (name k.totals, kind FULL);\nSELECT item_id, SUM(qty) AS qty FROM k.events GROUP BY item_id",
+    );
+    case.apply_and_compare("prod", "2024-01-08", &["k.items", "k.events", "k.totals"]);
+    case.write("models/events.sql", &events.replace("id * 2 AS qty", "id * 5 AS qty"));
+    case.apply_and_compare_shown(
+        "dev",
+        "2024-01-08",
+        &["k__dev.events", "k__dev.totals", "k.events"],
+        &["k__dev.items"],
+    );
+    case.write("models/events.sql", events);
+    case.apply_and_compare_shown(
+        "dev",
+        "2024-01-08",
+        &["k.events"],
+        &["k__dev.items", "k__dev.events", "k__dev.totals"],
+    );
 }

@@ -92,8 +92,11 @@ def dump(target: str, views) -> None:
             _, rows = query(f'SELECT * FROM "{schema}"."{name}"')
             columns = [f"{column} {data_type}" for column, data_type in types(schema, name)]
             summary = table_summary(columns, rows)
-        except Exception as error:  # a missing view is a difference to report, not a crash
-            summary = {"error": str(error).splitlines()[0]}
+        except Exception as error:  # a missing view is a state to compare, not a crash
+            sys.stderr.write(f"{view}: {str(error).splitlines()[0]}\n")
+            if hasattr(connection, "rollback"):
+                connection.rollback()
+            summary = {"missing": True}
         print(json.dumps({"view": view, **summary}, sort_keys=True))
 
 

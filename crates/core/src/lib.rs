@@ -5,6 +5,7 @@ pub mod cron;
 pub mod dialect;
 pub mod error;
 pub mod interval;
+pub mod macro_functions;
 pub mod model;
 pub mod model_file;
 pub mod names;

@@ -10,6 +10,7 @@ use crate::config::{Config, Connection, VariableValue};
 use crate::cron::Cron;
 use crate::error::{ErrorSink, ProjectError, SourceLocation};
 use crate::interval::{TimeMacro, Timestamp};
+use crate::macro_functions::{self, MacroFunction};
 use crate::model::{Model, ModelKind, SeedData};
 use crate::names::{IDENTIFIER_EXPECTATION, ModelName, is_valid_identifier};
 use crate::query::{dialect_for, parse_query, time_placeholder};
@@ -396,19 +397,7 @@ struct MacroScope<'a> {
 
 /// SQLMesh's built-in macro functions and variables that sluice does not evaluate yet.
 const SQLMESH_MACROS: &[&str] = &[
-    "if",
-    "each",
-    "reduce",
-    "filter",
-    "sql",
     "star",
-    "generate_surrogate_key",
-    "safe_add",
-    "safe_sub",
-    "safe_div",
-    "and",
-    "or",
-    "eval",
     "union",
     "haversine_distance",
     "pivot",
@@ -427,10 +416,277 @@ const SQLMESH_MACROS: &[&str] = &[
     "table_name",
     "this_env",
     "blueprint",
+    "blueprint_var",
     "environment_naming",
     "resolve_table",
     "func",
 ];
+
+/// The arguments of a macro call whose `(` is the next significant token at or after `start`:
+/// each argument's tokens (whitespace kept), and the index after the closing `)`.
+fn call_arguments(tokens: &[TokenWithSpan], start: usize) -> Option<(Vec<Vec<TokenWithSpan>>, usize)> {
+    let open = start + tokens.get(start..)?.iter().position(|t| !matches!(t.token, Token::Whitespace(_)))?;
+    if !matches!(tokens[open].token, Token::LParen) {
+        return None;
+    }
+    let mut depth = 0usize;
+    let mut arguments = vec![Vec::new()];
+    for (index, token) in tokens.iter().enumerate().skip(open) {
+        match token.token {
+            Token::LParen | Token::LBracket | Token::LBrace => {
+                depth += 1;
+                if depth == 1 {
+                    continue;
+                }
+            }
+            Token::RParen | Token::RBracket | Token::RBrace => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some((arguments, index + 1));
+                }
+            }
+            Token::Comma if depth == 1 => {
+                arguments.push(Vec::new());
+                continue;
+            }
+            _ => {}
+        }
+        if let Some(argument) = arguments.last_mut() {
+            argument.push(token.clone());
+        }
+    }
+    None
+}
+
+/// The index after an `AS alias` and then a `,` that follow `start` (each when present).
+fn skip_alias_and_comma(tokens: &[TokenWithSpan], start: usize) -> usize {
+    let next = |from: usize| (from..tokens.len()).find(|&i| !matches!(tokens[i].token, Token::Whitespace(_)));
+    let mut index = start;
+    if let Some(as_index) = next(index)
+        && is_word(&tokens[as_index].token, "AS")
+        && let Some(alias) = next(as_index + 1)
+        && matches!(tokens[alias].token, Token::Word(_))
+    {
+        index = alias + 1;
+    }
+    match next(index) {
+        Some(comma) if matches!(tokens[comma].token, Token::Comma) => comma + 1,
+        _ => index,
+    }
+}
+
+/// A lambda argument: `x -> body` or `(x, y) -> body`.
+struct Lambda {
+    parameters: Vec<String>,
+    body: Vec<TokenWithSpan>,
+}
+
+fn read_lambda(tokens: &[TokenWithSpan]) -> Option<Lambda> {
+    let arrow = tokens.iter().position(|t| matches!(t.token, Token::Arrow))?;
+    let parameters = tokens[..arrow]
+        .iter()
+        .filter_map(|t| match &t.token {
+            Token::Word(word) => Some(Ok(word.value.to_ascii_lowercase())),
+            Token::Whitespace(_) | Token::LParen | Token::RParen | Token::Comma => None,
+            _ => Some(Err(())),
+        })
+        .collect::<Result<Vec<_>, ()>>()
+        .ok()?;
+    (!parameters.is_empty()).then(|| Lambda { parameters, body: tokens[arrow + 1..].to_vec() })
+}
+
+/// Evaluates one call of a macro function; `None` after reporting an error.
+fn call_function(
+    reader: &mut FileReader,
+    at: &TokenWithSpan,
+    function: MacroFunction,
+    arguments: &[Vec<TokenWithSpan>],
+    scope: &MacroScope,
+) -> Option<String> {
+    if function.takes_lambda() {
+        return call_list_function(reader, at, function, arguments, scope).map(|items| items.join(", "));
+    }
+    let mut rendered = Vec::with_capacity(arguments.len());
+    let mut hash_function = "MD5".to_string();
+    for argument in arguments {
+        let significant = significant(argument);
+        let kinds: Vec<&Token> = significant.iter().map(|t| &t.token).collect();
+        // `hash_function := 'SHA256'` (GENERATE_SURROGATE_KEY's keyword argument).
+        if let [name, Token::Assignment, Token::SingleQuotedString(value)] = kinds[..]
+            && is_word(name, "hash_function")
+        {
+            hash_function = value.clone();
+            continue;
+        }
+        if function == MacroFunction::Sql
+            && let [Token::SingleQuotedString(sql)] = kinds[..]
+        {
+            rendered.push(sql.replace("''", "'"));
+            continue;
+        }
+        rendered.push(render_statement(reader, argument, scope)?.trim().to_string());
+    }
+    let arity_error = |reader: &mut FileReader, expected: &str| {
+        reader.error(at, format!("{} takes {expected}", at.token));
+        None
+    };
+    let evaluated = |reader: &mut FileReader, sql: &str| match macro_functions::evaluate(sql) {
+        Ok(value) => Some(value),
+        Err(message) => {
+            reader.error(at, format!("{}: {message}", at.token));
+            None
+        }
+    };
+    match function {
+        MacroFunction::If => match rendered.as_slice() {
+            [condition, then] => {
+                Some(if evaluated(reader, condition)?.is_true() { then.clone() } else { String::new() })
+            }
+            [condition, then, otherwise] => {
+                Some(if evaluated(reader, condition)?.is_true() { then.clone() } else { otherwise.clone() })
+            }
+            _ => arity_error(reader, "a condition, a value and an optional other value"),
+        },
+        MacroFunction::Sql => match rendered.as_slice() {
+            [sql] => Some(sql.clone()),
+            _ => arity_error(reader, "one string of SQL"),
+        },
+        MacroFunction::Eval => match rendered.as_slice() {
+            [sql] => Some(evaluated(reader, sql)?.to_sql()),
+            _ => arity_error(reader, "one expression"),
+        },
+        MacroFunction::SafeAdd if !rendered.is_empty() => Some(macro_functions::safe_arithmetic(&rendered, "+")),
+        MacroFunction::SafeSub if !rendered.is_empty() => Some(macro_functions::safe_arithmetic(&rendered, "-")),
+        MacroFunction::SafeAdd | MacroFunction::SafeSub => arity_error(reader, "one or more fields"),
+        MacroFunction::SafeDiv => match rendered.as_slice() {
+            [numerator, denominator] => Some(macro_functions::safe_div(numerator, denominator)),
+            _ => arity_error(reader, "a numerator and a denominator"),
+        },
+        MacroFunction::And => Some(macro_functions::connective(&rendered, "AND")),
+        MacroFunction::Or => Some(macro_functions::connective(&rendered, "OR")),
+        MacroFunction::GenerateSurrogateKey if !rendered.is_empty() => {
+            Some(macro_functions::surrogate_key(&rendered, &hash_function))
+        }
+        MacroFunction::GenerateSurrogateKey => arity_error(reader, "one or more fields"),
+        MacroFunction::Each | MacroFunction::Filter | MacroFunction::Reduce => None,
+    }
+}
+
+/// Substitutes a lambda's parameters (as words or `@name`) by `values` in its body and renders it.
+fn apply_lambda(reader: &mut FileReader, lambda: &Lambda, values: &[&str], scope: &MacroScope) -> Option<String> {
+    let body: Vec<TokenWithSpan> = lambda
+        .body
+        .iter()
+        .map(|token| match &token.token {
+            Token::Word(word) if word.quote_style.is_none() => {
+                let name = word.value.trim_start_matches('@').to_ascii_lowercase();
+                match lambda.parameters.iter().position(|parameter| *parameter == name) {
+                    Some(position) => {
+                        let value = macro_functions::operand(values.get(position).copied().unwrap_or("NULL"));
+                        TokenWithSpan::new(Token::make_word(&value, None), token.span)
+                    }
+                    None => token.clone(),
+                }
+            }
+            _ => token.clone(),
+        })
+        .collect();
+    render_statement(reader, &body, scope).map(|text| text.trim().to_string())
+}
+
+/// `@EACH`, `@FILTER` and `@REDUCE`: items (an array `[a, b]`, a tuple, a nested `@EACH` or
+/// `@FILTER`, or the arguments before the lambda) and the lambda applied to them.
+fn call_list_function(
+    reader: &mut FileReader,
+    at: &TokenWithSpan,
+    function: MacroFunction,
+    arguments: &[Vec<TokenWithSpan>],
+    scope: &MacroScope,
+) -> Option<Vec<String>> {
+    let lambda = arguments.split_last().and_then(|(last, items)| Some((read_lambda(last)?, items)));
+    let Some((lambda, item_arguments)) = lambda else {
+        reader
+            .error(at, format!("{}'s last argument must be a lambda such as x -> x + 1 or (x, y) -> x + y", at.token));
+        return None;
+    };
+    let items = list_items(reader, item_arguments, scope)?;
+    match function {
+        MacroFunction::Each => items.iter().map(|item| apply_lambda(reader, &lambda, &[item], scope)).collect(),
+        MacroFunction::Filter => {
+            let mut kept = Vec::new();
+            for item in &items {
+                let condition = apply_lambda(reader, &lambda, &[item], scope)?;
+                match macro_functions::evaluate(&condition) {
+                    Ok(value) if value.is_true() => kept.push(item.clone()),
+                    Ok(_) => {}
+                    Err(message) => {
+                        reader.error(at, format!("{}: {message}", at.token));
+                        return None;
+                    }
+                }
+            }
+            Some(kept)
+        }
+        _ => {
+            let mut items = items.into_iter();
+            let first = items.next()?;
+            let reduced = items.try_fold(first, |acc, item| apply_lambda(reader, &lambda, &[&acc, &item], scope))?;
+            Some(vec![reduced])
+        }
+    }
+}
+
+fn list_items(reader: &mut FileReader, arguments: &[Vec<TokenWithSpan>], scope: &MacroScope) -> Option<Vec<String>> {
+    if let [argument] = arguments {
+        let significant = significant(argument);
+        let bracketed = matches!(
+            (significant.first().map(|t| &t.token), significant.last().map(|t| &t.token)),
+            (Some(Token::LBracket), Some(Token::RBracket)) | (Some(Token::LParen), Some(Token::RParen))
+        );
+        if bracketed {
+            let inner: Vec<&TokenWithSpan> = significant[1..significant.len() - 1].to_vec();
+            let mut items = Vec::new();
+            for item in split_top_level_commas(&inner) {
+                items.push(render_statement(reader, &spaced_tokens(&item), scope)?.trim().to_string());
+            }
+            return Some(items);
+        }
+        if let Some(first) = significant.first()
+            && let Token::Word(word) = &first.token
+            && let Some(function @ (MacroFunction::Each | MacroFunction::Filter)) =
+                word.value.strip_prefix('@').and_then(|name| MacroFunction::from_name(&name.to_ascii_lowercase()))
+        {
+            let start = argument.iter().position(|t| std::ptr::eq(t, *first))? + 1;
+            let (nested, _) = call_arguments(argument, start)?;
+            return call_list_function(reader, first, function, &nested, scope);
+        }
+    }
+    let mut items = Vec::new();
+    for argument in arguments {
+        items.push(render_statement(reader, argument, scope)?.trim().to_string());
+    }
+    // One argument that renders to an array (a @DEF or a variable holding `[a, b]`): its items.
+    if let [only] = items.as_slice()
+        && let Some(inner) = only.strip_prefix('[').and_then(|rest| rest.strip_suffix(']'))
+        && let Ok(tokens) = Tokenizer::new(&GenericDialect {}, inner).with_unescape(false).tokenize_with_location()
+    {
+        let significant = significant(&tokens);
+        return Some(split_top_level_commas(&significant).iter().map(|item| join_tokens(item)).collect());
+    }
+    Some(items)
+}
+
+/// Tokens with single spaces between them (for tokens whose whitespace was dropped).
+fn spaced_tokens(tokens: &[&TokenWithSpan]) -> Vec<TokenWithSpan> {
+    let mut spaced = Vec::with_capacity(tokens.len() * 2);
+    for (position, token) in tokens.iter().enumerate() {
+        if position > 0 {
+            spaced.push(TokenWithSpan::wrap(Token::Whitespace(Whitespace::Space)));
+        }
+        spaced.push((*token).clone());
+    }
+    spaced
+}
 
 const MACRO_EXPECTATION: &str = "expected a time macro such as @start_ds or @end_ts, @this_model, @gateway, @model_kind_name, @VAR('name') or a name defined with @DEF";
 
@@ -498,6 +754,17 @@ fn render_statement(reader: &mut FileReader, tokens: &[TokenWithSpan], scope: &M
                             );
                             ok = false;
                         }
+                    }
+                } else if let Some(function) = MacroFunction::from_name(&name)
+                    && let Some((arguments, after)) = call_arguments(tokens, index)
+                {
+                    index = after;
+                    match call_function(reader, token, function, &arguments, scope) {
+                        // Nothing (an @IF whose condition is false): as in SQLMesh, the expression
+                        // goes with its alias and its place in the list.
+                        Some(expansion) if expansion.is_empty() => index = skip_alias_and_comma(tokens, index),
+                        Some(expansion) => text.push_str(&expansion),
+                        None => ok = false,
                     }
                 } else if let Some(value) = scope.locals.get(&name) {
                     text.push_str(value);
@@ -785,15 +1052,8 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
                 continue;
             };
             let local_key = local_word.value.to_ascii_lowercase();
-            let value_tokens: Vec<TokenWithSpan> = value.iter().map(|t| (*t).clone()).collect();
             // Spaces between value tokens were dropped: render them with single spaces between.
-            let mut spaced = Vec::new();
-            for (position, token) in value_tokens.into_iter().enumerate() {
-                if position > 0 {
-                    spaced.push(TokenWithSpan::wrap(Token::Whitespace(Whitespace::Space)));
-                }
-                spaced.push(token);
-            }
+            let spaced = spaced_tokens(value);
             if let Some(rendered) = render_statement(&mut reader, &spaced, &scope) {
                 scope.locals.insert(local_key, rendered);
             }
@@ -997,6 +1257,37 @@ ANALYZE;
              '1970-01-01 01:59:59.999999' AS e, 10000 AS x FROM s.m WHERE amount > 10 + 1 LIMIT 5"
         );
         assert!(parsed.warnings.is_empty());
+    }
+
+    #[test]
+    fn macro_functions_expand_before_the_query_is_parsed() {
+        let text = "MODEL (name s.m, kind FULL);
+@DEF(columns, [a, b]);
+SELECT
+  @EACH(@columns, c -> c * 2 AS c),
+  @IF(@gateway = 'wh', 1, 2) AS chosen,
+  @IF(@VAR('region') = 'us', 'us') AS missing,
+  @REDUCE(@FILTER([1, 2, 3], x -> x > 1), (x, y) -> x + y) AS summed,
+  @SAFE_DIV(a, b + 1) AS ratio,
+  @GENERATE_SURROGATE_KEY(a, b) AS key,
+  @SQL('a || ''!''') AS shout,
+  @EVAL(2 * 3) AS six,
+FROM t
+WHERE @AND(a > 0, NULL, @OR(b < 1, NULL))";
+        let query = parse(text).unwrap().model.query.unwrap();
+        assert_eq!(
+            query.normalized,
+            "SELECT a * 2 AS a, b * 2 AS b, 1 AS chosen, 2 + 3 AS summed, a / NULLIF(b + 1, 0) AS ratio, \
+             MD5(CONCAT(COALESCE(CAST(a AS TEXT), '_sqlmesh_surrogate_key_null_'), '|', COALESCE(CAST(b AS TEXT), '_sqlmesh_surrogate_key_null_'))) AS key, \
+             a || '!' AS shout, 6 AS six FROM t WHERE (a > 0) AND (b < 1)"
+        );
+        let errors = messages(parse("MODEL (name s.m, kind FULL);\nSELECT @IF(a > 1, 1) AS x FROM t").unwrap_err());
+        assert_eq!(
+            errors,
+            vec![
+                "models/m.sql:2:8: @IF: cannot evaluate \"a > 1\" when the model is read; expected literals, comparisons, AND, OR, NOT and arithmetic"
+            ]
+        );
     }
 
     #[test]

@@ -552,7 +552,7 @@ fn python_jinja_and_inline_audits_are_refused_one_error_each() {
                 "MODEL (name s.b, kind FULL);\nJINJA_QUERY_BEGIN;\nSELECT {{ x }} AS x;\nJINJA_END;\nAUDIT (name b_ok);\nSELECT 1 AS x",
             ),
             ("models/c.sql", "MODEL (name s.c, kind FULL);\nSELECT 1 AS x;\n\nAUDIT (name c_ok);\nSELECT * FROM @this_model WHERE x IS NULL"),
-            ("models/d.sql", "MODEL (name s.d, kind FULL);\nSELECT @EACH([1, 2], x -> x) AS x"),
+            ("models/d.sql", "MODEL (name s.d, kind FULL);\nSELECT @STAR(s.a)"),
         ]
         .iter()
         .map(|(path, text)| (path.to_string(), text.to_string()))
@@ -572,7 +572,7 @@ fn python_jinja_and_inline_audits_are_refused_one_error_each() {
           models/a.sql:2:8: @add_one is a Python macro (macros/util.py), which sluice cannot run; write its SQL in the model, or as a @DEF
           models/b.sql:2:1: Jinja blocks are not rendered by sluice yet; write the model in SQL with SQLMesh macros
           models/c.sql:4:1: inline AUDIT blocks are not run by sluice yet; remove the audit to apply this model
-          models/d.sql:2:8: @EACH is a SQLMesh macro sluice does not evaluate yet; write its SQL out in the model
+          models/d.sql:2:8: @STAR is a SQLMesh macro sluice does not evaluate yet; write its SQL out in the model
           models/py_model.py: a Python model (s.py_model), which sluice cannot run; rewrite it as a SQL model in models/*.sql, or remove it and declare its table in external_models.yaml
     "#]]
     .assert_eq(&errors.to_string());
