@@ -312,3 +312,32 @@ async fn a_breaking_change_in_dev_equals_sqlmeshs() {
         &["k__dev.items", "k__dev.events", "k__dev.totals"],
     );
 }
+
+/// The macro functions sluice evaluates, in one model, with a variable from the config.
+#[tokio::test]
+async fn macro_functions_equal_sqlmeshs() {
+    let case = Case::new("macros", Engine::DuckDb, "duckdb").await;
+    case.configure("variables:\n  region: north\n  threshold: 2\n");
+    case.write("seeds/items.csv", "id,name,price,discount\n1,apple,1.5,\n2,pear,2.25,0.5\n3,plum,0.5,\n4,,0,1\n");
+    case.write("models/items.sql", "MODEL (name m.items, kind SEED (path '../seeds/items.csv'));");
+    case.write(
+        "models/shaped.sql",
+        "MODEL (name m.shaped, kind FULL);
+@DEF(measures, [price, discount]);
+SELECT
+  id,
+  @EACH(@measures, c -> c * 2 AS c),
+  @IF(@gateway = 'local', 'here', 'elsewhere') AS place,
+  @IF(@VAR('region') = 'south', 'south') AS only_south,
+  @REDUCE(@FILTER([1, 2, 3], x -> x >= @VAR('threshold')), (x, y) -> x + y) AS summed,
+  @SAFE_ADD(price, discount) AS total,
+  @SAFE_SUB(price, discount) AS net,
+  @SAFE_DIV(price, discount) AS ratio,
+  @GENERATE_SURROGATE_KEY(id, name) AS key,
+  @SQL('price * 100') AS cents,
+  @EVAL(2 * 3) AS six
+FROM m.items
+WHERE @AND(id > 0, NULL, @OR(price < 3, NULL))",
+    );
+    case.apply_and_compare("prod", "2024-01-10", &["m.items", "m.shaped"]);
+}

@@ -84,6 +84,37 @@ pub struct SeedData {
     pub rows: Vec<Vec<String>>,
 }
 
+impl SeedData {
+    /// The type SQLMesh gives each column when none is declared (pandas' inference): BIGINT when
+    /// every value is a whole number, DOUBLE when every value is a number or some are missing
+    /// from a numeric column (or all are), BOOLEAN when every value is true or false, else TEXT.
+    pub fn inferred_types(&self) -> Vec<&'static str> {
+        (0..self.columns.len())
+            .map(|index| {
+                let values: Vec<&str> =
+                    self.rows.iter().filter_map(|row| row.get(index)).map(|value| value.trim()).collect();
+                let present: Vec<&str> = values.iter().copied().filter(|value| !value.is_empty()).collect();
+                let missing = present.len() < values.len();
+                if present.is_empty() {
+                    "DOUBLE"
+                } else if present.iter().all(|value| value.parse::<i64>().is_ok()) {
+                    if missing { "DOUBLE" } else { "BIGINT" }
+                } else if present.iter().all(|value| value.parse::<f64>().is_ok_and(f64::is_finite)) {
+                    "DOUBLE"
+                } else if !missing
+                    && present
+                        .iter()
+                        .all(|value| value.eq_ignore_ascii_case("true") || value.eq_ignore_ascii_case("false"))
+                {
+                    "BOOLEAN"
+                } else {
+                    "TEXT"
+                }
+            })
+            .collect()
+    }
+}
+
 /// One model of a project.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Model {

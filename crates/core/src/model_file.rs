@@ -348,10 +348,17 @@ fn read_kind(reader: &mut FileReader, key: &TokenWithSpan, value: &[&TokenWithSp
     Some(kind)
 }
 
-/// Resolves `relative` against the folder of `file`, both project-relative with `/` separators.
+/// Resolves `relative` against the folder of `file`, both project-relative with `/` separators;
+/// a path starting with `$root/` is relative to the project's folder, as in SQLMesh.
 fn resolve_relative(file: &str, relative: &str) -> Option<String> {
-    let mut parts: Vec<&str> = file.split('/').collect();
-    parts.pop();
+    let (mut parts, relative): (Vec<&str>, &str) = match relative.strip_prefix("$root/") {
+        Some(from_root) => (Vec::new(), from_root),
+        None => {
+            let mut parts: Vec<&str> = file.split('/').collect();
+            parts.pop();
+            (parts, relative)
+        }
+    };
     for part in relative.split('/') {
         match part {
             "" | "." => {}
@@ -768,6 +775,9 @@ fn render_statement(reader: &mut FileReader, tokens: &[TokenWithSpan], scope: &M
                     }
                 } else if let Some(value) = scope.locals.get(&name) {
                     text.push_str(value);
+                } else if let Some(value) = scope.variables.get(&name) {
+                    // A config variable by its bare name, as SQLMesh allows besides @VAR('name').
+                    text.push_str(&value.to_sql());
                 } else if let Some(python_file) = scope.python_macros.get(&name) {
                     reader.error(
                         token,
@@ -1269,6 +1279,7 @@ SELECT
   @IF(@VAR('region') = 'us', 'us') AS missing,
   @REDUCE(@FILTER([1, 2, 3], x -> x > 1), (x, y) -> x + y) AS summed,
   @SAFE_DIV(a, b + 1) AS ratio,
+  @region AS region,
   @GENERATE_SURROGATE_KEY(a, b) AS key,
   @SQL('a || ''!''') AS shout,
   @EVAL(2 * 3) AS six,
@@ -1277,7 +1288,7 @@ WHERE @AND(a > 0, NULL, @OR(b < 1, NULL))";
         let query = parse(text).unwrap().model.query.unwrap();
         assert_eq!(
             query.normalized,
-            "SELECT a * 2 AS a, b * 2 AS b, 1 AS chosen, 2 + 3 AS summed, a / NULLIF(b + 1, 0) AS ratio, \
+            "SELECT a * 2 AS a, b * 2 AS b, 1 AS chosen, 2 + 3 AS summed, a / NULLIF(b + 1, 0) AS ratio, 'eu' AS region, \
              MD5(CONCAT(COALESCE(CAST(a AS TEXT), '_sqlmesh_surrogate_key_null_'), '|', COALESCE(CAST(b AS TEXT), '_sqlmesh_surrogate_key_null_'))) AS key, \
              a || '!' AS shout, 6 AS six FROM t WHERE (a > 0) AND (b < 1)"
         );
@@ -1313,6 +1324,8 @@ WHERE @AND(a > 0, NULL, @OR(b < 1, NULL))";
         let seed = parsed.model.seed.unwrap();
         assert_eq!(seed.columns, vec!["id", "name"]);
         assert_eq!(seed.rows.len(), 2);
+        let from_root = parse("MODEL (name s.seed, kind SEED (path '$root/seeds/x.csv'));").unwrap();
+        assert_eq!(from_root.model.seed.unwrap().rows.len(), 2);
         let missing = parse("MODEL (name s.seed, kind SEED (path 'nope.csv'));").unwrap_err();
         assert_eq!(
             messages(missing),

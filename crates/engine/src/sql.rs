@@ -220,8 +220,9 @@ pub(crate) struct SeedStatements {
     pub rows: u64,
 }
 
-/// Builds a seed's statements. The table has the declared columns (all TEXT, named after the CSV header, when
-/// none are declared); every CSV value is cast to its column's declared type, and an empty CSV field is NULL.
+/// Builds a seed's statements. The table has the declared columns (when none are declared, the CSV
+/// header's, typed as SQLMesh infers them: `SeedData::inferred_types`); every CSV value is cast to
+/// its column's type, and an empty CSV field is NULL.
 pub(crate) fn seed_statements(
     dialect: Dialect,
     table: &PhysicalTable,
@@ -233,8 +234,13 @@ pub(crate) fn seed_statements(
         if seed.columns.is_empty() {
             return Err(EngineError::invalid_input(format!("the seed for {table} has no columns")));
         }
-        for column in &seed.columns {
-            table_columns.push((column.clone(), None));
+        for (column, inferred) in seed.columns.iter().zip(seed.inferred_types()) {
+            // TEXT (the default below) needs no cast of its values.
+            let sql_type =
+                (inferred != "TEXT").then(|| column_type(dialect, inferred)).transpose().map_err(|expectation| {
+                    EngineError::invalid_input(format!("column {column:?} of seed {table}: {expectation}"))
+                })?;
+            table_columns.push((column.clone(), sql_type));
         }
     } else {
         for (name, declared_type) in declared {
@@ -501,6 +507,30 @@ mod tests {
         );
         let bad_type = vec![("item_id".to_string(), "INT; DROP".to_string())];
         assert!(seed_statements(Dialect::DuckDb, &table(), &bad_type, &short_row).is_err());
+    }
+
+    /// The types SQLMesh 0.236 gave such columns (seen in the differential suite's dumps).
+    #[test]
+    fn undeclared_seed_columns_are_typed_as_sqlmesh_types_them() {
+        let seed = SeedData {
+            columns: ["id", "price", "discount", "name", "flag", "empty"].map(String::from).to_vec(),
+            rows: vec![
+                ["1", "1.5", "", "apple", "true", ""].map(String::from).to_vec(),
+                ["2", "2", "0.5", "", "False", ""].map(String::from).to_vec(),
+            ],
+        };
+        assert_eq!(seed.inferred_types(), vec!["BIGINT", "DOUBLE", "DOUBLE", "TEXT", "BOOLEAN", "DOUBLE"]);
+        let statements = seed_statements(Dialect::Postgres, &table(), &[], &seed).unwrap();
+        assert!(
+            statements.create_table.ends_with(
+                "(\"id\" BIGINT, \"price\" DOUBLE PRECISION, \"discount\" DOUBLE PRECISION, \"name\" TEXT, \"flag\" BOOLEAN, \"empty\" DOUBLE PRECISION)"
+            ),
+            "{}",
+            statements.create_table
+        );
+        assert!(
+            statements.inserts[0].contains("(CAST('1' AS BIGINT), CAST('1.5' AS DOUBLE PRECISION), NULL, 'apple',")
+        );
     }
 
     #[test]
