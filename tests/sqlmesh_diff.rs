@@ -313,7 +313,8 @@ async fn a_breaking_change_in_dev_equals_sqlmeshs() {
     );
 }
 
-/// The macro functions sluice evaluates, in one model, with a variable from the config.
+/// The macro functions sluice evaluates, in one model, with variables from the config (by
+/// @VAR and by bare name); a seed typed as SQLMesh infers it; `* EXCEPT` on DuckDB.
 #[tokio::test]
 async fn macro_functions_equal_sqlmeshs() {
     let case = Case::new("macros", Engine::DuckDb, "duckdb").await;
@@ -335,9 +336,14 @@ SELECT
   @SAFE_DIV(price, discount) AS ratio,
   @GENERATE_SURROGATE_KEY(id, name) AS key,
   @SQL('price * 100') AS cents,
+  @region AS region,
   @EVAL(2 * 3) AS six
 FROM m.items
 WHERE @AND(id > 0, NULL, @OR(price < 3, NULL))",
     );
-    case.apply_and_compare("prod", "2024-01-10", &["m.items", "m.shaped"]);
+    case.write(
+        "models/trimmed.sql",
+        "MODEL (name m.trimmed, kind VIEW);\nSELECT * EXCEPT (discount, name) FROM m.items",
+    );
+    case.apply_and_compare("prod", "2024-01-10", &["m.items", "m.shaped", "m.trimmed"]);
 }

@@ -10,7 +10,9 @@ use sqlparser::ast::{
     VisitorMut,
 };
 use sqlparser::dialect::{Dialect, dialect_from_str};
-use sqlparser::parser::{Parser, ParserOptions};
+use sqlparser::keywords::Keyword;
+use sqlparser::parser::{Parser, ParserError, ParserOptions};
+use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
 use crate::interval::{Interval, TimeMacro, Timestamp, render_time_macro};
 
@@ -121,6 +123,21 @@ impl Visitor for ReferenceCollector {
     }
 }
 
+/// `* EXCEPT (…)` is DuckDB's `* EXCLUDE (…)` (SQLMesh reads one as the other).
+fn star_except_as_exclude(tokens: &mut [TokenWithSpan]) {
+    let mut previous_star = false;
+    for token in tokens.iter_mut() {
+        match &token.token {
+            Token::Whitespace(_) => continue,
+            Token::Word(word) if previous_star && word.quote_style.is_none() && word.keyword == Keyword::EXCEPT => {
+                token.token = Token::make_keyword("EXCLUDE");
+            }
+            _ => {}
+        }
+        previous_star = matches!(token.token, Token::Mul);
+    }
+}
+
 /// Parses `text` (macros already replaced) as one query in `dialect`.
 pub fn parse_query(text: &str, dialect_name: &str) -> Result<ModelQuery, QueryParseError> {
     let Some(dialect) = dialect_for(dialect_name) else {
@@ -129,10 +146,15 @@ pub fn parse_query(text: &str, dialect_name: &str) -> Result<ModelQuery, QueryPa
     // As lenient as SQLMesh: a trailing comma before FROM (or in any list) is accepted in every
     // dialect; printing the query back drops it.
     let options = ParserOptions::new().with_trailing_commas(true);
-    let statements = Parser::new(dialect.as_ref())
-        .with_options(options)
-        .try_with_sql(text)
-        .and_then(|mut parser| parser.parse_statements())
+    let statements = Tokenizer::new(dialect.as_ref(), text)
+        .tokenize_with_location()
+        .map_err(ParserError::from)
+        .and_then(|mut tokens| {
+            if dialect_name == "duckdb" {
+                star_except_as_exclude(&mut tokens);
+            }
+            Parser::new(dialect.as_ref()).with_options(options).with_tokens_with_locations(tokens).parse_statements()
+        })
         .map_err(|error| {
             let message = error.to_string();
             split_parser_message(message.strip_prefix("sql parser error: ").unwrap_or(&message))
@@ -324,6 +346,13 @@ mod tests {
             let query = parse_query("SELECT\n  a,\n  b,\nFROM x.y", dialect).unwrap();
             assert_eq!(query.normalized, "SELECT a, b FROM x.y", "{dialect}");
         }
+    }
+
+    #[test]
+    fn star_except_reads_as_duckdbs_star_exclude() {
+        let query =
+            parse_query("SELECT * EXCEPT (dup), t.* EXCEPT (a, b) FROM t EXCEPT SELECT * FROM u", "duckdb").unwrap();
+        assert_eq!(query.normalized, "SELECT * EXCLUDE (dup), t.* EXCLUDE (a, b) FROM t EXCEPT SELECT * FROM u");
     }
 
     #[test]
