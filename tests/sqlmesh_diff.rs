@@ -248,7 +248,15 @@ async fn every_kind_equals_sqlmeshs(engine: Engine, dialect: &str) {
         "models/amounts.sql",
         "MODEL (name k.amounts, kind VIEW);\nSELECT e.ds, e.item_id, e.qty * p.price AS amount FROM k.events AS e JOIN k.prices AS p ON p.id = e.item_id",
     );
-    let views = ["k.items", "k.events", "k.daily", "k.latest", "k.amounts"];
+    case.write(
+        "models/text_days.sql",
+        "MODEL (\n  name k.text_days,\n  kind INCREMENTAL_BY_TIME_RANGE (time_column (day, '%Y-%m-%d'), batch_size 2),\n  start '2024-01-01',\n  end '2024-01-06'\n);\nSELECT @start_ds AS day, @end_ds AS last_day, 1 AS one",
+    );
+    case.write(
+        "models/text_stamps.sql",
+        "MODEL (\n  name k.text_stamps,\n  kind INCREMENTAL_BY_TIME_RANGE (time_column stamp),\n  start '2024-01-01',\n  end '2024-01-06'\n);\nSELECT CAST(ds AS TEXT) AS stamp, qty FROM k.events WHERE ds BETWEEN @start_ds AND @end_ds",
+    );
+    let views = ["k.items", "k.events", "k.daily", "k.latest", "k.amounts", "k.text_days", "k.text_stamps"];
     case.apply_and_compare("prod", "2024-01-10", &views);
     case.write("models/daily.sql", &daily.replace("SUM(qty) AS total", "SUM(qty) AS total, COUNT(*) AS n"));
     case.apply_and_compare("prod", "2024-01-10", &views);

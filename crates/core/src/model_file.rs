@@ -275,12 +275,26 @@ fn read_kind(reader: &mut FileReader, key: &TokenWithSpan, value: &[&TokenWithSp
         "INCREMENTAL_BY_TIME_RANGE" => {
             let time_column = match take("time_column") {
                 Some((token, tokens)) => {
-                    // `time_column ds` or `time_column (ds, '%Y-%m-%d')`.
+                    // `time_column ds` or `time_column (ds, '%Y-%m-%d')`. The engines compare the
+                    // column with `YYYY-MM-DD` dates (or timestamps): SQLMesh's default format,
+                    // and the only one sluice reads so far.
                     let column_tokens = match tokens.first().map(|t| &t.token) {
-                        Some(Token::LParen) => split_top_level_commas(&tokens[1..tokens.len().saturating_sub(1)])
-                            .into_iter()
-                            .next()
-                            .unwrap_or_default(),
+                        Some(Token::LParen) => {
+                            let mut items = split_top_level_commas(&tokens[1..tokens.len().saturating_sub(1)]);
+                            if let Some(format) = items.get(1)
+                                && !matches!(&format[..], [t] if matches!(&t.token, Token::SingleQuotedString(f) if f == "%Y-%m-%d"))
+                            {
+                                reader.error(
+                                    format.first().copied().unwrap_or(token),
+                                    format!(
+                                        "time_column format {} is not read by sluice yet; expected '%Y-%m-%d' (or no format)",
+                                        join_tokens(format)
+                                    ),
+                                );
+                                return None;
+                            }
+                            items.drain(..).next().unwrap_or_default()
+                        }
                         _ => tokens.clone(),
                     };
                     reader.scalar(token, &column_tokens)?.to_ascii_lowercase()

@@ -70,10 +70,21 @@ pub(crate) fn query_body(query: &str) -> &str {
     query.trim().trim_end_matches(|c: char| c == ';' || c.is_whitespace())
 }
 
-/// `"column" >= CAST('start' AS TIMESTAMP) AND "column" < CAST('end' AS TIMESTAMP)`.
+/// `"column" >= 'start' AND "column" < 'end'`. Bounds at midnight are plain `'YYYY-MM-DD'`
+/// strings, which the engine reads as the column's type: a DATE or TIMESTAMP column compares
+/// them as times, a text column holding `YYYY-MM-DD` dates (SQLMesh's default time format) as
+/// text, with the same rows. Other bounds are `CAST('…' AS TIMESTAMP)`.
 pub(crate) fn interval_filter(time_column: &str, interval: Interval) -> String {
     let column = quote_identifier(time_column);
-    format!("{column} >= {} AND {column} < {}", timestamp_literal(interval.start), timestamp_literal(interval.end))
+    let midnight = |timestamp: Timestamp| timestamp.0.rem_euclid(86_400) == 0;
+    let bound = |timestamp: Timestamp| {
+        if midnight(interval.start) && midnight(interval.end) {
+            format!("'{}'", timestamp.date_string())
+        } else {
+            timestamp_literal(timestamp)
+        }
+    };
+    format!("{column} >= {} AND {column} < {}", bound(interval.start), bound(interval.end))
 }
 
 pub(crate) fn create_schema(schema: &str) -> String {
@@ -453,10 +464,13 @@ mod tests {
         let day = Interval::new(Timestamp(86_400), Timestamp(2 * 86_400));
         assert_eq!(
             delete_interval(&table(), "ds", day),
-            "DELETE FROM \"sluice__shop\".\"shop__items__abc\" WHERE \"ds\" >= CAST('1970-01-02 00:00:00' AS TIMESTAMP) \
-             AND \"ds\" < CAST('1970-01-03 00:00:00' AS TIMESTAMP)"
+            "DELETE FROM \"sluice__shop\".\"shop__items__abc\" WHERE \"ds\" >= '1970-01-02' AND \"ds\" < '1970-01-03'"
         );
         assert!(insert_interval(&table(), "ds", day, "SELECT 1 AS ds;").contains("FROM (SELECT 1 AS ds) AS"));
+        let hour = Interval::new(Timestamp(3_600), Timestamp(7_200));
+        assert!(delete_interval(&table(), "ts", hour).ends_with(
+            "\"ts\" >= CAST('1970-01-01 01:00:00' AS TIMESTAMP) AND \"ts\" < CAST('1970-01-01 02:00:00' AS TIMESTAMP)"
+        ));
     }
 
     #[test]
