@@ -130,16 +130,28 @@ impl Case {
 
     /// As `apply_and_compare`, and the `hidden` views must exist in neither tool's warehouse.
     fn apply_and_compare_shown(&self, environment: &str, now: &str, views: &[&str], hidden: &[&str]) {
+        self.both("apply", &["plan", environment, "--auto-apply", "--now", now], environment, now);
+        self.compare(environment, now, views, hidden);
+    }
+
+    /// `sqlmesh run` and `sluice run` of `environment` at `now`, then compares `views`.
+    fn run_and_compare(&self, environment: &str, now: &str, views: &[&str]) {
+        self.both("run", &["run", environment, "--now", now], environment, now);
+        self.compare(environment, now, views, &[]);
+    }
+
+    /// Runs oracle.py's `verb` and sluice with `sluice_arguments`; both must succeed.
+    fn both(&self, verb: &str, sluice_arguments: &[&str], environment: &str, now: &str) {
         let oracle = Command::new(python())
             .arg(oracle_script())
-            .args(["apply", &self.oracle.project.display().to_string(), now, environment])
+            .args([verb, &self.oracle.project.display().to_string(), now, environment])
             .output()
             .unwrap();
         assert!(oracle.status.success(), "SQLMesh failed:\n{}", String::from_utf8_lossy(&oracle.stderr));
         let sluice = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .arg("--project")
             .arg(&self.sluice.project)
-            .args(["plan", environment, "--auto-apply", "--now", now])
+            .args(sluice_arguments)
             .env("SLUICE_LOG", "warn")
             .env_remove("SLUICE_STATE_URL")
             .output()
@@ -150,6 +162,9 @@ impl Case {
             String::from_utf8_lossy(&sluice.stdout),
             String::from_utf8_lossy(&sluice.stderr)
         );
+    }
+
+    fn compare(&self, environment: &str, now: &str, views: &[&str], hidden: &[&str]) {
         let all: Vec<&str> = views.iter().chain(hidden).copied().collect();
         let expected = dump(&self.oracle.warehouse, &all);
         let actual = dump(&self.sluice.warehouse, &all);
@@ -354,4 +369,26 @@ WHERE @AND(id > 0, NULL, @OR(price < 3, NULL))",
         "MODEL (name m.trimmed, kind VIEW);\nSELECT * EXCEPT (discount, name) FROM m.items",
     );
     case.apply_and_compare("prod", "2024-01-10", &["m.items", "m.shaped", "m.trimmed"]);
+}
+
+/// `run` after time advances: every interval whose cron has elapsed since the plan, hourly and
+/// daily, and the FULL model rebuilt.
+#[tokio::test]
+async fn a_run_after_time_advances_equals_sqlmeshs() {
+    let case = Case::new("run", Engine::DuckDb, "duckdb").await;
+    case.write(
+        "models/hourly.sql",
+        "MODEL (name r.hourly, kind INCREMENTAL_BY_TIME_RANGE (time_column ts), cron '@hourly', start '2024-01-01');\nSELECT CAST(@start_ts AS TIMESTAMP) AS ts, 1 AS n",
+    );
+    case.write(
+        "models/daily.sql",
+        "MODEL (name r.daily, kind INCREMENTAL_BY_TIME_RANGE (time_column ds), start '2024-01-01');\nSELECT CAST(ts AS DATE) AS ds, SUM(n) AS n FROM r.hourly WHERE ts BETWEEN @start_ts AND @end_ts GROUP BY 1",
+    );
+    case.write(
+        "models/total.sql",
+        "MODEL (name r.total, kind FULL, start '2024-01-01');\nSELECT COUNT(*) AS days, SUM(n) AS n FROM r.daily",
+    );
+    let views = ["r.hourly", "r.daily", "r.total"];
+    case.apply_and_compare("prod", "2024-01-03 05:30:00", &views);
+    case.run_and_compare("prod", "2024-01-05 02:10:00", &views);
 }

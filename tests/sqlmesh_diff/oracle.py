@@ -2,6 +2,7 @@
 virtual environment that scripts/services.sh installs.
 
   oracle.py apply PROJECT EXECUTION_TIME [ENV]   runs `sqlmesh plan ENV --auto-apply` on PROJECT
+  oracle.py run PROJECT EXECUTION_TIME [ENV]     runs `sqlmesh run ENV` on PROJECT
   oracle.py dump DUCKDB_FILE|POSTGRES_URL VIEW...  prints each view's columns, types, row count and
                                                    an order-independent checksum, one JSON line each
 
@@ -24,6 +25,18 @@ def apply(project: str, execution_time: str, environment: str = "prod") -> None:
     if environment != "prod":
         command.append(environment)
     command += ["--auto-apply", "--no-prompts", "--execution-time", execution_time]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or "Error" in result.stdout:
+        sys.stderr.write(result.stdout + result.stderr)
+        sys.exit(result.returncode or 1)
+
+
+def run(project: str, execution_time: str, environment: str = "prod") -> None:
+    sqlmesh = Path(sys.executable).with_name("sqlmesh")
+    command = [str(sqlmesh), "--paths", project, "run"]
+    if environment != "prod":
+        command.append(environment)
+    command += ["--execution-time", execution_time]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0 or "Error" in result.stdout:
         sys.stderr.write(result.stdout + result.stderr)
@@ -104,7 +117,9 @@ if __name__ == "__main__":
     verb, *arguments = sys.argv[1:]
     if verb == "apply":
         apply(*arguments)
+    elif verb == "run":
+        run(*arguments)
     elif verb == "dump":
         dump(arguments[0], arguments[1:])
     else:
-        sys.exit(f"unknown verb {verb}; expected apply or dump")
+        sys.exit(f"unknown verb {verb}; expected apply, run or dump")

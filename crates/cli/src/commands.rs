@@ -113,6 +113,25 @@ pub async fn plan(common: &Common<'_>, options: &PlanOptions<'_>) -> Result<Appl
     run_apply(common, &context, state, &plan.id, false).await
 }
 
+/// `sluice run ENV`: the environment's models as they are, every interval their crons have
+/// completed since they last ran; the run's plan is stored and applied like any plan.
+pub async fn run(common: &Common<'_>, environment: &str, now: Timestamp) -> Result<ApplyExit> {
+    let environment = EnvironmentName::parse(environment).map_err(|message| anyhow!("environment: {message}"))?;
+    let context = open_context(common)?;
+    let state = state_of(common, Some(&context)).await?;
+    let current = state.get_environment(&environment).await?.map(|record| record.state);
+    let plan =
+        sluice_coordinator::run_plan_against_state(state.as_ref(), &context.project.config, &environment, now).await?;
+    if plan.has_nothing_to_do(current.as_ref()) {
+        println!("Nothing to run: every interval of {environment} up to {now} is done.");
+        return Ok(ApplyExit::Success);
+    }
+    print!("{}", format_plan(&plan, current.as_ref(), None));
+    state.put_plan(&plan).await?;
+    println!("\nStored as plan {}.", plan.id);
+    run_apply(common, &context, state, &plan.id, false).await
+}
+
 async fn run_apply(
     common: &Common<'_>,
     context: &ProjectContext,

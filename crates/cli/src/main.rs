@@ -73,6 +73,16 @@ enum Command {
         #[arg(long)]
         auto_apply: bool,
     },
+    /// Run an environment's models as they are: every interval whose cron has elapsed since it
+    /// was last run, through the same tasks (and, with an AMQP URL, the same queues) as a plan.
+    Run {
+        /// The environment (default prod).
+        #[arg(default_value = "prod")]
+        environment: String,
+        /// The run's time (default now): intervals end at or before it. A date or timestamp, UTC.
+        #[arg(long)]
+        now: Option<String>,
+    },
     /// Apply a stored plan (or resume one that failed or was aborted). With an AMQP URL this is
     /// the distributed coordinator: it queues the ready tasks and follows the run.
     Apply {
@@ -263,6 +273,9 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
     };
     let done = |result: Result<()>| result.map(|()| ExitCode::SUCCESS);
     match &cli.command {
+        Command::Run { environment, now } => {
+            commands::run(&common, environment, now_or(now.as_deref())?).await.map(exit)
+        }
         Command::Plan { environment, explain, forward_only, now, auto_apply } => {
             let options = commands::PlanOptions {
                 environment,

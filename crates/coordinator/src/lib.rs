@@ -21,9 +21,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sluice_core::config::Config;
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, PlanId, RunId, TaskId};
-use sluice_core::plan::{Change, Plan, PlanContext, build_plan, plan_base};
+use sluice_core::plan::{Change, Plan, PlanContext, build_plan, build_run_plan, plan_base};
 use sluice_core::project::Project;
 use sluice_core::snapshot::fingerprint_project;
 use sluice_core::task_graph::{TaskGraph, finished_tasks, task_tables};
@@ -194,6 +195,26 @@ pub async fn plan_against_state(
         .collect();
     let recorded = state.get_intervals(&keys).await?;
     Ok(make(&recorded))
+}
+
+/// The plan of `sluice run` for `environment` at `now` (`build_run_plan`), against what the state
+/// store records for it. The plan is not stored.
+pub async fn run_plan_against_state(
+    state: &dyn StateStore,
+    config: &Config,
+    environment: &EnvironmentName,
+    now: Timestamp,
+) -> Result<Plan, StateError> {
+    let Some(current) = state.get_environment(environment).await? else {
+        return Err(StateError::NotFound {
+            what: format!("environment {environment}: plan and apply it before running it"),
+        });
+    };
+    let keys: Vec<_> =
+        current.state.snapshots.iter().map(|snapshot| (snapshot.name.clone(), snapshot.version.clone())).collect();
+    let recorded = state.get_intervals(&keys).await?;
+    build_run_plan(&current.state, &recorded, now, config.environment_ttl_seconds, config.notification_webhook.clone())
+        .map_err(|reason| StateError::Invalid { reason })
 }
 
 /// Validation before any work: returns the plan, or why it must not (or need not) be applied.

@@ -274,6 +274,97 @@ fn categorize(model: &Model, new: &Fingerprint, old: &Snapshot, forward_only: bo
 }
 
 /// Computes the plan of `project` against the environment in `context`.
+/// The plan of `sluice run`: the environment's own snapshots, unchanged, with every interval
+/// their crons have completed since they were last run (up to `now`) as tasks — a plan like any
+/// other, so it is stored, applied, resumed and promoted (moving no view) the same way.
+/// `environment_ttl_seconds` and `notification_webhook` come from the project's config.
+pub fn build_run_plan(
+    state: &EnvironmentState,
+    recorded_intervals: &BTreeMap<(ModelName, Version), IntervalSet>,
+    now: Timestamp,
+    environment_ttl_seconds: i64,
+    notification_webhook: Option<String>,
+) -> Result<Plan, String> {
+    // Parents before children: the stored snapshots name their parents by id.
+    let index_by_id: BTreeMap<&SnapshotId, usize> =
+        state.snapshots.iter().enumerate().map(|(index, snapshot)| (&snapshot.id, index)).collect();
+    let mut order: Vec<usize> = Vec::with_capacity(state.snapshots.len());
+    let mut placed = vec![false; state.snapshots.len()];
+    fn place(
+        index: usize,
+        state: &EnvironmentState,
+        index_by_id: &BTreeMap<&SnapshotId, usize>,
+        placed: &mut Vec<bool>,
+        order: &mut Vec<usize>,
+        depth: usize,
+    ) {
+        if placed[index] || depth > state.snapshots.len() {
+            return;
+        }
+        for parent in &state.snapshots[index].parents {
+            if let Some(&parent_index) = index_by_id.get(parent) {
+                place(parent_index, state, index_by_id, placed, order, depth + 1);
+            }
+        }
+        if !placed[index] {
+            placed[index] = true;
+            order.push(index);
+        }
+    }
+    for index in 0..state.snapshots.len() {
+        place(index, state, &index_by_id, &mut placed, &mut order, 0);
+    }
+    let mut position: BTreeMap<&SnapshotId, usize> = BTreeMap::new();
+    let mut planned: Vec<PlannedSnapshot> = Vec::with_capacity(order.len());
+    for index in order {
+        let snapshot = &state.snapshots[index];
+        let cron = Cron::parse(&snapshot.cron).map_err(|error| format!("{}: stored cron: {error}", snapshot.name))?;
+        let recorded = recorded_intervals.get(&(snapshot.name.clone(), snapshot.version.clone()));
+        let backfill = compute_backfill(snapshot, &cron, snapshot.start, recorded, now);
+        // The materialized snapshots this one waits for: parents, through EMBEDDED ones.
+        let mut materialized = BTreeSet::new();
+        let mut pending: Vec<&SnapshotId> = snapshot.parents.iter().collect();
+        while let Some(parent) = pending.pop() {
+            let Some(&parent_index) = index_by_id.get(parent) else { continue };
+            let parent_snapshot = &state.snapshots[parent_index];
+            if matches!(parent_snapshot.kind, ModelKind::Embedded) {
+                pending.extend(parent_snapshot.parents.iter());
+            } else if let Some(&parent_position) = position.get(parent) {
+                materialized.insert(parent_position as u32);
+            }
+        }
+        position.insert(&snapshot.id, planned.len());
+        planned.push(PlannedSnapshot {
+            snapshot: snapshot.clone(),
+            change: Change::Unchanged,
+            previous: Some(snapshot.clone()),
+            missing_ranges: backfill.missing_ranges,
+            missing_interval_count: backfill.missing_interval_count,
+            batches: backfill.batches,
+            materialized_parents: materialized.into_iter().collect(),
+            promoted: true,
+        });
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"run\0");
+    hasher.update(state.name.as_str().as_bytes());
+    hasher.update(&[0]);
+    hasher.update(state.plan_id.as_ref().map_or("", |id| id.0.as_str()).as_bytes());
+    hasher.update(&now.0.to_le_bytes());
+    Ok(Plan {
+        id: PlanId(short_hash(&hasher.finalize(), 6)),
+        environment: state.name.clone(),
+        previous_plan_id: state.plan_id.clone(),
+        created_at: now,
+        forward_only: false,
+        snapshots: planned,
+        removed: Vec::new(),
+        environment_exists: true,
+        environment_ttl_seconds: (!state.name.is_prod()).then_some(environment_ttl_seconds),
+        notification_webhook,
+    })
+}
+
 /// What a plan of `environment` compares against: prod's state for prod or a new environment;
 /// for an existing development environment, its own snapshots over prod's (it records only the
 /// models that differ from prod).
