@@ -182,23 +182,7 @@ impl Case {
 
 impl Drop for Case {
     fn drop(&mut self) {
-        let databases = std::mem::take(&mut self.databases);
-        if databases.is_empty() {
-            return;
-        }
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async move {
-                use sqlx::Connection;
-                if let Ok(mut admin) = sqlx::PgConnection::connect(support::POSTGRES_ADMIN_URL).await {
-                    for database in databases {
-                        let statement = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
-                        let _ = sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut admin).await;
-                    }
-                }
-            });
-        })
-        .join();
+        support::drop_databases(std::mem::take(&mut self.databases));
     }
 }
 

@@ -180,27 +180,28 @@ impl Drop for Sandbox {
             eprintln!("kept {} and databases {:?}", folder.keep().display(), self.databases);
             return;
         }
-        let databases = std::mem::take(&mut self.databases);
-        if databases.is_empty() {
-            return;
-        }
-        // Best effort: a fresh runtime on another thread, since drop may run inside one.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async move {
-                if let Ok(mut admin) = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL).await {
-                    for database in databases {
-                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-                        )))
-                        .execute(&mut admin)
-                        .await;
-                    }
-                }
-            });
-        })
-        .join();
+        drop_databases(std::mem::take(&mut self.databases));
     }
+}
+
+/// Drops test databases, best effort: a fresh runtime on another thread, since a `Drop` calling
+/// this may run inside one.
+pub fn drop_databases(databases: Vec<String>) {
+    if databases.is_empty() {
+        return;
+    }
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            if let Ok(mut admin) = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL).await {
+                for database in databases {
+                    let statement = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut admin).await;
+                }
+            }
+        });
+    })
+    .join();
 }
 
 /// A finished `sluice` process.

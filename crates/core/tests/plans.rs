@@ -577,3 +577,53 @@ fn python_jinja_and_inline_audits_are_refused_one_error_each() {
     "#]]
     .assert_eq(&errors.to_string());
 }
+
+/// `sluice run`: the environment's snapshots unchanged, with the intervals completed since the
+/// plan; nothing when none has completed.
+#[test]
+fn a_run_plans_the_environments_snapshots_with_the_intervals_completed_since() {
+    let open_ended = ORDERS.replace("  end '2024-01-05'\n", "");
+    let project = project(&[
+        ("models/orders.sql", open_ended.as_str()),
+        ("models/summary.sql", "MODEL (name shop.summary, kind FULL);\nSELECT COUNT(*) AS n FROM shop.orders"),
+    ]);
+    let mut state = State::default();
+    let first = state.plan(&project, "prod", false);
+    state.apply(&first);
+    let prod = &state.environments[&EnvironmentName::prod()];
+    let later = Timestamp::parse("2024-01-12 06:00").unwrap();
+    let run = sluice_core::plan::build_run_plan(prod, &state.recorded, later, 0, None).unwrap();
+    assert_eq!(run.previous_plan_id.as_ref(), Some(&first.id));
+    assert!(run.snapshots.iter().all(|planned| planned.change == sluice_core::plan::Change::Unchanged));
+    assert!(run.view_changes(Some(prod)).is_empty());
+    let ranges: Vec<String> = run
+        .snapshots
+        .iter()
+        .map(|planned| {
+            format!(
+                "{} {:?}",
+                planned.snapshot.name,
+                planned.missing_ranges.iter().map(ToString::to_string).collect::<Vec<_>>()
+            )
+        })
+        .collect();
+    expect![[r#"
+        [
+            "shop.orders [\"[2024-01-10 00:00:00, 2024-01-12 00:00:00)\"]",
+            "shop.summary [\"[2024-01-10 00:00:00, 2024-01-12 00:00:00)\"]",
+        ]
+    "#]]
+    .assert_debug_eq(&ranges);
+    assert_eq!(run.snapshots[1].materialized_parents, vec![0]);
+    let graph = TaskGraph::build(&run);
+    assert_eq!(graph.len(), 2, "one batch of orders (no batch_size), one rebuild of the summary");
+    let nothing = sluice_core::plan::build_run_plan(
+        prod,
+        &state.recorded,
+        Timestamp::parse("2024-01-10 23:00").unwrap(),
+        0,
+        None,
+    )
+    .unwrap();
+    assert!(nothing.has_nothing_to_do(Some(prod)));
+}
