@@ -321,7 +321,7 @@ async fn a_breaking_change_in_dev_equals_sqlmeshs() {
 }
 
 /// The macro functions sluice evaluates, in one model, with variables from the config (by
-/// @VAR and by bare name); a seed typed as SQLMesh infers it; `* EXCEPT` on DuckDB.
+/// @VAR and by bare name); a seed typed as SQLMesh infers it; `* EXCEPT` on DuckDB; blueprints.
 #[tokio::test]
 async fn macro_functions_equal_sqlmeshs() {
     let case = Case::new("macros", Engine::DuckDb, "duckdb").await;
@@ -349,10 +349,14 @@ FROM m.items
 WHERE @AND(id > 0, NULL, @OR(price < 3, NULL))",
     );
     case.write(
+        "models/priced.sql",
+        "MODEL (\n  name @name,\n  kind FULL,\n  blueprints (\n    (name := m.cheap, low := 0, high := 1),\n    (name := m.dear, low := 1, high := 100),\n  )\n);\nSELECT id, price FROM m.items WHERE price >= @low AND price < @BLUEPRINT_VAR('high')",
+    );
+    case.write(
         "models/trimmed.sql",
         "MODEL (name m.trimmed, kind VIEW);\nSELECT * EXCEPT (discount, name) FROM m.items",
     );
-    case.apply_and_compare("prod", "2024-01-10", &["m.items", "m.shaped", "m.trimmed"]);
+    case.apply_and_compare("prod", "2024-01-10", &["m.items", "m.shaped", "m.trimmed", "m.cheap", "m.dear"]);
 }
 
 /// `run` after time advances: every interval whose cron has elapsed since the plan, hourly and

@@ -1200,6 +1200,136 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
     errors.finish(ParsedModel { model, warnings }).map_err(|errors| errors.0)
 }
 
+/// A model file's texts, one per blueprint: with `blueprints ((name := a.b, v := 1), …)` in its
+/// MODEL block, the file is a template, and each blueprint's values replace `@name` and
+/// `@BLUEPRINT_VAR('name')` throughout (the property itself removed), as SQLMesh expands it.
+/// Without blueprints, the text itself.
+pub fn expand_blueprints(file: &str, text: &str) -> Result<Vec<String>, Vec<ProjectError>> {
+    let Ok(tokens) = Tokenizer::new(&GenericDialect {}, text).with_unescape(false).tokenize_with_location() else {
+        return Ok(vec![text.to_string()]);
+    };
+    // The `blueprints` property: its tokens (key to value's end, with the comma before it).
+    let mut depth = 0usize;
+    let mut property: Option<(usize, usize)> = None;
+    let mut previous_significant: Option<usize> = None;
+    for (index, token) in tokens.iter().enumerate() {
+        match token.token {
+            Token::LParen | Token::LBracket => depth += 1,
+            Token::RParen | Token::RBracket => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    break;
+                }
+            }
+            Token::Word(_)
+                if depth == 1
+                    && is_word(&token.token, "blueprints")
+                    && previous_significant
+                        .is_some_and(|p| matches!(tokens[p].token, Token::Comma | Token::LParen)) =>
+            {
+                // From the comma before it (or the key, first in the block) to the end of its value.
+                let mut value_depth = 0usize;
+                let mut end = tokens.len();
+                for (offset, value_token) in tokens[index + 1..].iter().enumerate() {
+                    match value_token.token {
+                        Token::LParen | Token::LBracket => value_depth += 1,
+                        Token::RParen | Token::RBracket if value_depth == 0 => {
+                            end = index + 1 + offset;
+                            break;
+                        }
+                        Token::RParen | Token::RBracket => value_depth -= 1,
+                        Token::Comma if value_depth == 0 => {
+                            end = index + 1 + offset;
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                let start = match previous_significant {
+                    Some(p) if matches!(tokens[p].token, Token::Comma) => p,
+                    _ => index,
+                };
+                property = Some((start, end));
+                break;
+            }
+            _ => {}
+        }
+        if !matches!(token.token, Token::Whitespace(_)) {
+            previous_significant = Some(index);
+        }
+    }
+    let Some((start, end)) = property else { return Ok(vec![text.to_string()]) };
+    let key_index =
+        tokens[start..end].iter().position(|t| is_word(&t.token, "blueprints")).map_or(start, |p| start + p);
+    let value: Vec<&TokenWithSpan> = significant(&tokens[key_index + 1..end]);
+    let location = SourceLocation::new(file, tokens[key_index].span.start.line, tokens[key_index].span.start.column);
+    let expected = "expected blueprints ((name := value, …), …)";
+    let wrapped = |items: &[&TokenWithSpan]| {
+        matches!(
+            (items.first().map(|t| &t.token), items.last().map(|t| &t.token)),
+            (Some(Token::LParen), Some(Token::RParen)) | (Some(Token::LBracket), Some(Token::RBracket))
+        )
+    };
+    if !wrapped(&value) {
+        return Err(vec![ProjectError::new(location, expected)]);
+    }
+    let mut texts = Vec::new();
+    for blueprint in split_top_level_commas(&value[1..value.len() - 1]) {
+        if blueprint.is_empty() {
+            continue;
+        }
+        if !wrapped(&blueprint) {
+            return Err(vec![ProjectError::new(location.clone(), expected)]);
+        }
+        let mut values: BTreeMap<String, String> = BTreeMap::new();
+        for pair in split_top_level_commas(&blueprint[1..blueprint.len() - 1]) {
+            match pair.as_slice() {
+                [] => {}
+                [key, assign, rest @ ..] if matches!(assign.token, Token::Assignment) && !rest.is_empty() => {
+                    let Token::Word(word) = &key.token else {
+                        return Err(vec![ProjectError::new(location.clone(), expected)]);
+                    };
+                    values.insert(word.value.to_ascii_lowercase(), join_tokens(rest));
+                }
+                _ => return Err(vec![ProjectError::new(location.clone(), expected)]),
+            }
+        }
+        let mut expanded = String::with_capacity(text.len());
+        let mut index = 0;
+        while index < tokens.len() {
+            if index == start {
+                index = end;
+                continue;
+            }
+            let token = &tokens[index];
+            index += 1;
+            if let Token::Word(word) = &token.token
+                && word.quote_style.is_none()
+                && let Some(name) = word.value.strip_prefix('@').map(str::to_ascii_lowercase)
+            {
+                if name == "blueprint_var"
+                    && let Some((arguments, after)) = call_arguments(&tokens, index)
+                    && let [argument] = arguments.as_slice()
+                    && let [Token::SingleQuotedString(variable)] =
+                        significant(argument).iter().map(|t| &t.token).collect::<Vec<_>>()[..]
+                    && let Some(value) = values.get(&variable.to_ascii_lowercase())
+                {
+                    expanded.push_str(value);
+                    index = after;
+                    continue;
+                }
+                if let Some(value) = values.get(&name) {
+                    expanded.push_str(value);
+                    continue;
+                }
+            }
+            expanded.push_str(&token.token.to_string());
+        }
+        texts.push(expanded);
+    }
+    Ok(texts)
+}
+
 /// The catalog name DuckDB gives a database file: its name without the extension.
 fn duckdb_catalog(database: &str) -> Option<String> {
     let stem = std::path::Path::new(database).file_stem()?.to_string_lossy().to_ascii_lowercase();
@@ -1313,6 +1443,20 @@ WHERE @AND(a > 0, NULL, @OR(b < 1, NULL))";
                 "models/m.sql:2:8: @IF: cannot evaluate \"a > 1\" when the model is read; expected literals, comparisons, AND, OR, NOT and arithmetic"
             ]
         );
+    }
+
+    #[test]
+    fn blueprints_expand_one_model_file_into_several() {
+        let text = "MODEL (\n  name @name,\n  kind FULL,\n  blueprints ((name := s.low, cap := 1), (name := s.high, cap := 'x''y'),)\n);\nSELECT @cap AS cap, @BLUEPRINT_VAR('cap') AS again";
+        let texts = expand_blueprints("models/m.sql", text).unwrap();
+        assert_eq!(texts.len(), 2);
+        let queries: Vec<String> =
+            texts.iter().map(|text| parse(text).unwrap().model.query.unwrap().normalized).collect();
+        assert_eq!(queries, vec!["SELECT 1 AS cap, 1 AS again", "SELECT 'x''y' AS cap, 'x''y' AS again"]);
+        assert_eq!(parse(&texts[1]).unwrap().model.name.to_string(), "s.high");
+        assert_eq!(expand_blueprints("models/m.sql", "MODEL (name s.m);\nSELECT 1").unwrap().len(), 1);
+        let errors = expand_blueprints("models/m.sql", "MODEL (name @name, blueprints (name := s.a));").unwrap_err();
+        assert_eq!(messages(errors), vec!["models/m.sql:1:20: expected blueprints ((name := value, …), …)"]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde_yaml_ng::Value;
 use crate::config::{CONFIG_FILE, Config, parse_config};
 use crate::error::{ErrorSink, ProjectError, ProjectErrors, SourceLocation};
 use crate::model::{Model, ModelKind};
-use crate::model_file::{ModelFileContext, parse_model_file};
+use crate::model_file::{ModelFileContext, expand_blueprints, parse_model_file};
 use crate::names::ModelName;
 
 pub const EXTERNAL_MODELS_FILE: &str = "external_models.yaml";
@@ -163,8 +163,12 @@ pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
     let python_macros = python_macros(files);
     let context = ModelFileContext { config: &config, csv_files: &files.csv_files, python_macros: &python_macros };
     let mut models: BTreeMap<ModelName, Model> = BTreeMap::new();
-    for (path, text) in &files.models {
-        match parse_model_file(path, text, context) {
+    let texts = files.models.iter().flat_map(|(path, text)| match expand_blueprints(path, text) {
+        Ok(texts) => texts.into_iter().map(|text| (path, Ok(text))).collect::<Vec<_>>(),
+        Err(file_errors) => vec![(path, Err(file_errors))],
+    });
+    for (path, text) in texts {
+        match text.and_then(|text| parse_model_file(path, &text, context)) {
             Ok(parsed) => {
                 warnings.extend(parsed.warnings);
                 let model = parsed.model;
