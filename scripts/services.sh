@@ -94,7 +94,10 @@ log "PostgreSQL, MariaDB, Redis and RabbitMQ are up"
 # environment outside the clone (installed once per machine, about a minute).
 SQLMESH_VERSION=0.236.4
 venv="${SLUICE_SQLMESH_VENV:-$HOME/.cache/sluice/sqlmesh-$SQLMESH_VERSION}"
-if ! "$venv/bin/python" -c "import sqlmesh, duckdb, psycopg2" >/dev/null 2>&1; then
+# The dump reads both tools' DuckDB files with the DuckDB sluice links (2.0: it reads SQLMesh's
+# 1.5 files too; SQLMesh itself keeps the DuckDB it supports), installed beside it in reader/.
+if ! "$venv/bin/python" -c "import sqlmesh, duckdb, psycopg2" >/dev/null 2>&1 \
+  || ! PYTHONPATH="$venv/reader" "$venv/bin/python" -c "import duckdb; assert duckdb.__version__ == '2.0.1'" >/dev/null 2>&1; then
   command -v python3 >/dev/null || apt_install python3
   python3 -c "import venv, ensurepip" >/dev/null 2>&1 || apt_install python3-venv
   log "installing SQLMesh $SQLMESH_VERSION into $venv"
@@ -102,5 +105,6 @@ if ! "$venv/bin/python" -c "import sqlmesh, duckdb, psycopg2" >/dev/null 2>&1; t
   python3 -m venv "$venv" || fail "python3 -m venv $venv"
   "$venv/bin/pip" install -q "sqlmesh==$SQLMESH_VERSION" "duckdb==1.5.6" "psycopg2-binary==2.9.13" \
     || fail "pip install sqlmesh==$SQLMESH_VERSION"
+  "$venv/bin/pip" install -q --target "$venv/reader" "duckdb==2.0.1" || fail "pip install duckdb==2.0.1 (the reader)"
 fi
 log "SQLMesh $SQLMESH_VERSION is in $venv"

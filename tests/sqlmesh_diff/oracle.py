@@ -2,9 +2,10 @@
 virtual environment that scripts/services.sh installs.
 
   oracle.py apply PROJECT EXECUTION_TIME [ENV]   runs `sqlmesh plan ENV --auto-apply` on PROJECT
-  oracle.py run PROJECT EXECUTION_TIME [ENV]     runs `sqlmesh run ENV` on PROJECT
-  oracle.py dump DUCKDB_FILE|POSTGRES_URL VIEW...  prints each view's columns, types, row count and
-                                                   an order-independent checksum, one JSON line each
+  oracle.py run PROJECT NOW [ENV]                runs `sqlmesh run ENV` on PROJECT (at the wall clock)
+  oracle.py dump DUCKDB_FILE|POSTGRES_URL VIEW...  prints each view's columns with their type family,
+                                                   row count and an order-independent checksum, one
+                                                   JSON line each (and its exact types on a # line)
 
 Both tools' warehouses are dumped by the same code, so a difference is in the data, never in how
 it was read.
@@ -31,12 +32,13 @@ def apply(project: str, execution_time: str, environment: str = "prod") -> None:
         sys.exit(result.returncode or 1)
 
 
-def run(project: str, execution_time: str, environment: str = "prod") -> None:
+def run(project: str, _now: str, environment: str = "prod") -> None:
+    """`sqlmesh run` has no execution time: it runs at the wall clock (the caller runs sluice at
+    the same moment)."""
     sqlmesh = Path(sys.executable).with_name("sqlmesh")
     command = [str(sqlmesh), "--paths", project, "run"]
     if environment != "prod":
         command.append(environment)
-    command += ["--execution-time", execution_time]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0 or "Error" in result.stdout:
         sys.stderr.write(result.stdout + result.stderr)
@@ -57,6 +59,28 @@ def normalized(value):
     if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
         return value.isoformat()
     return str(value)
+
+
+def type_family(data_type: str) -> str:
+    """A column type's family. SQLMesh casts every column to the type its optimizer infers
+    (SUM of BIGINT is BIGINT), where sluice keeps the one the engine gives (HUGEINT in DuckDB,
+    NUMERIC in PostgreSQL): within a family the rows compare equal, across families they do not."""
+    name = data_type.lower().split("(")[0].strip()
+    families = {
+        "whole or decimal number": ["tinyint", "smallint", "integer", "int", "bigint", "hugeint", "ubigint",
+                                    "uinteger", "usmallint", "utinyint", "uhugeint", "numeric", "decimal",
+                                    "int2", "int4", "int8", "int128"],
+        "floating point": ["real", "float", "double", "double precision", "float4", "float8"],
+        "text": ["varchar", "text", "character varying", "string", "character", "char", "bpchar"],
+        "date": ["date"],
+        "timestamp": ["timestamp", "timestamp without time zone", "datetime"],
+        "timestamp with time zone": ["timestamp with time zone", "timestamptz"],
+        "boolean": ["boolean", "bool"],
+    }
+    for family, members in families.items():
+        if name in members:
+            return family
+    return name
 
 
 def table_summary(columns, rows):
@@ -84,6 +108,9 @@ def dump(target: str, views) -> None:
             )
             return cursor.fetchall()
     else:
+        # The DuckDB sluice links (2.0), installed beside SQLMesh's own in reader/ by
+        # scripts/services.sh: it reads both tools' files.
+        sys.path.insert(0, str(Path(sys.executable).parent.parent / "reader"))
         import duckdb
 
         connection = duckdb.connect(target, read_only=True)
@@ -103,11 +130,14 @@ def dump(target: str, views) -> None:
         schema, name = view.split(".")
         try:
             _, rows = query(f'SELECT * FROM "{schema}"."{name}"')
-            columns = [f"{column} {data_type}" for column, data_type in types(schema, name)]
+            described = types(schema, name)
+            columns = [f"{column} {type_family(data_type)}" for column, data_type in described]
             summary = table_summary(columns, rows)
+            exact = ", ".join(f"{column} {data_type}" for column, data_type in described)
+            print(f"# {view}: {exact}")
         except Exception as error:  # a missing view is a state to compare, not a crash
             sys.stderr.write(f"{view}: {str(error).splitlines()[0]}\n")
-            if hasattr(connection, "rollback"):
+            if target.startswith("postgres"):
                 connection.rollback()
             summary = {"missing": True}
         print(json.dumps({"view": view, **summary}, sort_keys=True))

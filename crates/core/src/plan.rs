@@ -84,7 +84,8 @@ pub struct PlannedSnapshot {
     /// Indices (into `Plan::snapshots`) of the materialized snapshots this one's tasks wait for.
     pub materialized_parents: Vec<u32>,
     /// Whether the environment shows this model: always in prod; in a development environment
-    /// only when its version differs from prod's (plans stored before this field: all shown).
+    /// when its version differs from prod's or the environment showed it already (plans stored
+    /// before this field: all shown).
     #[serde(default = "shown_by_default")]
     pub promoted: bool,
 }
@@ -425,6 +426,10 @@ pub fn effective_starts(project: &Project, now: Timestamp) -> BTreeMap<ModelName
 pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
     let fingerprints = fingerprint_project(project);
     let starts = effective_starts(project, context.now);
+    // A development environment keeps showing what it showed (SQLMesh's rule: a model changed
+    // back to prod's version keeps its view there, now reading prod's table).
+    let shown: BTreeSet<&ModelName> =
+        context.current.map(|current| current.snapshots.iter().map(|s| &s.name).collect()).unwrap_or_default();
     let prod_versions: BTreeMap<&ModelName, &Version> =
         context.prod.map(|prod| prod.snapshots.iter().map(|s| (&s.name, &s.version)).collect()).unwrap_or_default();
     let base_by_name: BTreeMap<&ModelName, &Snapshot> =
@@ -571,7 +576,9 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
             .iter()
             .filter_map(|parent| index_of.get(parent).map(|index| *index as u32))
             .collect();
-        let promoted = context.environment.is_prod() || prod_versions.get(name) != Some(&&snapshot.version);
+        let promoted = context.environment.is_prod()
+            || prod_versions.get(name) != Some(&&snapshot.version)
+            || shown.contains(name);
         index_of.insert(name, planned.len());
         planned.push(PlannedSnapshot {
             snapshot,
