@@ -334,6 +334,23 @@ fn read_kind(reader: &mut FileReader, key: &TokenWithSpan, value: &[&TokenWithSp
             let batch_size = take("batch_size").and_then(|(t, v)| reader.count(t, &v, 1));
             ModelKind::Seed { path, batch_size }
         }
+        "CUSTOM" => {
+            reader.error(
+                first,
+                format!("CUSTOM kinds run a Python materialization, which sluice cannot run; use one of the kinds sluice runs ({KINDS})"),
+            );
+            return None;
+        }
+        "SCD_TYPE_2"
+        | "SCD_TYPE_2_BY_TIME"
+        | "SCD_TYPE_2_BY_COLUMN"
+        | "INCREMENTAL_BY_PARTITION"
+        | "INCREMENTAL_UNMANAGED"
+        | "EXTERNAL"
+        | "MANAGED" => {
+            reader.error(first, format!("{kind_name} is a SQLMesh kind sluice does not run yet; expected {KINDS}"));
+            return None;
+        }
         _ => {
             reader.error(first, format!("unknown model kind {}; expected {KINDS}", word.value));
             return None;
@@ -1520,6 +1537,13 @@ WHERE @AND(a > 0, NULL, @OR(b < 1, NULL))";
             "{errors:#?}"
         );
         assert!(errors[1].starts_with("models/m.sql:4:8: expected @hourly, @daily"), "{errors:#?}");
+        let custom = messages(parse("MODEL (name s.m, kind CUSTOM (materialization 'x'));\nSELECT 1").unwrap_err());
+        assert!(custom[0].starts_with("models/m.sql:1:23: CUSTOM kinds run a Python materialization"), "{custom:?}");
+        let scd = messages(parse("MODEL (name s.m, kind SCD_TYPE_2 (unique_key id));\nSELECT 1").unwrap_err());
+        assert!(
+            scd[0].starts_with("models/m.sql:1:23: SCD_TYPE_2 is a SQLMesh kind sluice does not run yet"),
+            "{scd:?}"
+        );
         assert!(errors[2].starts_with("models/m.sql:5:9: expected a date"), "{errors:#?}");
         assert!(errors[3].starts_with("models/m.sql:6:11: expected true or false"), "{errors:#?}");
     }
