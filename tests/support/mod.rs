@@ -532,7 +532,7 @@ impl Roles {
         let position = self.children.iter().position(|(role, _, _)| role == name).unwrap();
         let (name, mut child, log) = self.children.remove(position);
         let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-        let status = child.wait().unwrap();
+        let status = wait_stopped(&name, &mut child, &log);
         let log = std::fs::read_to_string(log).unwrap_or_default();
         assert!(status.success(), "{name} did not stop cleanly ({status:?}):\n{log}");
     }
@@ -543,7 +543,7 @@ impl Roles {
             let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
         }
         for (name, mut child, log) in self.children.drain(..) {
-            let status = child.wait().unwrap();
+            let status = wait_stopped(&name, &mut child, &log);
             let log = std::fs::read_to_string(log).unwrap_or_default();
             assert!(status.success(), "{name} did not stop cleanly ({status:?}):\n{log}");
         }
@@ -556,6 +556,24 @@ impl Drop for Roles {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Waits for a role sent SIGTERM to exit: a role that finishes its tasks in hand must stop
+/// within two minutes; one that does not is killed and the test fails with its log.
+fn wait_stopped(name: &str, child: &mut Child, log: &Path) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("{name} did not stop within 120 s of SIGTERM:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -274,7 +274,7 @@ impl RabbitBroker {
         self.declare_gateway(gateway).await?;
         let queue = self.config.task_queue(gateway);
         let confirm = self.publish_confirmed("", &queue, payload).await?;
-        check_confirmation(confirm.await.map_err(backend)?, &queue)
+        confirmed(confirm, &queue).await
     }
 
     /// Deletes the gateways' queues and the events topology (tests clean up after themselves).
@@ -412,6 +412,22 @@ fn backend(error: lapin::Error) -> QueueError {
     QueueError::Backend(format!("rabbitmq: {error}"))
 }
 
+/// How long a publisher confirm or an acknowledgement may take. After a broker restart a
+/// confirm of the old channel may never come: waiting longer would hold the settle (and a
+/// stopping worker) forever; the task is delivered again instead, and its copy only settles.
+const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Waits for a publisher confirm (at most `CONFIRM_TIMEOUT`) and checks it.
+async fn confirmed(confirm: lapin::PublisherConfirm, routing_key: &str) -> Result<(), QueueError> {
+    match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+        Ok(confirmation) => check_confirmation(confirmation.map_err(backend)?, routing_key),
+        Err(_) => Err(QueueError::Backend(format!(
+            "the broker did not confirm a message for {routing_key} within {} s",
+            CONFIRM_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
 fn check_confirmation(confirmation: lapin::Confirmation, routing_key: &str) -> Result<(), QueueError> {
     if confirmation.is_nack() {
         return Err(QueueError::Backend(format!("the broker refused a message for {routing_key} (nack)")));
@@ -444,21 +460,30 @@ struct RabbitAcknowledger {
 #[async_trait]
 impl Acknowledger for RabbitAcknowledger {
     async fn ack(&self) -> Result<(), QueueError> {
-        match self.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => {}
-            Ok(false) => debug!("ack on a lost channel: the broker will deliver the message again"),
-            Err(error) => warn!(error = %error, "ack failed: the broker will deliver the message again"),
+        match tokio::time::timeout(CONFIRM_TIMEOUT, self.acker.ack(BasicAckOptions::default())).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => debug!("ack on a lost channel: the broker will deliver the message again"),
+            Ok(Err(error)) => warn!(error = %error, "ack failed: the broker will deliver the message again"),
+            Err(_) => warn!("ack not written in time: the broker will deliver the message again"),
         }
         Ok(())
     }
 
     async fn requeue(&self) -> Result<(), QueueError> {
-        self.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await.map_err(backend)?;
+        let nack = self.acker.nack(BasicNackOptions { requeue: true, multiple: false });
+        tokio::time::timeout(CONFIRM_TIMEOUT, nack)
+            .await
+            .map_err(|_| QueueError::Backend("requeueing a message timed out".to_string()))?
+            .map_err(backend)?;
         Ok(())
     }
 
     async fn reject(&self) -> Result<(), QueueError> {
-        self.acker.reject(BasicRejectOptions { requeue: false }).await.map_err(backend)?;
+        let reject = self.acker.reject(BasicRejectOptions { requeue: false });
+        tokio::time::timeout(CONFIRM_TIMEOUT, reject)
+            .await
+            .map_err(|_| QueueError::Backend("rejecting a message timed out".to_string()))?
+            .map_err(backend)?;
         Ok(())
     }
 }
@@ -500,7 +525,7 @@ impl TaskQueue for RabbitBroker {
                 confirms.push((self.publish_confirmed("", &queue, &payload).await?, queue));
             }
             for (confirm, queue) in confirms {
-                check_confirmation(confirm.await.map_err(backend)?, &queue)?;
+                confirmed(confirm, &queue).await?;
             }
             return Ok(());
         }
@@ -541,7 +566,7 @@ impl TaskQueue for RabbitBroker {
         for lane in lanes {
             let confirms = lane.await.map_err(|error| QueueError::Backend(format!("publishing: {error}")))?;
             for (confirm, queue) in confirms.map_err(backend)? {
-                check_confirmation(confirm.await.map_err(backend)?, &queue)?;
+                confirmed(confirm, &queue).await?;
             }
         }
         Ok(())
@@ -641,7 +666,7 @@ impl EventBus for RabbitBroker {
         let payload = sluice_proto::encode_run_event(&event_to_wire(&event));
         if matches!(event, RunEvent::RunSettled { .. }) {
             let confirm = self.publish_confirmed(&exchange, key, &payload).await?;
-            return check_confirmation(confirm.await.map_err(backend)?, key);
+            return confirmed(confirm, key).await;
         }
         let link = self.link().await?;
         link.plain
