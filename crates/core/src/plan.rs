@@ -136,6 +136,12 @@ impl Plan {
         self.snapshots.iter().map(|planned| planned.batches.len()).sum()
     }
 
+    /// The intervals the plan's tasks backfill: what a run of it reports as done. A VIEW or
+    /// SEED is built once, whatever its cron, and counts none.
+    pub fn interval_count(&self) -> u64 {
+        self.snapshots.iter().flat_map(|planned| &planned.batches).map(|batch| u64::from(batch.interval_count)).sum()
+    }
+
     /// The environment's state once the plan is promoted: the snapshots it shows (in a
     /// development environment, only those that differ from prod).
     pub fn environment_state(&self) -> EnvironmentState {
@@ -215,10 +221,14 @@ fn compute_backfill(
                 return nothing;
             }
             let count = missing.len() as u64;
+            // A VIEW or SEED is built once: its task backfills no interval (the plan and the
+            // run both count it as none).
+            let backfilled =
+                if matches!(snapshot.kind, ModelKind::Full) { count.min(u32::MAX as u64) as u32 } else { 0 };
             Backfill {
                 missing_ranges: IntervalSet::from_intervals(missing).ranges().to_vec(),
                 missing_interval_count: count,
-                batches: vec![BackfillBatch { interval: range, interval_count: count.min(u32::MAX as u64) as u32 }],
+                batches: vec![BackfillBatch { interval: range, interval_count: backfilled }],
             }
         }
         ModelKind::IncrementalByTimeRange { batch_size, lookback, .. } => {

@@ -94,12 +94,7 @@ pub fn format_plan(plan: &Plan, current: Option<&EnvironmentState>, graph: Optio
     }
 
     let task_count = plan.task_count() as u64;
-    let interval_count: u64 = plan
-        .snapshots
-        .iter()
-        .filter(|p| !matches!(p.snapshot.kind, ModelKind::View | ModelKind::Seed { .. }))
-        .map(|p| p.missing_interval_count)
-        .sum();
+    let interval_count = plan.interval_count();
     if task_count == 0 {
         let _ = writeln!(out, "\nBackfill: nothing to backfill");
     } else {

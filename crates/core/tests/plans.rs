@@ -129,6 +129,23 @@ WHERE ds BETWEEN @start_ds AND @end_ds AND amount > 0
 GROUP BY ds
 ";
 
+/// The intervals a plan announces are the ones its run reports: the task graph's, VIEW and SEED
+/// counting none.
+#[test]
+fn the_plans_interval_count_is_its_tasks() {
+    let project = project(&[
+        ("models/orders.sql", ORDERS),
+        ("models/daily.sql", DAILY),
+        ("models/summary.sql", SUMMARY),
+        ("models/latest.sql", "MODEL (name shop.latest, kind VIEW);\nSELECT * FROM shop.daily"),
+    ]);
+    let plan = State::default().plan(&project, "prod", false);
+    let graph = TaskGraph::build(&plan);
+    let run_total: u64 = graph.tasks.iter().map(|task| u64::from(task.interval_count)).sum();
+    assert_eq!(plan.interval_count(), run_total);
+    assert_eq!(run_total, 15, "orders 5, daily 5, summary 5, the view none");
+}
+
 #[test]
 fn first_plan_to_prod_backfills_everything() {
     let state = State::default();
