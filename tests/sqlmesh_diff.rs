@@ -367,8 +367,10 @@ async fn macro_functions_equal_sqlmeshs() {
         "models/shaped.sql",
         "MODEL (name m.shaped, kind FULL);
 @DEF(measures, [price, discount]);
+@DEF(scaled, (x, k) -> x * k + 1);
 SELECT
   id,
+  @scaled(price, 3) AS tripled,
   @EACH(@measures, c -> c * 2 AS c),
   @IF(@gateway = 'local', 'here', 'elsewhere') AS place,
   @IF(@VAR('region') = 'south', 'south'),

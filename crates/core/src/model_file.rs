@@ -430,6 +430,8 @@ struct MacroScope<'a> {
     kind_name: &'a str,
     variables: &'a BTreeMap<String, VariableValue>,
     locals: BTreeMap<String, String>,
+    /// `@DEF(name, x -> …)`: macros the model defines as lambdas, called as `@name(…)`.
+    lambdas: BTreeMap<String, Lambda>,
     python_macros: &'a BTreeMap<String, String>,
 }
 
@@ -804,6 +806,22 @@ fn render_statement(reader: &mut FileReader, tokens: &[TokenWithSpan], scope: &M
                         Some(expansion) => text.push_str(&expansion),
                         None => ok = false,
                     }
+                } else if let Some(lambda) = scope.lambdas.get(&name)
+                    && let Some((arguments, after)) = call_arguments(tokens, index)
+                {
+                    index = after;
+                    let mut values = Vec::with_capacity(arguments.len());
+                    for argument in &arguments {
+                        match render_statement(reader, argument, scope) {
+                            Some(value) => values.push(value.trim().to_string()),
+                            None => ok = false,
+                        }
+                    }
+                    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+                    match apply_lambda(reader, lambda, &values, scope) {
+                        Some(expansion) if ok => text.push_str(&expansion),
+                        _ => ok = false,
+                    }
                 } else if let Some(value) = scope.locals.get(&name) {
                     text.push_str(value);
                 } else if let Some(value) = scope.variables.get(&name) {
@@ -1068,6 +1086,7 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
         kind_name,
         variables: &config.variables,
         locals: BTreeMap::new(),
+        lambdas: BTreeMap::new(),
         python_macros: context.python_macros,
     };
     let mut pre_statements = Vec::new();
@@ -1095,6 +1114,10 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
             let local_key = local_word.value.to_ascii_lowercase();
             // Spaces between value tokens were dropped: render them with single spaces between.
             let spaced = spaced_tokens(value);
+            if let Some(lambda) = read_lambda(&spaced) {
+                scope.lambdas.insert(local_key, lambda);
+                continue;
+            }
             if let Some(rendered) = render_statement(&mut reader, &spaced, &scope) {
                 scope.locals.insert(local_key, rendered);
             }
@@ -1434,7 +1457,9 @@ ANALYZE;
     fn macro_functions_expand_before_the_query_is_parsed() {
         let text = "MODEL (name s.m, kind FULL);
 @DEF(columns, [a, b]);
+@DEF(scaled, (x, k) -> x * k + 1);
 SELECT
+  @scaled(a, 3) AS tripled,
   @EACH(@columns, c -> c * 2 AS c),
   @IF(@gateway = 'wh', 1, 2) AS chosen,
   @IF(@VAR('region') = 'us', 'us') AS missing,
@@ -1449,7 +1474,7 @@ WHERE @AND(a > 0, NULL, @OR(b < 1, NULL))";
         let query = parse(text).unwrap().model.query.unwrap();
         assert_eq!(
             query.normalized,
-            "SELECT a * 2 AS a, b * 2 AS b, 1 AS chosen, 2 + 3 AS summed, a / NULLIF(b + 1, 0) AS ratio, 'eu' AS region, \
+            "SELECT a * 3 + 1 AS tripled, a * 2 AS a, b * 2 AS b, 1 AS chosen, 2 + 3 AS summed, a / NULLIF(b + 1, 0) AS ratio, 'eu' AS region, \
              MD5(CONCAT(COALESCE(CAST(a AS TEXT), '_sqlmesh_surrogate_key_null_'), '|', COALESCE(CAST(b AS TEXT), '_sqlmesh_surrogate_key_null_'))) AS key, \
              a || '!' AS shout, 6 AS six FROM t WHERE (a > 0) AND (b < 1)"
         );
