@@ -52,14 +52,17 @@ MODEL (name shop.summary, kind FULL, end '2024-01-05');
 SELECT COUNT(*) AS n FROM shop.daily
 ";
 
-fn project(models: &[(&str, &str)]) -> Project {
-    let files = ProjectFiles {
-        config: Some(CONFIG.to_string()),
+/// A project's files: a config and its models, by path.
+fn files(config: &str, models: &[(&str, &str)]) -> ProjectFiles {
+    ProjectFiles {
+        config: Some(config.to_string()),
         models: models.iter().map(|(path, text)| (path.to_string(), text.to_string())).collect(),
-        csv_files: BTreeMap::new(),
         ..ProjectFiles::default()
-    };
-    match load_project(&files) {
+    }
+}
+
+fn project(models: &[(&str, &str)]) -> Project {
+    match load_project(&files(CONFIG, models)) {
         Ok(project) => project,
         Err(errors) => panic!("{errors}"),
     }
@@ -462,13 +465,7 @@ fn removed_models_drop_their_views_and_new_intervals_are_missing() {
 }
 
 fn errors_of(models: &[(&str, &str)], config: &str) -> String {
-    let files = ProjectFiles {
-        config: Some(config.to_string()),
-        models: models.iter().map(|(path, text)| (path.to_string(), text.to_string())).collect(),
-        csv_files: BTreeMap::new(),
-        ..ProjectFiles::default()
-    };
-    match load_project(&files) {
+    match load_project(&files(config, models)) {
         Ok(_) => panic!("the project loaded"),
         Err(errors) => errors.to_string(),
     }
@@ -516,24 +513,28 @@ fn every_error_of_a_project_is_reported_with_file_line_and_column() {
 #[test]
 fn a_model_without_start_starts_as_sqlmesh_derives_it() {
     let config = "gateways:\n  local:\n    connection:\n      type: duckdb\nmodel_defaults:\n  dialect: duckdb\n";
-    let files = ProjectFiles {
-        config: Some(config.to_string()),
-        models: [
-            ("models/a.sql", "MODEL (name s.a, kind INCREMENTAL_BY_TIME_RANGE (time_column ds));\nSELECT @start_ds AS ds"),
+    let files = files(
+        config,
+        &[
+            (
+                "models/a.sql",
+                "MODEL (name s.a, kind INCREMENTAL_BY_TIME_RANGE (time_column ds));\nSELECT @start_ds AS ds",
+            ),
             (
                 "models/b.sql",
                 "MODEL (name s.b, kind INCREMENTAL_BY_TIME_RANGE (time_column ds), start '2026-11-20');\nSELECT @start_ds AS ds",
             ),
-            ("models/c.sql", "MODEL (name s.c, kind INCREMENTAL_BY_TIME_RANGE (time_column ds));\nSELECT a.ds FROM s.a AS a JOIN s.b AS b ON a.ds = b.ds"),
-            ("models/h.sql", "MODEL (name s.h, kind INCREMENTAL_BY_TIME_RANGE (time_column ts), cron '@hourly');\nSELECT @start_ts AS ts"),
+            (
+                "models/c.sql",
+                "MODEL (name s.c, kind INCREMENTAL_BY_TIME_RANGE (time_column ds));\nSELECT a.ds FROM s.a AS a JOIN s.b AS b ON a.ds = b.ds",
+            ),
+            (
+                "models/h.sql",
+                "MODEL (name s.h, kind INCREMENTAL_BY_TIME_RANGE (time_column ts), cron '@hourly');\nSELECT @start_ts AS ts",
+            ),
             ("models/d.sql", "MODEL (name s.d, kind FULL, depends_on [s.b]);\nSELECT 1 AS one"),
-        ]
-        .iter()
-        .map(|(path, text)| (path.to_string(), text.to_string()))
-        .collect(),
-        csv_files: BTreeMap::new(),
-        ..ProjectFiles::default()
-    };
+        ],
+    );
     let project = load_project(&files).unwrap_or_else(|errors| panic!("{errors}"));
     let plan = sluice_core::plan::first_plan(&project, Timestamp::parse("2026-11-30 19:45:12").unwrap());
     let ranges: Vec<String> = plan
@@ -561,19 +562,6 @@ fn a_model_without_start_starts_as_sqlmesh_derives_it() {
 #[test]
 fn python_jinja_and_inline_audits_are_refused_one_error_each() {
     let files = ProjectFiles {
-        config: Some(CONFIG.to_string()),
-        models: [
-            ("models/a.sql", "MODEL (name s.a, kind FULL);\nSELECT @add_one(1) AS x"),
-            (
-                "models/b.sql",
-                "MODEL (name s.b, kind FULL);\nJINJA_QUERY_BEGIN;\nSELECT {{ x }} AS x;\nJINJA_END;\nAUDIT (name b_ok);\nSELECT 1 AS x",
-            ),
-            ("models/c.sql", "MODEL (name s.c, kind FULL);\nSELECT 1 AS x;\n\nAUDIT (name c_ok);\nSELECT * FROM @this_model WHERE x IS NULL"),
-            ("models/d.sql", "MODEL (name s.d, kind FULL);\nSELECT @STAR(s.a)"),
-        ]
-        .iter()
-        .map(|(path, text)| (path.to_string(), text.to_string()))
-        .collect(),
         python_files: [
             ("macros/util.py", "from sqlmesh import macro\n\n@macro()\ndef add_one(evaluator, value):\n    return value + 1\n"),
             ("models/py_model.py", "from sqlmesh import model\n\n@model(\n    \"s.py_model\",\n    columns={\"x\": \"int\"},\n)\ndef execute(context, **kwargs):\n    pass\n"),
@@ -581,7 +569,19 @@ fn python_jinja_and_inline_audits_are_refused_one_error_each() {
         .iter()
         .map(|(path, text)| (path.to_string(), text.to_string()))
         .collect(),
-        ..ProjectFiles::default()
+        ..files(
+            CONFIG,
+            &[
+
+            ("models/a.sql", "MODEL (name s.a, kind FULL);\nSELECT @add_one(1) AS x"),
+            (
+                "models/b.sql",
+                "MODEL (name s.b, kind FULL);\nJINJA_QUERY_BEGIN;\nSELECT {{ x }} AS x;\nJINJA_END;\nAUDIT (name b_ok);\nSELECT 1 AS x",
+            ),
+            ("models/c.sql", "MODEL (name s.c, kind FULL);\nSELECT 1 AS x;\n\nAUDIT (name c_ok);\nSELECT * FROM @this_model WHERE x IS NULL"),
+            ("models/d.sql", "MODEL (name s.d, kind FULL);\nSELECT @STAR(s.a)"),
+            ],
+        )
     };
     let Err(errors) = load_project(&files) else { panic!("the project loaded") };
     expect![[r#"

@@ -523,7 +523,8 @@ mod tests {
         assert!(seed_statements(Dialect::DuckDb, &table(), &bad_type, &short_row).is_err());
     }
 
-    /// The types SQLMesh 0.236 gave such columns (seen in the differential suite's dumps).
+    /// pandas' inference, which SQLMesh applies to a CSV without declared columns (the BIGINT,
+    /// DOUBLE and TEXT cases are checked against SQLMesh by the differential suite).
     #[test]
     fn undeclared_seed_columns_are_typed_as_sqlmesh_types_them() {
         let seed = SeedData {
