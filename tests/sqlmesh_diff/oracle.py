@@ -26,7 +26,8 @@ def apply(project: str, execution_time: str, environment: str = "prod") -> None:
     if environment != "prod":
         command.append(environment)
     command += ["--auto-apply", "--no-prompts", "--execution-time", execution_time]
-    result = subprocess.run(command, capture_output=True, text=True)
+    # In the project's folder: SQLMesh writes its logs/ and cache beside it, never in the clone.
+    result = subprocess.run(command, capture_output=True, text=True, cwd=project)
     if result.returncode != 0 or "Error" in result.stdout:
         sys.stderr.write(result.stdout + result.stderr)
         sys.exit(result.returncode or 1)
@@ -39,7 +40,8 @@ def run(project: str, _now: str, environment: str = "prod") -> None:
     command = [str(sqlmesh), "--paths", project, "run"]
     if environment != "prod":
         command.append(environment)
-    result = subprocess.run(command, capture_output=True, text=True)
+    # In the project's folder: SQLMesh writes its logs/ and cache beside it, never in the clone.
+    result = subprocess.run(command, capture_output=True, text=True, cwd=project)
     if result.returncode != 0 or "Error" in result.stdout:
         sys.stderr.write(result.stdout + result.stderr)
         sys.exit(result.returncode or 1)
