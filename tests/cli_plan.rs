@@ -93,3 +93,54 @@ fn a_missing_project_folder_is_named() {
     assert!(!output.status.success());
     assert!(text(&output.stderr).contains("/nonexistent/sluice-project does not exist"));
 }
+
+/// A project with models sluice cannot run: `plan` names each (with the models that read them)
+/// and stops; `--skip-unsupported` plans and applies the others, saying what it left out.
+#[test]
+fn models_sluice_cannot_run_stop_the_plan_unless_left_out() {
+    let folder = tempfile::tempdir().unwrap();
+    let project = folder.path();
+    std::fs::create_dir_all(project.join("models")).unwrap();
+    std::fs::create_dir_all(project.join("macros")).unwrap();
+    std::fs::write(
+        project.join("config.yaml"),
+        "gateways:\n  local:\n    connection:\n      type: duckdb\n      database: wh.duckdb\nmodel_defaults:\n  dialect: duckdb\n  start: '2024-01-01'\n",
+    )
+    .unwrap();
+    std::fs::write(
+        project.join("macros/util.py"),
+        "from sqlmesh import macro\n\n@macro()\ndef twice(evaluator, x):\n    return x\n",
+    )
+    .unwrap();
+    std::fs::write(project.join("models/a.sql"), "MODEL (name s.a, kind FULL);\nSELECT @twice(1) AS x").unwrap();
+    std::fs::write(project.join("models/b.sql"), "MODEL (name s.b, kind FULL);\nSELECT x FROM s.a").unwrap();
+    std::fs::write(project.join("models/c.sql"), "MODEL (name s.c, kind FULL);\nSELECT 1 AS x").unwrap();
+    let path = project.to_str().unwrap();
+
+    let refused = sluice(&["plan", "--project", path, "--now", "2024-01-03"]);
+    assert!(!refused.status.success());
+    let stderr = text(&refused.stderr);
+    for expected in [
+        "models/a.sql:2:8: @twice is a Python macro (macros/util.py), which sluice cannot run",
+        "models/b.sql: s.b reads s.a, which sluice cannot run (models/a.sql)",
+        "plan the others with --skip-unsupported",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+    }
+
+    let applied = sluice(&["plan", "--project", path, "--now", "2024-01-03", "--skip-unsupported", "--auto-apply"]);
+    let stdout = text(&applied.stdout);
+    assert!(applied.status.success(), "{stdout}{}", text(&applied.stderr));
+    assert!(stdout.contains("Left out (--skip-unsupported): s.a, s.b"), "{stdout}");
+    assert!(stdout.contains("+ s.c: added (FULL)"), "{stdout}");
+    assert!(!stdout.contains("+ s.a"), "{stdout}");
+
+    // A backfill window is for development environments.
+    let windowed = sluice(&["plan", "--project", path, "--now", "2024-01-03", "--start", "2024-01-02"]);
+    assert!(!windowed.status.success());
+    assert!(
+        text(&windowed.stderr).contains("--start and --end limit a development environment's backfill"),
+        "{}",
+        text(&windowed.stderr)
+    );
+}

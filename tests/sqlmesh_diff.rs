@@ -134,7 +134,14 @@ impl Case {
 
     /// As `apply_and_compare`, and the `hidden` views must exist in neither tool's warehouse.
     fn apply_and_compare_shown(&self, environment: &str, now: &str, views: &[&str], hidden: &[&str]) {
-        self.both("apply", &["plan", environment, "--auto-apply", "--now", now], environment, now);
+        self.apply_with_and_compare(environment, now, &[], views, hidden);
+    }
+
+    /// As `apply_and_compare_shown`, with `options` given to both tools' `plan`.
+    fn apply_with_and_compare(&self, environment: &str, now: &str, options: &[&str], views: &[&str], hidden: &[&str]) {
+        let mut arguments = vec!["plan", environment, "--auto-apply", "--now", now];
+        arguments.extend(options);
+        self.both_with("apply", &arguments, environment, now, options);
         self.compare(environment, now, views, hidden);
     }
 
@@ -146,12 +153,49 @@ impl Case {
 
     /// Runs oracle.py's `verb` and sluice with `sluice_arguments`; both must succeed.
     fn both(&self, verb: &str, sluice_arguments: &[&str], environment: &str, now: &str) {
+        self.both_with(verb, sluice_arguments, environment, now, &[]);
+    }
+
+    /// As `both`, passing `oracle_options` on to SQLMesh.
+    fn both_with(&self, verb: &str, sluice_arguments: &[&str], environment: &str, now: &str, oracle_options: &[&str]) {
+        let (oracle, sluice) = self.run_both(verb, sluice_arguments, environment, now, oracle_options);
+        assert!(oracle.status.success(), "SQLMesh failed:\n{}", String::from_utf8_lossy(&oracle.stderr));
+        assert!(
+            sluice.status.success(),
+            "sluice failed:\n{}{}",
+            String::from_utf8_lossy(&sluice.stdout),
+            String::from_utf8_lossy(&sluice.stderr)
+        );
+    }
+
+    /// Plans and applies `environment` at `now` with both tools; both must fail, each saying
+    /// `expected` (SQLMesh on its output, sluice on its output or errors).
+    fn apply_and_fail(&self, environment: &str, now: &str, expected: &str) {
+        let arguments = ["plan", environment, "--auto-apply", "--now", now];
+        let (oracle, sluice) = self.run_both("apply", &arguments, environment, now, &[]);
+        let oracle_text = String::from_utf8_lossy(&oracle.stderr);
+        assert!(!oracle.status.success(), "SQLMesh succeeded");
+        assert!(oracle_text.contains(expected), "SQLMesh did not say {expected:?}:\n{oracle_text}");
+        let sluice_text =
+            format!("{}{}", String::from_utf8_lossy(&sluice.stdout), String::from_utf8_lossy(&sluice.stderr));
+        assert!(!sluice.status.success(), "sluice succeeded:\n{sluice_text}");
+        assert!(sluice_text.contains(expected), "sluice did not say {expected:?}:\n{sluice_text}");
+    }
+
+    fn run_both(
+        &self,
+        verb: &str,
+        sluice_arguments: &[&str],
+        environment: &str,
+        now: &str,
+        oracle_options: &[&str],
+    ) -> (std::process::Output, std::process::Output) {
         let oracle = Command::new(python())
             .arg(oracle_script())
             .args([verb, &self.oracle.project.display().to_string(), now, environment])
+            .args(oracle_options)
             .output()
             .unwrap();
-        assert!(oracle.status.success(), "SQLMesh failed:\n{}", String::from_utf8_lossy(&oracle.stderr));
         let sluice = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .arg("--project")
             .arg(&self.sluice.project)
@@ -160,12 +204,7 @@ impl Case {
             .env_remove("SLUICE_STATE_URL")
             .output()
             .unwrap();
-        assert!(
-            sluice.status.success(),
-            "sluice failed:\n{}{}",
-            String::from_utf8_lossy(&sluice.stdout),
-            String::from_utf8_lossy(&sluice.stderr)
-        );
+        (oracle, sluice)
     }
 
     fn compare(&self, environment: &str, now: &str, views: &[&str], hidden: &[&str]) {
@@ -394,6 +433,160 @@ WHERE @AND(id > 0, NULL, @OR(price < 3, NULL))",
         "MODEL (name m.trimmed, kind VIEW);\nSELECT * EXCEPT (discount, name) FROM m.items",
     );
     case.apply_and_compare("prod", "2024-01-10", &["m.items", "m.shaped", "m.trimmed", "m.cheap", "m.dear"]);
+}
+
+/// `plan dev --start --end`: a breaking change in dev backfilled only inside the window (a
+/// date-only end includes its day), per batch and per hour, its FULL descendant rebuilt from
+/// the windowed rows; prod's views untouched.
+#[tokio::test]
+async fn a_development_window_equals_sqlmeshs() {
+    let case = Case::new("window", Engine::DuckDb, "duckdb", Some("2024-01-01")).await;
+    let orders = "MODEL (name w.orders, kind INCREMENTAL_BY_TIME_RANGE (time_column day, batch_size 2));\nSELECT CAST(d AS DATE) AS day, 1 AS n FROM generate_series(CAST(@start_ds AS DATE), CAST(@end_ds AS DATE), INTERVAL 1 DAY) AS g(d)";
+    let hourly = "MODEL (name w.hourly, kind INCREMENTAL_BY_TIME_RANGE (time_column ts), cron '@hourly');\nSELECT ts, 2 AS n FROM generate_series(CAST(@start_ts AS TIMESTAMP), CAST(@end_ts AS TIMESTAMP), INTERVAL 1 HOUR) AS g(ts)";
+    case.write("models/orders.sql", orders);
+    case.write("models/hourly.sql", hourly);
+    case.write(
+        "models/daily.sql",
+        "MODEL (name w.daily, kind INCREMENTAL_BY_TIME_RANGE (time_column day, batch_size 1));\nSELECT day, SUM(n) AS n FROM w.orders WHERE day BETWEEN @start_ds AND @end_ds GROUP BY day",
+    );
+    case.write(
+        "models/total.sql",
+        "MODEL (name w.total, kind FULL);\nSELECT COUNT(*) AS days, MIN(day) AS first, MAX(day) AS last, SUM(n) AS n FROM w.daily",
+    );
+    let prod = ["w.orders", "w.hourly", "w.daily", "w.total"];
+    case.apply_and_compare("prod", "2024-01-10", &prod);
+    case.write("models/orders.sql", &orders.replace("1 AS n", "10 AS n"));
+    case.write("models/hourly.sql", &hourly.replace("2 AS n", "20 AS n"));
+    case.apply_with_and_compare(
+        "dev",
+        "2024-01-10",
+        &["--start", "2024-01-03", "--end", "2024-01-05"],
+        &["w__dev.orders", "w__dev.hourly", "w__dev.daily", "w__dev.total", "w.orders", "w.hourly", "w.total"],
+        &[],
+    );
+}
+
+/// Audits: built-ins with their arguments, defaults and `condition`, `_non_blocking` twins and
+/// `blocking := false` (failing, so both tools warn and go on), a project audit file with
+/// defaults, an inline AUDIT using a time macro, on every kind. An incremental model is audited
+/// per batch: `unique_values(slot)` and `number_of_rows` hold per day (batch_size 1) but not
+/// over all days, `number_of_rows(threshold := 2)` over one three-day batch but not per day.
+async fn audits_equal_sqlmeshs(engine: Engine, dialect: &str) {
+    let case = Case::new("audits", engine, dialect, Some("2024-01-01")).await;
+    case.write(
+        "audits/checks.sql",
+        "AUDIT (name at_least, defaults (floor = 0));\nSELECT * FROM @this_model WHERE @column < @floor;\n\nAUDIT (name few_rows, blocking false);\nSELECT 1 AS one FROM @this_model HAVING COUNT(*) > 2\n",
+    );
+    case.write(
+        "models/orders.sql",
+        "MODEL (
+  name a.orders,
+  kind INCREMENTAL_BY_TIME_RANGE (time_column day, batch_size 1),
+  end '2024-01-03',
+  audits (
+    not_null(columns := [id, day]),
+    unique_values(columns := [slot]),
+    number_of_rows(threshold := 1),
+    accepted_values(column := status, is_in := ('new', 'paid')),
+    same_day
+  )
+);
+SELECT id, day, slot, status, amount
+FROM (VALUES
+  (1, DATE '2024-01-01', 1, 'new', 10), (2, DATE '2024-01-01', 2, 'paid', 20),
+  (3, DATE '2024-01-02', 1, 'paid', 30), (4, DATE '2024-01-02', 2, 'new', 40),
+  (5, DATE '2024-01-03', 1, 'new', 50), (6, DATE '2024-01-03', 2, 'paid', 60)
+) AS t(id, day, slot, status, amount)
+WHERE day BETWEEN @start_ds AND @end_ds;
+
+AUDIT (name same_day);
+SELECT * FROM @this_model WHERE day <> CAST(@start_ds AS DATE)",
+    );
+    case.write(
+        "models/daily.sql",
+        "MODEL (
+  name a.daily,
+  kind INCREMENTAL_BY_TIME_RANGE (time_column day),
+  end '2024-01-03',
+  audits (unique_values(columns := [day]), number_of_rows(threshold := 2))
+);
+SELECT day, SUM(amount) AS amount FROM a.orders WHERE day BETWEEN @start_ds AND @end_ds GROUP BY day",
+    );
+    // SQLMesh 0.236 renders a bracketed `is_in` on PostgreSQL as `IN ARRAY[…]`, which
+    // PostgreSQL rejects (sluice reads both forms as a list): the PostgreSQL case uses a tuple.
+    let brackets = if engine == Engine::Postgres { ("(", ")") } else { ("[", "]") };
+    case.write(
+        "models/customers.sql",
+        &"MODEL (
+  name a.customers,
+  kind FULL,
+  audits (
+    unique_combination_of_columns(columns := (id, name)),
+    not_constant(column := tier),
+    accepted_range(column := score, min_v := 0, max_v := 10),
+    accepted_range(column := score, min_v := 5, max_v := 9, inclusive := true),
+    string_length_between(column := name, min_v := 2, max_v := 3),
+    string_length_equal(column := name, v := 3, condition := id < 3),
+    forall(criteria := [score > 0, LENGTH(name) < 4]),
+    mean_in_range(column := score, min_v := 6, max_v := 8),
+    stddev_in_range(column := score, min_v := 1),
+    not_null_proportion(column := email, threshold := 0.5),
+    not_empty_string(column := name),
+    not_accepted_values(column := tier, is_in := OPEN'bronze'CLOSE),
+    at_least_one(column := email),
+    number_of_rows(threshold := 1, condition := tier = 'gold'),
+    at_least(column := score, floor := 1),
+    few_rows,
+    accepted_values_non_blocking(column := tier, is_in := ('gold')),
+    not_null(columns := [email], blocking := false)
+  )
+);
+SELECT id, name, tier, score, email
+FROM (VALUES (1, 'ann', 'gold', 5, 'ann@x'), (2, 'bob', 'silver', 7, NULL), (3, 'cy', 'gold', 9, 'cy@x'))
+  AS t(id, name, tier, score, email)"
+            .replace("OPEN", brackets.0)
+            .replace("CLOSE", brackets.1),
+    );
+    case.write(
+        "models/gold.sql",
+        "MODEL (name a.gold, kind VIEW, audits (accepted_values(column := tier, is_in := ('gold'))));\nSELECT * FROM a.customers WHERE tier = 'gold'",
+    );
+    case.write("seeds/tiers.csv", "tier,rank\ngold,1\nsilver,2\n");
+    case.write(
+        "models/tiers.sql",
+        "MODEL (name a.tiers, kind SEED (path '../seeds/tiers.csv'), audits (unique_values(columns := [tier, rank])));",
+    );
+    case.apply_and_compare("prod", "2024-01-10", &["a.orders", "a.daily", "a.customers", "a.gold", "a.tiers"]);
+}
+
+#[tokio::test]
+async fn audits_on_duckdb_equal_sqlmeshs() {
+    audits_equal_sqlmeshs(Engine::DuckDb, "duckdb").await;
+}
+
+#[tokio::test]
+async fn audits_on_postgres_equal_sqlmeshs() {
+    audits_equal_sqlmeshs(Engine::Postgres, "postgres").await;
+}
+
+/// A blocking audit that fails stops the plan in both tools: no view is shown (the model's
+/// descendants are not built); a non-blocking failure elsewhere does not stop it. Once the data
+/// is fixed, applying again shows every view, equal to SQLMesh's.
+#[tokio::test]
+async fn a_failing_blocking_audit_stops_the_plan_as_in_sqlmesh() {
+    let case = Case::new("audit_fails", Engine::Postgres, "postgres", Some("2024-01-01")).await;
+    case.write(
+        "models/good.sql",
+        "MODEL (name b.good, kind FULL, audits (not_null_non_blocking(columns := [x])));\nSELECT 1 AS id, CAST(NULL AS TEXT) AS x",
+    );
+    let bad = "MODEL (name b.bad, kind FULL, audits (not_null(columns := [x])));\nSELECT id, x FROM (VALUES (1, 'a'), (2, NULL)) AS t(id, x)";
+    case.write("models/bad.sql", bad);
+    case.write("models/child.sql", "MODEL (name b.child, kind FULL);\nSELECT COUNT(*) AS n FROM b.bad");
+    let views = ["b.good", "b.bad", "b.child"];
+    case.apply_and_fail("prod", "2024-01-10", "not_null");
+    case.compare("prod", "2024-01-10", &[], &views);
+    case.write("models/bad.sql", &bad.replace("(2, NULL)", "(2, 'b')"));
+    case.apply_and_compare("prod", "2024-01-10", &views);
 }
 
 /// `run` after time advances: every interval whose cron has elapsed since the plan, hourly and

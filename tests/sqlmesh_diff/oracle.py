@@ -1,7 +1,8 @@
 """The SQLMesh side of the differential suite (tests/sqlmesh_diff.rs), run by the pinned SQLMesh
 virtual environment that scripts/services.sh installs.
 
-  oracle.py apply PROJECT EXECUTION_TIME [ENV]   runs `sqlmesh plan ENV --auto-apply` on PROJECT
+  oracle.py apply PROJECT EXECUTION_TIME [ENV [OPTION...]]
+                                                 runs `sqlmesh plan ENV --auto-apply [OPTION...]` on PROJECT
   oracle.py run PROJECT NOW [ENV]                runs `sqlmesh run ENV` on PROJECT (at the wall clock)
   oracle.py dump DUCKDB_FILE|POSTGRES_URL VIEW...  prints each view's columns with their type family,
                                                    row count and an order-independent checksum, one
@@ -20,12 +21,13 @@ import sys
 from pathlib import Path
 
 
-def apply(project: str, execution_time: str, environment: str = "prod") -> None:
+def apply(project: str, execution_time: str, environment: str = "prod", *options: str) -> None:
+    """`options` are passed on to `sqlmesh plan` (such as `--start 2024-01-03`)."""
     sqlmesh = Path(sys.executable).with_name("sqlmesh")
     command = [str(sqlmesh), "--paths", project, "plan"]
     if environment != "prod":
         command.append(environment)
-    command += ["--auto-apply", "--no-prompts", "--execution-time", execution_time]
+    command += ["--auto-apply", "--no-prompts", "--execution-time", execution_time, *options]
     # In the project's folder: SQLMesh writes its logs/ and cache beside it, never in the clone.
     result = subprocess.run(command, capture_output=True, text=True, cwd=project)
     if result.returncode != 0 or "Error" in result.stdout:

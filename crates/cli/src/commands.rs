@@ -6,11 +6,11 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 use sluice_coordinator::ApplyOutcome;
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, PlanId};
-use sluice_core::plan::Plan;
+use sluice_core::plan::{BackfillWindow, Plan};
 use sluice_core::plan_text::format_plan;
 use sluice_core::task_graph::TaskGraph;
 use sluice_engine::WarehouseFactory;
@@ -53,6 +53,10 @@ pub struct PlanOptions<'a> {
     pub forward_only: bool,
     pub now: Timestamp,
     pub auto_apply: bool,
+    /// `--start`/`--end`: a development environment's backfill window.
+    pub window: BackfillWindow,
+    /// `--skip-unsupported`: leave out the models sluice cannot run.
+    pub skip_unsupported: bool,
 }
 
 fn open_context(common: &Common<'_>) -> Result<ProjectContext> {
@@ -72,9 +76,21 @@ fn warehouses(context: &ProjectContext) -> Arc<ProjectWarehouses> {
 pub async fn plan(common: &Common<'_>, options: &PlanOptions<'_>) -> Result<ApplyExit> {
     let environment =
         EnvironmentName::parse(options.environment).map_err(|message| anyhow!("environment: {message}"))?;
+    options.window.check(&environment, options.now).map_err(|message| anyhow!(message))?;
     let context = open_context(common)?;
     let state = state_of(common, Some(&context)).await?;
     let project = &context.project;
+    if let Some(errors) = project.unsupported_errors() {
+        let listed = errors.to_string();
+        if !options.skip_unsupported {
+            bail!(
+                "{}\nsluice cannot run these models (nor the models that read them); plan the others with --skip-unsupported",
+                listed.trim_end()
+            );
+        }
+        let names: Vec<&str> = project.unsupported.iter().filter_map(|model| model.name.as_deref()).collect();
+        println!("Left out (--skip-unsupported): {}\n", names.join(", "));
+    }
     let current = state.get_environment(&environment).await?;
     let current_state = current.as_ref().map(|record| record.state.clone());
     let plan = sluice_coordinator::plan_against_state(
@@ -83,6 +99,7 @@ pub async fn plan(common: &Common<'_>, options: &PlanOptions<'_>) -> Result<Appl
         &environment,
         options.now,
         options.forward_only,
+        options.window,
     )
     .await?;
     let graph = options.explain.then(|| TaskGraph::build(&plan));

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
 use sluice_core::interval::{Interval, Timestamp};
 use sluice_core::names::ModelName;
-use sluice_core::plan::{effective_starts, first_plan};
+use sluice_core::plan::{BackfillWindow, effective_starts, first_plan};
 use sluice_core::project::load_project;
 use sluice_core::query::QueryTemplate;
 
@@ -72,6 +72,17 @@ enum Command {
         /// Apply without asking.
         #[arg(long)]
         auto_apply: bool,
+        /// A development environment's backfill starts here (a date or timestamp, UTC).
+        #[arg(long)]
+        start: Option<String>,
+        /// A development environment's backfill ends here (a date includes its day).
+        #[arg(long)]
+        end: Option<String>,
+        /// Plan the models sluice can run and leave out those it cannot (Python, Jinja, kinds
+        /// and macros not built) with every model that reads them; the environment keeps
+        /// showing what it showed of them.
+        #[arg(long)]
+        skip_unsupported: bool,
     },
     /// Run an environment's models as they are: every interval whose cron has elapsed since it
     /// was last run, through the same tasks (and, with an AMQP URL, the same queues) as a plan.
@@ -221,6 +232,10 @@ fn render_command(cli: &Cli, model: &str, start: Option<&str>, end: Option<&str>
     let files = project_files::read_project_files(&cli.project)?;
     let project = load_project(&files).map_err(|errors| anyhow!("{}", errors.to_string().trim_end()))?;
     let Some(model) = project.models.get(&name) else {
+        if let Some(unsupported) = project.unsupported.iter().find(|m| m.name.as_deref() == Some(&name.to_string())) {
+            let reasons: Vec<String> = unsupported.errors.iter().map(ToString::to_string).collect();
+            return Err(anyhow!("sluice cannot run {name}:\n  {}", reasons.join("\n  ")));
+        }
         let known: Vec<String> = project.models.keys().map(ToString::to_string).collect();
         return Err(anyhow!("no model {name}; the project has {}", known.join(", ")));
     };
@@ -276,13 +291,25 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Run { environment, now } => {
             commands::run(&common, environment, now_or(now.as_deref())?).await.map(exit)
         }
-        Command::Plan { environment, explain, forward_only, now, auto_apply } => {
+        Command::Plan { environment, explain, forward_only, now, auto_apply, start, end, skip_unsupported } => {
+            let window = BackfillWindow {
+                start: start
+                    .as_deref()
+                    .map(|text| Timestamp::parse(text).map_err(|e| anyhow!("--start: {e}")))
+                    .transpose()?,
+                end: end
+                    .as_deref()
+                    .map(|text| Timestamp::parse_end(text).map_err(|e| anyhow!("--end: {e}")))
+                    .transpose()?,
+            };
             let options = commands::PlanOptions {
                 environment,
                 explain: *explain,
                 forward_only: *forward_only,
                 now: now_or(now.as_deref())?,
                 auto_apply: *auto_apply,
+                window,
+                skip_unsupported: *skip_unsupported,
             };
             commands::plan(&common, &options).await.map(exit)
         }

@@ -42,7 +42,7 @@ pub fn config_file(root: &Path) -> Result<Option<&'static str>> {
     sluice_core::config::config_file_name(&present).map_err(|message| anyhow::anyhow!("{}: {message}", root.display()))
 }
 
-/// Reads `config.yaml` (or `config.yml`), `external_models.yaml`, `models/**/*.sql` and every CSV file of the project.
+/// Reads `config.yaml` (or `config.yml`), `external_models.yaml`, `models/**/*.sql`, `audits/**/*.sql` and every CSV file of the project.
 pub fn read_project_files(root: &Path) -> Result<ProjectFiles> {
     if !root.is_dir() {
         bail!("project folder {} does not exist", root.display());
@@ -62,6 +62,8 @@ pub fn read_project_files(root: &Path) -> Result<ProjectFiles> {
     for path in paths {
         if path.starts_with("models/") && path.ends_with(".sql") {
             models.insert(path.clone(), read(root, &path)?);
+        } else if path.starts_with("audits/") && path.ends_with(".sql") {
+            files.audits.insert(path.clone(), read(root, &path)?);
         } else if (path.starts_with("models/") || path.starts_with("macros/")) && path.ends_with(".py") {
             files.python_files.insert(path.clone(), read(root, &path)?);
         } else if path.ends_with(".csv") {

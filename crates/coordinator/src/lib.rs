@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use sluice_core::config::Config;
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, PlanId, RunId, TaskId};
-use sluice_core::plan::{Change, Plan, PlanContext, build_plan, build_run_plan, plan_base};
+use sluice_core::plan::{BackfillWindow, Change, Plan, PlanContext, build_plan, build_run_plan, plan_base};
 use sluice_core::project::Project;
 use sluice_core::snapshot::fingerprint_project;
 use sluice_core::task_graph::{TaskGraph, finished_tasks, task_tables};
@@ -162,6 +162,7 @@ pub async fn plan_against_state(
     environment: &EnvironmentName,
     now: Timestamp,
     forward_only: bool,
+    window: BackfillWindow,
 ) -> Result<Plan, StateError> {
     let current = state.get_environment(environment).await?;
     let prod = if environment.is_prod() { None } else { state.get_environment(&EnvironmentName::prod()).await? };
@@ -184,6 +185,7 @@ pub async fn plan_against_state(
                 recorded_intervals: recorded,
                 now,
                 forward_only,
+                window,
             },
         )
     };

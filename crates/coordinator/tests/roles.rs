@@ -166,6 +166,7 @@ async fn coordinator_workers_and_promoter_apply_a_plan_then_a_change() {
                     recorded_intervals: &recorded,
                     now: Timestamp::parse("2024-03-01").unwrap(),
                     forward_only: false,
+                    window: Default::default(),
                 },
             );
             state.put_plan(&plan).await.unwrap();

@@ -37,11 +37,20 @@ impl fmt::Display for SourceLocation {
 pub struct ProjectError {
     pub location: SourceLocation,
     pub message: String,
+    /// The text is valid SQLMesh that sluice cannot run (Python, Jinja, a kind or macro not
+    /// built): its model can be left out of a plan (`--skip-unsupported`), where any other
+    /// error stops the whole project.
+    pub unsupported: bool,
 }
 
 impl ProjectError {
     pub fn new(location: SourceLocation, message: impl Into<String>) -> Self {
-        Self { location, message: message.into() }
+        Self { location, message: message.into(), unsupported: false }
+    }
+
+    /// SQLMesh that sluice cannot run (see `unsupported`).
+    pub fn unsupported(location: SourceLocation, message: impl Into<String>) -> Self {
+        Self { location, message: message.into(), unsupported: true }
     }
 }
 
@@ -69,6 +78,11 @@ pub struct ErrorSink {
 impl ErrorSink {
     pub fn push(&mut self, location: SourceLocation, message: impl Into<String>) {
         self.errors.push(ProjectError::new(location, message));
+    }
+
+    /// Valid SQLMesh that sluice cannot run (see `ProjectError::unsupported`).
+    pub fn push_unsupported(&mut self, location: SourceLocation, message: impl Into<String>) {
+        self.errors.push(ProjectError::unsupported(location, message));
     }
 
     pub fn push_error(&mut self, error: ProjectError) {

@@ -1,5 +1,6 @@
 //! sluice's pure core: project files in, plans and task graphs out. Nothing here does I/O.
 
+pub mod audit;
 pub mod config;
 pub mod cron;
 pub mod dialect;

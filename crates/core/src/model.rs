@@ -145,6 +145,18 @@ pub struct Model {
     pub query: Option<ModelQuery>,
     /// The CSV rows of a SEED model.
     pub seed: Option<SeedData>,
+    /// The audits run after each write, in the order the model names them (skipped ones left out).
+    pub audits: Vec<ModelAudit>,
+}
+
+/// One audit of a model, rendered for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelAudit {
+    /// The call as the model writes it, for messages: `not_null(columns := [id])`.
+    pub call: String,
+    pub blocking: bool,
+    /// Returns the rows that break the audit; `@this_model` reads as the model's own name.
+    pub query: ModelQuery,
 }
 
 impl Model {

@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 use sqlparser::dialect::GenericDialect;
 use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer, Whitespace};
 
+use crate::audit::{self, AuditCall, AuditDefinition};
 use crate::config::{Config, Connection, VariableValue};
 use crate::cron::Cron;
 use crate::error::{ErrorSink, ProjectError, SourceLocation};
 use crate::interval::{TimeMacro, Timestamp};
 use crate::macro_functions::{self, MacroFunction};
-use crate::model::{Model, ModelKind, SeedData};
+use crate::model::{Model, ModelAudit, ModelKind, SeedData};
 use crate::names::{IDENTIFIER_EXPECTATION, ModelName, is_valid_identifier};
 use crate::query::{dialect_for, parse_query, time_placeholder};
 
@@ -19,6 +20,8 @@ use crate::query::{dialect_for, parse_query, time_placeholder};
 #[derive(Debug, Clone, Copy)]
 pub struct ModelFileContext<'a> {
     pub config: &'a Config,
+    /// The project's audits (`audits/*.sql`) by name.
+    pub audits: &'a BTreeMap<String, AuditDefinition>,
     pub csv_files: &'a BTreeMap<String, String>,
     /// Python macros of the project's `macros/` folder by lower-cased name, with their file.
     pub python_macros: &'a BTreeMap<String, String>,
@@ -48,10 +51,10 @@ const PROPERTIES: &[&str] = &[
     "columns",
     "enabled",
     "depends_on",
+    "audits",
 ];
 /// Properties SQLMesh accepts that sluice does not use yet: a warning, not an error.
 const SQLMESH_ONLY_PROPERTIES: &[&str] = &[
-    "audits",
     "references",
     "partitioned_by",
     "clustered_by",
@@ -76,16 +79,16 @@ const SQLMESH_ONLY_PROPERTIES: &[&str] = &[
 ];
 
 /// Non-whitespace tokens of a slice, with their index in it.
-fn significant(tokens: &[TokenWithSpan]) -> Vec<&TokenWithSpan> {
+pub(crate) fn significant(tokens: &[TokenWithSpan]) -> Vec<&TokenWithSpan> {
     tokens.iter().filter(|token| !matches!(token.token, Token::Whitespace(_))).collect()
 }
 
-fn is_word(token: &Token, expected: &str) -> bool {
+pub(crate) fn is_word(token: &Token, expected: &str) -> bool {
     matches!(token, Token::Word(word) if word.quote_style.is_none() && word.value.eq_ignore_ascii_case(expected))
 }
 
 /// Splits tokens at commas that are not inside parentheses or brackets.
-fn split_top_level_commas<'t>(tokens: &[&'t TokenWithSpan]) -> Vec<Vec<&'t TokenWithSpan>> {
+pub(crate) fn split_top_level_commas<'t>(tokens: &[&'t TokenWithSpan]) -> Vec<Vec<&'t TokenWithSpan>> {
     let mut items = Vec::new();
     let mut current = Vec::new();
     let mut depth = 0i32;
@@ -108,12 +111,15 @@ fn split_top_level_commas<'t>(tokens: &[&'t TokenWithSpan]) -> Vec<Vec<&'t Token
 }
 
 /// Joins tokens back into text without the spaces the tokenizer dropped around punctuation.
-fn join_tokens(tokens: &[&TokenWithSpan]) -> String {
+pub(crate) fn join_tokens(tokens: &[&TokenWithSpan]) -> String {
     let mut text = String::new();
     let mut previous: Option<&Token> = None;
     for token in tokens {
-        let glue = matches!(token.token, Token::LParen | Token::RParen | Token::Comma | Token::Period)
-            || matches!(previous, Some(Token::LParen | Token::Period) | None);
+        // `(` follows a function or type name directly, anything else with a space.
+        let call = matches!(token.token, Token::LParen) && matches!(previous, Some(Token::Word(_)));
+        let glue = call
+            || matches!(token.token, Token::RParen | Token::RBracket | Token::Comma | Token::Period)
+            || matches!(previous, Some(Token::LParen | Token::LBracket | Token::Period) | None);
         if !glue {
             text.push(' ');
         }
@@ -123,29 +129,39 @@ fn join_tokens(tokens: &[&TokenWithSpan]) -> String {
     text
 }
 
-struct FileReader<'a> {
-    file: &'a str,
-    errors: ErrorSink,
-    warnings: Vec<ProjectError>,
+pub(crate) struct FileReader<'a> {
+    pub(crate) file: &'a str,
+    pub(crate) errors: ErrorSink,
+    pub(crate) warnings: Vec<ProjectError>,
 }
 
-impl FileReader<'_> {
-    fn at(&self, token: &TokenWithSpan) -> SourceLocation {
+impl<'a> FileReader<'a> {
+    pub(crate) fn new(file: &'a str) -> FileReader<'a> {
+        FileReader { file, errors: ErrorSink::default(), warnings: Vec::new() }
+    }
+
+    pub(crate) fn at(&self, token: &TokenWithSpan) -> SourceLocation {
         SourceLocation::new(self.file, token.span.start.line, token.span.start.column)
     }
 
-    fn error(&mut self, token: &TokenWithSpan, message: impl Into<String>) {
+    pub(crate) fn error(&mut self, token: &TokenWithSpan, message: impl Into<String>) {
         let location = self.at(token);
         self.errors.push(location, message);
     }
 
-    fn warn(&mut self, token: &TokenWithSpan, message: impl Into<String>) {
+    /// Valid SQLMesh that sluice cannot run: the model may be left out of a plan.
+    pub(crate) fn unsupported(&mut self, token: &TokenWithSpan, message: impl Into<String>) {
+        let location = self.at(token);
+        self.errors.push_unsupported(location, message);
+    }
+
+    pub(crate) fn warn(&mut self, token: &TokenWithSpan, message: impl Into<String>) {
         let location = self.at(token);
         self.warnings.push(ProjectError::new(location, message));
     }
 
     /// A scalar property value: a string, a number, a word or a dotted name.
-    fn scalar(&mut self, key: &TokenWithSpan, value: &[&TokenWithSpan]) -> Option<String> {
+    pub(crate) fn scalar(&mut self, key: &TokenWithSpan, value: &[&TokenWithSpan]) -> Option<String> {
         let expected = "expected a string, a number or a name";
         let Some(first) = value.first() else {
             self.error(key, format!("{expected} after {}", key.token));
@@ -178,7 +194,7 @@ impl FileReader<'_> {
     }
 
     /// A list value: `[a, b]`, `(a, b)` or a single scalar.
-    fn list(&mut self, key: &TokenWithSpan, value: &[&TokenWithSpan]) -> Option<Vec<String>> {
+    pub(crate) fn list(&mut self, key: &TokenWithSpan, value: &[&TokenWithSpan]) -> Option<Vec<String>> {
         let inner = match (value.first().map(|t| &t.token), value.last().map(|t| &t.token)) {
             (Some(Token::LBracket), Some(Token::RBracket)) | (Some(Token::LParen), Some(Token::RParen)) => {
                 &value[1..value.len() - 1]
@@ -192,7 +208,7 @@ impl FileReader<'_> {
         Some(items)
     }
 
-    fn boolean(&mut self, key: &TokenWithSpan, value: &[&TokenWithSpan]) -> Option<bool> {
+    pub(crate) fn boolean(&mut self, key: &TokenWithSpan, value: &[&TokenWithSpan]) -> Option<bool> {
         let text = self.scalar(key, value)?;
         match text.to_ascii_lowercase().as_str() {
             "true" => Some(true),
@@ -335,7 +351,7 @@ fn read_kind(reader: &mut FileReader, key: &TokenWithSpan, value: &[&TokenWithSp
             ModelKind::Seed { path, batch_size }
         }
         "CUSTOM" => {
-            reader.error(
+            reader.unsupported(
                 first,
                 format!("CUSTOM kinds run a Python materialization, which sluice cannot run; use one of the kinds sluice runs ({KINDS})"),
             );
@@ -348,7 +364,8 @@ fn read_kind(reader: &mut FileReader, key: &TokenWithSpan, value: &[&TokenWithSp
         | "INCREMENTAL_UNMANAGED"
         | "EXTERNAL"
         | "MANAGED" => {
-            reader.error(first, format!("{kind_name} is a SQLMesh kind sluice does not run yet; expected {KINDS}"));
+            reader
+                .unsupported(first, format!("{kind_name} is a SQLMesh kind sluice does not run yet; expected {KINDS}"));
             return None;
         }
         _ => {
@@ -705,9 +722,13 @@ fn list_items(reader: &mut FileReader, arguments: &[Vec<TokenWithSpan>], scope: 
     for argument in arguments {
         items.push(render_statement(reader, argument, scope)?.trim().to_string());
     }
-    // One argument that renders to an array (a @DEF or a variable holding `[a, b]`): its items.
+    // One argument that renders to an array or a tuple (a @DEF, a variable or an audit's
+    // argument holding `[a, b]` or `(a, b)`): its items.
     if let [only] = items.as_slice()
-        && let Some(inner) = only.strip_prefix('[').and_then(|rest| rest.strip_suffix(']'))
+        && let Some(inner) = only
+            .strip_prefix('[')
+            .and_then(|rest| rest.strip_suffix(']'))
+            .or_else(|| only.strip_prefix('(').and_then(|rest| rest.strip_suffix(')')))
         && let Ok(tokens) = Tokenizer::new(&GenericDialect {}, inner).with_unescape(false).tokenize_with_location()
     {
         let significant = significant(&tokens);
@@ -717,7 +738,7 @@ fn list_items(reader: &mut FileReader, arguments: &[Vec<TokenWithSpan>], scope: 
 }
 
 /// Tokens with single spaces between them (for tokens whose whitespace was dropped).
-fn spaced_tokens(tokens: &[&TokenWithSpan]) -> Vec<TokenWithSpan> {
+pub(crate) fn spaced_tokens(tokens: &[&TokenWithSpan]) -> Vec<TokenWithSpan> {
     let mut spaced = Vec::with_capacity(tokens.len() * 2);
     for (position, token) in tokens.iter().enumerate() {
         if position > 0 {
@@ -828,7 +849,7 @@ fn render_statement(reader: &mut FileReader, tokens: &[TokenWithSpan], scope: &M
                     // A config variable by its bare name, as SQLMesh allows besides @VAR('name').
                     text.push_str(&value.to_sql());
                 } else if let Some(python_file) = scope.python_macros.get(&name) {
-                    reader.error(
+                    reader.unsupported(
                         token,
                         format!(
                             "{} is a Python macro ({python_file}), which sluice cannot run; write its SQL in the model, or as a @DEF",
@@ -837,7 +858,7 @@ fn render_statement(reader: &mut FileReader, tokens: &[TokenWithSpan], scope: &M
                     );
                     ok = false;
                 } else if SQLMESH_MACROS.contains(&name.as_str()) {
-                    reader.error(
+                    reader.unsupported(
                         token,
                         format!(
                             "{} is a SQLMesh macro sluice does not evaluate yet; write its SQL out in the model",
@@ -854,6 +875,176 @@ fn render_statement(reader: &mut FileReader, tokens: &[TokenWithSpan], scope: &M
         }
     }
     ok.then_some(text)
+}
+
+/// Splits tokens into statements at `;` outside parentheses.
+pub(crate) fn split_statements(tokens: &[TokenWithSpan]) -> Vec<&[TokenWithSpan]> {
+    let mut statements = Vec::new();
+    let mut start = 0;
+    let mut depth = 0i32;
+    for (index, token) in tokens.iter().enumerate() {
+        match token.token {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            Token::SemiColon if depth == 0 => {
+                statements.push(&tokens[start..index]);
+                start = index + 1;
+            }
+            _ => {}
+        }
+    }
+    statements.push(&tokens[start..]);
+    statements
+}
+
+/// Names an audit's query may use besides its arguments.
+const AUDIT_MACROS: &[&str] = &["this_model", "gateway", "model_kind_name", "var"];
+
+/// Renders one of the model's audit calls: the arguments in the model's scope, then the
+/// definition's query with them (over its defaults) as macro variables; `@this_model` is the
+/// model's name. `None` after reporting an error.
+fn render_audit(
+    reader: &mut FileReader,
+    key: &TokenWithSpan,
+    call: &AuditCall,
+    definition: &AuditDefinition,
+    scope: &MacroScope,
+    model_dialect: &str,
+) -> Option<ModelAudit> {
+    let mut locals = definition.defaults.clone();
+    let mut blocking = definition.blocking;
+    for (name, value) in &call.arguments {
+        let rendered = render_statement(reader, value, scope)?.trim().to_string();
+        if name == "blocking" {
+            match rendered.to_ascii_lowercase().as_str() {
+                "true" => blocking = true,
+                "false" => blocking = false,
+                other => {
+                    reader
+                        .error(key, format!("audit {}: expected blocking := true or false, found {other}", call.name));
+                    return None;
+                }
+            }
+        } else {
+            locals.insert(name.clone(), rendered);
+        }
+    }
+    let mut missing: Vec<String> = definition
+        .query
+        .iter()
+        .filter_map(|token| match &token.token {
+            Token::Word(word) if word.quote_style.is_none() && word.value.starts_with('@') => {
+                Some(word.value[1..].to_ascii_lowercase())
+            }
+            _ => None,
+        })
+        .filter(|name| {
+            !(locals.contains_key(name)
+                || scope.variables.contains_key(name)
+                || scope.python_macros.contains_key(name)
+                || TimeMacro::from_name(name).is_some()
+                || MacroFunction::from_name(name).is_some()
+                || AUDIT_MACROS.contains(&name.as_str())
+                || SQLMESH_MACROS.contains(&name.as_str()))
+        })
+        .collect();
+    missing.dedup();
+    if !missing.is_empty() {
+        let arguments: Vec<String> = missing.iter().map(|name| format!("{name} := ...")).collect();
+        reader.error(
+            key,
+            format!(
+                "audit {} needs the argument{} {}; call it as {}({})",
+                call.name,
+                if missing.len() == 1 { "" } else { "s" },
+                missing.join(", "),
+                call.name,
+                arguments.join(", ")
+            ),
+        );
+        return None;
+    }
+    let audit_scope = MacroScope {
+        model_name: scope.model_name,
+        gateway: scope.gateway,
+        kind_name: scope.kind_name,
+        variables: scope.variables,
+        locals,
+        lambdas: BTreeMap::new(),
+        python_macros: scope.python_macros,
+    };
+    let mut audit_reader = FileReader::new(&definition.file);
+    let rendered = render_statement(&mut audit_reader, &definition.query, &audit_scope);
+    if let Err(errors) = audit_reader.errors.finish(()) {
+        for error in errors.0 {
+            reader.errors.push_error(error);
+        }
+    }
+    let rendered = rendered?;
+    // Pad so that the parser's line numbers are the defining file's.
+    let first_line = definition
+        .query
+        .iter()
+        .find(|token| !matches!(token.token, Token::Whitespace(_)))
+        .map(|token| token.span.start.line)
+        .unwrap_or(1);
+    let leading_lines = definition
+        .query
+        .iter()
+        .take_while(|token| matches!(token.token, Token::Whitespace(_)))
+        .map(|token| token.token.to_string().matches('\n').count())
+        .sum::<usize>();
+    let padding = "\n".repeat((first_line as usize).saturating_sub(1 + leading_lines));
+    let dialect = definition.dialect.as_deref().unwrap_or(model_dialect);
+    match parse_query(&(padding + &rendered), dialect) {
+        Ok(query) => Some(ModelAudit { call: call.text.clone(), blocking, query }),
+        Err(error) => {
+            let location = if error.line == 0 {
+                SourceLocation::file(&definition.file)
+            } else {
+                SourceLocation::new(&definition.file, error.line, error.column)
+            };
+            reader.errors.push(
+                location,
+                format!(
+                    "audit {} (as {} calls it): SQL does not parse ({dialect}): {}",
+                    definition.name, reader.file, error.message
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// The model name a model file declares (its MODEL block's `name`), when it can be read: what
+/// a file sluice cannot run is known by.
+pub fn declared_name(text: &str) -> Option<ModelName> {
+    let tokens = Tokenizer::new(&GenericDialect {}, text).with_unescape(false).tokenize_with_location().ok()?;
+    let significant = significant(&tokens);
+    let (model, rest) = significant.split_first()?;
+    if !is_word(&model.token, "MODEL") || !matches!(rest.first().map(|t| &t.token), Some(Token::LParen)) {
+        return None;
+    }
+    let mut depth = 0i32;
+    let mut block = Vec::new();
+    for token in rest {
+        match token.token {
+            Token::LParen | Token::LBracket => depth += 1,
+            Token::RParen | Token::RBracket => depth -= 1,
+            _ => {}
+        }
+        if depth == 0 {
+            break;
+        }
+        block.push(*token);
+    }
+    let items = split_top_level_commas(block.get(1..)?);
+    let (key, value) = items.iter().find_map(|item| {
+        let (key, value) = item.split_first()?;
+        is_word(&key.token, "name").then_some((*key, value))
+    })?;
+    let mut reader = FileReader::new("");
+    ModelName::parse(&reader.scalar(key, value)?).ok()
 }
 
 /// Reads one model file. `file` is its project-relative path, used in messages and for seed paths.
@@ -1063,22 +1254,11 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
         None => Vec::new(),
     };
 
+    let audit_calls = take("audits").and_then(|(key, value)| Some((key, audit::read_calls(&mut reader, key, &value)?)));
+
     // Statements after the MODEL block.
-    let mut statements: Vec<&[TokenWithSpan]> = Vec::new();
-    let mut statement_start = block_end + 1;
-    let mut depth = 0i32;
-    for index in block_end + 1..tokens.len() {
-        match tokens[index].token {
-            Token::LParen => depth += 1,
-            Token::RParen => depth -= 1,
-            Token::SemiColon if depth == 0 => {
-                statements.push(&tokens[statement_start..index]);
-                statement_start = index + 1;
-            }
-            _ => {}
-        }
-    }
-    statements.push(&tokens[statement_start..]);
+    let mut statements = split_statements(&tokens[block_end + 1..]).into_iter();
+    let mut inline_audits: BTreeMap<String, AuditDefinition> = BTreeMap::new();
     let kind_name = kind.as_ref().map(ModelKind::name).unwrap_or("VIEW");
     let mut scope = MacroScope {
         model_name: name.as_ref(),
@@ -1094,7 +1274,7 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
     let mut query = None;
     let mut query_token = None;
     let mut query_failed = false;
-    for statement in statements {
+    while let Some(statement) = statements.next() {
         let statement_significant = significant(statement);
         let Some(first) = statement_significant.first() else { continue };
         if is_word(&first.token, "@DEF") {
@@ -1123,12 +1303,15 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
             }
             continue;
         }
-        // Text sluice cannot run must stop the model, never be run as something else: an inline
-        // AUDIT's query would otherwise read as a post-statement, or as the query of a Jinja model.
-        let opens_audit = is_word(&first.token, "AUDIT")
-            && matches!(statement_significant.get(1).map(|t| &t.token), Some(Token::LParen));
-        if opens_audit {
-            reader.error(first, "inline AUDIT blocks are not run by sluice yet; remove the audit to apply this model");
+        // An AUDIT block: the model's own audit, its query the next statement.
+        if let Some((properties, at)) = audit::audit_block(&statement_significant) {
+            if let Some(definition) = audit::read_definition(&mut reader, at, &properties, statements.next()) {
+                inline_audits.insert(definition.name.clone(), definition);
+            }
+            continue;
+        }
+        if is_word(&first.token, "AUDIT") {
+            reader.error(first, "expected an AUDIT (name ..., ...) block");
             query_failed = true;
             break;
         }
@@ -1137,7 +1320,7 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
             .any(|keyword| is_word(&first.token, keyword))
             || matches!(first.token, Token::LBrace);
         if opens_jinja {
-            reader.error(
+            reader.unsupported(
                 first,
                 "Jinja blocks are not rendered by sluice yet; write the model in SQL with SQLMesh macros",
             );
@@ -1210,6 +1393,45 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
         (_, Some(_), None) => {}
     }
 
+    let mut audits = Vec::new();
+    if let Some((key, calls)) = audit_calls {
+        if matches!(kind, Some(ModelKind::Embedded)) {
+            reader.error(key, "an EMBEDDED model has no table to audit; audit the models that read it");
+        } else if let Some(dialect_name) = dialect.as_deref().filter(|dialect| dialect_for(dialect).is_some()) {
+            for call in &calls {
+                let definition = inline_audits
+                    .get(&call.name)
+                    .cloned()
+                    .or_else(|| context.audits.get(&call.name).cloned())
+                    .or_else(|| audit::builtin(&call.name));
+                match definition {
+                    Some(definition) if definition.skip => {}
+                    Some(definition) => {
+                        if let Some(rendered) = render_audit(&mut reader, key, call, &definition, &scope, dialect_name) {
+                            audits.push(rendered);
+                        }
+                    }
+                    None if audit::BUILTINS_NOT_PROVIDED.contains(&call.name.trim_end_matches("_non_blocking")) => {
+                        reader.unsupported(
+                            key,
+                            format!(
+                                "the built-in audit {} is not provided by sluice yet; write it as an audit in audits/*.sql",
+                                call.name
+                            ),
+                        )
+                    }
+                    None => reader.error(
+                        key,
+                        format!(
+                            "audit {} is not defined; expected a built-in audit, one in audits/*.sql or an AUDIT block in this file",
+                            call.name
+                        ),
+                    ),
+                }
+            }
+        }
+    }
+
     let FileReader { errors, warnings, .. } = reader;
     let (Some(name), Some(kind), Some(cron), Some(start), Some(gateway), Some(dialect)) =
         (name, kind, cron, start, gateway, dialect)
@@ -1236,6 +1458,7 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
         post_statements,
         query: model_query,
         seed,
+        audits,
     };
     errors.finish(ParsedModel { model, warnings }).map_err(|errors| errors.0)
 }
@@ -1394,7 +1617,12 @@ mod tests {
         parse_model_file(
             "models/m.sql",
             text,
-            ModelFileContext { config: &config, csv_files: &csv_files, python_macros: &BTreeMap::new() },
+            ModelFileContext {
+                config: &config,
+                audits: &BTreeMap::new(),
+                csv_files: &csv_files,
+                python_macros: &BTreeMap::new(),
+            },
         )
     }
 
@@ -1506,7 +1734,12 @@ WHERE @AND(a > 0, NULL, @OR(b < 1, NULL))";
         let text = "gateways:\n  wh:\n    connection:\n      type: duckdb\n      database: data/bench.duckdb\nmodel_defaults:\n  start: 2024-01-01\n";
         let config = parse_config("config.yaml", text).config.unwrap();
         let csv_files = BTreeMap::new();
-        let context = ModelFileContext { config: &config, csv_files: &csv_files, python_macros: &BTreeMap::new() };
+        let context = ModelFileContext {
+            config: &config,
+            audits: &BTreeMap::new(),
+            csv_files: &csv_files,
+            python_macros: &BTreeMap::new(),
+        };
         let errors =
             parse_model_file("models/m.sql", "MODEL (name bench.m, kind FULL);\nSELECT 1 AS x", context).unwrap_err();
         assert_eq!(
@@ -1542,9 +1775,118 @@ WHERE @AND(a > 0, NULL, @OR(b < 1, NULL))";
         let warnings = messages(parsed.warnings);
         assert_eq!(
             warnings,
+            vec!["models/m.sql:1:65: property partitioned_by is accepted by SQLMesh but not used by sluice yet"]
+        );
+    }
+
+    fn parse_with_audits(text: &str, audit_files: &[(&str, &str)]) -> Result<ParsedModel, Vec<ProjectError>> {
+        let config = config();
+        let files = audit_files.iter().map(|(path, text)| (path.to_string(), text.to_string())).collect();
+        let mut errors = ErrorSink::default();
+        let audits = audit::project_audits(&files, &mut errors);
+        assert!(errors.is_empty());
+        let context = ModelFileContext {
+            config: &config,
+            audits: &audits,
+            csv_files: &BTreeMap::new(),
+            python_macros: &BTreeMap::new(),
+        };
+        parse_model_file("models/m.sql", text, context)
+    }
+
+    #[test]
+    fn audits_render_with_their_arguments_defaults_and_blocking() {
+        let text = "MODEL (
+  name s.m,
+  kind FULL,
+  audits (
+    not_null(columns := [id, name]),
+    accepted_values_non_blocking(column := name, is_in := ('a', 'b')),
+    floor_of(column := amount, blocking := false),
+    mine,
+    quiet
+  )
+);
+SELECT 1 AS id, 'a' AS name, 2 AS amount;
+
+AUDIT (name mine);
+SELECT * FROM @this_model WHERE id > @VAR('limit');
+AUDIT (name quiet, skip true);
+SELECT 1;
+";
+        let audit_file =
+            "AUDIT (name floor_of, defaults (floor = 0));\nSELECT * FROM @this_model AS t WHERE t.@column < @floor";
+        let parsed = parse_with_audits(text, &[("audits/floor.sql", audit_file)]).unwrap();
+        assert!(parsed.model.post_statements.is_empty(), "an AUDIT block is not a post-statement");
+        let audits: Vec<(&str, bool, &str)> = parsed
+            .model
+            .audits
+            .iter()
+            .map(|audit| (audit.call.as_str(), audit.blocking, audit.query.normalized.as_str()))
+            .collect();
+        assert_eq!(
+            audits,
             vec![
-                "models/m.sql:1:29: property audits is accepted by SQLMesh but not used by sluice yet",
-                "models/m.sql:1:65: property partitioned_by is accepted by SQLMesh but not used by sluice yet",
+                (
+                    "not_null(columns := [id, name])",
+                    true,
+                    "SELECT * FROM s.m WHERE (true) AND ((id IS NULL) OR (name IS NULL))"
+                ),
+                (
+                    "accepted_values_non_blocking(column := name, is_in := ('a', 'b'))",
+                    false,
+                    "SELECT * FROM s.m WHERE (true) AND name NOT IN ('a', 'b')"
+                ),
+                ("floor_of(column := amount, blocking := false)", false, "SELECT * FROM s.m AS t WHERE t.amount < 0"),
+                ("mine", true, "SELECT * FROM s.m WHERE id > 5"),
+            ]
+        );
+    }
+
+    #[test]
+    fn audit_calls_that_cannot_run_are_errors() {
+        let errors = |audits: &str| {
+            let text = format!("MODEL (name s.m, kind FULL, audits ({audits}));\nSELECT 1 AS id");
+            messages(parse_with_audits(&text, &[]).unwrap_err())
+        };
+        assert_eq!(
+            errors("not_null"),
+            vec!["models/m.sql:1:29: audit not_null needs the argument columns; call it as not_null(columns := ...)"]
+        );
+        assert_eq!(
+            errors("no_such_audit"),
+            vec![
+                "models/m.sql:1:29: audit no_such_audit is not defined; expected a built-in audit, one in audits/*.sql or an AUDIT block in this file"
+            ]
+        );
+        assert_eq!(
+            errors("valid_email(column := id)"),
+            vec![
+                "models/m.sql:1:29: the built-in audit valid_email is not provided by sluice yet; write it as an audit in audits/*.sql"
+            ]
+        );
+        assert_eq!(
+            errors("not_null(columns := [id], blocking := sometimes)"),
+            vec!["models/m.sql:1:29: audit not_null: expected blocking := true or false, found sometimes"]
+        );
+        let embedded = parse_with_audits(
+            "MODEL (name s.m, kind EMBEDDED, audits (not_null(columns := [id])));\nSELECT 1 AS id",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            messages(embedded),
+            vec!["models/m.sql:1:33: an EMBEDDED model has no table to audit; audit the models that read it"]
+        );
+        let broken = parse_with_audits(
+            "MODEL (name s.m, kind FULL, audits (broken));\nSELECT 1 AS id",
+            &[("audits/broken.sql", "AUDIT (name broken);\n\nSELECT * FROM @this_model WHERE")],
+        )
+        .unwrap_err();
+        assert_eq!(
+            messages(broken),
+            vec![
+                "audits/broken.sql: audit broken (as models/m.sql calls it): SQL does not parse (duckdb): Expected: an expression, found: EOF"
             ]
         );
     }

@@ -15,7 +15,7 @@ use crate::model::{Model, ModelKind};
 use crate::names::{EnvironmentName, ModelName, PhysicalTable, PlanId, SnapshotId, Version, short_hash};
 use crate::project::Project;
 use crate::query::{Replacement, only_adds_projections, rewrite_references};
-use crate::snapshot::{ChangeCategory, Fingerprint, Snapshot, fingerprint_project};
+use crate::snapshot::{ChangeCategory, Fingerprint, Snapshot, SnapshotAudit, THIS_MODEL, fingerprint_project};
 
 /// An environment as the state store knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +47,48 @@ pub struct PlanContext<'a> {
     pub now: Timestamp,
     /// `--forward-only`: every direct change is forward-only.
     pub forward_only: bool,
+    /// `--start`/`--end` of a development environment: backfill only inside it.
+    pub window: BackfillWindow,
+}
+
+/// A development plan's backfill window (`plan dev --start S --end E`): every snapshot's
+/// backfill is clipped to `[start, end)`, as SQLMesh limits a development environment's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackfillWindow {
+    pub start: Option<Timestamp>,
+    /// Exclusive (a date-only `--end` includes its day).
+    pub end: Option<Timestamp>,
+}
+
+impl BackfillWindow {
+    pub fn is_unbounded(&self) -> bool {
+        self.start.is_none() && self.end.is_none()
+    }
+
+    /// Refuses what SQLMesh refuses: a window on prod (which would leave gaps in the tables
+    /// everyone reads), a start after the end, an end after the plan's time.
+    pub fn check(&self, environment: &EnvironmentName, now: Timestamp) -> Result<(), String> {
+        if self.is_unbounded() {
+            return Ok(());
+        }
+        if environment.is_prod() {
+            return Err(
+                "--start and --end limit a development environment's backfill; a prod plan backfills every missing interval"
+                    .to_string(),
+            );
+        }
+        if let (Some(start), Some(end)) = (self.start, self.end)
+            && start >= end
+        {
+            return Err(format!("--start {start} is not before --end {end}"));
+        }
+        if let Some(end) = self.end
+            && end > now
+        {
+            return Err(format!("--end {end} is after the plan's time {now}"));
+        }
+        Ok(())
+    }
 }
 
 /// How a model changed against the base environment.
@@ -121,6 +163,9 @@ pub struct Plan {
     pub environment_ttl_seconds: Option<i64>,
     /// Where the run summary is posted when the plan has been applied.
     pub notification_webhook: Option<String>,
+    /// The development environment's backfill window (unbounded: every missing interval).
+    #[serde(default)]
+    pub window: BackfillWindow,
 }
 
 impl Plan {
@@ -203,11 +248,17 @@ fn compute_backfill(
     start: Timestamp,
     recorded: Option<&IntervalSet>,
     now: Timestamp,
+    window: BackfillWindow,
 ) -> Backfill {
     let empty = IntervalSet::new();
     let recorded = recorded.unwrap_or(&empty);
     let nothing = Backfill { missing_ranges: Vec::new(), missing_interval_count: 0, batches: Vec::new() };
-    let Some(range) = covered_range(cron, start, snapshot.end, now) else {
+    let start = window.start.map_or(start, |window_start| window_start.max(start));
+    let end = match (snapshot.end, window.end) {
+        (Some(end), Some(window_end)) => Some(end.min(window_end)),
+        (end, window_end) => end.or(window_end),
+    };
+    let Some(range) = covered_range(cron, start, end, now) else {
         return nothing;
     };
     match &snapshot.kind {
@@ -331,7 +382,7 @@ pub fn build_run_plan(
         let snapshot = &state.snapshots[index];
         let cron = Cron::parse(&snapshot.cron).map_err(|error| format!("{}: stored cron: {error}", snapshot.name))?;
         let recorded = recorded_intervals.get(&(snapshot.name.clone(), snapshot.version.clone()));
-        let backfill = compute_backfill(snapshot, &cron, snapshot.start, recorded, now);
+        let backfill = compute_backfill(snapshot, &cron, snapshot.start, recorded, now, BackfillWindow::default());
         // The materialized snapshots this one waits for: parents, through EMBEDDED ones.
         let mut materialized = BTreeSet::new();
         let mut pending: Vec<&SnapshotId> = snapshot.parents.iter().collect();
@@ -373,6 +424,7 @@ pub fn build_run_plan(
         environment_exists: true,
         environment_ttl_seconds: (!state.name.is_prod()).then_some(environment_ttl_seconds),
         notification_webhook,
+        window: BackfillWindow::default(),
     })
 }
 
@@ -410,6 +462,7 @@ pub fn first_plan(project: &Project, now: Timestamp) -> Plan {
         recorded_intervals: &recorded,
         now,
         forward_only: false,
+        window: BackfillWindow::default(),
     };
     build_plan(project, context)
 }
@@ -514,26 +567,40 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
             Some(snapshot) => snapshot,
             None => {
                 // Render the executable query against the chosen versions of every model it reads.
-                let rendered_query = model.query.as_ref().map(|query| {
+                let resolve_parent = |reference: &str| -> Option<Replacement> {
+                    let parent = parents.iter().find(|parent| parent.to_string() == reference)?;
+                    if let Some(embedded) = embedded_queries.get(parent) {
+                        return Some(Replacement::Subquery(embedded.clone()));
+                    }
+                    let parent_snapshot = &planned[*index_of.get(parent)?].snapshot;
+                    let table = parent_snapshot.physical_table()?;
+                    Some(Replacement::Table { schema: table.schema, table: table.table })
+                };
+                let render = |query: &Query, own: Replacement| {
                     let resolve = |reference: &str| -> Option<Replacement> {
                         if reference == name.to_string() {
-                            let table = PhysicalTable::of(name, &version);
-                            return Some(Replacement::Table { schema: table.schema, table: table.table });
+                            return Some(own.clone());
                         }
-                        let parent = parents.iter().find(|parent| parent.to_string() == reference)?;
-                        if let Some(embedded) = embedded_queries.get(parent) {
-                            return Some(Replacement::Subquery(embedded.clone()));
-                        }
-                        let parent_snapshot = &planned[*index_of.get(parent)?].snapshot;
-                        let table = parent_snapshot.physical_table()?;
-                        Some(Replacement::Table { schema: table.schema, table: table.table })
+                        resolve_parent(reference)
                     };
-                    let mut rendered = rewrite_references(&query.query, &resolve);
+                    let mut rendered = rewrite_references(query, &resolve);
                     if let Some(gateway) = project.config.gateways.get(&model.gateway) {
                         translate(&mut rendered, &model.dialect, gateway.connection.default_dialect());
                     }
                     rendered
-                });
+                };
+                let own_table = PhysicalTable::of(name, &version);
+                let own_table = Replacement::Table { schema: own_table.schema, table: own_table.table };
+                let rendered_query = model.query.as_ref().map(|query| render(&query.query, own_table.clone()));
+                let audits = model
+                    .audits
+                    .iter()
+                    .map(|audit| SnapshotAudit {
+                        call: audit.call.clone(),
+                        blocking: audit.blocking,
+                        query: render(&audit.query.query, Replacement::Relation(THIS_MODEL.to_string())).to_string(),
+                    })
+                    .collect();
                 let category = match &change {
                     Change::Direct(category) => Some(*category),
                     Change::Indirect { breaking: true, .. } | Change::Added => Some(ChangeCategory::Breaking),
@@ -568,6 +635,7 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
                     seed: model.seed.clone(),
                     change_category: category,
                     self_referencing: model.is_self_referencing(),
+                    audits,
                 }
             }
         };
@@ -580,7 +648,7 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
         }
 
         let recorded = context.recorded_intervals.get(&(name.clone(), snapshot.version.clone()));
-        let backfill = compute_backfill(&snapshot, &model.cron, starts[name], recorded, context.now);
+        let backfill = compute_backfill(&snapshot, &model.cron, starts[name], recorded, context.now, context.window);
         let materialized_parents = project
             .materialized_parents(name)
             .iter()
@@ -602,9 +670,35 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
         });
     }
 
+    // Models sluice leaves out (`--skip-unsupported`) keep what the environment shows: carried
+    // unchanged with nothing to run, never removed.
+    let left_out = context
+        .base
+        .into_iter()
+        .flat_map(|base| &base.snapshots)
+        .filter(|s| project.is_unsupported(&s.name.to_string()));
+    for snapshot in left_out {
+        let promoted = context.environment.is_prod()
+            || prod_versions.get(&snapshot.name) != Some(&&snapshot.version)
+            || shown.contains(&snapshot.name);
+        planned.push(PlannedSnapshot {
+            snapshot: snapshot.clone(),
+            change: Change::Unchanged,
+            previous: Some(snapshot.clone()),
+            promoted,
+            missing_ranges: Vec::new(),
+            missing_interval_count: 0,
+            batches: Vec::new(),
+            materialized_parents: Vec::new(),
+        });
+    }
     let removed: Vec<Snapshot> = context
         .base
-        .map(|base| base.snapshots.iter().filter(|s| !project.models.contains_key(&s.name)).cloned().collect())
+        .map(|base| {
+            let gone =
+                |s: &&Snapshot| !project.models.contains_key(&s.name) && !project.is_unsupported(&s.name.to_string());
+            base.snapshots.iter().filter(gone).cloned().collect()
+        })
         .unwrap_or_default();
     let previous_plan_id = context.current.and_then(|current| current.plan_id.clone());
 
@@ -623,6 +717,11 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
     }
     hasher.update(&context.now.0.to_le_bytes());
     hasher.update(&[u8::from(context.forward_only)]);
+    if !context.window.is_unbounded() {
+        for bound in [context.window.start, context.window.end] {
+            hasher.update(&bound.map_or(i64::MIN, |bound| bound.0).to_le_bytes());
+        }
+    }
 
     Plan {
         id: PlanId(short_hash(&hasher.finalize(), 6)),
@@ -635,5 +734,6 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
         environment_exists: context.current.is_some(),
         environment_ttl_seconds: (!context.environment.is_prod()).then_some(project.config.environment_ttl_seconds),
         notification_webhook: project.config.notification_webhook.clone(),
+        window: context.window,
     }
 }

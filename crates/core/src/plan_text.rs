@@ -32,6 +32,11 @@ pub fn format_plan(plan: &Plan, current: Option<&EnvironmentState>, graph: Optio
     if plan.forward_only {
         let _ = writeln!(out, "All changes are forward-only.");
     }
+    if !plan.window.is_unbounded() {
+        let start = plan.window.start.map_or("each model's start".to_string(), |start| start.to_string());
+        let end = plan.window.end.map_or("the plan's time".to_string(), |end| end.to_string());
+        let _ = writeln!(out, "Backfill window: from {start} to {end} (exclusive).");
+    }
 
     let _ = writeln!(out, "\nModels:");
     let mut unchanged = 0;

@@ -10,7 +10,7 @@ use serde_yaml_ng::Value;
 use crate::config::{CONFIG_FILE, Config, parse_config};
 use crate::error::{ErrorSink, ProjectError, ProjectErrors, SourceLocation};
 use crate::model::{Model, ModelKind};
-use crate::model_file::{ModelFileContext, expand_blueprints, parse_model_file};
+use crate::model_file::{ModelFileContext, declared_name, expand_blueprints, parse_model_file};
 use crate::names::ModelName;
 
 pub const EXTERNAL_MODELS_FILE: &str = "external_models.yaml";
@@ -24,6 +24,8 @@ pub struct ProjectFiles {
     pub config_file: Option<String>,
     /// Every `models/**/*.sql` file.
     pub models: BTreeMap<String, String>,
+    /// Every `audits/**/*.sql` file.
+    pub audits: BTreeMap<String, String>,
     /// Every CSV file (seeds).
     pub csv_files: BTreeMap<String, String>,
     /// `external_models.yaml`, when present.
@@ -54,24 +56,45 @@ fn python_macros(files: &ProjectFiles) -> BTreeMap<String, String> {
     macros
 }
 
-/// One error per Python model: sluice runs SQL models only.
-fn refuse_python_models(files: &ProjectFiles, errors: &mut ErrorSink) {
-    for (path, text) in files.python_files.iter().filter(|(path, _)| path.starts_with("models/")) {
+/// Whether a Python file under `models/` defines a model (a `@model(` decorator); helpers and
+/// `__init__.py` files do not.
+fn defines_python_model(text: &str) -> bool {
+    text.lines().any(|line| line.trim_start().starts_with("@model("))
+}
+
+/// One unsupported model per Python model: sluice runs SQL models only.
+fn python_models(files: &ProjectFiles) -> Vec<UnsupportedModel> {
+    let models =
+        files.python_files.iter().filter(|(path, text)| path.starts_with("models/") && defines_python_model(text));
+    let mut unsupported = Vec::new();
+    for (path, text) in models {
         // The model's name, when `@model("schema.name", ...)` gives it plainly.
         let name = text
             .split_once("@model(")
             .map(|(_, rest)| rest.trim_start())
             .and_then(|rest| rest.strip_prefix('"').or_else(|| rest.strip_prefix('\'')))
             .and_then(|rest| rest.split(['"', '\'']).next())
-            .map(|name| format!(" ({name})"))
-            .unwrap_or_default();
-        errors.push(
+            .map(str::to_ascii_lowercase);
+        let shown = name.as_ref().map(|name| format!(" ({name})")).unwrap_or_default();
+        let error = ProjectError::unsupported(
             SourceLocation::file(path),
             format!(
-                "a Python model{name}, which sluice cannot run; rewrite it as a SQL model in models/*.sql, or remove it and declare its table in {EXTERNAL_MODELS_FILE}"
+                "a Python model{shown}, which sluice cannot run; rewrite it as a SQL model in models/*.sql, or remove it and declare its table in {EXTERNAL_MODELS_FILE}"
             ),
         );
+        unsupported.push(UnsupportedModel { name, errors: vec![error] });
     }
+    unsupported
+}
+
+/// A model sluice cannot run (it needs Python, Jinja, or a kind or macro not built), or one that
+/// reads such a model: left out of a plan made with `--skip-unsupported`, refused otherwise.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnsupportedModel {
+    /// Lower-cased `schema.name`, when the file declares it readably.
+    pub name: Option<String>,
+    /// Why, each naming the file (and the macro, kind or parent).
+    pub errors: Vec<ProjectError>,
 }
 
 /// A checked project.
@@ -87,6 +110,25 @@ pub struct Project {
     /// Tables declared in `external_models.yaml`.
     pub external_models: BTreeSet<String>,
     pub warnings: Vec<ProjectError>,
+    /// Models sluice cannot run, and the models that read them: not in `models`.
+    pub unsupported: Vec<UnsupportedModel>,
+}
+
+impl Project {
+    /// Every unsupported model's errors, as one error listing them all: what a plan shows
+    /// unless it is made with `--skip-unsupported`.
+    pub fn unsupported_errors(&self) -> Option<ProjectErrors> {
+        let mut errors: Vec<ProjectError> =
+            self.unsupported.iter().flat_map(|model| model.errors.iter().cloned()).collect();
+        errors.sort();
+        errors.dedup();
+        (!errors.is_empty()).then_some(ProjectErrors(errors))
+    }
+
+    /// Whether `name` (lower-cased `schema.name`) is a model sluice leaves out.
+    pub fn is_unsupported(&self, name: &str) -> bool {
+        self.unsupported.iter().any(|model| model.name.as_deref() == Some(name))
+    }
 }
 
 impl Project {
@@ -159,15 +201,22 @@ pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
     let Some(config) = config else {
         return errors.finish(unreachable_project());
     };
-    refuse_python_models(files, &mut errors);
+    let mut unsupported = python_models(files);
     let python_macros = python_macros(files);
-    let context = ModelFileContext { config: &config, csv_files: &files.csv_files, python_macros: &python_macros };
+    let audits = crate::audit::project_audits(&files.audits, &mut errors);
+    let context = ModelFileContext {
+        config: &config,
+        audits: &audits,
+        csv_files: &files.csv_files,
+        python_macros: &python_macros,
+    };
     let mut models: BTreeMap<ModelName, Model> = BTreeMap::new();
     let texts = files.models.iter().flat_map(|(path, text)| match expand_blueprints(path, text) {
         Ok(texts) => texts.into_iter().map(|text| (path, Ok(text))).collect::<Vec<_>>(),
         Err(file_errors) => vec![(path, Err(file_errors))],
     });
     for (path, text) in texts {
+        let name = text.as_ref().ok().and_then(|text| declared_name(text));
         match text.and_then(|text| parse_model_file(path, &text, context)) {
             Ok(parsed) => {
                 warnings.extend(parsed.warnings);
@@ -183,6 +232,10 @@ pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
                     models.insert(model.name.clone(), model);
                 }
             }
+            // Valid SQLMesh sluice cannot run: the model is left out, by name.
+            Err(file_errors) if name.is_some() && file_errors.iter().all(|error| error.unsupported) => {
+                unsupported.push(UnsupportedModel { name: name.map(|name| name.to_string()), errors: file_errors });
+            }
             Err(file_errors) => {
                 for error in file_errors {
                     errors.push_error(error);
@@ -190,6 +243,7 @@ pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
             }
         }
     }
+    leave_out_readers_of_unsupported(&mut models, &mut unsupported);
     let external_models = match &files.external_models {
         Some(text) => read_external_models(text, &mut errors),
         None => BTreeSet::new(),
@@ -255,7 +309,50 @@ pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
         report_cycles(&models, &parents, &mut errors);
     }
     warnings.sort();
-    errors.finish(Project { config, models, order, parents, external_models, warnings })
+    if !errors.is_empty() {
+        // The project does not load: its unsupported models are listed with the other errors.
+        for error in unsupported.into_iter().flat_map(|model| model.errors) {
+            errors.push_error(error);
+        }
+        return errors.finish(unreachable_project());
+    }
+    errors.finish(Project { config, models, order, parents, external_models, warnings, unsupported })
+}
+
+/// Moves every model that reads an unsupported one (through `depends_on` too), transitively,
+/// to the unsupported models: its parent would never be built.
+fn leave_out_readers_of_unsupported(models: &mut BTreeMap<ModelName, Model>, unsupported: &mut Vec<UnsupportedModel>) {
+    loop {
+        let left_out: BTreeMap<String, String> = unsupported
+            .iter()
+            .filter_map(|model| {
+                let name = model.name.clone()?;
+                let file = model.errors.first().map(|error| error.location.file.clone()).unwrap_or_default();
+                Some((name, file))
+            })
+            .collect();
+        let readers: Vec<(ModelName, String, String)> = models
+            .iter()
+            .filter_map(|(name, model)| {
+                let references = model.query.iter().flat_map(|query| &query.references).chain(&model.depends_on);
+                let parent = references
+                    .filter(|reference| **reference != name.to_string())
+                    .find_map(|reference| left_out.get(reference).map(|file| (reference.clone(), file.clone())))?;
+                Some((name.clone(), parent.0, parent.1))
+            })
+            .collect();
+        if readers.is_empty() {
+            return;
+        }
+        for (name, parent, parent_file) in readers {
+            let Some(model) = models.remove(&name) else { continue };
+            let error = ProjectError::unsupported(
+                SourceLocation::file(&model.file),
+                format!("{name} reads {parent}, which sluice cannot run ({parent_file})"),
+            );
+            unsupported.push(UnsupportedModel { name: Some(name.to_string()), errors: vec![error] });
+        }
+    }
 }
 
 /// Names every dependency cycle, walking each from its smallest model name.
@@ -314,5 +411,6 @@ fn unreachable_project() -> Project {
         parents: BTreeMap::new(),
         external_models: BTreeSet::new(),
         warnings: Vec::new(),
+        unsupported: Vec::new(),
     }
 }

@@ -190,6 +190,8 @@ pub enum Replacement {
     Table { schema: String, table: String },
     /// An EMBEDDED model, inlined as a subquery (already rendered).
     Subquery(Box<Query>),
+    /// A relation of the statement run around the query (a CTE), by its unqualified name.
+    Relation(String),
 }
 
 struct ReferenceRewriter<'a, F: Fn(&str) -> Option<Replacement>> {
@@ -219,6 +221,12 @@ impl<F: Fn(&str) -> Option<Replacement>> VisitorMut for ReferenceRewriter<'_, F>
                     ObjectNamePart::Identifier(Ident::new(schema)),
                     ObjectNamePart::Identifier(Ident::new(table)),
                 ]);
+                if let TableFactor::Table { alias: slot, .. } = table_factor {
+                    *slot = Some(alias);
+                }
+            }
+            Replacement::Relation(relation) => {
+                *name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(relation))]);
                 if let TableFactor::Table { alias: slot, .. } = table_factor {
                     *slot = Some(alias);
                 }

@@ -107,6 +107,13 @@ fn metadata_hash(model: &Model) -> String {
         .field("batch_size", &model.kind.batch_size().map(|b| b.to_string()).unwrap_or_default())
         .field("lookback", &model.kind.lookback().to_string())
         .field("forward_only", if model.kind.is_forward_only() { "1" } else { "0" });
+    // Audits decide whether a write stands, not what it writes: a change is metadata only.
+    for audit in &model.audits {
+        hasher
+            .field("audit", &audit.call)
+            .field("blocking", if audit.blocking { "1" } else { "0" })
+            .field("audit_query", &audit.query.normalized);
+    }
     if let ModelKind::IncrementalByTimeRange { batch_concurrency: Some(concurrency), .. } = &model.kind {
         hasher.field("batch_concurrency", &concurrency.to_string());
     }
@@ -200,7 +207,26 @@ pub struct Snapshot {
     pub change_category: Option<ChangeCategory>,
     /// Whether the query reads the model's own table: its batches then run in order.
     pub self_referencing: bool,
+    /// The audits run after each write (snapshots stored before audits existed: none).
+    #[serde(default)]
+    pub audits: Vec<SnapshotAudit>,
 }
+
+/// One audit of a snapshot, ready to run (see `sluice_engine::audit_check`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotAudit {
+    /// The call as the model writes it: `not_null(columns := [id])`.
+    pub call: String,
+    pub blocking: bool,
+    /// The query returning the rows that break the audit, model references rewritten as in
+    /// `rendered_query` and time macros as placeholders; the model's own table is read as
+    /// [`THIS_MODEL`], which the write defines as the rows it wrote (the interval's rows of an
+    /// incremental-by-time model, else the whole table).
+    pub query: String,
+}
+
+/// The relation an audit's query reads for the audited model's rows.
+pub const THIS_MODEL: &str = "sluice_this_model";
 
 impl Snapshot {
     pub fn physical_table(&self) -> Option<PhysicalTable> {

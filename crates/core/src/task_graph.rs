@@ -288,6 +288,7 @@ mod tests {
                 recorded_intervals: recorded,
                 now,
                 forward_only: false,
+                window: Default::default(),
             },
         )
     }

@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use expect_test::{Expect, expect};
 use sluice_core::interval::{IntervalSet, Timestamp};
 use sluice_core::names::{EnvironmentName, ModelName, SnapshotId, Version};
-use sluice_core::plan::{EnvironmentState, Plan, PlanContext, build_plan, plan_base};
+use sluice_core::plan::{BackfillWindow, Change, EnvironmentState, Plan, PlanContext, build_plan, plan_base};
 use sluice_core::plan_text::format_plan;
 use sluice_core::project::{Project, ProjectFiles, load_project};
-use sluice_core::snapshot::Snapshot;
+use sluice_core::snapshot::{ChangeCategory, Snapshot};
 use sluice_core::task_graph::TaskGraph;
 
 const CONFIG: &str = "
@@ -82,6 +82,10 @@ struct State {
 
 impl State {
     fn plan(&self, project: &Project, environment: &str, forward_only: bool) -> Plan {
+        self.plan_within(project, environment, forward_only, BackfillWindow::default())
+    }
+
+    fn plan_within(&self, project: &Project, environment: &str, forward_only: bool, window: BackfillWindow) -> Plan {
         let environment = EnvironmentName::parse(environment).unwrap();
         let current = self.environments.get(&environment);
         let prod = if environment.is_prod() { None } else { self.environments.get(&EnvironmentName::prod()) };
@@ -97,6 +101,7 @@ impl State {
                 recorded_intervals: &self.recorded,
                 now: Timestamp::parse("2024-01-10").unwrap(),
                 forward_only,
+                window,
             },
         )
     }
@@ -494,7 +499,7 @@ fn every_error_of_a_project_is_reported_with_file_line_and_column() {
     expect![[r#"
         the project has 10 errors:
           models/a.sql:1:26: unknown model kind SNAPSHOT; expected VIEW, FULL, INCREMENTAL_BY_TIME_RANGE, INCREMENTAL_BY_UNIQUE_KEY, SEED or EMBEDDED
-          models/b.sql:1:21: unknown property colour; expected one of name, kind, cron, start, end, owner, description, grain, grains, gateway, dialect, tags, columns, enabled, depends_on
+          models/b.sql:1:21: unknown property colour; expected one of name, kind, cron, start, end, owner, description, grain, grains, gateway, dialect, tags, columns, enabled, depends_on, audits
           models/c.sql:1:1: the MODEL block has no name property; expected name schema.table
           models/d.sql:2:8: unknown macro @nope; expected a time macro such as @start_ds or @end_ts, @this_model, @gateway, @model_kind_name, @VAR('name') or a name defined with @DEF
           models/e.sql:2:15: SQL does not parse (duckdb): Expected: table name, found: WHERE
@@ -557,42 +562,86 @@ fn a_model_without_start_starts_as_sqlmesh_derives_it() {
     .assert_debug_eq(&ranges);
 }
 
-/// What sluice cannot run is refused, each model named with the file or macro and what to do;
-/// an inline AUDIT's query is never taken as the model's (or a Jinja model's) query.
+/// What sluice cannot run is named, each model with the file or macro and what to do, and so
+/// is every model that reads one; the others load and plan. Planned without them, an
+/// environment keeps showing what it showed of them. An inline AUDIT's query is never taken as
+/// a Jinja model's query; a broken model still stops the whole project, with the rest listed.
 #[test]
-fn python_jinja_and_inline_audits_are_refused_one_error_each() {
-    let files = ProjectFiles {
-        python_files: [
-            ("macros/util.py", "from sqlmesh import macro\n\n@macro()\ndef add_one(evaluator, value):\n    return value + 1\n"),
-            ("models/py_model.py", "from sqlmesh import model\n\n@model(\n    \"s.py_model\",\n    columns={\"x\": \"int\"},\n)\ndef execute(context, **kwargs):\n    pass\n"),
-        ]
-        .iter()
-        .map(|(path, text)| (path.to_string(), text.to_string()))
-        .collect(),
-        ..files(
-            CONFIG,
-            &[
-
+fn models_sluice_cannot_run_are_named_and_left_out_with_their_readers() {
+    let python_files: BTreeMap<String, String> = [
+        ("macros/util.py", "from sqlmesh import macro\n\n@macro()\ndef add_one(evaluator, value):\n    return value + 1\n"),
+        ("models/py_model.py", "from sqlmesh import model\n\n@model(\n    \"s.py_model\",\n    columns={\"x\": \"int\"},\n)\ndef execute(context, **kwargs):\n    pass\n"),
+        // Not models: a package marker and a helper module.
+        ("models/__init__.py", ""),
+        ("models/shared.py", "def helper(x):\n    return x\n"),
+    ]
+    .iter()
+    .map(|(path, text)| (path.to_string(), text.to_string()))
+    .collect();
+    let project_files = |extra: &[(&str, &str)]| {
+        let mut models = vec![
             ("models/a.sql", "MODEL (name s.a, kind FULL);\nSELECT @add_one(1) AS x"),
             (
                 "models/b.sql",
                 "MODEL (name s.b, kind FULL);\nJINJA_QUERY_BEGIN;\nSELECT {{ x }} AS x;\nJINJA_END;\nAUDIT (name b_ok);\nSELECT 1 AS x",
             ),
-            ("models/c.sql", "MODEL (name s.c, kind FULL);\nSELECT 1 AS x;\n\nAUDIT (name c_ok);\nSELECT * FROM @this_model WHERE x IS NULL"),
             ("models/d.sql", "MODEL (name s.d, kind FULL);\nSELECT @STAR(s.a)"),
-            ],
-        )
+            ("models/e.sql", "MODEL (name s.e, kind SCD_TYPE_2 (unique_key id));\nSELECT 1 AS id"),
+            ("models/f.sql", "MODEL (name s.f, kind FULL);\nSELECT x FROM s.py_model"),
+            ("models/g.sql", "MODEL (name s.g, kind FULL);\nSELECT x FROM s.f"),
+            ("models/h.sql", "MODEL (name s.h, kind FULL);\nSELECT 1 AS x"),
+        ];
+        models.extend(extra);
+        ProjectFiles { python_files: python_files.clone(), ..files(CONFIG, &models) }
     };
-    let Err(errors) = load_project(&files) else { panic!("the project loaded") };
+    let project = load_project(&project_files(&[])).unwrap();
+    assert_eq!(project.models.keys().map(ToString::to_string).collect::<Vec<_>>(), vec!["s.h"]);
     expect![[r#"
-        the project has 5 errors:
+        the project has 7 errors:
           models/a.sql:2:8: @add_one is a Python macro (macros/util.py), which sluice cannot run; write its SQL in the model, or as a @DEF
           models/b.sql:2:1: Jinja blocks are not rendered by sluice yet; write the model in SQL with SQLMesh macros
-          models/c.sql:4:1: inline AUDIT blocks are not run by sluice yet; remove the audit to apply this model
           models/d.sql:2:8: @STAR is a SQLMesh macro sluice does not evaluate yet; write its SQL out in the model
+          models/e.sql:1:23: SCD_TYPE_2 is a SQLMesh kind sluice does not run yet; expected VIEW, FULL, INCREMENTAL_BY_TIME_RANGE, INCREMENTAL_BY_UNIQUE_KEY, SEED or EMBEDDED
+          models/f.sql: s.f reads s.py_model, which sluice cannot run (models/py_model.py)
+          models/g.sql: s.g reads s.f, which sluice cannot run (models/f.sql)
           models/py_model.py: a Python model (s.py_model), which sluice cannot run; rewrite it as a SQL model in models/*.sql, or remove it and declare its table in external_models.yaml
     "#]]
-    .assert_eq(&errors.to_string());
+    .assert_eq(&project.unsupported_errors().unwrap().to_string());
+
+    // An environment that shows a model sluice now leaves out keeps showing it: carried
+    // unchanged, with nothing to run, and not removed.
+    let mut state = State::default();
+    let earlier = project_files(&[]);
+    let earlier = ProjectFiles {
+        models: earlier
+            .models
+            .into_iter()
+            .map(|(path, text)| {
+                if path == "models/g.sql" {
+                    (path, "MODEL (name s.g, kind FULL);\nSELECT 2 AS x".to_string())
+                } else {
+                    (path, text)
+                }
+            })
+            .collect(),
+        ..earlier
+    };
+    let earlier = load_project(&earlier).unwrap();
+    state.apply(&state.plan(&earlier, "prod", false));
+    let plan = state.plan(&project, "prod", false);
+    assert!(plan.removed.is_empty());
+    let g = plan.snapshots.iter().find(|planned| planned.snapshot.name.to_string() == "s.g").unwrap();
+    assert_eq!(g.change, Change::Unchanged);
+    assert!(g.batches.is_empty() && g.promoted);
+    assert!(plan.view_changes(state.environments.get(&EnvironmentName::prod())).is_empty());
+
+    // A broken model stops the project; the unsupported ones are listed with it.
+    let Err(errors) = load_project(&project_files(&[("models/z.sql", "MODEL (name s.z, kind FULL);\nSELEC 1")])) else {
+        panic!("the project loaded")
+    };
+    let listed = errors.to_string();
+    assert!(listed.starts_with("the project has 8 errors:"), "{listed}");
+    assert!(listed.contains("models/z.sql"), "{listed}");
 }
 
 /// `sluice run`: the environment's snapshots unchanged, with the intervals completed since the
@@ -643,4 +692,115 @@ fn a_run_plans_the_environments_snapshots_with_the_intervals_completed_since() {
     )
     .unwrap();
     assert!(nothing.has_nothing_to_do(Some(prod)));
+}
+
+/// A snapshot carries its model's audits rendered against the plan's tables: the model itself
+/// read as the write's rows (`sluice_this_model`), every other model as its physical table. A
+/// changed audit is a metadata-only change: nothing is rebuilt.
+#[test]
+fn audits_are_rendered_into_the_snapshot_and_changing_one_rebuilds_nothing() {
+    let project = |floor: &str| {
+        let audit =
+            format!("AUDIT (name above, defaults (floor = {floor}));\nSELECT * FROM @this_model WHERE amount < @floor");
+        let files = ProjectFiles {
+            audits: [("audits/above.sql".to_string(), audit)].into_iter().collect(),
+            ..files(
+                CONFIG,
+                &[
+                    ("models/a.sql", "MODEL (name s.a, kind FULL);\nSELECT 1 AS id, 5 AS amount"),
+                    (
+                        "models/b.sql",
+                        "MODEL (name s.b, kind FULL, audits (above, known));\nSELECT amount FROM s.a;\nAUDIT (name known);\nSELECT * FROM @this_model AS m WHERE m.amount NOT IN (SELECT amount FROM s.a)",
+                    ),
+                ],
+            )
+        };
+        match load_project(&files) {
+            Ok(project) => project,
+            Err(errors) => panic!("{errors}"),
+        }
+    };
+    let mut state = State::default();
+    let first = state.plan(&project("0"), "prod", false);
+    state.apply(&first);
+    let b = &first.snapshots[1].snapshot;
+    let a_table = first.snapshots[0].snapshot.physical_table().unwrap().to_string();
+    let audits: Vec<(&str, bool, String)> = b
+        .audits
+        .iter()
+        .map(|audit| (audit.call.as_str(), audit.blocking, audit.query.replace(&a_table, "<s.a>")))
+        .collect();
+    assert_eq!(
+        audits,
+        vec![
+            ("above", true, "SELECT * FROM sluice_this_model AS b WHERE amount < 0".to_string()),
+            (
+                "known",
+                true,
+                "SELECT * FROM sluice_this_model AS m WHERE m.amount NOT IN (SELECT amount FROM <s.a> AS a)"
+                    .to_string()
+            ),
+        ]
+    );
+    let second = state.plan(&project("1"), "prod", false);
+    let planned = &second.snapshots[1];
+    assert_eq!(planned.change, Change::Direct(ChangeCategory::MetadataOnly));
+    assert_eq!(planned.snapshot.version, b.version);
+    assert!(planned.batches.is_empty());
+    assert_eq!(planned.snapshot.audits[0].query, "SELECT * FROM sluice_this_model AS b WHERE amount < 1");
+}
+
+/// `plan dev --start --end`: a development environment's backfill is clipped to the window
+/// (a date-only end includes its day); prod refuses a window, as do an inverted one and an end
+/// after the plan's time.
+#[test]
+fn a_development_window_clips_the_backfill() {
+    let mut state = State::default();
+    state.apply(&state.plan(&shop(DAILY), "prod", false));
+    let changed = shop(&DAILY.replace("SUM(amount)", "SUM(amount) * 2"));
+    let window = BackfillWindow {
+        start: Some(Timestamp::parse("2024-01-02").unwrap()),
+        end: Some(Timestamp::parse_end("2024-01-03").unwrap()),
+    };
+    let plan = state.plan_within(&changed, "dev", false, window);
+    let batches: Vec<String> = plan
+        .snapshots
+        .iter()
+        .flat_map(|planned| {
+            planned.batches.iter().map(move |batch| format!("{} {}", planned.snapshot.name, batch.interval))
+        })
+        .collect();
+    assert_eq!(
+        batches,
+        vec![
+            "shop.daily [2024-01-02 00:00:00, 2024-01-04 00:00:00)".to_string(),
+            "shop.summary [2024-01-02 00:00:00, 2024-01-04 00:00:00)".to_string(),
+        ]
+    );
+    assert!(
+        format_plan(&plan, None, None)
+            .contains("Backfill window: from 2024-01-02 00:00:00 to 2024-01-04 00:00:00 (exclusive).")
+    );
+    let unbounded = state.plan(&changed, "dev", false);
+    assert_ne!(unbounded.id, plan.id, "the window is part of the plan's identity");
+
+    let now = Timestamp::parse("2024-01-10").unwrap();
+    let prod = EnvironmentName::prod();
+    let dev = EnvironmentName::parse("dev").unwrap();
+    assert_eq!(
+        window.check(&prod, now).unwrap_err(),
+        "--start and --end limit a development environment's backfill; a prod plan backfills every missing interval"
+    );
+    assert!(window.check(&dev, now).is_ok());
+    assert!(BackfillWindow::default().check(&prod, now).is_ok());
+    let inverted = BackfillWindow { start: window.end, end: window.start };
+    assert_eq!(
+        inverted.check(&dev, now).unwrap_err(),
+        "--start 2024-01-04 00:00:00 is not before --end 2024-01-02 00:00:00"
+    );
+    let future = BackfillWindow { start: None, end: Some(Timestamp::parse("2024-02-01").unwrap()) };
+    assert_eq!(
+        future.check(&dev, now).unwrap_err(),
+        "--end 2024-02-01 00:00:00 is after the plan's time 2024-01-10 00:00:00"
+    );
 }

@@ -12,7 +12,9 @@ use sluice_core::model::SeedData;
 use sluice_core::names::PhysicalTable;
 
 use crate::sql::{self, Dialect};
-use crate::{Canceller, EngineError, GatewayPromotion, PromotionOutcome, TableChecksum, ViewUpdate, Warehouse};
+use crate::{
+    AuditCheck, Canceller, EngineError, GatewayPromotion, PromotionOutcome, TableChecksum, ViewUpdate, Warehouse,
+};
 
 const ENGINE: &str = "duckdb";
 
@@ -218,12 +220,30 @@ fn in_transaction<T>(
     connection: &duckdb::Connection,
     work: impl FnOnce(&duckdb::Connection) -> Result<T, duckdb::Error>,
 ) -> Result<T, EngineError> {
+    in_checked_transaction(connection, &[], work)
+}
+
+/// `in_transaction`, running `checks` after `work`: the first that counts a row rolls back and
+/// is the error.
+fn in_checked_transaction<T>(
+    connection: &duckdb::Connection,
+    checks: &[AuditCheck],
+    work: impl FnOnce(&duckdb::Connection) -> Result<T, duckdb::Error>,
+) -> Result<T, EngineError> {
     if connection.execute_batch("BEGIN TRANSACTION").is_err() {
         // A transaction left open by statements run as given (`execute`): end it, then start ours.
         let _ = connection.execute_batch("ROLLBACK");
         connection.execute_batch("BEGIN TRANSACTION").map_err(classify)?;
     }
-    let outcome = work(connection).and_then(|value| connection.execute_batch("COMMIT").map(|()| value));
+    let outcome = work(connection).and_then(|value| Ok((value, failed_check(connection, checks)?)));
+    let outcome = match outcome {
+        Ok((value, None)) => connection.execute_batch("COMMIT").map(|()| value),
+        Ok((_, Some(failure))) => {
+            let _ = connection.execute_batch("ROLLBACK");
+            return Err(failure);
+        }
+        Err(error) => Err(error),
+    };
     match outcome {
         Ok(value) => Ok(value),
         Err(error) => {
@@ -232,6 +252,18 @@ fn in_transaction<T>(
             Err(classify(error))
         }
     }
+}
+
+/// The first check that counts a row, as its error.
+fn failed_check(connection: &duckdb::Connection, checks: &[AuditCheck]) -> Result<Option<EngineError>, duckdb::Error> {
+    for check in checks {
+        let count: Option<i64> = connection.query_row(&check.count_query, [], |row| row.get(0))?;
+        let count = count.unwrap_or(0);
+        if count > 0 {
+            return Ok(Some(EngineError::AuditFailed { audit: check.audit.clone(), rows: count }));
+        }
+    }
+    Ok(None)
 }
 
 /// DuckDB reports every failure as text: transaction conflicts ("Conflict", "TransactionContext") and a file
@@ -305,13 +337,15 @@ impl Warehouse for DuckDbWarehouse {
         time_column: &str,
         interval: Interval,
         query: &str,
+        checks: &[AuditCheck],
     ) -> Result<u64, EngineError> {
         let delete = sql::delete_interval(table, time_column, interval);
         let insert = sql::insert_interval(table, time_column, interval, query);
         let key = table.clone();
+        let checks = checks.to_vec();
         self.call(move |connection, database| {
             let _write = lock(database.write_stripe(&key, Some(interval)));
-            in_transaction(connection, |transaction| {
+            in_checked_transaction(connection, &checks, |transaction| {
                 transaction.execute(&delete, [])?;
                 transaction.execute(&insert, [])
             })
@@ -320,13 +354,19 @@ impl Warehouse for DuckDbWarehouse {
         .await
     }
 
-    async fn replace_all(&mut self, table: &PhysicalTable, query: &str) -> Result<u64, EngineError> {
+    async fn replace_all(
+        &mut self,
+        table: &PhysicalTable,
+        query: &str,
+        checks: &[AuditCheck],
+    ) -> Result<u64, EngineError> {
         let delete = format!("DELETE FROM {}", sql::physical_name(table));
         let insert = sql::insert_all(table, query);
         let key = table.clone();
+        let checks = checks.to_vec();
         self.call(move |connection, database| {
             let _write = lock(database.write_stripe(&key, None));
-            in_transaction(connection, |transaction| {
+            in_checked_transaction(connection, &checks, |transaction| {
                 transaction.execute(&delete, [])?;
                 transaction.execute(&insert, [])
             })
@@ -335,7 +375,13 @@ impl Warehouse for DuckDbWarehouse {
         .await
     }
 
-    async fn upsert(&mut self, table: &PhysicalTable, unique_key: &[String], query: &str) -> Result<u64, EngineError> {
+    async fn upsert(
+        &mut self,
+        table: &PhysicalTable,
+        unique_key: &[String],
+        query: &str,
+        checks: &[AuditCheck],
+    ) -> Result<u64, EngineError> {
         let key_match = sql::unique_key_match(table, unique_key, UPSERT_ROWS)?;
         let target = sql::physical_name(table);
         // The query runs once, into a temporary table of this connection; both statements read it.
@@ -348,9 +394,10 @@ impl Warehouse for DuckDbWarehouse {
         let insert = format!("INSERT INTO {target} SELECT * FROM {UPSERT_ROWS}");
         let unstage = format!("DROP TABLE IF EXISTS {UPSERT_ROWS}");
         let key = table.clone();
+        let checks = checks.to_vec();
         self.call(move |connection, database| {
             let _write = lock(database.write_stripe(&key, None));
-            in_transaction(connection, |transaction| {
+            in_checked_transaction(connection, &checks, |transaction| {
                 transaction.execute_batch(&stage)?;
                 transaction.execute(&delete, [])?;
                 let inserted = transaction.execute(&insert, [])?;

@@ -33,6 +33,9 @@ pub enum EngineError {
     /// The engine answered something the adapter did not expect (a non-integer for `query_i64`).
     #[error("{engine} returned an unexpected result: {message}")]
     UnexpectedResult { engine: &'static str, message: String },
+    /// A blocking audit found rows that break it; the write was rolled back.
+    #[error("audit {audit} failed: {rows} row(s) break it; the write was rolled back")]
+    AuditFailed { audit: String, rows: i64 },
     /// The blocking thread running a DuckDB call panicked or was cancelled.
     #[error("{engine} call did not complete: {message}")]
     BlockingCall { engine: &'static str, message: String },
@@ -50,6 +53,7 @@ impl EngineError {
             | EngineError::Configuration { .. }
             | EngineError::InvalidInput { .. }
             | EngineError::UnexpectedResult { .. }
+            | EngineError::AuditFailed { .. }
             | EngineError::BlockingCall { .. } => false,
         }
     }

@@ -25,6 +25,29 @@ pub fn interval_statements(table: &PhysicalTable, time_column: &str, interval: I
     [sql::delete_interval(table, time_column, interval), sql::insert_interval(table, time_column, interval, query)]
 }
 
+/// A blocking audit, run inside a write's transaction after the write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditCheck {
+    /// The audit as the model calls it, for the error.
+    pub audit: String,
+    /// One statement returning one integer: the rows that break the audit ([`audit_count_query`]).
+    pub count_query: String,
+}
+
+/// The statement counting the rows that break an audit of `table`'s model. The audit reads the
+/// model as `sluice_this_model` (`sluice_core::snapshot::THIS_MODEL`): here the rows the write
+/// covers, that is the interval's rows when `time_column` is given, else the whole table.
+pub fn audit_count_query(table: &PhysicalTable, time_column: Option<&str>, interval: Interval, audit: &str) -> String {
+    let filter = time_column.map(|column| format!(" WHERE {}", sql::interval_filter(column, interval)));
+    format!(
+        "WITH {} AS (SELECT * FROM {}{}) SELECT COUNT(*) FROM ({}) AS \"sluice_audit\"",
+        sql::quote_identifier(sluice_core::snapshot::THIS_MODEL),
+        sql::physical_name(table),
+        filter.unwrap_or_default(),
+        sql::query_body(audit)
+    )
+}
+
 /// Cancels the statement a warehouse connection is running, from another task (an aborted
 /// run's query in flight). Cancelling an idle connection does nothing.
 #[async_trait]
@@ -64,21 +87,35 @@ pub trait Warehouse: Send {
     ) -> Result<(), EngineError>;
 
     /// One transaction: delete rows whose `time_column` lies in `[start, end)`, insert the query's rows that lie in
-    /// `[start, end)`. Returns the rows inserted.
+    /// `[start, end)`, then run `checks`. Returns the rows inserted. (Every data write runs its checks the same way:
+    /// inside the transaction, after the write; the first that counts a row rolls everything back and is the error,
+    /// `EngineError::AuditFailed`.)
     async fn replace_interval(
         &mut self,
         table: &PhysicalTable,
         time_column: &str,
         interval: Interval,
         query: &str,
+        checks: &[AuditCheck],
     ) -> Result<u64, EngineError>;
 
-    /// One transaction: delete every row, insert the query's rows. Returns the rows inserted.
-    async fn replace_all(&mut self, table: &PhysicalTable, query: &str) -> Result<u64, EngineError>;
+    /// One transaction: delete every row, insert the query's rows, run `checks`. Returns the rows inserted.
+    async fn replace_all(
+        &mut self,
+        table: &PhysicalTable,
+        query: &str,
+        checks: &[AuditCheck],
+    ) -> Result<u64, EngineError>;
 
     /// One transaction: delete rows whose unique key appears in the query's rows (SQL `=`: a NULL key matches
-    /// nothing, as in `MERGE`), insert the query's rows. Returns the rows inserted.
-    async fn upsert(&mut self, table: &PhysicalTable, unique_key: &[String], query: &str) -> Result<u64, EngineError>;
+    /// nothing, as in `MERGE`), insert the query's rows, run `checks`. Returns the rows inserted.
+    async fn upsert(
+        &mut self,
+        table: &PhysicalTable,
+        unique_key: &[String],
+        query: &str,
+        checks: &[AuditCheck],
+    ) -> Result<u64, EngineError>;
 
     /// Creates (schema and) the table from the declared columns (or TEXT columns named after the CSV header when
     /// none are declared) if absent, and replaces its rows with the CSV rows cast to the declared types, in one

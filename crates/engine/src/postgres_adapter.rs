@@ -14,7 +14,9 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError, PgRow};
 use sqlx::{AssertSqlSafe, Column, Connection, Row, TypeInfo};
 
 use crate::sql::{self, Dialect, ROWS_ALIAS};
-use crate::{Canceller, EngineError, GatewayPromotion, PromotionOutcome, TableChecksum, ViewUpdate, Warehouse};
+use crate::{
+    AuditCheck, Canceller, EngineError, GatewayPromotion, PromotionOutcome, TableChecksum, ViewUpdate, Warehouse,
+};
 
 const ENGINE: &str = "postgres";
 
@@ -161,6 +163,22 @@ impl PostgresWarehouse {
         self.run(format!("{lock};\n{statement}")).await.map(|rows| rows.saturating_sub(1))
     }
 
+    /// `run_locked`, then `checks` in the same transaction: the first that counts a row rolls
+    /// the transaction back and is the error. Without checks, exactly `run_locked`.
+    async fn run_checked(
+        &mut self,
+        lock: String,
+        statement: String,
+        checks: &[AuditCheck],
+    ) -> Result<u64, EngineError> {
+        if checks.is_empty() {
+            return self.run_locked(lock, statement).await;
+        }
+        let connection = self.connection().await?;
+        let result = write_checked(connection, format!("{lock};\n{statement}"), checks).await;
+        self.settle(result)?
+    }
+
     /// Runs `sql` and returns its first row.
     async fn first_row(&mut self, sql: String) -> Result<Option<PgRow>, EngineError> {
         let connection = self.connection().await?;
@@ -198,6 +216,29 @@ fn write_lock(table: &PhysicalTable, interval: Option<Interval>) -> String {
     let mut key = [0u8; 8];
     key.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
     format!("SELECT pg_advisory_xact_lock({})", i64::from_le_bytes(key))
+}
+
+/// One transaction: `script` (the lock and the write), then each check's count; commits only
+/// when every count is zero. The inner result is the write's rows or the failed audit.
+async fn write_checked(
+    connection: &mut PgConnection,
+    script: String,
+    checks: &[AuditCheck],
+) -> Result<Result<u64, EngineError>, sqlx::Error> {
+    let mut transaction = connection.begin().await?;
+    // The lock's SELECT reports one row.
+    let rows = sqlx::raw_sql(AssertSqlSafe(script)).execute(&mut *transaction).await?.rows_affected().saturating_sub(1);
+    for check in checks {
+        let count: Option<i64> =
+            sqlx::query_scalar(AssertSqlSafe(check.count_query.clone())).fetch_one(&mut *transaction).await?;
+        let count = count.unwrap_or(0);
+        if count > 0 {
+            transaction.rollback().await?;
+            return Ok(Err(EngineError::AuditFailed { audit: check.audit.clone(), rows: count }));
+        }
+    }
+    transaction.commit().await?;
+    Ok(Ok(rows))
 }
 
 /// `SELECT pg_advisory_xact_lock(…)`, the first statement of every DDL transaction.
@@ -361,6 +402,7 @@ impl Warehouse for PostgresWarehouse {
         time_column: &str,
         interval: Interval,
         query: &str,
+        checks: &[AuditCheck],
     ) -> Result<u64, EngineError> {
         // One statement: the CTE's DELETE and the INSERT see the same snapshot and commit together.
         let statement = format!(
@@ -368,19 +410,30 @@ impl Warehouse for PostgresWarehouse {
             sql::delete_interval(table, time_column, interval),
             sql::insert_interval(table, time_column, interval, query)
         );
-        self.run_locked(write_lock(table, Some(interval)), statement).await
+        self.run_checked(write_lock(table, Some(interval)), statement, checks).await
     }
 
-    async fn replace_all(&mut self, table: &PhysicalTable, query: &str) -> Result<u64, EngineError> {
+    async fn replace_all(
+        &mut self,
+        table: &PhysicalTable,
+        query: &str,
+        checks: &[AuditCheck],
+    ) -> Result<u64, EngineError> {
         let statement = format!(
             "WITH \"sluice_deleted\" AS (DELETE FROM {}) {}",
             sql::physical_name(table),
             sql::insert_all(table, query)
         );
-        self.run_locked(write_lock(table, None), statement).await
+        self.run_checked(write_lock(table, None), statement, checks).await
     }
 
-    async fn upsert(&mut self, table: &PhysicalTable, unique_key: &[String], query: &str) -> Result<u64, EngineError> {
+    async fn upsert(
+        &mut self,
+        table: &PhysicalTable,
+        unique_key: &[String],
+        query: &str,
+        checks: &[AuditCheck],
+    ) -> Result<u64, EngineError> {
         let key_match = sql::unique_key_match(table, unique_key, ROWS_ALIAS)?;
         let target = sql::physical_name(table);
         // The query runs once (MATERIALIZED); the DELETE and the INSERT read the same rows in one statement.
@@ -390,7 +443,7 @@ impl Warehouse for PostgresWarehouse {
              INSERT INTO {target} SELECT * FROM {ROWS_ALIAS}",
             sql::query_body(query)
         );
-        self.run_locked(write_lock(table, None), statement).await
+        self.run_checked(write_lock(table, None), statement, checks).await
     }
 
     async fn load_seed(

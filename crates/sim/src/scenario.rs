@@ -430,14 +430,22 @@ async fn simulate(seed: u64) -> Outcome {
                 break;
             }
         };
-        let plan =
-            match sluice_coordinator::plan_against_state(truth.as_ref(), &project, &environment, now, false).await {
-                Ok(plan) => plan,
-                Err(error) => {
-                    world.lock().violation(format!("planning failed: {error}"));
-                    break;
-                }
-            };
+        let plan = match sluice_coordinator::plan_against_state(
+            truth.as_ref(),
+            &project,
+            &environment,
+            now,
+            false,
+            Default::default(),
+        )
+        .await
+        {
+            Ok(plan) => plan,
+            Err(error) => {
+                world.lock().violation(format!("planning failed: {error}"));
+                break;
+            }
+        };
         if plan.has_nothing_to_do(truth.get_environment(&environment).await.ok().flatten().as_ref().map(|r| &r.state)) {
             break;
         }

@@ -10,7 +10,8 @@ use sluice_core::interval::{Interval, Timestamp};
 use sluice_core::model::SeedData;
 use sluice_core::names::PhysicalTable;
 use sluice_engine::{
-    Canceller, EngineError, GatewayPromotion, PromotionOutcome, TableChecksum, ViewUpdate, Warehouse, WarehouseFactory,
+    AuditCheck, Canceller, EngineError, GatewayPromotion, PromotionOutcome, TableChecksum, ViewUpdate, Warehouse,
+    WarehouseFactory,
 };
 use sluice_state::{IntervalStore, RunStatus, RunStore};
 
@@ -237,6 +238,7 @@ impl Warehouse for SimConnection {
         _time_column: &str,
         interval: Interval,
         _query: &str,
+        _checks: &[AuditCheck],
     ) -> Result<u64, EngineError> {
         let name = table.to_string();
         self.world.pause().await;
@@ -253,7 +255,12 @@ impl Warehouse for SimConnection {
         Ok(rows)
     }
 
-    async fn replace_all(&mut self, table: &PhysicalTable, _query: &str) -> Result<u64, EngineError> {
+    async fn replace_all(
+        &mut self,
+        table: &PhysicalTable,
+        _query: &str,
+        _checks: &[AuditCheck],
+    ) -> Result<u64, EngineError> {
         let name = table.to_string();
         self.world.pause().await;
         if failed(&self.world) {
@@ -280,6 +287,7 @@ impl Warehouse for SimConnection {
         table: &PhysicalTable,
         _unique_key: &[String],
         _query: &str,
+        _checks: &[AuditCheck],
     ) -> Result<u64, EngineError> {
         Err(EngineError::Unsupported { gateway: self.gateway.clone(), what: format!("upsert into {table}") })
     }

@@ -324,6 +324,7 @@ fn snapshot(name: &str, version: &str) -> Snapshot {
         seed: None,
         change_category: None,
         self_referencing: false,
+        audits: Vec::new(),
     }
 }
 
@@ -351,6 +352,7 @@ fn plan(id: &str, environment: &str, previous: Option<&str>, created_at: i64, sn
         environment_exists: previous.is_some(),
         environment_ttl_seconds: None,
         notification_webhook: None,
+        window: Default::default(),
     }
 }
 

@@ -21,7 +21,7 @@ use sluice_core::names::PlanId;
 use sluice_core::plan::Plan;
 use sluice_core::query::QueryTemplate;
 use sluice_core::task_graph::TaskGraph;
-use sluice_engine::{EngineError, Warehouse, WarehouseFactory};
+use sluice_engine::{AuditCheck, EngineError, Warehouse, WarehouseFactory, audit_count_query};
 use sluice_queue::{Delivery, DependencyGate, EventBus, QueueError, RunEvent, RunId, TaskMessage, TaskQueue};
 use sluice_state::host::offload;
 use sluice_state::{FinishedTask, IntervalKey, IntervalRecord, RunStatus, StateError, StateStore, TaskFailure};
@@ -167,6 +167,8 @@ struct RunContext {
     queries: Vec<Option<QueryTemplate>>,
     pre_statements: Vec<Vec<QueryTemplate>>,
     post_statements: Vec<Vec<QueryTemplate>>,
+    /// Per snapshot: its audits (blocking or not) and their queries, pre-split.
+    audits: Vec<Vec<(bool, String, QueryTemplate)>>,
     /// Tasks this worker already settled without success (aborted or below a failure), so that
     /// draining a large aborted run does not walk the same descendants again and again.
     settled: Mutex<BTreeSet<u32>>,
@@ -183,7 +185,15 @@ impl RunContext {
         let templates = |statements: &Vec<String>| statements.iter().map(|s| QueryTemplate::from_sql(s)).collect();
         let pre_statements = plan.snapshots.iter().map(|p| templates(&p.snapshot.pre_statements)).collect();
         let post_statements = plan.snapshots.iter().map(|p| templates(&p.snapshot.post_statements)).collect();
-        RunContext { plan, graph, queries, pre_statements, post_statements, settled: Mutex::default() }
+        let audits = plan
+            .snapshots
+            .iter()
+            .map(|planned| {
+                let audits = &planned.snapshot.audits;
+                audits.iter().map(|a| (a.blocking, a.call.clone(), QueryTemplate::from_sql(&a.query))).collect()
+            })
+            .collect();
+        RunContext { plan, graph, queries, pre_statements, post_statements, audits, settled: Mutex::default() }
     }
 
     /// `task` and every task that transitively waits for it, leaving out (and not walking
@@ -423,13 +433,36 @@ impl Slot {
         if needs_table && !ensured {
             warehouse.ensure_table(&table, &snapshot.columns, query_text).await?;
         }
+        // Audits read the rows the write covers: an incremental-by-time model's interval, else
+        // the table. Blocking ones run inside the write's transaction (a failure rolls it back);
+        // the others after it commits, reported and not failing the task.
+        let time_column = match &snapshot.kind {
+            ModelKind::IncrementalByTimeRange { time_column, .. } => Some(time_column.as_str()),
+            _ => None,
+        };
+        let mut blocking = Vec::new();
+        let mut reported = Vec::new();
+        for (is_blocking, call, template) in &context.audits[snapshot_index] {
+            let audit_query = template.fill(interval, execution_time);
+            let check = AuditCheck {
+                audit: call.clone(),
+                count_query: audit_count_query(&table, time_column, interval, &audit_query),
+            };
+            if *is_blocking { blocking.push(check) } else { reported.push(check) }
+        }
+        // A view or seed is built by DDL: its blocking audits run after the build, which
+        // nothing shows before the environment is promoted.
+        let checks_in_write = matches!(
+            snapshot.kind,
+            ModelKind::IncrementalByTimeRange { .. } | ModelKind::Full | ModelKind::IncrementalByUniqueKey { .. }
+        );
         let rows = match &snapshot.kind {
             ModelKind::IncrementalByTimeRange { time_column, .. } => {
-                warehouse.replace_interval(&table, time_column, interval, query_text).await?
+                warehouse.replace_interval(&table, time_column, interval, query_text, &blocking).await?
             }
-            ModelKind::Full => warehouse.replace_all(&table, query_text).await?,
+            ModelKind::Full => warehouse.replace_all(&table, query_text, &blocking).await?,
             ModelKind::IncrementalByUniqueKey { unique_key, .. } => {
-                warehouse.upsert(&table, unique_key, query_text).await?
+                warehouse.upsert(&table, unique_key, query_text, &blocking).await?
             }
             ModelKind::View => {
                 warehouse.create_physical_view(&table, query_text).await?;
@@ -441,6 +474,26 @@ impl Slot {
             },
             ModelKind::Embedded => 0,
         };
+        if !checks_in_write {
+            for check in &blocking {
+                let count = warehouse.query_i64(&check.count_query).await?.unwrap_or(0);
+                if count > 0 {
+                    return Err(EngineError::AuditFailed { audit: check.audit.clone(), rows: count });
+                }
+            }
+        }
+        for check in &reported {
+            let count = warehouse.query_i64(&check.count_query).await?.unwrap_or(0);
+            if count > 0 {
+                warn!(
+                    model = %snapshot.name,
+                    interval = %interval,
+                    audit = %check.audit,
+                    rows = count,
+                    "non-blocking audit failed: {count} row(s) break it"
+                );
+            }
+        }
         for statement in &post {
             warehouse.execute(statement).await?;
         }

@@ -3,7 +3,9 @@
 use sluice_core::interval::{Interval, Timestamp};
 use sluice_core::model::SeedData;
 use sluice_core::names::PhysicalTable;
-use sluice_engine::{GatewayPromotion, PromotionOutcome, ViewUpdate, Warehouse};
+use sluice_engine::{
+    AuditCheck, EngineError, GatewayPromotion, PromotionOutcome, ViewUpdate, Warehouse, audit_count_query,
+};
 
 use crate::support::{Fixture, table};
 
@@ -40,6 +42,7 @@ conformance_suite!(
     replace_interval_filters_timestamp_columns_half_open,
     replace_all_replaces_every_row,
     upsert_replaces_rows_by_key,
+    a_failing_blocking_audit_rolls_the_write_back,
     seed_loads_with_declared_types,
     seed_loads_text_columns_without_declared_types,
     seed_refuses_an_unsafe_type,
@@ -105,7 +108,7 @@ async fn ensure_table_is_idempotent_and_race_safe(fixture: Fixture) {
     );
 
     // Ensuring again keeps the rows already written.
-    warehouse.replace_all(&events, EVENTS_QUERY).await.unwrap();
+    warehouse.replace_all(&events, EVENTS_QUERY, &[]).await.unwrap();
     warehouse.ensure_table(&events, &[], EVENTS_QUERY).await.unwrap();
     assert_eq!(count(warehouse.as_mut(), "sluice__shop.shop__events__v1").await, 4);
 
@@ -129,7 +132,10 @@ async fn declared_columns_create_the_table_a_self_reading_query_needs(fixture: F
     let columns = [("day".to_string(), "DATE".to_string()), ("entries".to_string(), "BIGINT".to_string())];
     warehouse.ensure_table(&ledger, &columns, &query).await.unwrap();
     warehouse.ensure_table(&ledger, &columns, &query).await.unwrap();
-    assert_eq!(warehouse.replace_interval(&ledger, "day", days("2024-01-01", "2024-01-02"), &query).await.unwrap(), 1);
+    assert_eq!(
+        warehouse.replace_interval(&ledger, "day", days("2024-01-01", "2024-01-02"), &query, &[]).await.unwrap(),
+        1
+    );
     assert_eq!(scalar(warehouse.as_mut(), &format!("SELECT entries FROM {relation}")).await, Some(1));
     let unsafe_type = [("day".to_string(), "DATE); DROP TABLE x; --".to_string())];
     let refused = warehouse.ensure_table(&table("odd"), &unsafe_type, &query).await.unwrap_err();
@@ -177,8 +183,8 @@ async fn two_writes_of_one_interval_at_once_leave_it_written_once(fixture: Fixtu
     let mut first = fixture.open().await;
     let mut second = fixture.open().await;
     let (one, two) = tokio::join!(
-        first.replace_interval(&events, "ds", first_day, query),
-        second.replace_interval(&events, "ds", first_day, query)
+        first.replace_interval(&events, "ds", first_day, query, &[]),
+        second.replace_interval(&events, "ds", first_day, query, &[])
     );
     for outcome in [one, two] {
         match outcome {
@@ -186,7 +192,7 @@ async fn two_writes_of_one_interval_at_once_leave_it_written_once(fixture: Fixtu
             // A write-write conflict is transient: the worker retries it.
             Err(error) => {
                 assert!(error.is_transient(), "{error}");
-                assert_eq!(first.replace_interval(&events, "ds", first_day, query).await.unwrap(), 2);
+                assert_eq!(first.replace_interval(&events, "ds", first_day, query, &[]).await.unwrap(), 2);
             }
         }
     }
@@ -203,16 +209,16 @@ async fn replace_interval_replaces_only_its_interval(fixture: Fixture) {
 
     let first_day = days("2024-01-01", "2024-01-02");
     let second_day = days("2024-01-02", "2024-01-03");
-    assert_eq!(warehouse.replace_interval(&events, "ds", first_day, EVENTS_QUERY).await.unwrap(), 2);
-    assert_eq!(warehouse.replace_interval(&events, "ds", second_day, EVENTS_QUERY).await.unwrap(), 1);
-    assert_eq!(warehouse.replace_interval(&events, "ds", first_day, EVENTS_QUERY).await.unwrap(), 2);
+    assert_eq!(warehouse.replace_interval(&events, "ds", first_day, EVENTS_QUERY, &[]).await.unwrap(), 2);
+    assert_eq!(warehouse.replace_interval(&events, "ds", second_day, EVENTS_QUERY, &[]).await.unwrap(), 1);
+    assert_eq!(warehouse.replace_interval(&events, "ds", first_day, EVENTS_QUERY, &[]).await.unwrap(), 2);
     assert_eq!(count(warehouse.as_mut(), relation).await, 3, "replacing an interval twice duplicates nothing");
     let third_day = format!("{relation} WHERE ds = DATE '2024-01-03'");
     assert_eq!(count(warehouse.as_mut(), &third_day).await, 0, "rows outside the interval are not inserted");
 
     // The source changes on both days; replacing the first day leaves the second as it was.
     warehouse.execute("UPDATE raw.events SET amount = amount + 100").await.unwrap();
-    assert_eq!(warehouse.replace_interval(&events, "ds", first_day, EVENTS_QUERY).await.unwrap(), 2);
+    assert_eq!(warehouse.replace_interval(&events, "ds", first_day, EVENTS_QUERY, &[]).await.unwrap(), 2);
     let first_sum = format!("SELECT SUM(amount) FROM {relation} WHERE ds = DATE '2024-01-01'");
     let second_sum = format!("SELECT SUM(amount) FROM {relation} WHERE ds = DATE '2024-01-02'");
     assert_eq!(scalar(warehouse.as_mut(), &first_sum).await, Some(230));
@@ -220,9 +226,63 @@ async fn replace_interval_replaces_only_its_interval(fixture: Fixture) {
 
     // A multi-day batch replaces every day it covers.
     let batch = days("2024-01-01", "2024-01-04");
-    assert_eq!(warehouse.replace_interval(&events, "ds", batch, EVENTS_QUERY).await.unwrap(), 4);
+    assert_eq!(warehouse.replace_interval(&events, "ds", batch, EVENTS_QUERY, &[]).await.unwrap(), 4);
     assert_eq!(count(warehouse.as_mut(), relation).await, 4);
     assert_eq!(scalar(warehouse.as_mut(), &second_sum).await, Some(130));
+}
+
+/// Audit checks run inside the write's transaction and see what it wrote: an interval write
+/// audits that interval's rows only; the first check that counts a row fails the write and
+/// leaves the table exactly as it was, for every kind of write.
+async fn a_failing_blocking_audit_rolls_the_write_back(fixture: Fixture) {
+    let mut warehouse = fixture.open().await;
+    warehouse.execute(EVENTS).await.unwrap();
+    warehouse.execute(ITEMS).await.unwrap();
+    let events = table("events");
+    let relation = "sluice__shop.shop__events__v1";
+    warehouse.ensure_table(&events, &[], EVENTS_QUERY).await.unwrap();
+    let first_day = days("2024-01-01", "2024-01-02");
+    let second_day = days("2024-01-02", "2024-01-03");
+    let check = |name: &str, table: &PhysicalTable, time_column: Option<&str>, interval: Interval, audit: &str| {
+        AuditCheck { audit: name.to_string(), count_query: audit_count_query(table, time_column, interval, audit) }
+    };
+    // Two rows on the first day (written unchecked), one on the second: "one item a day" holds
+    // for the second day's write, which audits its own interval only, and fails the first's.
+    assert_eq!(warehouse.replace_interval(&events, "ds", first_day, EVENTS_QUERY, &[]).await.unwrap(), 2);
+    let one_item_a_day = "SELECT ds FROM sluice_this_model GROUP BY ds HAVING COUNT(*) > 1";
+    let passes = check("one_item", &events, Some("ds"), second_day, one_item_a_day);
+    assert_eq!(warehouse.replace_interval(&events, "ds", second_day, EVENTS_QUERY, &[passes]).await.unwrap(), 1);
+    warehouse.execute("UPDATE raw.events SET amount = amount + 100 WHERE ds = '2024-01-01'").await.unwrap();
+    let fails = check("one_item", &events, Some("ds"), first_day, one_item_a_day);
+    let error = warehouse.replace_interval(&events, "ds", first_day, EVENTS_QUERY, &[fails]).await.unwrap_err();
+    assert!(matches!(&error, EngineError::AuditFailed { audit, rows: 1 } if audit == "one_item"), "{error}");
+    assert!(!error.is_transient());
+    assert_eq!(error.to_string(), "audit one_item failed: 1 row(s) break it; the write was rolled back");
+    assert_eq!(count(warehouse.as_mut(), relation).await, 3);
+    let first_sum = format!("SELECT SUM(amount) FROM {relation} WHERE ds = DATE '2024-01-01'");
+    assert_eq!(scalar(warehouse.as_mut(), &first_sum).await, Some(30), "the failed rewrite was rolled back");
+
+    // A whole-table write, checked against the table as the write leaves it; the first failing
+    // check is the error, the ones after it do not run.
+    let items = table("items");
+    let items_relation = "sluice__shop.shop__items__v1";
+    warehouse.ensure_table(&items, &[], ITEMS_QUERY).await.unwrap();
+    let whole = Interval::new(Timestamp(0), Timestamp(86_400));
+    let no_plum = check("no_plum", &items, None, whole, "SELECT * FROM sluice_this_model AS t WHERE t.name = 'plum'");
+    let broken = check("broken", &items, None, whole, "SELECT * FROM no_such_table");
+    assert_eq!(
+        warehouse.replace_all(&items, "SELECT id, name FROM raw.items WHERE id < 3", &[no_plum.clone()]).await.unwrap(),
+        2
+    );
+    let error = warehouse.replace_all(&items, ITEMS_QUERY, &[no_plum.clone(), broken]).await.unwrap_err();
+    assert!(matches!(error, EngineError::AuditFailed { rows: 1, .. }), "{error}");
+    assert_eq!(count(warehouse.as_mut(), items_relation).await, 2);
+    let key = vec!["id".to_string()];
+    let error = warehouse.upsert(&items, &key, ITEMS_QUERY, &[no_plum]).await.unwrap_err();
+    assert!(matches!(error, EngineError::AuditFailed { rows: 1, .. }), "{error}");
+    assert_eq!(count(warehouse.as_mut(), &format!("{items_relation} WHERE name = 'plum'")).await, 0);
+    // The connection is usable after a rolled-back write.
+    assert_eq!(warehouse.replace_all(&items, ITEMS_QUERY, &[]).await.unwrap(), 3);
 }
 
 async fn replace_interval_filters_timestamp_columns_half_open(fixture: Fixture) {
@@ -238,7 +298,10 @@ async fn replace_interval_filters_timestamp_columns_half_open(fixture: Fixture) 
     let clicks = table("clicks");
     let query = "SELECT ts, n FROM raw.clicks";
     warehouse.ensure_table(&clicks, &[], query).await.unwrap();
-    assert_eq!(warehouse.replace_interval(&clicks, "ts", days("2024-01-01", "2024-01-02"), query).await.unwrap(), 2);
+    assert_eq!(
+        warehouse.replace_interval(&clicks, "ts", days("2024-01-01", "2024-01-02"), query, &[]).await.unwrap(),
+        2
+    );
     assert_eq!(scalar(warehouse.as_mut(), "SELECT SUM(n) FROM sluice__shop.shop__clicks__v1").await, Some(3));
 }
 
@@ -248,11 +311,11 @@ async fn replace_all_replaces_every_row(fixture: Fixture) {
     let items = table("items");
     let relation = "sluice__shop.shop__items__v1";
     warehouse.ensure_table(&items, &[], ITEMS_QUERY).await.unwrap();
-    assert_eq!(warehouse.replace_all(&items, ITEMS_QUERY).await.unwrap(), 3);
-    assert_eq!(warehouse.replace_all(&items, ITEMS_QUERY).await.unwrap(), 3);
+    assert_eq!(warehouse.replace_all(&items, ITEMS_QUERY, &[]).await.unwrap(), 3);
+    assert_eq!(warehouse.replace_all(&items, ITEMS_QUERY, &[]).await.unwrap(), 3);
     assert_eq!(count(warehouse.as_mut(), relation).await, 3);
     warehouse.execute("DELETE FROM raw.items WHERE id = 1").await.unwrap();
-    assert_eq!(warehouse.replace_all(&items, ITEMS_QUERY).await.unwrap(), 2);
+    assert_eq!(warehouse.replace_all(&items, ITEMS_QUERY, &[]).await.unwrap(), 2);
     assert_eq!(count(warehouse.as_mut(), relation).await, 2);
     assert_eq!(count(warehouse.as_mut(), &format!("{relation} WHERE id = 1")).await, 0);
 }
@@ -264,8 +327,8 @@ async fn upsert_replaces_rows_by_key(fixture: Fixture) {
     let relation = "sluice__shop.shop__items__v1";
     let key = vec!["id".to_string()];
     warehouse.ensure_table(&items, &[], ITEMS_QUERY).await.unwrap();
-    assert_eq!(warehouse.upsert(&items, &key, ITEMS_QUERY).await.unwrap(), 3);
-    assert_eq!(warehouse.upsert(&items, &key, ITEMS_QUERY).await.unwrap(), 3);
+    assert_eq!(warehouse.upsert(&items, &key, ITEMS_QUERY, &[]).await.unwrap(), 3);
+    assert_eq!(warehouse.upsert(&items, &key, ITEMS_QUERY, &[]).await.unwrap(), 3);
     assert_eq!(count(warehouse.as_mut(), relation).await, 3, "upserting the same rows twice duplicates nothing");
 
     warehouse
@@ -276,7 +339,7 @@ async fn upsert_replaces_rows_by_key(fixture: Fixture) {
         .await
         .unwrap();
     let changed = "SELECT id, name FROM raw.items WHERE id >= 2";
-    assert_eq!(warehouse.upsert(&items, &key, changed).await.unwrap(), 3);
+    assert_eq!(warehouse.upsert(&items, &key, changed, &[]).await.unwrap(), 3);
     assert_eq!(count(warehouse.as_mut(), relation).await, 4);
     assert_eq!(count(warehouse.as_mut(), &format!("{relation} WHERE name = 'apple'")).await, 1, "absent keys stay");
     assert_eq!(count(warehouse.as_mut(), &format!("{relation} WHERE name = 'PEAR'")).await, 1);
@@ -286,11 +349,11 @@ async fn upsert_replaces_rows_by_key(fixture: Fixture) {
     let pairs = versioned("pairs", "v1");
     let composite = vec!["id".to_string(), "name".to_string()];
     warehouse.ensure_table(&pairs, &[], ITEMS_QUERY).await.unwrap();
-    warehouse.upsert(&pairs, &composite, ITEMS_QUERY).await.unwrap();
-    warehouse.upsert(&pairs, &composite, ITEMS_QUERY).await.unwrap();
+    warehouse.upsert(&pairs, &composite, ITEMS_QUERY, &[]).await.unwrap();
+    warehouse.upsert(&pairs, &composite, ITEMS_QUERY, &[]).await.unwrap();
     assert_eq!(count(warehouse.as_mut(), "sluice__shop.shop__pairs__v1").await, 3);
 
-    let error = warehouse.upsert(&items, &[], ITEMS_QUERY).await.unwrap_err();
+    let error = warehouse.upsert(&items, &[], ITEMS_QUERY, &[]).await.unwrap_err();
     assert!(!error.is_transient(), "{error}");
 }
 
@@ -371,8 +434,8 @@ async fn promote_creates_swaps_and_drops_views(fixture: Fixture) {
     for version in [&v1, &v2] {
         warehouse.ensure_table(version, &[], ITEMS_QUERY).await.unwrap();
     }
-    warehouse.replace_all(&v1, "SELECT id, name FROM raw.items WHERE id = 1").await.unwrap();
-    warehouse.replace_all(&v2, ITEMS_QUERY).await.unwrap();
+    warehouse.replace_all(&v1, "SELECT id, name FROM raw.items WHERE id = 1", &[]).await.unwrap();
+    warehouse.replace_all(&v2, ITEMS_QUERY, &[]).await.unwrap();
 
     warehouse.promote(&[view("shop", "items", Some(&v1)), view("shop__dev", "items", Some(&v1))]).await.unwrap();
     assert_eq!(warehouse.view_target("shop", "items").await.unwrap().as_deref(), Some("sluice__shop.shop__items__v1"));
@@ -449,8 +512,8 @@ async fn failed_promote_leaves_every_view_as_it_was(fixture: Fixture) {
     for version in [&v1, &v2] {
         warehouse.ensure_table(version, &[], ITEMS_QUERY).await.unwrap();
     }
-    warehouse.replace_all(&v1, "SELECT id, name FROM raw.items WHERE id = 1").await.unwrap();
-    warehouse.replace_all(&v2, ITEMS_QUERY).await.unwrap();
+    warehouse.replace_all(&v1, "SELECT id, name FROM raw.items WHERE id = 1", &[]).await.unwrap();
+    warehouse.replace_all(&v2, ITEMS_QUERY, &[]).await.unwrap();
     warehouse.promote(&[view("shop", "items", Some(&v1)), view("shop", "orders", Some(&v1))]).await.unwrap();
 
     let missing = versioned("missing", "v9");
@@ -485,12 +548,13 @@ async fn checksum_compares_contents(fixture: Fixture) {
     for copy in [&ascending, &descending, &duplicated] {
         warehouse.ensure_table(copy, &[], ITEMS_QUERY).await.unwrap();
     }
-    warehouse.replace_all(&ascending, "SELECT id, name FROM raw.items ORDER BY id").await.unwrap();
-    warehouse.replace_all(&descending, "SELECT id, name FROM raw.items ORDER BY id DESC").await.unwrap();
+    warehouse.replace_all(&ascending, "SELECT id, name FROM raw.items ORDER BY id", &[]).await.unwrap();
+    warehouse.replace_all(&descending, "SELECT id, name FROM raw.items ORDER BY id DESC", &[]).await.unwrap();
     warehouse
         .replace_all(
             &duplicated,
             "SELECT id, name FROM raw.items UNION ALL SELECT id, name FROM raw.items WHERE id = 1",
+            &[],
         )
         .await
         .unwrap();
@@ -505,7 +569,7 @@ async fn checksum_compares_contents(fixture: Fixture) {
     warehouse.promote(&[view("shop", "a", Some(&ascending))]).await.unwrap();
     assert_eq!(warehouse.checksum("shop", "a").await.unwrap(), first);
 
-    warehouse.upsert(&descending, &["id".to_string()], "SELECT 2 AS id, 'changed' AS name").await.unwrap();
+    warehouse.upsert(&descending, &["id".to_string()], "SELECT 2 AS id, 'changed' AS name", &[]).await.unwrap();
     let changed = warehouse.checksum("sluice__shop", "shop__b__v1").await.unwrap();
     assert_eq!(changed.rows, 3);
     assert_ne!(changed.checksum, first.checksum, "one changed value changes the checksum");
@@ -532,6 +596,7 @@ async fn errors_are_classified_and_the_connection_survives(fixture: Fixture) {
             "ds",
             days("2024-01-01", "2024-01-02"),
             "SELECT CAST('2024-01-01' AS DATE) AS ds",
+            &[],
         )
         .await
         .unwrap_err();
@@ -580,7 +645,7 @@ async fn identifiers_are_quoted(fixture: Fixture) {
     let odd =
         PhysicalTable { schema: "odd \"schema\"".to_string(), table: "we\"ird; DROP TABLE raw.items; --".to_string() };
     warehouse.ensure_table(&odd, &[], ITEMS_QUERY).await.unwrap();
-    assert_eq!(warehouse.replace_all(&odd, ITEMS_QUERY).await.unwrap(), 3);
+    assert_eq!(warehouse.replace_all(&odd, ITEMS_QUERY, &[]).await.unwrap(), 3);
     assert_eq!(warehouse.checksum(&odd.schema, &odd.table).await.unwrap().rows, 3);
     warehouse.promote(&[view("odd \"schema\"", "a view", Some(&odd))]).await.unwrap();
     assert_eq!(count(warehouse.as_mut(), "\"odd \"\"schema\"\"\".\"a view\"").await, 3);
