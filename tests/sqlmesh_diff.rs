@@ -72,7 +72,10 @@ impl Case {
             std::fs::create_dir_all(project.join("models")).unwrap();
             let (connection, warehouse) = match engine {
                 Engine::DuckDb => {
-                    let file = folder.path().join(format!("{tool}_wh.duckdb"));
+                    // One folder per tool, the same file name: both catalogs are `wh`.
+                    let warehouse = folder.path().join(format!("{tool}_warehouse"));
+                    std::fs::create_dir_all(&warehouse).unwrap();
+                    let file = warehouse.join("wh.duckdb");
                     (format!("type: duckdb\n      database: {}", file.display()), file.display().to_string())
                 }
                 Engine::Postgres => {
@@ -464,6 +467,38 @@ async fn a_development_window_equals_sqlmeshs() {
         &["w__dev.orders", "w__dev.hourly", "w__dev.daily", "w__dev.total", "w.orders", "w.hourly", "w.total"],
         &[],
     );
+}
+
+/// `@{name}` interpolation into identifiers: blueprint values naming each blueprint's schema
+/// and a column, a @DEF and a config variable inside column names.
+#[tokio::test]
+async fn name_interpolation_equals_sqlmeshs() {
+    let case = Case::new("interpolation", Engine::DuckDb, "duckdb", Some("2024-01-01")).await;
+    case.configure("variables:\n  region: north\n");
+    case.write(
+        "models/orders.sql",
+        "MODEL (\n  name @{shop}.orders,\n  kind FULL,\n  blueprints ((shop := shop_a, n := 1), (shop := shop_b, n := 2))\n);\nSELECT @n AS id, @n * 10 AS amount_@{shop}",
+    );
+    case.write(
+        "models/summary.sql",
+        "MODEL (name shop_a.summary, kind FULL);\n@DEF(suffix, total);\nSELECT a.amount_shop_a AS amount_@{suffix}, b.amount_shop_b AS @{region}_amount FROM shop_a.orders AS a CROSS JOIN shop_b.orders AS b",
+    );
+    case.apply_and_compare("prod", "2024-01-10", &["shop_a.orders", "shop_b.orders", "shop_a.summary"]);
+}
+
+/// Three-part names in the gateway's catalog (a DuckDB file's stem): a model named
+/// `wh.schema.table`, read by three-part and two-part references and `depends_on`, is the same
+/// model as `schema.table`.
+#[tokio::test]
+async fn three_part_names_equal_sqlmeshs() {
+    let case = Case::new("catalogs", Engine::DuckDb, "duckdb", Some("2024-01-01")).await;
+    case.write("models/a.sql", "MODEL (name wh.t.a, kind FULL);\nSELECT 1 AS id, 'x' AS name");
+    case.write("models/b.sql", "MODEL (name t.b, kind FULL);\nSELECT a.id, a.name FROM wh.t.a AS a");
+    case.write(
+        "models/c.sql",
+        "MODEL (name wh.t.c, kind VIEW, depends_on [wh.t.b]);\nSELECT COUNT(*) AS n FROM t.a JOIN wh.t.b USING (id)",
+    );
+    case.apply_and_compare("prod", "2024-01-10", &["t.a", "t.b", "t.c"]);
 }
 
 /// Audits: built-ins with their arguments, defaults and `condition`, `_non_blocking` twins and

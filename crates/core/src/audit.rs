@@ -243,9 +243,12 @@ pub const BUILTINS_NOT_PROVIDED: &[&str] = &[
     "chi_square",
 ];
 
+/// A built-in audit: name, defaults (argument, SQL), query.
+type Builtin = (&'static str, &'static [(&'static str, &'static str)], &'static str);
+
 /// The built-in audits: name, defaults, query. Each query returns the violating rows (or one
 /// row when a whole-table condition fails); `@condition` narrows the rows looked at.
-const BUILTINS: &[(&str, &[(&str, &str)], &str)] = &[
+const BUILTINS: &[Builtin] = &[
     (
         "not_null",
         &[("condition", "TRUE")],

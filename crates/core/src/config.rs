@@ -121,6 +121,21 @@ impl Connection {
         }
     }
 
+    /// The catalog a connection's tables live in, lower-cased, as a three-part name writes it:
+    /// a DuckDB file's stem (DuckDB names the catalog after the file), a PostgreSQL database;
+    /// MySQL has none.
+    pub fn catalog(&self) -> Option<String> {
+        match self {
+            Connection::DuckDb { database } if database == ":memory:" => Some("memory".to_string()),
+            Connection::DuckDb { database } => {
+                let stem = std::path::Path::new(database).file_stem()?.to_string_lossy().to_ascii_lowercase();
+                (!stem.is_empty()).then_some(stem)
+            }
+            Connection::Postgres { database, .. } => Some(database.to_ascii_lowercase()),
+            Connection::MySql { .. } => None,
+        }
+    }
+
     /// The SQL dialect models default to on this connection.
     pub fn default_dialect(&self) -> &'static str {
         match self {

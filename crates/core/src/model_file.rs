@@ -749,6 +749,37 @@ pub(crate) fn spaced_tokens(tokens: &[&TokenWithSpan]) -> Vec<TokenWithSpan> {
     spaced
 }
 
+/// `@{name}` starting at `index`: a word ending in `@` (the text before it kept), then `{`, a
+/// name and `}` (or, at a word's start, the word `@{name` and `}`). Returns the text before the `@`, the lower-cased name and the index after `}`.
+fn interpolation(tokens: &[TokenWithSpan], index: usize) -> Option<(String, String, usize)> {
+    let Token::Word(word) = &tokens.get(index)?.token else { return None };
+    if word.quote_style.is_some() {
+        return None;
+    }
+    // At a word's start the tokenizer reads `@{name` as one word.
+    if let Some(name) = word.value.strip_prefix("@{")
+        && matches!(tokens.get(index + 1).map(|t| &t.token), Some(Token::RBrace))
+    {
+        return Some((String::new(), name.to_ascii_lowercase(), index + 2));
+    }
+    let before = word.value.strip_suffix('@')?;
+    match (&tokens.get(index + 1)?.token, &tokens.get(index + 2)?.token, &tokens.get(index + 3)?.token) {
+        (Token::LBrace, Token::Word(name), Token::RBrace) => {
+            Some((before.to_string(), name.value.to_ascii_lowercase(), index + 4))
+        }
+        _ => None,
+    }
+}
+
+/// A value interpolated into an identifier: a string's text without its quotes.
+fn as_identifier(value: &str) -> String {
+    let value = value.trim();
+    match value.strip_prefix('\'').and_then(|rest| rest.strip_suffix('\'')) {
+        Some(text) => text.replace("''", "'"),
+        None => value.to_string(),
+    }
+}
+
 const MACRO_EXPECTATION: &str = "expected a time macro such as @start_ds or @end_ts, @this_model, @gateway, @model_kind_name, @VAR('name') or a name defined with @DEF";
 
 /// Renders one statement's tokens to SQL text with every macro replaced, keeping line numbers.
@@ -757,6 +788,20 @@ fn render_statement(reader: &mut FileReader, tokens: &[TokenWithSpan], scope: &M
     let mut index = 0;
     let mut ok = true;
     while index < tokens.len() {
+        // `@{name}`: the value of a @DEF or a config variable, as (part of) an identifier.
+        if let Some((before, name, after)) = interpolation(tokens, index) {
+            let value = scope.locals.get(&name).cloned().or_else(|| scope.variables.get(&name).map(|v| v.to_sql()));
+            match value {
+                Some(value) => text.push_str(&format!("{before}{}", as_identifier(&value))),
+                None => {
+                    reader
+                        .error(&tokens[index], format!("unknown variable {name} in @{{{name}}}; {MACRO_EXPECTATION}"));
+                    ok = false;
+                }
+            }
+            index = after;
+            continue;
+        }
         let token = &tokens[index];
         index += 1;
         match &token.token {
@@ -910,6 +955,7 @@ fn render_audit(
     definition: &AuditDefinition,
     scope: &MacroScope,
     model_dialect: &str,
+    catalog: Option<&str>,
 ) -> Option<ModelAudit> {
     let mut locals = definition.defaults.clone();
     let mut blocking = definition.blocking;
@@ -997,7 +1043,13 @@ fn render_audit(
     let padding = "\n".repeat((first_line as usize).saturating_sub(1 + leading_lines));
     let dialect = definition.dialect.as_deref().unwrap_or(model_dialect);
     match parse_query(&(padding + &rendered), dialect) {
-        Ok(query) => Some(ModelAudit { call: call.text.clone(), blocking, query }),
+        Ok(query) => {
+            let query = match catalog {
+                Some(catalog) => query.without_catalog(catalog),
+                None => query,
+            };
+            Some(ModelAudit { call: call.text.clone(), blocking, query })
+        }
         Err(error) => {
             let location = if error.line == 0 {
                 SourceLocation::file(&definition.file)
@@ -1118,12 +1170,24 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
     let config = context.config;
     let mut take = |name: &str| properties.remove(name);
 
+    // `catalog.schema.table`: the catalog must be the gateway's (checked below, once the
+    // gateway is known) and is dropped.
+    let mut name_catalog = None;
     let name = match take("name") {
-        Some((key, value)) => reader.scalar(key, &value).and_then(|text| match ModelName::parse(&text) {
-            Ok(name) => Some(name),
-            Err(message) => {
-                reader.error(value.first().copied().unwrap_or(key), message);
-                None
+        Some((key, value)) => reader.scalar(key, &value).and_then(|text| {
+            let text = match text.split('.').collect::<Vec<_>>().as_slice() {
+                [catalog, schema, table] => {
+                    name_catalog = Some((catalog.to_ascii_lowercase(), value.first().copied().unwrap_or(key)));
+                    format!("{schema}.{table}")
+                }
+                _ => text,
+            };
+            match ModelName::parse(&text) {
+                Ok(name) => Some(name),
+                Err(message) => {
+                    reader.error(value.first().copied().unwrap_or(key), message);
+                    None
+                }
             }
         }),
         None => {
@@ -1205,12 +1269,29 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
             format!("unknown dialect {dialect_name:?}; expected duckdb, postgres, mysql or another sqlparser dialect"),
         );
     }
+    let catalog =
+        gateway.as_ref().and_then(|gateway| config.gateways.get(gateway)).and_then(|g| g.connection.catalog());
+    if let (Some((written, at)), Some(gateway)) = (&name_catalog, &gateway)
+        && catalog.as_ref() != Some(written)
+    {
+        let expected = match &catalog {
+            Some(catalog) => format!("its catalog is {catalog}"),
+            None => "it has no catalogs".to_string(),
+        };
+        reader.error(
+            at,
+            format!(
+                "catalog {written} is not gateway {gateway}'s ({expected}); sluice writes a model into its gateway's catalog, so name it schema.table or {}.schema.table",
+                catalog.as_deref().unwrap_or("CATALOG")
+            ),
+        );
+    }
     // DuckDB names a database file's catalog after the file: a schema of the same name makes
     // every reference to it ambiguous, and promotion would fail.
     if let Some(name) = &name
         && let Some(gateway) = gateway.as_ref().and_then(|gateway| config.gateways.get(gateway))
         && let Connection::DuckDb { database } = &gateway.connection
-        && duckdb_catalog(database).is_some_and(|catalog| catalog == name.schema)
+        && gateway.connection.catalog().is_some_and(|catalog| catalog == name.schema)
     {
         reader.error(
             model_token,
@@ -1378,7 +1459,12 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
                 && dialect_for(dialect_name).is_some()
             {
                 match parse_query(&query_text, dialect_name) {
-                    Ok(parsed) => model_query = Some(parsed),
+                    Ok(parsed) => {
+                        model_query = Some(match &catalog {
+                            Some(catalog) => parsed.without_catalog(catalog),
+                            None => parsed,
+                        })
+                    }
                     Err(error) => {
                         let location = if error.line == 0 {
                             reader.at(query_token)
@@ -1407,7 +1493,7 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
                 match definition {
                     Some(definition) if definition.skip => {}
                     Some(definition) => {
-                        if let Some(rendered) = render_audit(&mut reader, key, call, &definition, &scope, dialect_name) {
+                        if let Some(rendered) = render_audit(&mut reader, key, call, &definition, &scope, dialect_name, catalog.as_deref()) {
                             audits.push(rendered);
                         }
                     }
@@ -1431,6 +1517,15 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
             }
         }
     }
+
+    // `depends_on` names in the gateway's catalog are the models' own names.
+    let depends_on: Vec<String> = depends_on
+        .into_iter()
+        .map(|parent| match (&catalog, parent.split('.').collect::<Vec<_>>().as_slice()) {
+            (Some(catalog), [written, schema, table]) if written == catalog => format!("{schema}.{table}"),
+            _ => parent,
+        })
+        .collect();
 
     let FileReader { errors, warnings, .. } = reader;
     let (Some(name), Some(kind), Some(cron), Some(start), Some(gateway), Some(dialect)) =
@@ -1564,6 +1659,13 @@ pub fn expand_blueprints(file: &str, text: &str) -> Result<Vec<String>, Vec<Proj
                 index = end;
                 continue;
             }
+            if let Some((before, name, after)) = interpolation(&tokens, index)
+                && let Some(value) = values.get(&name)
+            {
+                expanded.push_str(&format!("{before}{}", as_identifier(value)));
+                index = after;
+                continue;
+            }
             let token = &tokens[index];
             index += 1;
             if let Token::Word(word) = &token.token
@@ -1594,11 +1696,6 @@ pub fn expand_blueprints(file: &str, text: &str) -> Result<Vec<String>, Vec<Proj
 }
 
 /// The catalog name DuckDB gives a database file: its name without the extension.
-fn duckdb_catalog(database: &str) -> Option<String> {
-    let stem = std::path::Path::new(database).file_stem()?.to_string_lossy().to_ascii_lowercase();
-    (!stem.is_empty()).then_some(stem)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1776,6 +1873,52 @@ WHERE @AND(a > 0, NULL, @OR(b < 1, NULL))";
         assert_eq!(
             warnings,
             vec!["models/m.sql:1:65: property partitioned_by is accepted by SQLMesh but not used by sluice yet"]
+        );
+    }
+
+    /// `@{name}` interpolates a @DEF, a config variable or a blueprint value into an identifier.
+    #[test]
+    fn names_are_interpolated_from_defs_variables_and_blueprints() {
+        let parsed = parse(
+            "MODEL (name s.m, kind FULL);\n@DEF(suffix, 'total');\nSELECT amount_@{suffix}, @{region}_amount AS @{region}_x, a.@{suffix} FROM s.t_@{region} AS a",
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.model.query.unwrap().normalized,
+            "SELECT amount_total, eu_amount AS eu_x, a.total FROM s.t_eu AS a"
+        );
+        let texts = expand_blueprints(
+            "models/m.sql",
+            "MODEL (name @{customer}.orders, kind FULL, blueprints ((customer := shop_a), (customer := 'shop_b')));\nSELECT 1 AS id FROM raw.@{customer}_orders",
+        )
+        .unwrap();
+        assert_eq!(texts.len(), 2);
+        assert!(texts[0].contains("name shop_a.orders") && texts[0].contains("raw.shop_a_orders"), "{}", texts[0]);
+        assert!(texts[1].contains("name shop_b.orders") && texts[1].contains("raw.shop_b_orders"), "{}", texts[1]);
+        let unknown = parse("MODEL (name s.m, kind FULL);\nSELECT @{nothing} AS x").unwrap_err();
+        assert!(messages(unknown)[0].starts_with("models/m.sql:2:8: unknown variable nothing in @{nothing}"));
+    }
+
+    /// `catalog.schema.table` in the gateway's catalog (a DuckDB file's stem) is `schema.table`,
+    /// in a model's name, its query, its audits and `depends_on`; another catalog's table is read
+    /// as written, and a model cannot be named into another catalog.
+    #[test]
+    fn three_part_names_in_the_gateways_catalog_are_the_models_own() {
+        let parsed = parse(
+            "MODEL (name db.s.m, kind FULL, depends_on [DB.s.p], audits (not_null(columns := [id])));\nSELECT a.id FROM db.s.other AS a JOIN elsewhere.s.x AS b ON a.id = b.id",
+        )
+        .unwrap();
+        let model = parsed.model;
+        assert_eq!(model.name.to_string(), "s.m");
+        assert_eq!(model.query.unwrap().references, vec!["elsewhere.s.x".to_string(), "s.other".to_string()]);
+        assert_eq!(model.depends_on, vec!["s.p".to_string()]);
+        assert_eq!(model.audits[0].query.references, vec!["s.m".to_string()]);
+        let wrong = parse("MODEL (name other.s.m, kind FULL);\nSELECT 1 AS id").unwrap_err();
+        assert_eq!(
+            messages(wrong),
+            vec![
+                "models/m.sql:1:13: catalog other is not gateway wh's (its catalog is db); sluice writes a model into its gateway's catalog, so name it schema.table or db.schema.table"
+            ]
         );
     }
 

@@ -173,6 +173,35 @@ pub fn parse_query(text: &str, dialect_name: &str) -> Result<ModelQuery, QueryPa
     Ok(model_query_from(query))
 }
 
+impl ModelQuery {
+    /// The query with `catalog.` dropped from every three-part table name in that catalog (the
+    /// gateway's own), so that `catalog.schema.table` and `schema.table` name the same model.
+    pub fn without_catalog(self, catalog: &str) -> ModelQuery {
+        let mut query = self.query;
+        let _ = VisitMut::visit(query.as_mut(), &mut CatalogStripper { catalog });
+        model_query_from(query)
+    }
+}
+
+struct CatalogStripper<'a> {
+    catalog: &'a str,
+}
+
+impl VisitorMut for CatalogStripper<'_> {
+    type Break = ();
+
+    fn post_visit_table_factor(&mut self, table_factor: &mut TableFactor) -> ControlFlow<()> {
+        if let TableFactor::Table { name, args: None, .. } = table_factor
+            && name.0.len() == 3
+            && let Some(ObjectNamePart::Identifier(first)) = name.0.first()
+            && first.value.to_ascii_lowercase() == self.catalog
+        {
+            name.0.remove(0);
+        }
+        ControlFlow::Continue(())
+    }
+}
+
 fn model_query_from(query: Box<Query>) -> ModelQuery {
     let mut collector = ReferenceCollector::default();
     let _ = query.visit(&mut collector);

@@ -271,7 +271,10 @@ async fn a_failing_blocking_audit_rolls_the_write_back(fixture: Fixture) {
     let no_plum = check("no_plum", &items, None, whole, "SELECT * FROM sluice_this_model AS t WHERE t.name = 'plum'");
     let broken = check("broken", &items, None, whole, "SELECT * FROM no_such_table");
     assert_eq!(
-        warehouse.replace_all(&items, "SELECT id, name FROM raw.items WHERE id < 3", &[no_plum.clone()]).await.unwrap(),
+        warehouse
+            .replace_all(&items, "SELECT id, name FROM raw.items WHERE id < 3", std::slice::from_ref(&no_plum))
+            .await
+            .unwrap(),
         2
     );
     let error = warehouse.replace_all(&items, ITEMS_QUERY, &[no_plum.clone(), broken]).await.unwrap_err();
