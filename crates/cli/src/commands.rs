@@ -76,7 +76,6 @@ fn warehouses(context: &ProjectContext) -> Arc<ProjectWarehouses> {
 pub async fn plan(common: &Common<'_>, options: &PlanOptions<'_>) -> Result<ApplyExit> {
     let environment =
         EnvironmentName::parse(options.environment).map_err(|message| anyhow!("environment: {message}"))?;
-    options.window.check(&environment, options.now).map_err(|message| anyhow!(message))?;
     let context = open_context(common)?;
     let state = state_of(common, Some(&context)).await?;
     let project = &context.project;

@@ -292,21 +292,16 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             commands::run(&common, environment, now_or(now.as_deref())?).await.map(exit)
         }
         Command::Plan { environment, explain, forward_only, now, auto_apply, start, end, skip_unsupported } => {
-            let window = BackfillWindow {
-                start: start
-                    .as_deref()
-                    .map(|text| Timestamp::parse(text).map_err(|e| anyhow!("--start: {e}")))
-                    .transpose()?,
-                end: end
-                    .as_deref()
-                    .map(|text| Timestamp::parse_end(text).map_err(|e| anyhow!("--end: {e}")))
-                    .transpose()?,
-            };
+            let now = now_or(now.as_deref())?;
+            let target = sluice_core::names::EnvironmentName::parse(environment)
+                .map_err(|message| anyhow!("environment: {message}"))?;
+            let window = BackfillWindow::parse(start.as_deref(), end.as_deref(), &target, now)
+                .map_err(|message| anyhow!(message))?;
             let options = commands::PlanOptions {
                 environment,
                 explain: *explain,
                 forward_only: *forward_only,
-                now: now_or(now.as_deref())?,
+                now,
                 auto_apply: *auto_apply,
                 window,
                 skip_unsupported: *skip_unsupported,

@@ -1,7 +1,7 @@
 //! Reads one SQLMesh model file: the `MODEL (...)` block, statements before and after the
 //! query, `@DEF` locals and every macro, into a [`Model`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use sqlparser::dialect::GenericDialect;
 use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer, Whitespace};
@@ -750,7 +750,8 @@ pub(crate) fn spaced_tokens(tokens: &[&TokenWithSpan]) -> Vec<TokenWithSpan> {
 }
 
 /// `@{name}` starting at `index`: a word ending in `@` (the text before it kept), then `{`, a
-/// name and `}` (or, at a word's start, the word `@{name` and `}`). Returns the text before the `@`, the lower-cased name and the index after `}`.
+/// name and `}` (or, at a word's start, the word `@{name` and `}`). Returns the text before
+/// the `@`, the lower-cased name and the index after `}`.
 fn interpolation(tokens: &[TokenWithSpan], index: usize) -> Option<(String, String, usize)> {
     let Token::Word(word) = &tokens.get(index)?.token else { return None };
     if word.quote_style.is_some() {
@@ -975,7 +976,7 @@ fn render_audit(
             locals.insert(name.clone(), rendered);
         }
     }
-    let mut missing: Vec<String> = definition
+    let missing: BTreeSet<String> = definition
         .query
         .iter()
         .filter_map(|token| match &token.token {
@@ -994,9 +995,9 @@ fn render_audit(
                 || SQLMESH_MACROS.contains(&name.as_str()))
         })
         .collect();
-    missing.dedup();
     if !missing.is_empty() {
         let arguments: Vec<String> = missing.iter().map(|name| format!("{name} := ...")).collect();
+        let missing: Vec<&str> = missing.iter().map(String::as_str).collect();
         reader.error(
             key,
             format!(

@@ -10,7 +10,7 @@ use sqlparser::ast::Query;
 
 use crate::cron::{Cron, batch_intervals, missing_intervals};
 use crate::dialect::translate;
-use crate::interval::{Interval, IntervalSet, Timestamp};
+use crate::interval::{Interval, IntervalSet, TimeParseError, Timestamp};
 use crate::model::{Model, ModelKind};
 use crate::names::{EnvironmentName, ModelName, PhysicalTable, PlanId, SnapshotId, Version, short_hash};
 use crate::project::Project;
@@ -65,11 +65,24 @@ impl BackfillWindow {
         self.start.is_none() && self.end.is_none()
     }
 
-    /// Refuses what SQLMesh refuses: a window on prod (which would leave gaps in the tables
-    /// everyone reads), a start after the end, an end after the plan's time.
-    pub fn check(&self, environment: &EnvironmentName, now: Timestamp) -> Result<(), String> {
-        if self.is_unbounded() {
-            return Ok(());
+    /// The window of `--start` and `--end` as written (an end without a time includes its day),
+    /// refusing what SQLMesh refuses: a window on prod (which would leave gaps in the tables
+    /// everyone reads), a start not before the end, an end (as written) after the plan's time.
+    pub fn parse(
+        start: Option<&str>,
+        end: Option<&str>,
+        environment: &EnvironmentName,
+        now: Timestamp,
+    ) -> Result<BackfillWindow, String> {
+        let parse = |flag: &str, text: Option<&str>, read: fn(&str) -> Result<Timestamp, TimeParseError>| {
+            text.map(|text| read(text).map_err(|error| format!("{flag}: {error}"))).transpose()
+        };
+        let window = BackfillWindow {
+            start: parse("--start", start, Timestamp::parse)?,
+            end: parse("--end", end, Timestamp::parse_end)?,
+        };
+        if window.is_unbounded() {
+            return Ok(window);
         }
         if environment.is_prod() {
             return Err(
@@ -77,17 +90,17 @@ impl BackfillWindow {
                     .to_string(),
             );
         }
-        if let (Some(start), Some(end)) = (self.start, self.end)
+        if let (Some(start), Some(end)) = (window.start, window.end)
             && start >= end
         {
             return Err(format!("--start {start} is not before --end {end}"));
         }
-        if let Some(end) = self.end
-            && end > now
+        if let Some(written) = parse("--end", end, Timestamp::parse)?
+            && written > now
         {
-            return Err(format!("--end {end} is after the plan's time {now}"));
+            return Err(format!("--end {written} is after the plan's time {now}"));
         }
-        Ok(())
+        Ok(window)
     }
 }
 

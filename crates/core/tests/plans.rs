@@ -758,10 +758,10 @@ fn a_development_window_clips_the_backfill() {
     let mut state = State::default();
     state.apply(&state.plan(&shop(DAILY), "prod", false));
     let changed = shop(&DAILY.replace("SUM(amount)", "SUM(amount) * 2"));
-    let window = BackfillWindow {
-        start: Some(Timestamp::parse("2024-01-02").unwrap()),
-        end: Some(Timestamp::parse_end("2024-01-03").unwrap()),
-    };
+    let now = Timestamp::parse("2024-01-10").unwrap();
+    let prod = EnvironmentName::prod();
+    let dev = EnvironmentName::parse("dev").unwrap();
+    let window = BackfillWindow::parse(Some("2024-01-02"), Some("2024-01-03"), &dev, now).unwrap();
     let plan = state.plan_within(&changed, "dev", false, window);
     let batches: Vec<String> = plan
         .snapshots
@@ -784,23 +784,24 @@ fn a_development_window_clips_the_backfill() {
     let unbounded = state.plan(&changed, "dev", false);
     assert_ne!(unbounded.id, plan.id, "the window is part of the plan's identity");
 
-    let now = Timestamp::parse("2024-01-10").unwrap();
-    let prod = EnvironmentName::prod();
-    let dev = EnvironmentName::parse("dev").unwrap();
+    let refused = |start: Option<&str>, end: Option<&str>, environment: &EnvironmentName| {
+        BackfillWindow::parse(start, end, environment, now).unwrap_err()
+    };
     assert_eq!(
-        window.check(&prod, now).unwrap_err(),
+        refused(Some("2024-01-02"), None, &prod),
         "--start and --end limit a development environment's backfill; a prod plan backfills every missing interval"
     );
-    assert!(window.check(&dev, now).is_ok());
-    assert!(BackfillWindow::default().check(&prod, now).is_ok());
-    let inverted = BackfillWindow { start: window.end, end: window.start };
+    assert_eq!(BackfillWindow::parse(None, None, &prod, now).unwrap(), BackfillWindow::default());
     assert_eq!(
-        inverted.check(&dev, now).unwrap_err(),
-        "--start 2024-01-04 00:00:00 is not before --end 2024-01-02 00:00:00"
+        refused(Some("2024-01-04"), Some("2024-01-03"), &dev),
+        "--start 2024-01-04 00:00:00 is not before --end 2024-01-04 00:00:00"
     );
-    let future = BackfillWindow { start: None, end: Some(Timestamp::parse("2024-02-01").unwrap()) };
     assert_eq!(
-        future.check(&dev, now).unwrap_err(),
+        refused(None, Some("2024-02-01"), &dev),
         "--end 2024-02-01 00:00:00 is after the plan's time 2024-01-10 00:00:00"
     );
+    assert!(refused(Some("yesterday"), None, &dev).starts_with("--start: "));
+    // As SQLMesh: an end on the plan's own day is not in the future (it includes that day, up
+    // to the plan's time).
+    assert!(BackfillWindow::parse(None, Some("2024-01-10"), &dev, now).is_ok());
 }

@@ -258,9 +258,8 @@ fn in_checked_transaction<T>(
 fn failed_check(connection: &duckdb::Connection, checks: &[AuditCheck]) -> Result<Option<EngineError>, duckdb::Error> {
     for check in checks {
         let count: Option<i64> = connection.query_row(&check.count_query, [], |row| row.get(0))?;
-        let count = count.unwrap_or(0);
-        if count > 0 {
-            return Ok(Some(EngineError::AuditFailed { audit: check.audit.clone(), rows: count }));
+        if let Some(failure) = check.failure(count) {
+            return Ok(Some(failure));
         }
     }
     Ok(None)

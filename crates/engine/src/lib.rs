@@ -34,6 +34,14 @@ pub struct AuditCheck {
     pub count_query: String,
 }
 
+impl AuditCheck {
+    /// The error for the count the check's query returned: none when no row breaks the audit.
+    pub fn failure(&self, count: Option<i64>) -> Option<EngineError> {
+        let rows = count.unwrap_or(0);
+        (rows > 0).then(|| EngineError::AuditFailed { audit: self.audit.clone(), rows })
+    }
+}
+
 /// The statement counting the rows that break an audit of `table`'s model. The audit reads the
 /// model as `sluice_this_model` (`sluice_core::snapshot::THIS_MODEL`): here the rows the write
 /// covers, that is the interval's rows when `time_column` is given, else the whole table.

@@ -231,10 +231,9 @@ async fn write_checked(
     for check in checks {
         let count: Option<i64> =
             sqlx::query_scalar(AssertSqlSafe(check.count_query.clone())).fetch_one(&mut *transaction).await?;
-        let count = count.unwrap_or(0);
-        if count > 0 {
+        if let Some(failure) = check.failure(count) {
             transaction.rollback().await?;
-            return Ok(Err(EngineError::AuditFailed { audit: check.audit.clone(), rows: count }));
+            return Ok(Err(failure));
         }
     }
     transaction.commit().await?;

@@ -384,6 +384,16 @@ where
     }
 }
 
+/// Runs audit checks after a write has committed; the first that counts a row is the error.
+async fn audit_after(warehouse: &mut dyn Warehouse, checks: &[AuditCheck]) -> Result<(), EngineError> {
+    for check in checks {
+        if let Some(failure) = check.failure(warehouse.query_i64(&check.count_query).await?) {
+            return Err(failure);
+        }
+    }
+    Ok(())
+}
+
 /// One worker slot: a warehouse connection, reopened after a lost connection.
 struct Slot {
     shared: Arc<Shared>,
@@ -450,12 +460,6 @@ impl Slot {
             };
             if *is_blocking { blocking.push(check) } else { reported.push(check) }
         }
-        // A view or seed is built by DDL: its blocking audits run after the build, which
-        // nothing shows before the environment is promoted.
-        let checks_in_write = matches!(
-            snapshot.kind,
-            ModelKind::IncrementalByTimeRange { .. } | ModelKind::Full | ModelKind::IncrementalByUniqueKey { .. }
-        );
         let rows = match &snapshot.kind {
             ModelKind::IncrementalByTimeRange { time_column, .. } => {
                 warehouse.replace_interval(&table, time_column, interval, query_text, &blocking).await?
@@ -464,34 +468,33 @@ impl Slot {
             ModelKind::IncrementalByUniqueKey { unique_key, .. } => {
                 warehouse.upsert(&table, unique_key, query_text, &blocking).await?
             }
+            // A view or seed is built by DDL: its blocking audits run after the build, which
+            // nothing shows before the environment is promoted.
             ModelKind::View => {
                 warehouse.create_physical_view(&table, query_text).await?;
+                audit_after(warehouse.as_mut(), &blocking).await?;
                 0
             }
-            ModelKind::Seed { .. } => match &snapshot.seed {
-                Some(seed) => warehouse.load_seed(&table, &snapshot.columns, seed).await?,
-                None => 0,
-            },
+            ModelKind::Seed { .. } => {
+                let rows = match &snapshot.seed {
+                    Some(seed) => warehouse.load_seed(&table, &snapshot.columns, seed).await?,
+                    None => 0,
+                };
+                audit_after(warehouse.as_mut(), &blocking).await?;
+                rows
+            }
             ModelKind::Embedded => 0,
         };
-        if !checks_in_write {
-            for check in &blocking {
-                let count = warehouse.query_i64(&check.count_query).await?.unwrap_or(0);
-                if count > 0 {
-                    return Err(EngineError::AuditFailed { audit: check.audit.clone(), rows: count });
-                }
-            }
-        }
         for check in &reported {
-            let count = warehouse.query_i64(&check.count_query).await?.unwrap_or(0);
-            if count > 0 {
-                warn!(
+            match audit_after(warehouse.as_mut(), std::slice::from_ref(check)).await {
+                Err(EngineError::AuditFailed { audit, rows }) => warn!(
                     model = %snapshot.name,
                     interval = %interval,
-                    audit = %check.audit,
-                    rows = count,
-                    "non-blocking audit failed: {count} row(s) break it"
-                );
+                    audit = %audit,
+                    rows,
+                    "non-blocking audit failed: {rows} row(s) break it"
+                ),
+                other => other?,
             }
         }
         for statement in &post {
