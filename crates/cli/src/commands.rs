@@ -28,6 +28,8 @@ pub struct Common<'a> {
     pub workers: usize,
     /// Distributed mode's services; `None` runs every role in this process.
     pub services: Option<Services>,
+    /// The readiness checks of a long-running role served on `--listen`, if any.
+    pub health: Option<sluice_ops::health::Health>,
 }
 
 pub fn now() -> Timestamp {
@@ -158,7 +160,7 @@ async fn run_apply(
     let outcome = match &common.services {
         Some(services) => {
             refuse_file_warehouses(context)?;
-            let settings = DistributedApply { user: user(), detach };
+            let settings = DistributedApply { user: user(), detach, health: common.health.clone() };
             crate::distributed::apply(services, &settings, state, warehouses(context), plan_id).await?
         }
         None => {
@@ -168,6 +170,9 @@ async fn run_apply(
                 ));
             }
             let settings = EmbeddedApply { workers: common.workers, user: user(), retry: RetryPolicy::default() };
+            if let Some(health) = &common.health {
+                crate::distributed::watch_state(health, &state);
+            }
             apply_embedded(&settings, state, warehouses(context), plan_id).await?
         }
     };
@@ -194,7 +199,7 @@ async fn run_apply(
                 }
                 RunStatus::Failed | RunStatus::Running => {
                     if let Some(error) = &run.error {
-                        eprintln!("error: {error}");
+                        crate::console::error(error);
                     }
                     println!("finished intervals are kept; fix the cause and `sluice apply {}` resumes", run.plan_id);
                     Ok(ApplyExit::Failed)
@@ -245,16 +250,16 @@ async fn role_context(common: &Common<'_>) -> Result<(Arc<dyn StateStore>, Arc<P
     Ok((state, warehouses))
 }
 
-pub async fn worker(common: &Common<'_>, gateway: &str, concurrency: usize) -> Result<()> {
+pub async fn worker(common: &Common<'_>, gateway: &str, settings: crate::distributed::WorkerSettings) -> Result<()> {
     let services = services_for(common, "worker")?;
     let (state, warehouses) = role_context(common).await?;
-    crate::distributed::worker(services, state, warehouses, gateway, concurrency).await
+    crate::distributed::worker(services, state, warehouses, gateway, settings).await
 }
 
 pub async fn promoter(common: &Common<'_>, reconciling: crate::distributed::Reconciling) -> Result<()> {
     let services = services_for(common, "promoter")?;
     let (state, warehouses) = role_context(common).await?;
-    crate::distributed::promoter(services, state, warehouses, reconciling).await
+    crate::distributed::promoter(services, state, warehouses, reconciling, common.health.clone()).await
 }
 
 pub async fn abort(common: &Common<'_>, plan_id: &str) -> Result<()> {

@@ -11,6 +11,7 @@ use anyhow::{Result, anyhow};
 use sluice_coordinator::{ApplyConfig, ApplyOutcome, CoordinatorDeps, OrphanReconciler};
 use sluice_core::config::redact_url;
 use sluice_core::names::PlanId;
+use sluice_ops::health::Health;
 use sluice_promoter::PromoterDeps;
 use sluice_promoter::notify::StandardNotifier;
 use sluice_queue::rabbitmq::{RabbitBroker, RabbitConfig};
@@ -98,6 +99,67 @@ impl Services {
     }
 }
 
+/// How often a role checks that its broker, gate, state store (and a worker its warehouse)
+/// answer, and how long one may stay silent before the role is not ready.
+const CHECK_EVERY: Duration = Duration::from_secs(2);
+const SERVICE_GRACE: Duration = Duration::from_secs(6);
+
+/// Registers the readiness checks every distributed role shares: the broker, the gate and the
+/// state store.
+fn watch_services(
+    health: Option<&Health>,
+    broker: &Arc<RabbitBroker>,
+    gate: &Arc<RedisGate>,
+    state: &Arc<dyn StateStore>,
+) {
+    let Some(health) = health else { return };
+    let broker = Arc::clone(broker);
+    health.watch("rabbitmq", CHECK_EVERY, SERVICE_GRACE, move || {
+        let broker = Arc::clone(&broker);
+        async move { broker.check().await.map_err(|error| error.to_string()) }
+    });
+    let gate = Arc::clone(gate);
+    health.watch("redis", CHECK_EVERY, SERVICE_GRACE, move || {
+        let gate = Arc::clone(&gate);
+        async move { gate.check().await.map_err(|error| error.to_string()) }
+    });
+    watch_state(health, state);
+}
+
+/// Registers the state store's readiness check.
+pub fn watch_state(health: &Health, state: &Arc<dyn StateStore>) {
+    let state = Arc::clone(state);
+    health.watch("state", CHECK_EVERY, SERVICE_GRACE, move || {
+        let state = Arc::clone(&state);
+        async move { state.list_environments().await.map(|_| ()).map_err(|error| error.to_string()) }
+    });
+}
+
+/// A worker's warehouse check: one connection kept for it, reopened after a failure.
+fn watch_warehouse(health: Option<&Health>, warehouses: &Arc<ProjectWarehouses>, gateway: &str, grace: Duration) {
+    use sluice_engine::WarehouseFactory;
+    let Some(health) = health else { return };
+    let connection: Arc<tokio::sync::Mutex<Option<Box<dyn sluice_engine::Warehouse>>>> = Arc::default();
+    let (warehouses, gateway) = (Arc::clone(warehouses), gateway.to_string());
+    health.watch("warehouse", CHECK_EVERY, grace, move || {
+        let (connection, warehouses, gateway) = (Arc::clone(&connection), Arc::clone(&warehouses), gateway.clone());
+        async move {
+            let mut connection = connection.lock().await;
+            if connection.is_none() {
+                *connection = Some(warehouses.connect(&gateway).await.map_err(|error| error.to_string())?);
+            }
+            let answer = match connection.as_mut() {
+                Some(warehouse) => warehouse.ping().await.map_err(|error| error.to_string()),
+                None => Ok(()),
+            };
+            if answer.is_err() {
+                *connection = None;
+            }
+            answer
+        }
+    });
+}
+
 /// A token cancelled on SIGTERM (a Kubernetes scale-down) or SIGINT.
 fn stop_signal() -> Result<CancellationToken> {
     let token = CancellationToken::new();
@@ -116,6 +178,7 @@ fn stop_signal() -> Result<CancellationToken> {
 pub struct DistributedApply {
     pub user: String,
     pub detach: bool,
+    pub health: Option<Health>,
 }
 
 /// The coordinator: validate, push state, load counters, publish the ready tasks, then follow
@@ -129,6 +192,7 @@ pub async fn apply(
 ) -> Result<ApplyOutcome> {
     let broker = services.broker(1).await?;
     let gate = services.gate().await?;
+    watch_services(settings.health.as_ref(), &broker, &gate, &state);
     let deps = CoordinatorDeps {
         state,
         queue: Arc::clone(&broker) as _,
@@ -144,28 +208,35 @@ pub async fn apply(
         lease_ttl_seconds: services.lease_ttl_seconds,
         ..ApplyConfig::default()
     };
-    let interrupted = CancellationToken::new();
-    let ctrl_c = interrupted.clone();
-    let watch = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            ctrl_c.cancel();
-        }
-    });
+    // SIGTERM or Ctrl-C: stop following and leave the run as it is (the promoter adopts it once
+    // the lease lapses); `sluice abort` is what stops a run.
+    let interrupted = stop_signal()?;
     let outcome =
         sluice_coordinator::apply(plan_id, &config, &deps, Arc::new(ConsoleProgress::new()), interrupted).await;
-    watch.abort();
     broker.close().await;
     Ok(outcome?)
 }
 
-/// A worker: consumes one gateway's queue until SIGTERM, then finishes the tasks in hand.
+/// How a worker runs, beyond its gateway.
+pub struct WorkerSettings {
+    pub concurrency: usize,
+    /// After SIGTERM, how long the tasks in hand may run before they are cancelled and returned.
+    pub stop_deadline: Option<Duration>,
+    /// How long the warehouse may be unreachable before the worker is not ready.
+    pub warehouse_grace: Duration,
+    pub health: Option<Health>,
+}
+
+/// A worker: consumes one gateway's queue until SIGTERM, then finishes the tasks in hand (or,
+/// past the stop deadline, cancels them and returns them to the queue).
 pub async fn worker(
     services: &Services,
     state: Arc<dyn StateStore>,
     warehouses: Arc<ProjectWarehouses>,
     gateway: &str,
-    concurrency: usize,
+    settings: WorkerSettings,
 ) -> Result<()> {
+    let concurrency = settings.concurrency;
     if !warehouses.gateways.contains_key(gateway) {
         let known: Vec<&str> = warehouses.gateways.keys().map(String::as_str).collect();
         return Err(anyhow!("--gateway {gateway}: config.yaml has no such gateway (it has {})", known.join(", ")));
@@ -174,10 +245,16 @@ pub async fn worker(
     // Twice the slots: a slot takes its next task while its last one is being settled (acked).
     let broker = services.broker(concurrency * 2).await?;
     let gate = services.gate().await?;
+    watch_services(settings.health.as_ref(), &broker, &gate, &state);
+    watch_warehouse(settings.health.as_ref(), &warehouses, gateway, settings.warehouse_grace);
     let deps =
         WorkerDeps { state, queue: Arc::clone(&broker) as _, gate, events: Arc::clone(&broker) as _, warehouses };
-    eprintln!("sluice worker: consuming {} with {concurrency} slots", broker.config().task_queue(gateway));
-    let result = sluice_worker::run(WorkerConfig::new(gateway, concurrency), deps, stop).await;
+    crate::console::say(&format!(
+        "sluice worker: consuming {} with {concurrency} slots",
+        broker.config().task_queue(gateway)
+    ));
+    let config = WorkerConfig { stop_deadline: settings.stop_deadline, ..WorkerConfig::new(gateway, concurrency) };
+    let result = sluice_worker::run(config, deps, stop).await;
     sluice_queue::TaskQueue::shut_down(broker.as_ref()).await;
     broker.close().await;
     result.map_err(|error| anyhow!("worker: {error}"))
@@ -190,10 +267,12 @@ pub async fn promoter(
     state: Arc<dyn StateStore>,
     warehouses: Arc<ProjectWarehouses>,
     reconciling: Reconciling,
+    health: Option<Health>,
 ) -> Result<()> {
     let stop = stop_signal()?;
     let broker = services.broker(1).await?;
     let gate = services.gate().await?;
+    watch_services(health.as_ref(), &broker, &gate, &state);
     let coordinator = CoordinatorDeps {
         state: Arc::clone(&state),
         queue: Arc::clone(&broker) as _,
@@ -209,16 +288,20 @@ pub async fn promoter(
         notifier: Arc::new(StandardNotifier),
         clock: Arc::new(SystemClock),
     };
-    eprintln!("sluice promoter: consuming {}", broker.config().settled_queue());
+    crate::console::say(&format!("sluice promoter: consuming {}", broker.config().settled_queue()));
     let reconciler_stop = stop.clone();
     let reconciler = tokio::spawn(async move {
         let mut reconciler = OrphanReconciler::new(reconciling.stall_after);
+        let mut exported = sluice_coordinator::ExportedRuns::new();
         let mut ticker = tokio::time::interval(reconciling.every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = reconciler_stop.cancelled() => return,
                 _ = ticker.tick() => {
+                    if let Err(error) = sluice_coordinator::export_outstanding(&coordinator, &mut exported).await {
+                        tracing::warn!(error = %error, "reading the runs' outstanding tasks failed; retrying");
+                    }
                     // A lost service is retried on the next tick.
                     if let Err(error) = reconciler.pass(&coordinator).await {
                         tracing::warn!(error = %error, "reconciling runs no coordinator follows failed; retrying");

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_apply;
 mod commands;
+mod console;
 mod context;
 mod distributed;
 mod embedded;
@@ -31,8 +32,13 @@ struct Cli {
     #[arg(long, global = true, env = "SLUICE_STATE_URL", hide_env_values = true)]
     state: Option<String>,
     /// Workers per gateway in embedded mode (default: the number of cores).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "SLUICE_WORKERS")]
     workers: Option<usize>,
+    /// Serve `/healthz`, `/readyz` and `/metrics` on this address (`0.0.0.0:9090`, say) while a
+    /// long-running role runs: worker, promoter, and apply (also `plan --auto-apply` and `run`).
+    /// Short commands ignore it.
+    #[arg(long, global = true, env = "SLUICE_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
     /// RabbitMQ, for distributed mode: `amqp://user:password@host:5672/vhost`. Without it,
     /// `apply` runs every role in its own process (embedded mode).
     #[arg(long, global = true, env = "SLUICE_AMQP_URL", hide_env_values = true)]
@@ -58,78 +64,97 @@ enum Command {
     /// Print the plan of the project against an environment.
     Plan {
         /// The environment (default prod).
-        #[arg(default_value = "prod")]
+        #[arg(default_value = "prod", env = "SLUICE_ENVIRONMENT")]
         environment: String,
         /// Add the task-graph summary: tasks per model, critical path.
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_EXPLAIN")]
         explain: bool,
         /// Make every change forward-only.
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_FORWARD_ONLY")]
         forward_only: bool,
         /// The plan's time (default now): intervals end at or before it. A date or timestamp, UTC.
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_NOW")]
         now: Option<String>,
         /// Apply without asking.
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_AUTO_APPLY")]
         auto_apply: bool,
         /// A development environment's backfill starts here (a date or timestamp, UTC).
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_START")]
         start: Option<String>,
         /// A development environment's backfill ends here (a date includes its day).
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_END")]
         end: Option<String>,
         /// Plan the models sluice can run and leave out those it cannot (Python, Jinja, kinds
         /// and macros not built) with every model that reads them; the environment keeps
         /// showing what it showed of them.
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_SKIP_UNSUPPORTED")]
         skip_unsupported: bool,
     },
     /// Run an environment's models as they are: every interval whose cron has elapsed since it
     /// was last run, through the same tasks (and, with an AMQP URL, the same queues) as a plan.
     Run {
         /// The environment (default prod).
-        #[arg(default_value = "prod")]
+        #[arg(default_value = "prod", env = "SLUICE_ENVIRONMENT")]
         environment: String,
         /// The run's time (default now): intervals end at or before it. A date or timestamp, UTC.
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_NOW")]
         now: Option<String>,
     },
     /// Apply a stored plan (or resume one that failed or was aborted). With an AMQP URL this is
     /// the distributed coordinator: it queues the ready tasks and follows the run.
     Apply {
+        /// The stored plan's id.
+        #[arg(env = "SLUICE_PLAN_ID")]
         plan_id: String,
         /// Distributed mode: return once the ready tasks are queued; workers and the promoter
         /// carry the run to its end.
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_DETACH")]
         detach: bool,
     },
     /// Distributed mode: run one gateway's tasks until SIGTERM (then finish the tasks in hand).
     Worker {
         /// The gateway (of config.yaml) whose queue this worker consumes.
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_GATEWAY")]
         gateway: String,
         /// Tasks run at once (default: the number of cores).
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_CONCURRENCY")]
         concurrency: Option<usize>,
+        /// After SIGTERM, seconds the tasks in hand may run on; past them their statements are
+        /// cancelled and the tasks returned to the queue (default: no limit). Set it below the
+        /// pod's terminationGracePeriodSeconds.
+        #[arg(long, env = "SLUICE_STOP_DEADLINE")]
+        stop_deadline: Option<u64>,
+        /// Seconds the warehouse may be unreachable before `/readyz` says not ready.
+        #[arg(long, env = "SLUICE_WAREHOUSE_GRACE", default_value_t = 30)]
+        warehouse_grace: u64,
     },
     /// Distributed mode: promote every run whose tasks are all done, until SIGTERM. Also
     /// reconciles the runs no coordinator follows (lease expired): lost counters are rebuilt
     /// from state and the ready tasks queued again.
     Promoter {
         /// Seconds between two reconciling passes.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, env = "SLUICE_RECONCILE_EVERY", default_value_t = 5)]
         reconcile_every: u64,
         /// Seconds a run no coordinator follows may show work outstanding, nothing queued and
         /// no task finishing before its ready tasks are queued again.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, env = "SLUICE_ORPHAN_STALL", default_value_t = 30)]
         orphan_stall: u64,
     },
     /// Stop a plan's run between intervals: trips its breaker and drains its queued tasks.
-    Abort { plan_id: String },
+    Abort {
+        #[arg(env = "SLUICE_PLAN_ID")]
+        plan_id: String,
+    },
     /// A plan's runs and failures, or (without an id) the environments and recent runs.
-    Status { plan_id: Option<String> },
+    Status {
+        #[arg(env = "SLUICE_PLAN_ID")]
+        plan_id: Option<String>,
+    },
     /// Point an environment's views back at the plan it showed before (no backfill).
-    Rollback { environment: String },
+    Rollback {
+        #[arg(env = "SLUICE_ENVIRONMENT")]
+        environment: String,
+    },
     /// Drop expired environments and physical tables nothing references.
     Janitor,
     /// List the environments.
@@ -272,6 +297,34 @@ fn bench_redis_url(cli: &Cli) -> String {
     cli.redis_url.clone().unwrap_or_else(|| "redis://127.0.0.1:6379".to_string())
 }
 
+/// The process's role, as its JSON log lines name it; `true` for the long-running ones, which
+/// serve `--listen`.
+fn role(command: &Command) -> (&'static str, bool) {
+    match command {
+        Command::Worker { .. } => ("worker", true),
+        Command::Promoter { .. } => ("promoter", true),
+        Command::Apply { .. } | Command::Run { .. } => ("coordinator", true),
+        Command::Plan { auto_apply: true, .. } => ("coordinator", true),
+        _ => ("cli", false),
+    }
+}
+
+/// Starts the probe and metrics endpoint of a long-running role on `--listen`; its readiness
+/// checks are registered by the role as it connects.
+async fn serve_probes(cli: &Cli) -> Result<Option<sluice_ops::health::Health>> {
+    let Some(address) = cli.listen else { return Ok(None) };
+    if !role(&cli.command).1 {
+        return Ok(None);
+    }
+    let metrics = sluice_ops::health::install_recorder().map_err(|error| anyhow!(error))?;
+    // Lives as long as the process: the endpoint answers until the role has stopped.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let health = sluice_ops::health::Health::start(stop.clone());
+    sluice_ops::health::serve(address, health.clone(), metrics, stop).await.map_err(|error| anyhow!(error))?;
+    tracing::info!(%address, "serving /healthz, /readyz and /metrics");
+    Ok(Some(health))
+}
+
 async fn run(cli: &Cli) -> Result<ExitCode> {
     let workers = cli.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let services = distributed::Services::from_flags(
@@ -280,7 +333,8 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         &cli.queue_prefix,
         cli.lease_ttl,
     )?;
-    let common = commands::Common { project: &cli.project, state: cli.state.as_deref(), workers, services };
+    let health = serve_probes(cli).await?;
+    let common = commands::Common { project: &cli.project, state: cli.state.as_deref(), workers, services, health };
     let exit = |outcome: commands::ApplyExit| match outcome {
         commands::ApplyExit::Success => ExitCode::SUCCESS,
         commands::ApplyExit::Failed => ExitCode::from(1),
@@ -309,8 +363,14 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             commands::plan(&common, &options).await.map(exit)
         }
         Command::Apply { plan_id, detach } => commands::apply(&common, plan_id, *detach).await.map(exit),
-        Command::Worker { gateway, concurrency } => {
-            done(commands::worker(&common, gateway, concurrency.unwrap_or(workers)).await)
+        Command::Worker { gateway, concurrency, stop_deadline, warehouse_grace } => {
+            let settings = distributed::WorkerSettings {
+                concurrency: concurrency.unwrap_or(workers),
+                stop_deadline: stop_deadline.map(std::time::Duration::from_secs),
+                warehouse_grace: std::time::Duration::from_secs(*warehouse_grace),
+                health: common.health.clone(),
+            };
+            done(commands::worker(&common, gateway, settings).await)
         }
         Command::Promoter { reconcile_every, orphan_stall } => {
             let reconciling = distributed::Reconciling {
@@ -377,25 +437,30 @@ fn main() -> ExitCode {
     // The fault suite's fault points (`FAILPOINTS=name=action;…`), in test builds only.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| "warn,sqlx::query=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let format = match sluice_ops::logging::LogFormat::from_env() {
+        Ok(format) => format,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    console::use_json(format == sluice_ops::logging::LogFormat::Json);
+    // The operator's lines (`sluice::console`) show at the default level in both formats.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| "warn,sqlx::query=error,sluice::console=info".into());
+    sluice_ops::logging::init(format, filter, role(&cli.command).0);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("error: could not start the async runtime: {error}");
+            console::error(&format!("could not start the async runtime: {error}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(&cli)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            console::error(&format!("{error:#}"));
             ExitCode::FAILURE
         }
     }

@@ -29,7 +29,7 @@ pub struct ConsoleProgress {
 
 impl ConsoleProgress {
     pub fn new() -> ConsoleProgress {
-        let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = (std::io::stderr().is_terminal() && !crate::console::json()).then(|| {
             let bar = ProgressBar::new(0);
             let style = ProgressStyle::with_template(
                 "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} tasks {msg} ({per_sec}, ETA {eta})",
@@ -66,10 +66,10 @@ impl Progress for ConsoleProgress {
         counts.tasks_done = total.tasks_done;
         counts.intervals_total = total.intervals;
         counts.models_total = total.models;
-        eprintln!(
+        crate::console::say(&format!(
             "applying plan {} to {} (run {run_id}): {} tasks over {} models, {} already done",
             plan.id, plan.environment, total.tasks, total.models, total.tasks_done
-        );
+        ));
         if let Some(bar) = &self.bar {
             bar.set_length(total.tasks);
             bar.set_position(total.tasks_done);
@@ -98,12 +98,12 @@ impl Progress for ConsoleProgress {
                 // One line every two seconds at most, and the last one.
                 if counts.last_line.elapsed().as_secs() >= 2 || counts.tasks_done == counts.tasks_total {
                     counts.last_line = Instant::now();
-                    eprintln!(
+                    crate::console::say(&format!(
                         "progress: {}/{} tasks, {message}, {:.1} s",
                         counts.tasks_done,
                         counts.tasks_total,
                         counts.started.elapsed().as_secs_f64()
-                    );
+                    ));
                 }
             }
         }
@@ -116,7 +116,7 @@ impl Progress for ConsoleProgress {
     fn message(&self, text: &str) {
         match &self.bar {
             Some(bar) => bar.println(text),
-            None => eprintln!("{text}"),
+            None => crate::console::say(text),
         }
     }
 

@@ -32,7 +32,7 @@ use sluice_queue::{DependencyGate, EventBus, QueueError, RunEvent, TaskMessage, 
 use sluice_state::host::{Clock, offload};
 use sluice_state::{RunRecord, RunStart, RunStatus, StateError, StateStore};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 /// Checks that a gateway's warehouse answers (the CLI implements it with the engine adapters).
 #[async_trait]
@@ -303,7 +303,16 @@ pub async fn apply(
             user: &config.user,
         })
         .await?;
-    info!(plan_id = %plan.id, run_id = %run.id, environment = %plan.environment, "run started");
+    // Every line from here on carries the run's ids (joined across processes by run_id).
+    let span = tracing::info_span!(
+        "run",
+        plan_id = %plan.id,
+        run_id = %run.id,
+        trace_id = %sluice_core::trace::trace_id(&run.id),
+        environment = %plan.environment,
+    );
+    async move {
+    info!("run started");
 
     // The graph, and what earlier runs already finished.
     let graph_plan = plan.clone();
@@ -372,6 +381,7 @@ pub async fn apply(
                 watch.aborting = Some("interrupted".to_string());
                 progress.message("interrupted: stopping between intervals; apply the plan again to resume");
                 state.trip_breaker(&plan.id, "interrupted (Ctrl-C)").await?;
+                metrics::counter!(sluice_ops::metrics::BREAKER_TRIPS, "reason" => "interrupted").increment(1);
             }
             _ = ticker.tick() => {
                 if events.is_none() {
@@ -416,7 +426,10 @@ pub async fn apply(
         .get_run(&run.id)
         .await?
         .ok_or_else(|| ApplyError::State(StateError::NotFound { what: format!("run {}", run.id) }))?;
-    Ok(ApplyOutcome::Finished(record))
+    Ok::<ApplyOutcome, ApplyError>(ApplyOutcome::Finished(record))
+    }
+    .instrument(span)
+    .await
 }
 
 /// The next event of an optional subscription; never, without one.
@@ -540,6 +553,8 @@ impl Watch {
                     });
                     if self.aborting.is_none() {
                         state.trip_breaker(&plan.id, &reason).await?;
+                        metrics::counter!(sluice_ops::metrics::BREAKER_TRIPS, "reason" => "queues_emptied")
+                            .increment(1);
                         progress.message(&format!("aborted: {reason}"));
                         self.aborting = Some(reason);
                     }
@@ -716,6 +731,7 @@ pub async fn abort(state: &dyn StateStore, plan_id: &PlanId, reason: &str) -> Re
         return Err(ApplyError::UnknownPlan(plan_id.clone()));
     }
     state.trip_breaker(plan_id, reason).await?;
+    metrics::counter!(sluice_ops::metrics::BREAKER_TRIPS, "reason" => "abort").increment(1);
     Ok(state.latest_run(plan_id).await?)
 }
 
@@ -748,6 +764,40 @@ pub enum Reconciled {
     /// The run's `RunSettled` published again.
     Settled { run_id: RunId },
 }
+
+/// Sets the outstanding-task gauges from the dependency gate: per running run
+/// (`sluice_run_outstanding_tasks`) and in all (`sluice_outstanding_tasks`): the work a backfill
+/// still has to do, ready or not, which the task queues' depth (ready tasks only) under-reports.
+/// A run that ended since the last call is set to 0. Returns the total.
+pub async fn export_outstanding(deps: &CoordinatorDeps, exported: &mut ExportedRuns) -> Result<u64, ApplyError> {
+    use sluice_ops::metrics::{OUTSTANDING_TASKS, RUN_OUTSTANDING_TASKS};
+    let running = deps.state.running_runs().await?;
+    let mut total = 0;
+    let mut now_exported = ExportedRuns::new();
+    for run in &running {
+        // A run whose counters are not loaded (yet, or lost) is unknown: not exported.
+        let Some(outstanding) = deps.gate.outstanding(&run.id).await? else { continue };
+        total += outstanding;
+        let labels = vec![
+            ("plan_id", run.plan_id.to_string()),
+            ("run_id", run.id.to_string()),
+            ("environment", run.environment.to_string()),
+        ];
+        metrics::gauge!(RUN_OUTSTANDING_TASKS, &labels).set(outstanding as f64);
+        now_exported.insert(run.id.clone(), labels);
+    }
+    for (run_id, labels) in exported.iter() {
+        if !now_exported.contains_key(run_id) {
+            metrics::gauge!(RUN_OUTSTANDING_TASKS, labels).set(0.0);
+        }
+    }
+    *exported = now_exported;
+    metrics::gauge!(OUTSTANDING_TASKS).set(total as f64);
+    Ok(total)
+}
+
+/// The runs `export_outstanding` exported last, with their labels.
+pub type ExportedRuns = BTreeMap<RunId, Vec<(&'static str, String)>>;
 
 impl OrphanReconciler {
     pub fn new(stall_after: Duration) -> OrphanReconciler {

@@ -17,3 +17,4 @@ pub mod query;
 pub mod snapshot;
 pub mod synthetic;
 pub mod task_graph;
+pub mod trace;

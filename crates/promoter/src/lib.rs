@@ -179,7 +179,7 @@ struct Decision {
 /// two promoters finalizing the same run at once write one outcome and one audit row (the
 /// outcome, the environment's promotion, the lease and the audit row are one state transaction;
 /// the first to commit wins and the other reports what it wrote).
-#[instrument(skip_all, fields(run_id = %run_id, plan_id = %plan_id))]
+#[instrument(skip_all, fields(run_id = %run_id, plan_id = %plan_id, trace_id = %sluice_core::trace::trace_id(run_id)))]
 pub async fn finalize_run(deps: &PromoterDeps, run_id: &RunId, plan_id: &PlanId) -> Result<RunSummary, PromoterError> {
     let state = &deps.state;
     let run = state.get_run(run_id).await?.ok_or_else(|| PromoterError::UnknownRun(run_id.clone()))?;
@@ -207,7 +207,10 @@ pub async fn finalize_run(deps: &PromoterDeps, run_id: &RunId, plan_id: &PlanId)
             );
             Decision { status: RunStatus::Failed, error: Some(error), promotion: None }
         } else {
-            match promote(deps, &plan, run_id).await {
+            let promoting = std::time::Instant::now();
+            let promoted = promote(deps, &plan, run_id).await;
+            metrics::histogram!(sluice_ops::metrics::PROMOTION_DURATION).record(promoting.elapsed().as_secs_f64());
+            match promoted {
                 Ok(promotion) => Decision { status: RunStatus::Succeeded, error: None, promotion: Some(promotion) },
                 Err(PromoterError::NotBegun) => {
                     let reason = state.breaker(plan_id).await?;
@@ -256,6 +259,7 @@ pub async fn finalize_run(deps: &PromoterDeps, run_id: &RunId, plan_id: &PlanId)
         return Err(PromoterError::Underway { error: format!("run {run_id} is promoting; not ended {outcome_text}") });
     }
     let recorded_outcome = outcome_name(record.status);
+    metrics::counter!(sluice_ops::metrics::RUNS, "outcome" => recorded_outcome).increment(1);
     let result =
         summary(&record, &plan, recorded_outcome, record.error.clone(), record.finished_at.unwrap_or(finished_at));
     if record.status != decision.status || record.finished_at != Some(finished_at) {

@@ -183,6 +183,7 @@ impl RabbitBroker {
         }
         if guard.is_some() {
             warn!("the RabbitMQ connection was lost; connecting again");
+            metrics::counter!(sluice_ops::metrics::RECONNECTS, "service" => "rabbitmq").increment(1);
         }
         let where_to = redact_url(&self.config.url);
         // A broker that is starting accepts the TCP connection and never answers the handshake:
@@ -212,6 +213,12 @@ impl RabbitBroker {
 
     pub fn config(&self) -> &RabbitConfig {
         &self.config
+    }
+
+    /// Whether the broker answers: the current connection is usable, else a new one opens (a
+    /// readiness check).
+    pub async fn check(&self) -> Result<(), QueueError> {
+        self.link().await.map(|_| ())
     }
 
     /// Declares a gateway's task queue and its dead-letter queue (once per process); returns the
@@ -419,6 +426,17 @@ const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Waits for a publisher confirm (at most `CONFIRM_TIMEOUT`) and checks it.
 async fn confirmed(confirm: lapin::PublisherConfirm, routing_key: &str) -> Result<(), QueueError> {
+    let result = wait_confirmed(confirm, routing_key).await;
+    let outcome = match &result {
+        Ok(()) => "ack",
+        Err(QueueError::Backend(message)) if message.contains("(nack)") => "nack",
+        Err(_) => "error",
+    };
+    metrics::counter!(sluice_ops::metrics::PUBLISH_CONFIRMS, "outcome" => outcome).increment(1);
+    result
+}
+
+async fn wait_confirmed(confirm: lapin::PublisherConfirm, routing_key: &str) -> Result<(), QueueError> {
     match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
         Ok(confirmation) => check_confirmation(confirmation.map_err(backend)?, routing_key),
         Err(_) => Err(QueueError::Backend(format!(

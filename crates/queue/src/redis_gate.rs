@@ -145,6 +145,13 @@ impl RedisGate {
         &self.config
     }
 
+    /// Whether Redis answers a PING (a readiness check).
+    pub async fn check(&self) -> Result<(), QueueError> {
+        let mut connection = self.connection.clone();
+        let answer: Result<String, redis::RedisError> = redis::cmd("PING").query_async(&mut connection).await;
+        answer.map(|_| ()).map_err(|error| self.error("ping", &error))
+    }
+
     fn run_keys(&self, run_id: &RunId) -> RunKeys {
         let run = format!("{}:run:{{{}}}", self.config.key_prefix, run_id);
         RunKeys {

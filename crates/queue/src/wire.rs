@@ -14,7 +14,7 @@ pub fn task_to_wire(task: &TaskMessage) -> WireTask {
         task_id: task.task_id.0,
         gateway: task.gateway.clone(),
         attempt: task.attempt,
-        trace_context: None,
+        trace_context: Some(sluice_core::trace::task_traceparent(&task.run_id, task.task_index)),
     }
 }
 

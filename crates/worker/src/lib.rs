@@ -15,6 +15,7 @@ pub mod retry;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use metrics::{counter, histogram};
 use sluice_core::interval::{Interval, Timestamp};
 use sluice_core::model::ModelKind;
 use sluice_core::names::PlanId;
@@ -22,6 +23,7 @@ use sluice_core::plan::Plan;
 use sluice_core::query::QueryTemplate;
 use sluice_core::task_graph::TaskGraph;
 use sluice_engine::{AuditCheck, EngineError, Warehouse, WarehouseFactory, audit_count_query};
+use sluice_ops::metrics as metric;
 use sluice_queue::{Delivery, DependencyGate, EventBus, QueueError, RunEvent, RunId, TaskMessage, TaskQueue};
 use sluice_state::host::offload;
 use sluice_state::{FinishedTask, IntervalKey, IntervalRecord, RunStatus, StateError, StateStore, TaskFailure};
@@ -43,6 +45,9 @@ pub struct WorkerConfig {
     /// While a task runs, how often the worker reports it alive (`TaskRunning`) and checks the
     /// run's breaker, cancelling the query in flight once it is tripped.
     pub heartbeat: std::time::Duration,
+    /// After `shutdown`, how long the tasks in hand may run on; past it their statements are
+    /// cancelled and their deliveries returned to the queue unacked (`None`: no limit).
+    pub stop_deadline: Option<std::time::Duration>,
 }
 
 impl WorkerConfig {
@@ -52,6 +57,7 @@ impl WorkerConfig {
             concurrency,
             retry: RetryPolicy::default(),
             heartbeat: std::time::Duration::from_secs(2),
+            stop_deadline: None,
         }
     }
 }
@@ -352,14 +358,22 @@ enum Gated<T> {
 /// (the coordinator rebuilds them from state, so waiting is the answer) — unless the run is no
 /// longer running in state: then a stale task (a duplicate queued by a rebuild, a redelivery
 /// after the run finished) has nothing to release.
-async fn gated<T, F, Fut>(shared: &Shared, run_id: &RunId, mut call: F) -> Result<Gated<T>, WorkerError>
+async fn gated<T, F, Fut>(
+    shared: &Shared,
+    operation: &'static str,
+    run_id: &RunId,
+    mut call: F,
+) -> Result<Gated<T>, WorkerError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, QueueError>>,
 {
     let mut schedule = RetrySchedule::new(shared.config.retry);
     loop {
-        let error = match call().await {
+        let answer = call().await;
+        let outcome = if answer.is_ok() { "ok" } else { "error" };
+        counter!(metric::GATE_OPERATIONS, "operation" => operation, "outcome" => outcome).increment(1);
+        let error = match answer {
             Ok(answer) => return Ok(Gated::Answer(answer)),
             Err(QueueError::UnknownRun(run)) => {
                 let state = &shared.deps.state;
@@ -394,6 +408,24 @@ async fn audit_after(warehouse: &mut dyn Warehouse, checks: &[AuditCheck]) -> Re
     Ok(())
 }
 
+/// Counts a delivery rejected to the dead-letter queue.
+fn dead_lettered(gateway: &str) {
+    counter!(metric::DEAD_LETTERS, "gateway" => gateway.to_string()).increment(1);
+}
+
+/// Times warehouse calls into `sluice_warehouse_statement_duration_seconds`.
+struct Timed<'a>(&'a str);
+
+impl Timed<'_> {
+    async fn call<T>(&self, operation: &'static str, call: impl std::future::Future<Output = T>) -> T {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        histogram!(metric::WAREHOUSE_STATEMENT_DURATION, "gateway" => self.0.to_string(), "operation" => operation)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+}
+
 /// One worker slot: a warehouse connection, reopened after a lost connection.
 struct Slot {
     shared: Arc<Shared>,
@@ -401,6 +433,8 @@ struct Slot {
     /// hold): when the worker stops or crashes, dropping them aborts every one.
     settles: Arc<Mutex<tokio::task::JoinSet<()>>>,
     warehouse: Option<Box<dyn Warehouse>>,
+    /// Whether the slot had a connection before (a new one is then a reconnect).
+    connected_before: bool,
     /// Physical tables this connection has made sure exist.
     ensured: BTreeSet<String>,
 }
@@ -411,7 +445,20 @@ impl Slot {
             return Ok(self.warehouse.insert(warehouse));
         }
         let warehouse = self.shared.deps.warehouses.connect(&self.shared.config.gateway).await?;
+        if self.connected_before {
+            counter!(metric::RECONNECTS, "service" => "warehouse").increment(1);
+        }
+        self.connected_before = true;
         Ok(self.warehouse.insert(warehouse))
+    }
+
+    /// Gives up the task in hand at a stop past its deadline: the statement in flight is
+    /// cancelled in the warehouse and the connection dropped, so its transaction rolls back.
+    async fn abandon(&mut self) {
+        if let Some(warehouse) = self.warehouse.take() {
+            warehouse.canceller().cancel().await;
+        }
+        self.ensured.clear();
     }
 
     /// Runs the task's statements once; the caller retries.
@@ -434,14 +481,16 @@ impl Slot {
         };
         let table_key = table.to_string();
         let ensured = self.ensured.contains(&table_key);
+        let gateway = self.shared.config.gateway.clone();
+        let timed = Timed(&gateway);
         let warehouse = self.warehouse().await?;
         for statement in &pre {
-            warehouse.execute(statement).await?;
+            timed.call("pre_statement", warehouse.execute(statement)).await?;
         }
         let query_text = query.as_deref().unwrap_or("");
         let needs_table = !matches!(snapshot.kind, ModelKind::View | ModelKind::Seed { .. });
         if needs_table && !ensured {
-            warehouse.ensure_table(&table, &snapshot.columns, query_text).await?;
+            timed.call("ensure_table", warehouse.ensure_table(&table, &snapshot.columns, query_text)).await?;
         }
         // Audits read the rows the write covers: an incremental-by-time model's interval, else
         // the table. Blocking ones run inside the write's transaction (a failure rolls it back);
@@ -462,22 +511,23 @@ impl Slot {
         }
         let rows = match &snapshot.kind {
             ModelKind::IncrementalByTimeRange { time_column, .. } => {
-                warehouse.replace_interval(&table, time_column, interval, query_text, &blocking).await?
+                let write = warehouse.replace_interval(&table, time_column, interval, query_text, &blocking);
+                timed.call("replace_interval", write).await?
             }
-            ModelKind::Full => warehouse.replace_all(&table, query_text, &blocking).await?,
+            ModelKind::Full => timed.call("replace_all", warehouse.replace_all(&table, query_text, &blocking)).await?,
             ModelKind::IncrementalByUniqueKey { unique_key, .. } => {
-                warehouse.upsert(&table, unique_key, query_text, &blocking).await?
+                timed.call("upsert", warehouse.upsert(&table, unique_key, query_text, &blocking)).await?
             }
             // A view or seed is built by DDL: its blocking audits run after the build, which
             // nothing shows before the environment is promoted.
             ModelKind::View => {
-                warehouse.create_physical_view(&table, query_text).await?;
+                timed.call("create_view", warehouse.create_physical_view(&table, query_text)).await?;
                 audit_after(warehouse.as_mut(), &blocking).await?;
                 0
             }
             ModelKind::Seed { .. } => {
                 let rows = match &snapshot.seed {
-                    Some(seed) => warehouse.load_seed(&table, &snapshot.columns, seed).await?,
+                    Some(seed) => timed.call("load_seed", warehouse.load_seed(&table, &snapshot.columns, seed)).await?,
                     None => 0,
                 };
                 audit_after(warehouse.as_mut(), &blocking).await?;
@@ -498,7 +548,7 @@ impl Slot {
             }
         }
         for statement in &post {
-            warehouse.execute(statement).await?;
+            timed.call("post_statement", warehouse.execute(statement)).await?;
         }
         if needs_table {
             self.ensured.insert(table_key);
@@ -533,6 +583,7 @@ impl Slot {
                     match schedule.next_delay() {
                         Some(delay) => {
                             retries += 1;
+                            counter!(metric::TASK_RETRIES, "gateway" => self.shared.config.gateway.clone(), "model" => snapshot.name.to_string()).increment(1);
                             warn!(task_index, retries, error = %error, "transient warehouse failure, retrying");
                             tokio::time::sleep(delay).await;
                         }
@@ -544,13 +595,26 @@ impl Slot {
         }
     }
 
-    #[instrument(skip_all, fields(plan_id = %delivery.task.plan_id, run_id = %delivery.task.run_id, task = delivery.task.task_index))]
+    #[instrument(skip_all, fields(
+        plan_id = %delivery.task.plan_id,
+        run_id = %delivery.task.run_id,
+        trace_id = %sluice_core::trace::trace_id(&delivery.task.run_id),
+        task = delivery.task.task_index,
+        gateway = %delivery.task.gateway,
+        model = tracing::field::Empty,
+        interval = tracing::field::Empty,
+    ))]
     async fn handle(&mut self, delivery: Delivery) -> Result<(), WorkerError> {
         let message = delivery.task.clone();
+        let gateway = self.shared.config.gateway.clone();
+        if delivery.redelivered {
+            counter!(metric::REDELIVERIES, "gateway" => gateway.clone()).increment(1);
+        }
         let context = match self.shared.context(&message.plan_id).await {
             Ok(context) => context,
             Err(WorkerError::UnknownPlan(plan)) => {
                 warn!("a task of a plan the state store does not hold; dead-lettering it");
+                dead_lettered(&gateway);
                 delivery.reject().await?;
                 return Err(WorkerError::UnknownPlan(plan));
             }
@@ -558,22 +622,29 @@ impl Slot {
         };
         if !self.shared.run_known(&message.run_id).await? {
             warn!("a task of a run the state store does not hold; dead-lettering it");
+            dead_lettered(&gateway);
             delivery.reject().await?;
             return Err(WorkerError::UnknownRun(message.run_id));
         }
         let index = message.task_index;
         let Some(task) = context.graph.tasks.get(index as usize).copied() else {
             warn!("task index outside the plan's graph, dead-lettering");
+            dead_lettered(&gateway);
             delivery.reject().await?;
             return Err(WorkerError::UnknownTask { run: message.run_id, index });
         };
         if task.id != message.task_id {
             warn!("task id does not match the plan's graph, dead-lettering");
+            dead_lettered(&gateway);
             delivery.reject().await?;
             return Err(WorkerError::UnknownTask { run: message.run_id, index });
         }
         let planned = &context.plan.snapshots[task.snapshot as usize];
         let snapshot = &planned.snapshot;
+        let span = tracing::Span::current();
+        span.record("model", tracing::field::display(&snapshot.name));
+        span.record("interval", tracing::field::display(&task.interval));
+        let labels = [("gateway", gateway.clone()), ("model", snapshot.name.to_string())];
 
         // Before any work, from state as it is now (never from a cache): a run that is finished
         // or was superseded by a resume takes no more work (a stale copy must not rewrite an
@@ -597,10 +668,15 @@ impl Slot {
             // began and ended (the process is the log's); the fault suite reads it to show that
             // two copies of a task really ran at once.
             debug!(target: TIMELINE, redelivered = delivery.redelivered, attempt = message.attempt, "task started");
+            counter!(metric::TASKS_STARTED, &labels).increment(1);
+            let started = std::time::Instant::now();
             let execution = self.execute_watched(&context, &message).await;
             debug!(target: TIMELINE, "task finished");
             match execution {
-                Some(Execution::Done { rows, retries }) => (rows, retries, false),
+                Some(Execution::Done { rows, retries }) => {
+                    histogram!(metric::TASK_DURATION, &labels).record(started.elapsed().as_secs_f64());
+                    (rows, retries, false)
+                }
                 Some(Execution::Failed { error, attempts }) => {
                     return self.fail(delivery, &context, index, task.interval, error, attempts).await;
                 }
@@ -621,7 +697,18 @@ impl Slot {
             .acquire_owned()
             .await
             .map_err(|_| WorkerError::Join("the worker is stopping".to_string()))?;
-        let settled = Settled { shared: Arc::clone(&self.shared), context, delivery, rows, retries, skipped };
+        let counted = if skipped { metric::TASKS_SKIPPED } else { metric::TASKS_SUCCEEDED };
+        let settled = Settled {
+            shared: Arc::clone(&self.shared),
+            context,
+            delivery,
+            rows,
+            retries,
+            skipped,
+            counted,
+            labels,
+            written_at: std::time::Instant::now(),
+        };
         let mut settles = self.settles.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         while settles.try_join_next().is_some() {}
         settles.spawn(async move {
@@ -687,10 +774,13 @@ impl Slot {
     /// success in the gate (the last worker to do so publishes the settled run), then acked.
     async fn drop_aborted(&mut self, delivery: Delivery, context: &RunContext) -> Result<(), WorkerError> {
         let deps = self.shared.deps.clone();
+        counter!(metric::TASKS_ABORTED, "gateway" => self.shared.config.gateway.clone()).increment(1);
         let message = delivery.task.clone();
         let settled_tasks = context.with_descendants(message.task_index, &context.settled);
         let run_complete =
-            match gated(&self.shared, &message.run_id, || deps.gate.skip(&message.run_id, &settled_tasks)).await? {
+            match gated(&self.shared, "skip", &message.run_id, || deps.gate.skip(&message.run_id, &settled_tasks))
+                .await?
+            {
                 Gated::Answer(complete) => complete,
                 Gated::RunClosed | Gated::RunUnknown => false,
             };
@@ -717,6 +807,8 @@ impl Slot {
         let message = delivery.task.clone();
         let snapshot = &context.plan.snapshots[context.graph.tasks[index as usize].snapshot as usize].snapshot;
         warn!(model = %snapshot.name, interval = %interval, error = %error, "task failed");
+        let labels = [("gateway", self.shared.config.gateway.clone()), ("model", snapshot.name.to_string())];
+        counter!(metric::TASKS_FAILED, &labels).increment(1);
         let failure = TaskFailure {
             task_id: message.task_id,
             model: snapshot.name.clone(),
@@ -732,7 +824,9 @@ impl Slot {
         // The failed task and everything waiting for it will not run in this attempt.
         let settled_tasks = context.with_descendants(index, &context.settled);
         let run_complete =
-            match gated(&self.shared, &message.run_id, || deps.gate.skip(&message.run_id, &settled_tasks)).await? {
+            match gated(&self.shared, "skip", &message.run_id, || deps.gate.skip(&message.run_id, &settled_tasks))
+                .await?
+            {
                 Gated::Answer(complete) => complete,
                 Gated::RunClosed | Gated::RunUnknown => false,
             };
@@ -756,12 +850,23 @@ struct Settled {
     rows: u64,
     retries: u32,
     skipped: bool,
+    /// The counter the task adds to once it is acked (succeeded or skipped), with its labels.
+    counted: &'static str,
+    labels: [(&'static str, String); 2],
+    /// When its interval was written (or found recorded): the settle latency starts there.
+    written_at: std::time::Instant,
 }
 
 impl Settled {
-    #[instrument(skip_all, fields(run_id = %self.delivery.task.run_id, task = self.delivery.task.task_index))]
+    #[instrument(skip_all, fields(
+        plan_id = %self.delivery.task.plan_id,
+        run_id = %self.delivery.task.run_id,
+        trace_id = %sluice_core::trace::trace_id(&self.delivery.task.run_id),
+        task = self.delivery.task.task_index,
+        gateway = %self.delivery.task.gateway,
+    ))]
     async fn settle(self) -> Result<(), WorkerError> {
-        let Settled { shared, context, delivery, rows, retries, skipped } = self;
+        let Settled { shared, context, delivery, rows, retries, skipped, counted, labels, written_at } = self;
         let deps = shared.deps.clone();
         let message = delivery.task.clone();
         let index = message.task_index;
@@ -782,7 +887,9 @@ impl Settled {
         durable(shared.config.retry, "record task", || shared.finisher.finish(finished.clone())).await?;
         let children: Vec<u32> = context.graph.children(index).collect();
         let completion =
-            match gated(&shared, &message.run_id, || deps.gate.complete(&message.run_id, index, &children)).await? {
+            match gated(&shared, "complete", &message.run_id, || deps.gate.complete(&message.run_id, index, &children))
+                .await?
+            {
                 Gated::Answer(completion) => completion,
                 Gated::RunClosed => {
                     debug!("a task of a run that is no longer running: nothing to release");
@@ -791,6 +898,7 @@ impl Settled {
                 }
                 Gated::RunUnknown => {
                     warn!("a task of a run the state store does not hold; dead-lettering it");
+                    dead_lettered(&shared.config.gateway);
                     delivery.reject().await?;
                     return Err(WorkerError::UnknownRun(message.run_id));
                 }
@@ -826,6 +934,9 @@ impl Settled {
                 .await?;
         }
         delivery.ack().await?;
+        counter!(counted, &labels).increment(1);
+        histogram!(metric::SETTLE_DURATION, "gateway" => labels[0].1.clone())
+            .record(written_at.elapsed().as_secs_f64());
         // Progress after the ack, so that a follower that sees it also sees the task settled.
         let done = RunEvent::TaskDone {
             run_id: message.run_id.clone(),
@@ -856,12 +967,33 @@ pub async fn run(config: WorkerConfig, deps: WorkerDeps, shutdown: CancellationT
     });
     let mut slots = tokio::task::JoinSet::new();
     let settles = Arc::new(Mutex::new(tokio::task::JoinSet::new()));
+    // Cancelled `stop_deadline` after `shutdown`: the tasks still in hand are given back.
+    let hard_stop = CancellationToken::new();
+    let deadline_watch = shared.config.stop_deadline.map(|deadline| {
+        let (shutdown, hard_stop) = (shutdown.clone(), hard_stop.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(deadline).await;
+            warn!(
+                deadline_seconds = deadline.as_secs(),
+                "stop deadline passed: cancelling the tasks in hand and returning them to the queue"
+            );
+            hard_stop.cancel();
+        })
+    });
     for _ in 0..concurrency {
+        let hard_stop = hard_stop.clone();
         let settles = Arc::clone(&settles);
         let shared = Arc::clone(&shared);
         let shutdown = shutdown.clone();
         slots.spawn(async move {
-            let mut slot = Slot { shared: Arc::clone(&shared), settles, warehouse: None, ensured: BTreeSet::new() };
+            let mut slot = Slot {
+                shared: Arc::clone(&shared),
+                settles,
+                warehouse: None,
+                connected_before: false,
+                ensured: BTreeSet::new(),
+            };
             let mut pause = RetrySchedule::new(shared.config.retry);
             loop {
                 let next = tokio::select! {
@@ -885,8 +1017,17 @@ pub async fn run(config: WorkerConfig, deps: WorkerDeps, shutdown: CancellationT
                     Err(error) => return Err(error.into()),
                 };
                 // A failure of the machinery (not of the task's SQL) leaves the delivery unacked:
-                // it is dropped here and so delivered again.
-                match slot.handle(delivery).await {
+                // it is dropped here and so delivered again. So does a stop past its deadline.
+                let handled = tokio::select! {
+                    biased;
+                    handled = slot.handle(delivery) => Some(handled),
+                    _ = hard_stop.cancelled() => None,
+                };
+                let Some(handled) = handled else {
+                    slot.abandon().await;
+                    return Ok(());
+                };
+                match handled {
                     Ok(()) => pause = RetrySchedule::new(shared.config.retry),
                     Err(error) => {
                         warn!(error = %error, "task handling failed; the task will be delivered again");
@@ -912,8 +1053,16 @@ pub async fn run(config: WorkerConfig, deps: WorkerDeps, shutdown: CancellationT
             Err(_) => result = Err(WorkerError::Join("a task slot was cancelled".to_string())),
         }
     }
-    // The tasks still being settled finish before the worker stops.
-    let _settled = shared.settling.acquire_many(concurrency as u32).await;
+    // The tasks still being settled finish before the worker stops (or, past the stop
+    // deadline, are dropped: their deliveries, unacked, are delivered again).
+    tokio::select! {
+        biased;
+        _ = shared.settling.acquire_many(concurrency as u32) => {}
+        _ = hard_stop.cancelled() => settles.lock().unwrap_or_else(std::sync::PoisonError::into_inner).abort_all(),
+    }
+    if let Some(watch) = deadline_watch {
+        watch.abort();
+    }
     info!("worker stopped");
     result
 }
