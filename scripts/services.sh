@@ -108,3 +108,17 @@ if ! "$venv/bin/python" -c "import sqlmesh, duckdb, psycopg2" >/dev/null 2>&1 \
   "$venv/bin/pip" install -q --target "$venv/reader" "duckdb==2.0.1" || fail "pip install duckdb==2.0.1 (the reader)"
 fi
 log "SQLMesh $SQLMESH_VERSION is in $venv"
+
+# The manifest checks' tools (scripts/check-kubernetes.py): Kubernetes' schemas, offline
+# (kubernetes-validate), and Prometheus's text parser (the metrics test), pinned, in their own
+# virtual environment outside the clone.
+tools="${SLUICE_TOOLS_VENV:-$HOME/.cache/sluice/k8s-tools}"
+if ! "$tools/bin/python" -c "import kubernetes_validate, prometheus_client, jsonschema, yaml" >/dev/null 2>&1; then
+  log "installing kubernetes-validate and prometheus-client into $tools"
+  rm -rf "$tools"
+  python3 -m venv "$tools" || fail "python3 -m venv $tools"
+  "$tools/bin/pip" install -q "kubernetes-validate==1.37.0" "prometheus-client==0.26.0" \
+    || fail "pip install kubernetes-validate prometheus-client"
+fi
+command -v kubectl >/dev/null || fail "kubectl not found: the manifest checks render deploy/kubernetes with 'kubectl kustomize' (install kubectl 1.27 or later)"
+log "manifest tools are in $tools"

@@ -12,6 +12,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 status=0
+# The Kubernetes manifests: rendered, validated offline, consistent with the binary.
+"${SLUICE_TOOLS_VENV:-$HOME/.cache/sluice/k8s-tools}/bin/python" scripts/check-kubernetes.py || status=1
 cargo nextest run --workspace --all-features --locked --no-fail-fast -E 'not binary(chaos_suite)' || status=1
 cargo nextest run --workspace --all-features --locked --no-fail-fast -E 'binary(chaos_suite)' --test-threads 1 || status=1
 exit $status

@@ -429,3 +429,73 @@ async fn no_credential_reaches_a_log_line_or_an_error() {
     run_ok("rabbitmqctl", &["-q", "delete_user", user]);
     run_ok("redis-cli", &["-h", "127.0.0.1", "ACL", "DELUSER", user]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_past_its_stop_deadline_cancels_and_returns_its_task() {
+    let services = Services::new("deadline");
+    let sandbox = Sandbox::new(Backend::Postgres).await;
+    std::fs::remove_dir_all(sandbox.project.join("models")).unwrap();
+    std::fs::remove_dir_all(sandbox.project.join("seeds")).unwrap();
+    sandbox.write("models/slow/nap.sql", &support::sleeping_model("slow.nap", 1, 600));
+    let mut roles = Roles::default();
+    roles.start(&sandbox, &services, "promoter", &["promoter"]);
+    roles.start(
+        &sandbox,
+        &services,
+        "worker",
+        &["worker", "--gateway", "local", "--concurrency", "1", "--stop-deadline", "2"],
+    );
+    let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", NOW]);
+    let plan = coordinator.read_plan_id();
+    let naps = "SELECT COUNT(*) FROM pg_stat_activity \
+        WHERE state = 'active' AND query LIKE '%pg_sleep(600)%' AND pid <> pg_backend_pid()";
+    let runtime = tokio::runtime::Handle::current();
+    let sleeping =
+        || tokio::task::block_in_place(|| runtime.block_on(async { sandbox.warehouse().await.query_i64(naps).await }));
+    wait_for("the nap to be running", Duration::from_secs(120), || sleeping().unwrap() == Some(1));
+
+    // SIGTERM: the worker takes nothing more, waits its 2 s deadline for the task in hand (a
+    // 600 s nap), then cancels it and exits cleanly.
+    // (`stop_one` fails the test if the worker is still running 120 s after SIGTERM.)
+    roles.stop_one("worker");
+    let log = std::fs::read_to_string(sandbox.folder.path().join("worker.log")).unwrap();
+    assert!(log.contains("stop deadline passed"), "{log}");
+    wait_for("the nap to be cancelled", Duration::from_secs(30), || sleeping().unwrap() == Some(0));
+    // The task is back in the queue, its interval unrecorded, for the next worker to take.
+    let broker = services.broker().await;
+    let queued = || {
+        tokio::task::block_in_place(|| {
+            runtime.block_on(async { sluice_queue::TaskQueue::queued(&broker, "local").await.unwrap() })
+        })
+    };
+    wait_for("the returned task to be queued again", Duration::from_secs(30), || queued() == 1);
+    broker.close().await;
+    // Aborted, the returned task is drained by the next worker to come.
+    distributed(&sandbox, &services, &["abort", &plan]).success();
+    roles.add_workers(&sandbox, &services, 1, 1);
+    let aborted = coordinator.wait_within(Duration::from_secs(120));
+    assert_eq!(aborted.code, Some(2), "{aborted:?}");
+    roles.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_stopped_by_sigterm_leaves_the_run_to_the_cluster() {
+    let services = Services::new("sigterm");
+    let sandbox = Sandbox::new(Backend::Postgres).await;
+    sandbox.write("models/slow/nap.sql", &support::sleeping_model("slow.nap", 2, 5));
+    let mut roles = Roles::cluster(&sandbox, &services, 1, 2);
+    let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", NOW]);
+    let plan = coordinator.read_plan_id();
+    coordinator.wait_for_stderr("ready tasks queued");
+    // The naps take 5 s: the run is in flight when the coordinator is told to stop.
+    let _ = std::process::Command::new("kill").args(["-TERM", &coordinator.pid().to_string()]).status();
+    let stopped = coordinator.wait_within(Duration::from_secs(60));
+    assert_eq!(stopped.code, Some(0), "{stopped:?}");
+    assert!(stopped.contains("continues without this process"), "{stopped:?}");
+    // Untouched by the stop: the workers finish it and the promoter promotes it.
+    wait_for("the run to be promoted", Duration::from_secs(180), || {
+        distributed(&sandbox, &services, &["status", &plan]).stdout.contains("succeeded")
+    });
+    assert!(sandbox.view_target("slow", "nap").await.is_some());
+    roles.stop();
+}

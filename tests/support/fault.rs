@@ -164,7 +164,7 @@ pub const SECRET: &str = "Fault-Suite-Pw-93xq";
 
 /// `SLUICE_LOG` of every fault-suite process: info, and the workers' task timeline.
 const LOG: &str = "info,sluice::timeline=debug";
-const SECRET_USER: &str = "sluice_fault_suite";
+pub const SECRET_USER: &str = "sluice_fault_suite";
 
 fn run_ok(program: &str, args: &[&str]) {
     let output = std::process::Command::new(program).args(args).output().unwrap();
@@ -172,7 +172,7 @@ fn run_ok(program: &str, args: &[&str]) {
 }
 
 /// The RabbitMQ and Redis users with `SECRET` (idempotent; concurrent scenarios set the same).
-fn ensure_secret_users() {
+pub fn ensure_secret_users() {
     let _ = std::process::Command::new("rabbitmqctl").args(["-q", "add_user", SECRET_USER, SECRET]).output();
     run_ok("rabbitmqctl", &["-q", "change_password", SECRET_USER, SECRET]);
     run_ok("rabbitmqctl", &["-q", "set_permissions", "-p", "/", SECRET_USER, ".*", ".*", ".*"]);

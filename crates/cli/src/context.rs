@@ -36,7 +36,7 @@ pub fn load_config(root: &Path) -> Result<Config> {
     let name = crate::project_files::config_file(root)?
         .ok_or_else(|| anyhow!("{} has no config.yaml (or config.yml)", root.display()))?;
     let path = root.join(name);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("while reading {}", path.display()))?;
+    let text = crate::project_files::read_config(root, name)?;
     let outcome = sluice_core::config::parse_config(&path.to_string_lossy(), &text);
     for warning in &outcome.warnings {
         tracing::warn!("{warning}");

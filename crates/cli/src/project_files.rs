@@ -42,6 +42,13 @@ pub fn config_file(root: &Path) -> Result<Option<&'static str>> {
     sluice_core::config::config_file_name(&present).map_err(|message| anyhow::anyhow!("{}: {message}", root.display()))
 }
 
+/// The config file's text with its `{{ env_var('NAME') }}` rendered from the environment.
+pub fn read_config(root: &Path, name: &str) -> Result<String> {
+    let text = read(root, name)?;
+    sluice_core::config::render_config_env(name, &text, |variable| std::env::var(variable).ok())
+        .map_err(|error| anyhow::anyhow!("{error}"))
+}
+
 /// Reads `config.yaml` (or `config.yml`), `external_models.yaml`, `models/**/*.sql`, `audits/**/*.sql` and every CSV file of the project.
 pub fn read_project_files(root: &Path) -> Result<ProjectFiles> {
     if !root.is_dir() {
@@ -49,7 +56,7 @@ pub fn read_project_files(root: &Path) -> Result<ProjectFiles> {
     }
     let mut files = ProjectFiles::default();
     if let Some(name) = config_file(root)? {
-        files.config = Some(read(root, name)?);
+        files.config = Some(read_config(root, name)?);
         files.config_file = Some(name.to_string());
     }
     if root.join(EXTERNAL_MODELS_FILE).is_file() {

@@ -403,6 +403,35 @@ pub fn parse_duration_seconds(text: &str) -> Result<i64, String> {
 }
 
 /// Reads the text of `config.yaml` (`file` is its path for messages).
+/// Renders config.yaml's Jinja expressions before it is parsed, as SQLMesh does, with
+/// `env_var('NAME')` and `env_var('NAME', 'default')` reading the process's environment
+/// through `lookup`: a password can come from a Kubernetes Secret rather than sit in the file.
+/// Text without `{{` or `{%` is returned as it is. An error names the file, the line and the
+/// variable, never a value.
+pub fn render_config_env(
+    file: &str,
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+) -> Result<String, ProjectError> {
+    if !text.contains("{{") && !text.contains("{%") {
+        return Ok(text.to_string());
+    }
+    let mut environment = minijinja::Environment::new();
+    environment.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    environment.add_function("env_var", move |name: String, default: Option<String>| match lookup(&name).or(default) {
+        Some(value) => Ok(value),
+        None => Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("environment variable {name} is not set (env_var('{name}', 'default') gives a default)"),
+        )),
+    });
+    environment.render_str(text, minijinja::context! {}).map_err(|error| {
+        let line = error.line().unwrap_or(0) as u64;
+        let detail = error.detail().map_or_else(|| error.kind().to_string(), ToString::to_string);
+        ProjectError::new(SourceLocation::new(file, line, 0), format!("cannot render the config's Jinja: {detail}"))
+    })
+}
+
 pub fn parse_config(file: &str, text: &str) -> ConfigOutcome {
     let mut reader = Reader { file, errors: ErrorSink::default(), warnings: Vec::new() };
     let document: Value = match serde_yaml_ng::from_str(text) {
@@ -662,5 +691,23 @@ project: sushi
         );
         assert!(config_file_name(&["config.py"]).unwrap_err().starts_with("config.py is a Python config"));
         assert_eq!(config_file_name(&["config.py", "config.yml"]), Ok(Some("config.yml")));
+    }
+
+    #[test]
+    fn env_var_reads_the_environment_with_an_optional_default() {
+        let text = "gateways:\n  pg:\n    connection:\n      type: postgres\n      password: \"{{ env_var('PG_PASSWORD') }}\"\n      user: {{ env_var('PG_USER', 'sluice') }}\n";
+        let lookup = |name: &str| (name == "PG_PASSWORD").then(|| "s3cret".to_string());
+        let rendered = render_config_env("config.yaml", text, lookup).unwrap();
+        assert!(rendered.contains("password: \"s3cret\""), "{rendered}");
+        assert!(rendered.contains("user: sluice"), "{rendered}");
+        assert_eq!(render_config_env("config.yaml", "a: '{b}'\n", |_| None).unwrap(), "a: '{b}'\n");
+    }
+
+    #[test]
+    fn a_missing_env_var_names_the_file_line_and_variable() {
+        let text = "gateways:\n  pg:\n    connection:\n      password: {{ env_var('NOPE') }}\n";
+        let error = render_config_env("config.yaml", text, |_| None).unwrap_err().to_string();
+        assert!(error.starts_with("config.yaml:4"), "{error}");
+        assert!(error.contains("environment variable NOPE is not set"), "{error}");
     }
 }
