@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use support::fault::{
     EVENTS, Scenario, TABLES, TASKS, recovered, task_index, tasks_run_at_once, timeline_after, worker_timeline,
 };
-use support::wait_for;
+use support::{Backend, Roles, Sandbox, Services, free_port, get, wait_for};
 
 fn run(program: &str, args: &[&str]) {
     let output = Command::new(program).args(args).output().unwrap();
@@ -202,4 +202,38 @@ async fn a_task_longer_than_the_consumer_timeout_is_written_once() {
     assert!(slow.iter().any(|task| at_once.contains(task)), "no two copies of a slow task ran at once: {at_once:?}");
     // The slow models are not part of the plain-SQL reference; the rest must match it.
     scenario.verify_with(&plan, 0, TABLES.len() + 2, TASKS + 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_follows_the_broker_down_and_back() {
+    let _restore = Restore;
+    let sandbox = Sandbox::new(Backend::Postgres).await;
+    let services = Services::new("readyz");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut roles = Roles::default();
+    roles.start(
+        &sandbox,
+        &services,
+        "worker",
+        &["--listen", &listen, "worker", "--gateway", "local", "--concurrency", "1"],
+    );
+    let ready = || get(port, "/readyz").is_some_and(|(status, _)| status == 200);
+    wait_for("the worker to be ready", Duration::from_secs(60), ready);
+
+    run("rabbitmqctl", &["-q", "stop_app"]);
+    let mut answer = None;
+    wait_for("/readyz to say not ready", Duration::from_secs(60), || {
+        answer = get(port, "/readyz");
+        answer.as_ref().is_some_and(|(status, _)| *status == 503)
+    });
+    let (_, body) = answer.unwrap();
+    assert!(body.contains("rabbitmq: unreachable"), "{body}");
+    assert!(!body.contains("redis") && !body.contains("state") && !body.contains("warehouse"), "{body}");
+    // Alive all along: only readiness follows the broker.
+    assert_eq!(get(port, "/healthz").unwrap().0, 200);
+
+    run("rabbitmqctl", &["-q", "start_app"]);
+    wait_for("the worker to be ready again", Duration::from_secs(120), ready);
+    roles.stop();
 }

@@ -238,13 +238,13 @@ async fn the_prod_overlay_runs_as_rendered_and_promotes() {
         .to_string();
     assert!(job.env.contains_key("SLUICE_PLAN_ID"), "the Job reads the plan id from its ConfigMap");
     let mut apply = local(job);
-    assert_eq!(apply.argv, ["sluice", "apply", "--detach"]);
+    assert_eq!(apply.argv, ["sluice", "apply"]);
     apply.env.insert("SLUICE_PLAN_ID".to_string(), plan_id.clone());
     let apply_log = folder.join("apply.log");
     let applied = start(&apply, &apply_log).wait_with_output().unwrap();
     assert!(applied.status.success(), "{}", std::fs::read_to_string(&apply_log).unwrap());
 
-    // The workers and the promoters carry the detached run to its promotion.
+    // The Job followed the run to its promotion.
     let mut status = String::new();
     let mut status_env = planning.env.clone();
     status_env.insert("SLUICE_LOG_FORMAT".to_string(), "text".to_string());
