@@ -499,3 +499,42 @@ async fn a_coordinator_stopped_by_sigterm_leaves_the_run_to_the_cluster() {
     assert!(sandbox.view_target("slow", "nap").await.is_some());
     roles.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_cannot_reach_its_warehouse_is_not_ready() {
+    let services = Services::new("unready");
+    let sandbox = Sandbox::new(Backend::Postgres).await;
+    // The warehouse on a port nothing listens on; the state store stays reachable.
+    let config = sandbox.read("config.yaml");
+    let closed = support::free_port();
+    let (gateway, state) = config.split_once("    state_connection:").unwrap();
+    sandbox.write(
+        "config.yaml",
+        &format!("{}    state_connection:{state}", gateway.replace("port: 5432", &format!("port: {closed}"))),
+    );
+    let port = std::iter::repeat_with(support::free_port).find(|port| *port != closed).unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let mut roles = Roles::default();
+    roles.start(
+        &sandbox,
+        &services,
+        "worker",
+        &["--listen", &listen, "worker", "--gateway", "local", "--concurrency", "1", "--warehouse-grace", "1"],
+    );
+    // Not ready while it starts, then not ready for want of its warehouse.
+    let only_the_warehouse = |body: &str| {
+        body.contains("warehouse:")
+            && !["starting", "rabbitmq", "redis", "state"].iter().any(|other| body.contains(other))
+    };
+    wait_for("/readyz to name the warehouse alone", Duration::from_secs(60), || {
+        support::get(port, "/readyz").is_some_and(|(_, body)| only_the_warehouse(&body))
+    });
+    // Never ready while the warehouse is unreachable; everything else answers.
+    for _ in 0..3 {
+        let (status, body) = support::get(port, "/readyz").unwrap();
+        assert_eq!(status, 503, "{body}\n{}", std::fs::read_to_string(roles.log("worker")).unwrap());
+        assert!(only_the_warehouse(&body), "{body}");
+    }
+    assert_eq!(support::get(port, "/healthz").unwrap().0, 200);
+    roles.stop();
+}

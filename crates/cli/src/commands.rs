@@ -172,6 +172,7 @@ async fn run_apply(
             let settings = EmbeddedApply { workers: common.workers, user: user(), retry: RetryPolicy::default() };
             if let Some(health) = &common.health {
                 crate::distributed::watch_state(health, &state);
+                health.started();
             }
             apply_embedded(&settings, state, warehouses(context), plan_id).await?
         }

@@ -193,6 +193,9 @@ pub async fn apply(
     let broker = services.broker(1).await?;
     let gate = services.gate().await?;
     watch_services(settings.health.as_ref(), &broker, &gate, &state);
+    if let Some(health) = &settings.health {
+        health.started();
+    }
     let deps = CoordinatorDeps {
         state,
         queue: Arc::clone(&broker) as _,
@@ -247,6 +250,9 @@ pub async fn worker(
     let gate = services.gate().await?;
     watch_services(settings.health.as_ref(), &broker, &gate, &state);
     watch_warehouse(settings.health.as_ref(), &warehouses, gateway, settings.warehouse_grace);
+    if let Some(health) = &settings.health {
+        health.started();
+    }
     let deps =
         WorkerDeps { state, queue: Arc::clone(&broker) as _, gate, events: Arc::clone(&broker) as _, warehouses };
     crate::console::say(&format!(
@@ -273,6 +279,9 @@ pub async fn promoter(
     let broker = services.broker(1).await?;
     let gate = services.gate().await?;
     watch_services(health.as_ref(), &broker, &gate, &state);
+    if let Some(health) = &health {
+        health.started();
+    }
     let coordinator = CoordinatorDeps {
         state: Arc::clone(&state),
         queue: Arc::clone(&broker) as _,

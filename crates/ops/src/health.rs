@@ -40,6 +40,8 @@ struct Dependency {
 }
 
 struct Inner {
+    /// Set by the role once every check it needs is registered: before, it is not ready.
+    started: std::sync::atomic::AtomicBool,
     dependencies: Mutex<Vec<Arc<Dependency>>>,
     /// Bumped by a ticker task every `TICK`: a stalled runtime stops bumping it.
     last_tick: Mutex<Instant>,
@@ -61,8 +63,12 @@ pub struct Health {
 impl Health {
     /// Starts the liveness ticker (on the current runtime); stopped with `stop`.
     pub fn start(stop: CancellationToken) -> Health {
-        let inner =
-            Arc::new(Inner { dependencies: Mutex::new(Vec::new()), last_tick: Mutex::new(Instant::now()), stop });
+        let inner = Arc::new(Inner {
+            started: std::sync::atomic::AtomicBool::new(false),
+            dependencies: Mutex::new(Vec::new()),
+            last_tick: Mutex::new(Instant::now()),
+            stop,
+        });
         let ticking = Arc::clone(&inner);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(TICK);
@@ -120,12 +126,20 @@ impl Health {
         });
     }
 
-    /// `Ok` when every dependency is healthy, else one reason per unhealthy one.
+    /// The role has registered every check it needs (until then it is not ready).
+    pub fn started(&self) {
+        self.inner.started.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `Ok` when the role has started and every dependency is healthy, else one reason per
+    /// unhealthy one.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let now = Instant::now();
-        let reasons: Vec<String> = lock(&self.inner.dependencies)
-            .iter()
-            .filter_map(|dependency| match *lock(&dependency.last_ok) {
+        let starting = (!self.inner.started.load(std::sync::atomic::Ordering::SeqCst))
+            .then(|| "starting: connecting to its dependencies".to_string());
+        let reasons: Vec<String> = starting
+            .into_iter()
+            .chain(lock(&self.inner.dependencies).iter().filter_map(|dependency| match *lock(&dependency.last_ok) {
                 None => Some(format!("{}: not reached yet", dependency.name)),
                 Some(at) if now.duration_since(at) > dependency.grace => Some(format!(
                     "{}: unreachable for {} s (grace {} s)",
@@ -134,7 +148,7 @@ impl Health {
                     dependency.grace.as_secs()
                 )),
                 Some(_) => None,
-            })
+            }))
             .collect();
         metrics::gauge!(READY).set(if reasons.is_empty() { 1.0 } else { 0.0 });
         if reasons.is_empty() { Ok(()) } else { Err(reasons) }
