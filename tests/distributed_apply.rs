@@ -74,6 +74,16 @@ fn distributed(sandbox: &Sandbox, services: &Services, args: &[&str]) -> support
     support::Run::from(command.stdin(std::process::Stdio::null()).output().unwrap())
 }
 
+/// The 600 s naps (`sleeping_model`) running in the sandbox's warehouse now.
+fn naps_running(
+    sandbox: &Sandbox,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Option<i64>, sluice_engine::EngineError> {
+    let naps = "SELECT COUNT(*) FROM pg_stat_activity \
+        WHERE state = 'active' AND query LIKE '%pg_sleep(600)%' AND pid <> pg_backend_pid()";
+    tokio::task::block_in_place(|| runtime.block_on(async { sandbox.warehouse().await.query_i64(naps).await }))
+}
+
 fn spawn_distributed(sandbox: &Sandbox, services: &Services, args: &[&str]) -> Spawned {
     let mut command = sandbox.command(args);
     services.apply_to(&mut command);
@@ -257,11 +267,8 @@ async fn abort_cancels_the_queries_in_flight() {
     let mut roles = Roles::cluster(&sandbox, &services, 1, 2);
     let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", NOW]);
     let plan = coordinator.read_plan_id();
-    let naps = "SELECT COUNT(*) FROM pg_stat_activity \
-        WHERE state = 'active' AND query LIKE '%pg_sleep(600)%' AND pid <> pg_backend_pid()";
     let runtime = tokio::runtime::Handle::current();
-    let sleeping =
-        || tokio::task::block_in_place(|| runtime.block_on(async { sandbox.warehouse().await.query_i64(naps).await }));
+    let sleeping = || naps_running(&sandbox, &runtime);
     wait_for("both naps to be running", Duration::from_secs(120), || sleeping().unwrap() == Some(2));
 
     distributed(&sandbox, &services, &["abort", &plan]).success();
@@ -447,11 +454,8 @@ async fn a_worker_past_its_stop_deadline_cancels_and_returns_its_task() {
     );
     let mut coordinator = spawn_distributed(&sandbox, &services, &["plan", "--auto-apply", "--now", NOW]);
     let plan = coordinator.read_plan_id();
-    let naps = "SELECT COUNT(*) FROM pg_stat_activity \
-        WHERE state = 'active' AND query LIKE '%pg_sleep(600)%' AND pid <> pg_backend_pid()";
     let runtime = tokio::runtime::Handle::current();
-    let sleeping =
-        || tokio::task::block_in_place(|| runtime.block_on(async { sandbox.warehouse().await.query_i64(naps).await }));
+    let sleeping = || naps_running(&sandbox, &runtime);
     wait_for("the nap to be running", Duration::from_secs(120), || sleeping().unwrap() == Some(1));
 
     // SIGTERM: the worker takes nothing more, waits its 2 s deadline for the task in hand (a
