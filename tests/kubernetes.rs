@@ -134,7 +134,12 @@ async fn the_prod_overlay_runs_as_rendered_and_promotes() {
                 ["name"],
         ),
     );
-    sandbox.write("config.yaml", &text(&config_map["data"]["config.yaml"]));
+    let config = text(&config_map["data"]["config.yaml"]);
+    sandbox.write("config.yaml", &config);
+    // What the pods mount at /project: config.yaml alone (the models stay with the operator).
+    let mounted = sandbox.folder.path().join("mounted");
+    std::fs::create_dir_all(&mounted).unwrap();
+    std::fs::write(mounted.join("config.yaml"), &config).unwrap();
 
     // What the cluster would supply differently: the services' addresses, the Secret's values,
     // the project folder and the listen ports (every process here shares one host).
@@ -146,7 +151,7 @@ async fn the_prod_overlay_runs_as_rendered_and_promotes() {
             ("PG_USER", "postgres".to_string()),
             ("PG_DATABASE", warehouse.clone()),
             ("SLUICE_QUEUE_PREFIX", services.prefix.clone()),
-            ("SLUICE_PROJECT", sandbox.project.to_string_lossy().into_owned()),
+            ("SLUICE_PROJECT", mounted.to_string_lossy().into_owned()),
         ] {
             assert!(container.env.contains_key(key), "{:?} has no {key}", container.argv);
             container.env.insert(key.to_string(), value);
@@ -221,6 +226,7 @@ async fn the_prod_overlay_runs_as_rendered_and_promotes() {
         from_secret: true,
     });
     planning.env.remove("SLUICE_PLAN_ID");
+    planning.env.insert("SLUICE_PROJECT".to_string(), sandbox.project.to_string_lossy().into_owned());
     let planned = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(&planning.argv[1..])
         .env_clear()

@@ -128,7 +128,7 @@ pub async fn plan(common: &Common<'_>, options: &PlanOptions<'_>) -> Result<Appl
     if !confirmed {
         return Ok(ApplyExit::Success);
     }
-    run_apply(common, &context, state, &plan.id, false).await
+    run_apply(common, warehouses(&context), state, &plan.id, false).await
 }
 
 /// `sluice run ENV`: the environment's models as they are, every interval their crons have
@@ -147,21 +147,21 @@ pub async fn run(common: &Common<'_>, environment: &str, now: Timestamp) -> Resu
     print!("{}", format_plan(&plan, current.as_ref(), None));
     state.put_plan(&plan).await?;
     println!("\nStored as plan {}.", plan.id);
-    run_apply(common, &context, state, &plan.id, false).await
+    run_apply(common, warehouses(&context), state, &plan.id, false).await
 }
 
 async fn run_apply(
     common: &Common<'_>,
-    context: &ProjectContext,
+    warehouses: Arc<ProjectWarehouses>,
     state: Arc<dyn StateStore>,
     plan_id: &PlanId,
     detach: bool,
 ) -> Result<ApplyExit> {
     let outcome = match &common.services {
         Some(services) => {
-            refuse_file_warehouses(context)?;
+            refuse_file_warehouses(&warehouses, state.as_ref(), plan_id).await?;
             let settings = DistributedApply { user: user(), detach, health: common.health.clone() };
-            crate::distributed::apply(services, &settings, state, warehouses(context), plan_id).await?
+            crate::distributed::apply(services, &settings, state, warehouses, plan_id).await?
         }
         None => {
             if detach {
@@ -174,7 +174,7 @@ async fn run_apply(
                 crate::distributed::watch_state(health, &state);
                 health.started();
             }
-            apply_embedded(&settings, state, warehouses(context), plan_id).await?
+            apply_embedded(&settings, state, warehouses, plan_id).await?
         }
     };
     match outcome {
@@ -211,11 +211,16 @@ async fn run_apply(
 }
 
 /// Distributed mode runs roles in several processes: a DuckDB file, which one process owns,
-/// cannot be their warehouse.
-fn refuse_file_warehouses(context: &ProjectContext) -> Result<()> {
-    let config = &context.project.config;
-    for model in context.project.models.values() {
-        if let Some(gateway) = config.gateways.get(&model.gateway)
+/// cannot be the warehouse of a model the plan holds.
+async fn refuse_file_warehouses(
+    warehouses: &ProjectWarehouses,
+    state: &dyn StateStore,
+    plan_id: &PlanId,
+) -> Result<()> {
+    // An unknown plan is the coordinator's to report.
+    let Some(plan) = state.get_plan(plan_id).await? else { return Ok(()) };
+    for planned in &plan.snapshots {
+        if let Some(gateway) = warehouses.gateways.get(&planned.snapshot.gateway)
             && matches!(gateway.connection, sluice_core::config::Connection::DuckDb { .. })
         {
             return Err(anyhow!(
@@ -228,9 +233,14 @@ fn refuse_file_warehouses(context: &ProjectContext) -> Result<()> {
 }
 
 pub async fn apply(common: &Common<'_>, plan_id: &str, detach: bool) -> Result<ApplyExit> {
-    let context = open_context(common)?;
-    let state = state_of(common, Some(&context)).await?;
-    run_apply(common, &context, state, &PlanId(plan_id.to_string()), detach).await
+    if plan_id.trim().is_empty() {
+        return Err(anyhow!(
+            "the plan id is empty (PLAN_ID / SLUICE_PLAN_ID): set it to the id `sluice plan` printed when it stored the plan"
+        ));
+    }
+    // The plan is in the state store: `config.yaml` alone is read (the models need not be there).
+    let (state, warehouses) = role_context(common).await?;
+    run_apply(common, warehouses, state, &PlanId(plan_id.to_string()), detach).await
 }
 
 /// The services of distributed mode, or an error naming what a role needs.
