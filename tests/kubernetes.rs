@@ -297,6 +297,14 @@ async fn the_prod_overlay_runs_as_rendered_and_promotes() {
     assert!(sum(&worker_samples, "sluice_task_duration_seconds_count") >= 1.0);
     assert!(sum(&worker_samples, "sluice_warehouse_statement_duration_seconds_count") >= tasks);
     assert_eq!(sum(&worker_samples, "sluice_tasks_failed_total"), 0.0);
+    let completions: f64 = worker_samples
+        .iter()
+        .filter(|(name, labels, _)| {
+            name == "sluice_gate_operations_total" && labels.get("operation").map(String::as_str) == Some("complete")
+        })
+        .map(|(_, _, value)| value)
+        .sum();
+    assert_eq!(completions, tasks, "one gate completion per task");
     let mut promoter_samples = Vec::new();
     for port in &ports[..2] {
         promoter_samples.extend(parse_metrics(&get(*port, "/metrics").unwrap().1));

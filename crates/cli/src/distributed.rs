@@ -99,6 +99,11 @@ impl Services {
     }
 }
 
+/// The gate the role's logic calls: the Redis gate, its calls counted.
+fn metered(gate: &Arc<RedisGate>) -> Arc<dyn sluice_queue::DependencyGate> {
+    Arc::new(sluice_queue::metered::MeteredGate::new(Arc::clone(gate) as _))
+}
+
 /// How often a role checks that its broker, gate, state store (and a worker its warehouse)
 /// answer, and how long one may stay silent before the role is not ready.
 const CHECK_EVERY: Duration = Duration::from_secs(2);
@@ -199,7 +204,7 @@ pub async fn apply(
     let deps = CoordinatorDeps {
         state,
         queue: Arc::clone(&broker) as _,
-        gate,
+        gate: metered(&gate),
         events: Arc::clone(&broker) as _,
         gateways: warehouses,
         clock: Arc::new(SystemClock),
@@ -253,8 +258,13 @@ pub async fn worker(
     if let Some(health) = &settings.health {
         health.started();
     }
-    let deps =
-        WorkerDeps { state, queue: Arc::clone(&broker) as _, gate, events: Arc::clone(&broker) as _, warehouses };
+    let deps = WorkerDeps {
+        state,
+        queue: Arc::clone(&broker) as _,
+        gate: metered(&gate),
+        events: Arc::clone(&broker) as _,
+        warehouses,
+    };
     crate::console::say(&format!(
         "sluice worker: consuming {} with {concurrency} slots",
         broker.config().task_queue(gateway)
@@ -285,7 +295,7 @@ pub async fn promoter(
     let coordinator = CoordinatorDeps {
         state: Arc::clone(&state),
         queue: Arc::clone(&broker) as _,
-        gate,
+        gate: metered(&gate),
         events: Arc::clone(&broker) as _,
         gateways: Arc::clone(&warehouses) as _,
         clock: Arc::new(SystemClock),

@@ -35,7 +35,7 @@ pub async fn apply(
     plan_id: &PlanId,
 ) -> Result<ApplyOutcome> {
     let queue: Arc<dyn TaskQueue> = Arc::new(MemoryQueue::new());
-    let gate: Arc<dyn DependencyGate> = Arc::new(MemoryGate::new());
+    let gate: Arc<dyn DependencyGate> = Arc::new(sluice_queue::metered::MeteredGate::new(Arc::new(MemoryGate::new())));
     let events: Arc<dyn EventBus> = Arc::new(MemoryEvents::new());
     let roles_shutdown = CancellationToken::new();
     let interrupted = CancellationToken::new();

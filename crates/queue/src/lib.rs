@@ -10,6 +10,7 @@
 //! - the gate says when the run has nothing outstanding.
 
 pub mod memory;
+pub mod metered;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "redis")]

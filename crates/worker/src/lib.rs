@@ -358,22 +358,14 @@ enum Gated<T> {
 /// (the coordinator rebuilds them from state, so waiting is the answer) — unless the run is no
 /// longer running in state: then a stale task (a duplicate queued by a rebuild, a redelivery
 /// after the run finished) has nothing to release.
-async fn gated<T, F, Fut>(
-    shared: &Shared,
-    operation: &'static str,
-    run_id: &RunId,
-    mut call: F,
-) -> Result<Gated<T>, WorkerError>
+async fn gated<T, F, Fut>(shared: &Shared, run_id: &RunId, mut call: F) -> Result<Gated<T>, WorkerError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, QueueError>>,
 {
     let mut schedule = RetrySchedule::new(shared.config.retry);
     loop {
-        let answer = call().await;
-        let outcome = if answer.is_ok() { "ok" } else { "error" };
-        counter!(metric::GATE_OPERATIONS, "operation" => operation, "outcome" => outcome).increment(1);
-        let error = match answer {
+        let error = match call().await {
             Ok(answer) => return Ok(Gated::Answer(answer)),
             Err(QueueError::UnknownRun(run)) => {
                 let state = &shared.deps.state;
@@ -778,9 +770,7 @@ impl Slot {
         let message = delivery.task.clone();
         let settled_tasks = context.with_descendants(message.task_index, &context.settled);
         let run_complete =
-            match gated(&self.shared, "skip", &message.run_id, || deps.gate.skip(&message.run_id, &settled_tasks))
-                .await?
-            {
+            match gated(&self.shared, &message.run_id, || deps.gate.skip(&message.run_id, &settled_tasks)).await? {
                 Gated::Answer(complete) => complete,
                 Gated::RunClosed | Gated::RunUnknown => false,
             };
@@ -824,9 +814,7 @@ impl Slot {
         // The failed task and everything waiting for it will not run in this attempt.
         let settled_tasks = context.with_descendants(index, &context.settled);
         let run_complete =
-            match gated(&self.shared, "skip", &message.run_id, || deps.gate.skip(&message.run_id, &settled_tasks))
-                .await?
-            {
+            match gated(&self.shared, &message.run_id, || deps.gate.skip(&message.run_id, &settled_tasks)).await? {
                 Gated::Answer(complete) => complete,
                 Gated::RunClosed | Gated::RunUnknown => false,
             };
@@ -887,9 +875,7 @@ impl Settled {
         durable(shared.config.retry, "record task", || shared.finisher.finish(finished.clone())).await?;
         let children: Vec<u32> = context.graph.children(index).collect();
         let completion =
-            match gated(&shared, "complete", &message.run_id, || deps.gate.complete(&message.run_id, index, &children))
-                .await?
-            {
+            match gated(&shared, &message.run_id, || deps.gate.complete(&message.run_id, index, &children)).await? {
                 Gated::Answer(completion) => completion,
                 Gated::RunClosed => {
                     debug!("a task of a run that is no longer running: nothing to release");
