@@ -59,7 +59,13 @@ fn object<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
 
 /// The first container of a Deployment's or Job's pod, with its environment resolved.
 fn container(objects: &[Value], kind: &str, name: &str) -> Container {
-    let spec = &object(objects, kind, name)["spec"]["template"]["spec"]["containers"][0];
+    let object = object(objects, kind, name);
+    let pod = if kind == "CronJob" {
+        &object["spec"]["jobTemplate"]["spec"]["template"]
+    } else {
+        &object["spec"]["template"]
+    };
+    let spec = &pod["spec"]["containers"][0];
     let config_maps: BTreeMap<String, &Value> = objects
         .iter()
         .filter(|object| object["kind"] == "ConfigMap")
@@ -160,7 +166,9 @@ async fn the_prod_overlay_runs_as_rendered_and_promotes() {
             container.env.insert("SLUICE_LISTEN".to_string(), format!("127.0.0.1:{}", free_port()));
         }
         // The Secret `sluice`'s keys.
-        container.env.insert("PG_PASSWORD".to_string(), String::new());
+        // (The local PostgreSQL trusts 127.0.0.1 and ignores it; it must still render into
+        // config.yaml, quotes and backslash included, and never be shown.)
+        container.env.insert("PG_PASSWORD".to_string(), format!("{SECRET}\"'\\x"));
         container.env.insert("SLUICE_STATE_URL".to_string(), sandbox.state_url());
         container
             .env
@@ -317,7 +325,16 @@ async fn the_prod_overlay_runs_as_rendered_and_promotes() {
         .map(|(_, _, value)| value)
         .sum();
     assert!(promoted >= 1.0, "{promoter_samples:?}");
-    assert!(sum(&promoter_samples, "sluice_ready") >= 1.0);
+    assert_eq!(sum(&promoter_samples, "sluice_ready"), 2.0, "both promoters ready");
+    // A JSON-logging role writes its results as log lines too: nothing on stdout.
+    assert_eq!(std::fs::read_to_string(apply_log.with_extension("stdout")).unwrap(), "");
+
+    // The janitor CronJob's command, as rendered, with config.yaml alone.
+    let janitor = local(container(&objects, "CronJob", "sluice-janitor"));
+    assert_eq!(janitor.argv, ["sluice", "janitor"]);
+    let janitor_log = folder.join("janitor.log");
+    let cleaned = start(&janitor, &janitor_log).wait_with_output().unwrap();
+    assert!(cleaned.status.success(), "{}", std::fs::read_to_string(&janitor_log).unwrap());
 
     roles.stop();
     // Every line every process wrote is JSON; a worker's task lines carry the task's ids; no

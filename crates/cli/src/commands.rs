@@ -179,35 +179,49 @@ async fn run_apply(
     };
     match outcome {
         ApplyOutcome::NothingToDo(reason) => {
-            println!("{reason}");
+            crate::console::result(&reason);
             Ok(ApplyExit::Success)
         }
         ApplyOutcome::Detached(run) => {
-            println!("run {run} continues without this process; `sluice status {plan_id}` follows it");
+            let _run = run_span(plan_id, &run);
+            crate::console::result(&format!(
+                "run {run} continues without this process; `sluice status {plan_id}` follows it"
+            ));
             Ok(ApplyExit::Success)
         }
         ApplyOutcome::Finished(run) => {
+            let _run = run_span(plan_id, &run.id);
             let seconds = run.finished_at.map_or(0, |end| end.0 - run.started_at.0);
-            println!(
+            crate::console::result(&format!(
                 "run {}: {} — {} tasks, {} intervals, {} retries, {seconds} s",
                 run.id, run.status, run.tasks_done, run.intervals_done, run.retries
-            );
+            ));
             match run.status {
                 RunStatus::Succeeded => Ok(ApplyExit::Success),
                 RunStatus::Aborted => {
-                    println!("the run was aborted; `sluice apply {}` resumes it", run.plan_id);
+                    crate::console::result(&format!("the run was aborted; `sluice apply {}` resumes it", run.plan_id));
                     Ok(ApplyExit::Aborted)
                 }
                 RunStatus::Failed | RunStatus::Running => {
                     if let Some(error) = &run.error {
                         crate::console::error(error);
                     }
-                    println!("finished intervals are kept; fix the cause and `sluice apply {}` resumes", run.plan_id);
+                    crate::console::result(&format!(
+                        "finished intervals are kept; fix the cause and `sluice apply {}` resumes",
+                        run.plan_id
+                    ));
                     Ok(ApplyExit::Failed)
                 }
             }
         }
     }
+}
+
+/// The span of a run's result lines (the coordinator's own lines are in one of the same name),
+/// so that JSON logs join them by run_id.
+fn run_span(plan_id: &PlanId, run_id: &sluice_state::RunId) -> tracing::span::EnteredSpan {
+    tracing::info_span!("run", plan_id = %plan_id, run_id = %run_id, trace_id = %sluice_core::trace::trace_id(run_id))
+        .entered()
 }
 
 /// Distributed mode runs roles in several processes: a DuckDB file, which one process owns,
@@ -408,9 +422,9 @@ pub async fn list_environments(common: &Common<'_>) -> Result<()> {
 
 pub async fn rollback(common: &Common<'_>, environment: &str) -> Result<()> {
     let environment = EnvironmentName::parse(environment).map_err(|message| anyhow!("environment: {message}"))?;
-    let context = open_context(common)?;
-    let state = state_of(common, Some(&context)).await?;
-    let restored = sluice_promoter::rollback(&state, warehouses(&context).as_ref(), &environment, now()).await?;
+    // What the environment showed is in the state store: config.yaml alone is read.
+    let (state, warehouses) = role_context(common).await?;
+    let restored = sluice_promoter::rollback(&state, warehouses.as_ref(), &environment, now()).await?;
     println!(
         "environment {environment} points at plan {} again",
         restored.map_or("none".to_string(), |id| id.to_string())
@@ -419,9 +433,10 @@ pub async fn rollback(common: &Common<'_>, environment: &str) -> Result<()> {
 }
 
 pub async fn janitor(common: &Common<'_>) -> Result<()> {
-    let context = open_context(common)?;
-    let state = state_of(common, Some(&context)).await?;
-    let report = sluice_promoter::janitor(&state, warehouses(&context).as_ref(), now()).await?;
+    // Everything it drops is named in the state store: config.yaml alone is read (the janitor
+    // CronJob mounts no model).
+    let (state, warehouses) = role_context(common).await?;
+    let report = sluice_promoter::janitor(&state, warehouses.as_ref(), now()).await?;
     println!(
         "janitor: {} expired environments removed, {} physical tables dropped",
         report.environments_removed, report.tables_dropped

@@ -32,3 +32,13 @@ pub fn error(text: &str) {
         eprintln!("error: {text}");
     }
 }
+
+/// A command's result line: stdout in the text format; in the JSON one a log event on stderr,
+/// so that a JSON-logging role's output is all JSON (`kubectl logs` interleaves both streams).
+pub fn result(text: &str) {
+    if json() {
+        tracing::info!(target: "sluice::console", "{text}");
+    } else {
+        println!("{text}");
+    }
+}

@@ -108,6 +108,8 @@ fn metered(gate: &Arc<RedisGate>) -> Arc<dyn sluice_queue::DependencyGate> {
 /// answer, and how long one may stay silent before the role is not ready.
 const CHECK_EVERY: Duration = Duration::from_secs(2);
 const SERVICE_GRACE: Duration = Duration::from_secs(6);
+/// How long a worker's warehouse ping may take before its connection is replaced.
+const WAREHOUSE_PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Registers the readiness checks every distributed role shares: the broker, the gate and the
 /// state store.
@@ -153,8 +155,13 @@ fn watch_warehouse(health: Option<&Health>, warehouses: &Arc<ProjectWarehouses>,
             if connection.is_none() {
                 *connection = Some(warehouses.connect(&gateway).await.map_err(|error| error.to_string())?);
             }
+            // Bounded here (below the check's own timeout) so that a connection that stopped
+            // answering is dropped and the next check opens a new one.
             let answer = match connection.as_mut() {
-                Some(warehouse) => warehouse.ping().await.map_err(|error| error.to_string()),
+                Some(warehouse) => match tokio::time::timeout(WAREHOUSE_PING_TIMEOUT, warehouse.ping()).await {
+                    Ok(answer) => answer.map_err(|error| error.to_string()),
+                    Err(_) => Err("no answer to a ping".to_string()),
+                },
                 None => Ok(()),
             };
             if answer.is_err() {

@@ -17,6 +17,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{DURATION_BUCKETS, READY, describe};
@@ -26,6 +27,9 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_string()), DURATION_BUCKETS)
         .map_err(|error| format!("metric buckets: {error}"))?
+        // A gauge nobody sets for ten minutes (an ended run's outstanding tasks) is dropped,
+        // so that the series of past runs do not pile up.
+        .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
         .install_recorder()
         .map_err(|error| format!("installing the metrics recorder: {error}"))?;
     describe();
@@ -47,6 +51,9 @@ struct Inner {
     last_tick: Mutex<Instant>,
     stop: CancellationToken,
 }
+
+/// How long a gauge may go unset before it leaves `/metrics`.
+const GAUGE_IDLE: Duration = Duration::from_secs(600);
 
 /// How often the liveness ticker turns, and how stale it may be before `/healthz` fails.
 const TICK: Duration = Duration::from_secs(1);

@@ -181,9 +181,9 @@ impl RabbitBroker {
         if self.shutdown.is_cancelled() {
             return Err(QueueError::Closed);
         }
-        if guard.is_some() {
+        let reconnecting = guard.is_some();
+        if reconnecting {
             warn!("the RabbitMQ connection was lost; connecting again");
-            metrics::counter!(sluice_ops::metrics::RECONNECTS, "service" => "rabbitmq").increment(1);
         }
         let where_to = redact_url(&self.config.url);
         // A broker that is starting accepts the TCP connection and never answers the handshake:
@@ -208,6 +208,9 @@ impl RabbitBroker {
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         declare_events(&link.plain, &self.config).await?;
         *guard = Some(Arc::clone(&link));
+        if reconnecting {
+            metrics::counter!(sluice_ops::metrics::RECONNECTS, "service" => "rabbitmq").increment(1);
+        }
         Ok(link)
     }
 

@@ -166,10 +166,6 @@ impl RedisGate {
     }
 
     fn error(&self, action: &str, error: &RedisError) -> QueueError {
-        // The connection manager opens a new connection after a dropped one.
-        if error.is_connection_dropped() {
-            metrics::counter!(sluice_ops::metrics::RECONNECTS, "service" => "redis").increment(1);
-        }
         backend_error(&self.secrets, action, error)
     }
 }
