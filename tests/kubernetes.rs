@@ -113,6 +113,15 @@ fn sum(samples: &[(String, BTreeMap<String, String>, f64)], name: &str) -> f64 {
     samples.iter().filter(|(sample, _, _)| sample == name).map(|(_, _, value)| value).sum()
 }
 
+/// The sum of a metric's samples whose label has the value.
+fn sum_labelled(samples: &[(String, BTreeMap<String, String>, f64)], name: &str, label: (&str, &str)) -> f64 {
+    samples
+        .iter()
+        .filter(|(sample, labels, _)| sample == name && labels.get(label.0).map(String::as_str) == Some(label.1))
+        .map(|(_, _, value)| value)
+        .sum()
+}
+
 /// Every stderr line of a role parsed as JSON.
 fn json_lines(log: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(log)
@@ -305,25 +314,13 @@ async fn the_prod_overlay_runs_as_rendered_and_promotes() {
     assert!(sum(&worker_samples, "sluice_task_duration_seconds_count") >= 1.0);
     assert!(sum(&worker_samples, "sluice_warehouse_statement_duration_seconds_count") >= tasks);
     assert_eq!(sum(&worker_samples, "sluice_tasks_failed_total"), 0.0);
-    let completions: f64 = worker_samples
-        .iter()
-        .filter(|(name, labels, _)| {
-            name == "sluice_gate_operations_total" && labels.get("operation").map(String::as_str) == Some("complete")
-        })
-        .map(|(_, _, value)| value)
-        .sum();
+    let completions = sum_labelled(&worker_samples, "sluice_gate_operations_total", ("operation", "complete"));
     assert_eq!(completions, tasks, "one gate completion per task");
     let mut promoter_samples = Vec::new();
     for port in &ports[..2] {
         promoter_samples.extend(parse_metrics(&get(*port, "/metrics").unwrap().1));
     }
-    let promoted: f64 = promoter_samples
-        .iter()
-        .filter(|(name, labels, _)| {
-            name == "sluice_runs_total" && labels.get("outcome").map(String::as_str) == Some("promoted")
-        })
-        .map(|(_, _, value)| value)
-        .sum();
+    let promoted = sum_labelled(&promoter_samples, "sluice_runs_total", ("outcome", "promoted"));
     assert!(promoted >= 1.0, "{promoter_samples:?}");
     assert_eq!(sum(&promoter_samples, "sluice_ready"), 2.0, "both promoters ready");
     // A JSON-logging role writes its results as log lines too: nothing on stdout.

@@ -91,6 +91,27 @@ impl Services {
         Ok(Arc::new(broker))
     }
 
+    /// A role's broker (with `prefetch`) and gate, its readiness checks registered on `health`
+    /// (with a worker's warehouse: gateway and grace) and the role then marked started.
+    async fn connect_role(
+        &self,
+        prefetch: usize,
+        health: Option<&Health>,
+        state: &Arc<dyn StateStore>,
+        warehouse: Option<(&Arc<ProjectWarehouses>, &str, Duration)>,
+    ) -> Result<(Arc<RabbitBroker>, Arc<RedisGate>)> {
+        let broker = self.broker(prefetch).await?;
+        let gate = self.gate().await?;
+        if let Some(health) = health {
+            watch_services(health, &broker, &gate, state);
+            if let Some((warehouses, gateway, grace)) = warehouse {
+                watch_warehouse(health, warehouses, gateway, grace);
+            }
+            health.started();
+        }
+        Ok((broker, gate))
+    }
+
     async fn gate(&self) -> Result<Arc<RedisGate>> {
         let gate = RedisGate::connect(&self.redis_url, &self.prefix, COUNTER_TTL)
             .await
@@ -113,13 +134,7 @@ const WAREHOUSE_PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Registers the readiness checks every distributed role shares: the broker, the gate and the
 /// state store.
-fn watch_services(
-    health: Option<&Health>,
-    broker: &Arc<RabbitBroker>,
-    gate: &Arc<RedisGate>,
-    state: &Arc<dyn StateStore>,
-) {
-    let Some(health) = health else { return };
+fn watch_services(health: &Health, broker: &Arc<RabbitBroker>, gate: &Arc<RedisGate>, state: &Arc<dyn StateStore>) {
     let broker = Arc::clone(broker);
     health.watch("rabbitmq", CHECK_EVERY, SERVICE_GRACE, move || {
         let broker = Arc::clone(&broker);
@@ -143,9 +158,8 @@ pub fn watch_state(health: &Health, state: &Arc<dyn StateStore>) {
 }
 
 /// A worker's warehouse check: one connection kept for it, reopened after a failure.
-fn watch_warehouse(health: Option<&Health>, warehouses: &Arc<ProjectWarehouses>, gateway: &str, grace: Duration) {
+fn watch_warehouse(health: &Health, warehouses: &Arc<ProjectWarehouses>, gateway: &str, grace: Duration) {
     use sluice_engine::WarehouseFactory;
-    let Some(health) = health else { return };
     let connection: Arc<tokio::sync::Mutex<Option<Box<dyn sluice_engine::Warehouse>>>> = Arc::default();
     let (warehouses, gateway) = (Arc::clone(warehouses), gateway.to_string());
     health.watch("warehouse", CHECK_EVERY, grace, move || {
@@ -202,12 +216,7 @@ pub async fn apply(
     warehouses: Arc<ProjectWarehouses>,
     plan_id: &PlanId,
 ) -> Result<ApplyOutcome> {
-    let broker = services.broker(1).await?;
-    let gate = services.gate().await?;
-    watch_services(settings.health.as_ref(), &broker, &gate, &state);
-    if let Some(health) = &settings.health {
-        health.started();
-    }
+    let (broker, gate) = services.connect_role(1, settings.health.as_ref(), &state, None).await?;
     let deps = CoordinatorDeps {
         state,
         queue: Arc::clone(&broker) as _,
@@ -258,13 +267,8 @@ pub async fn worker(
     }
     let stop = stop_signal()?;
     // Twice the slots: a slot takes its next task while its last one is being settled (acked).
-    let broker = services.broker(concurrency * 2).await?;
-    let gate = services.gate().await?;
-    watch_services(settings.health.as_ref(), &broker, &gate, &state);
-    watch_warehouse(settings.health.as_ref(), &warehouses, gateway, settings.warehouse_grace);
-    if let Some(health) = &settings.health {
-        health.started();
-    }
+    let warehouse = Some((&warehouses, gateway, settings.warehouse_grace));
+    let (broker, gate) = services.connect_role(concurrency * 2, settings.health.as_ref(), &state, warehouse).await?;
     let deps = WorkerDeps {
         state,
         queue: Arc::clone(&broker) as _,
@@ -293,12 +297,7 @@ pub async fn promoter(
     health: Option<Health>,
 ) -> Result<()> {
     let stop = stop_signal()?;
-    let broker = services.broker(1).await?;
-    let gate = services.gate().await?;
-    watch_services(health.as_ref(), &broker, &gate, &state);
-    if let Some(health) = &health {
-        health.started();
-    }
+    let (broker, gate) = services.connect_role(1, health.as_ref(), &state, None).await?;
     let coordinator = CoordinatorDeps {
         state: Arc::clone(&state),
         queue: Arc::clone(&broker) as _,
