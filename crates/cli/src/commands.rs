@@ -109,12 +109,23 @@ pub async fn plan(common: &Common<'_>, options: &PlanOptions<'_>) -> Result<Appl
         println!("\nNothing to do: environment {environment} already matches the project.");
         return Ok(ApplyExit::Success);
     }
-    state.put_plan(&plan).await?;
+    confirm_and_apply(common, &context, state, &plan, options.auto_apply).await
+}
+
+/// Stores a plan and, once confirmed (or with `--auto-apply`), applies it.
+async fn confirm_and_apply(
+    common: &Common<'_>,
+    context: &ProjectContext,
+    state: Arc<dyn StateStore>,
+    plan: &Plan,
+    auto_apply: bool,
+) -> Result<ApplyExit> {
+    state.put_plan(plan).await?;
     println!("\nStored as plan {}; apply it later with `sluice apply {}`.", plan.id, plan.id);
     if !plan.uncategorized().is_empty() {
         return Ok(ApplyExit::Success);
     }
-    let confirmed = if options.auto_apply {
+    let confirmed = if auto_apply {
         true
     } else if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
         print!("Apply? [y/N] ");
@@ -128,7 +139,50 @@ pub async fn plan(common: &Common<'_>, options: &PlanOptions<'_>) -> Result<Appl
     if !confirmed {
         return Ok(ApplyExit::Success);
     }
-    run_apply(common, warehouses(&context), state, &plan.id, false).await
+    run_apply(common, warehouses(context), state, &plan.id, false).await
+}
+
+pub struct RestateOptions<'a> {
+    pub environment: &'a str,
+    /// `--restate-model`: names, globs, `tag:NAME`.
+    pub selectors: &'a [String],
+    pub start: Option<Timestamp>,
+    /// Exclusive (a date-only `--end` includes its day).
+    pub end: Option<Timestamp>,
+    pub now: Timestamp,
+    pub explain: bool,
+    pub auto_apply: bool,
+}
+
+/// `sluice plan ENV --restate-model M`: the environment's models as they are, the selected ones
+/// and their descendants run again over the restated time; stored and applied like any plan.
+pub async fn restate(common: &Common<'_>, options: &RestateOptions<'_>) -> Result<ApplyExit> {
+    let environment =
+        EnvironmentName::parse(options.environment).map_err(|message| anyhow!("environment: {message}"))?;
+    let context = open_context(common)?;
+    let state = state_of(common, Some(&context)).await?;
+    let current = state.get_environment(&environment).await?.map(|record| record.state);
+    let restatement = sluice_coordinator::restatement_plan_against_state(
+        state.as_ref(),
+        &context.project.config,
+        &environment,
+        options.now,
+        options.selectors,
+        options.start,
+        options.end,
+    )
+    .await?;
+    for warning in &restatement.warnings {
+        crate::console::say(&format!("warning: {warning}"));
+    }
+    let plan = restatement.plan;
+    let graph = options.explain.then(|| TaskGraph::build(&plan));
+    print!("{}", format_plan(&plan, current.as_ref(), graph.as_ref()));
+    if plan.restatements.is_empty() {
+        println!("\nNothing to restate in environment {environment}.");
+        return Ok(ApplyExit::Success);
+    }
+    confirm_and_apply(common, &context, state, &plan, options.auto_apply).await
 }
 
 /// `sluice run ENV`: the environment's models as they are, every interval their crons have

@@ -13,7 +13,7 @@ mod project_files;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use sluice_core::interval::{Interval, Timestamp};
 use sluice_core::names::ModelName;
@@ -89,6 +89,11 @@ enum Command {
         /// showing what it showed of them.
         #[arg(long, env = "SLUICE_SKIP_UNSUPPORTED")]
         skip_unsupported: bool,
+        /// Run these models of the environment again, with every model downstream of them, over
+        /// `--start`/`--end` (default: all their history). A name, a glob (`sales.*`) or
+        /// `tag:NAME`; repeatable. Local changes play no part in a restatement plan.
+        #[arg(long = "restate-model", value_name = "SELECTOR", env = "SLUICE_RESTATE_MODEL", value_delimiter = ',')]
+        restate_model: Vec<String>,
     },
     /// Run an environment's models as they are: every interval whose cron has elapsed since it
     /// was last run, through the same tasks (and, with an AMQP URL, the same queues) as a plan.
@@ -345,7 +350,29 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Run { environment, now } => {
             commands::run(&common, environment, now_or(now.as_deref())?).await.map(exit)
         }
-        Command::Plan { environment, explain, forward_only, now, auto_apply, start, end, skip_unsupported } => {
+        Command::Plan { environment, explain, now, auto_apply, start, end, restate_model, forward_only, .. }
+            if !restate_model.is_empty() =>
+        {
+            if *forward_only {
+                bail!(
+                    "--forward-only categorizes changes; a restatement plan (--restate-model) runs the environment's models as they are"
+                );
+            }
+            let parse = |flag: &str, text: &Option<String>, read: fn(&str) -> Result<Timestamp, _>| {
+                text.as_deref().map(|text| read(text).map_err(|error| anyhow!("{flag}: {error}"))).transpose()
+            };
+            let options = commands::RestateOptions {
+                environment,
+                selectors: restate_model,
+                start: parse("--start", start, Timestamp::parse)?,
+                end: parse("--end", end, Timestamp::parse_end)?,
+                now: now_or(now.as_deref())?,
+                explain: *explain,
+                auto_apply: *auto_apply,
+            };
+            commands::restate(&common, &options).await.map(exit)
+        }
+        Command::Plan { environment, explain, forward_only, now, auto_apply, start, end, skip_unsupported, .. } => {
             let now = now_or(now.as_deref())?;
             let target = sluice_core::names::EnvironmentName::parse(environment)
                 .map_err(|message| anyhow!("environment: {message}"))?;

@@ -24,8 +24,12 @@ use async_trait::async_trait;
 use sluice_core::config::Config;
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, PlanId, RunId, TaskId};
-use sluice_core::plan::{BackfillWindow, Change, Plan, PlanContext, build_plan, build_run_plan, plan_base};
+use sluice_core::plan::{
+    BackfillWindow, Change, Plan, PlanContext, RestatementPlan, RestatementRequest, build_plan, build_restatement_plan,
+    build_run_plan, plan_base,
+};
 use sluice_core::project::Project;
+use sluice_core::selector::{Selectable, select};
 use sluice_core::snapshot::fingerprint_project;
 use sluice_core::task_graph::{TaskGraph, finished_tasks, task_tables};
 use sluice_queue::{DependencyGate, EventBus, QueueError, RunEvent, TaskMessage, TaskQueue};
@@ -217,6 +221,39 @@ pub async fn run_plan_against_state(
     let recorded = state.get_intervals(&keys).await?;
     build_run_plan(&current.state, &recorded, now, config.environment_ttl_seconds, config.notification_webhook.clone())
         .map_err(|reason| StateError::Invalid { reason })
+}
+
+/// The plan of `plan --restate-model` for `environment` at `now` (`build_restatement_plan`): the
+/// models the selectors pick in the environment (names, globs, `tag:`), restated with their
+/// descendants over `[start, end)`. The plan is not stored.
+pub async fn restatement_plan_against_state(
+    state: &dyn StateStore,
+    config: &Config,
+    environment: &EnvironmentName,
+    now: Timestamp,
+    selectors: &[String],
+    start: Option<Timestamp>,
+    end: Option<Timestamp>,
+) -> Result<RestatementPlan, StateError> {
+    let Some(current) = state.get_environment(environment).await? else {
+        return Err(StateError::NotFound {
+            what: format!("environment {environment}: plan and apply it before restating its models"),
+        });
+    };
+    let prod = if environment.is_prod() { None } else { state.get_environment(&EnvironmentName::prod()).await? };
+    let selectable =
+        current.state.snapshots.iter().map(|snapshot| Selectable { name: &snapshot.name, tags: &snapshot.tags });
+    let selected = select(selectable, selectors).map_err(|reason| StateError::Invalid { reason })?;
+    let keys: Vec<_> =
+        current.state.snapshots.iter().map(|snapshot| (snapshot.name.clone(), snapshot.version.clone())).collect();
+    let recorded = state.get_intervals(&keys).await?;
+    let request = RestatementRequest { selected, start, end };
+    let mut restatement =
+        build_restatement_plan(&current.state, prod.as_ref().map(|record| &record.state), &recorded, now, &request)
+            .map_err(|reason| StateError::Invalid { reason })?;
+    restatement.plan.environment_ttl_seconds = (!environment.is_prod()).then_some(config.environment_ttl_seconds);
+    restatement.plan.notification_webhook = config.notification_webhook.clone();
+    Ok(restatement)
 }
 
 /// Validation before any work: returns the plan, or why it must not (or need not) be applied.

@@ -436,6 +436,28 @@ impl IntervalSet {
         self.ranges.drain(first_touching + 1..past_last_touching);
     }
 
+    /// Takes `interval` out of the set: ranges it covers go, ranges it cuts keep what lies
+    /// outside it. Empty intervals remove nothing.
+    pub fn remove(&mut self, interval: Interval) {
+        if interval.is_empty() {
+            return;
+        }
+        // The ranges that overlap the interval (touching is not overlapping for half-open ranges).
+        let first = self.ranges.partition_point(|range| range.end <= interval.start);
+        let past_last = self.ranges.partition_point(|range| range.start < interval.end);
+        if first >= past_last {
+            return;
+        }
+        let mut kept = Vec::with_capacity(2);
+        if self.ranges[first].start < interval.start {
+            kept.push(Interval { start: self.ranges[first].start, end: interval.start });
+        }
+        if self.ranges[past_last - 1].end > interval.end {
+            kept.push(Interval { start: interval.end, end: self.ranges[past_last - 1].end });
+        }
+        self.ranges.splice(first..past_last, kept);
+    }
+
     /// Whether every instant of `interval` is in the set (always true for an empty interval).
     pub fn covers(&self, interval: Interval) -> bool {
         if interval.is_empty() {
@@ -705,6 +727,38 @@ mod tests {
 
     fn interval(start: i64, end: i64) -> Interval {
         Interval::new(Timestamp(start), Timestamp(end))
+    }
+
+    #[test]
+    fn removing_cuts_and_drops_ranges() {
+        let mut set = IntervalSet::from_intervals([interval(0, 10), interval(20, 30), interval(40, 50)]);
+        set.remove(interval(5, 25));
+        assert_eq!(set.ranges(), &[interval(0, 5), interval(25, 30), interval(40, 50)]);
+        set.remove(interval(30, 40));
+        assert_eq!(set.ranges(), &[interval(0, 5), interval(25, 30), interval(40, 50)]);
+        set.remove(interval(42, 44));
+        assert_eq!(set.ranges(), &[interval(0, 5), interval(25, 30), interval(40, 42), interval(44, 50)]);
+        set.remove(interval(-1, 100));
+        assert!(set.is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn removing_leaves_exactly_the_instants_outside(
+            ranges in proptest::collection::vec((0_i64..60, 1_i64..10), 0..8),
+            cut in (0_i64..70, 0_i64..20),
+        ) {
+            let mut set = IntervalSet::from_intervals(ranges.iter().map(|(start, length)| interval(*start, start + length)));
+            let before = set.clone();
+            let cut = Interval { start: Timestamp(cut.0), end: Timestamp(cut.0 + cut.1) };
+            set.remove(cut);
+            for instant in -1..80 {
+                let unit = interval(instant, instant + 1);
+                let expected = before.covers(unit) && !(cut.start.0 <= instant && instant < cut.end.0);
+                prop_assert_eq!(set.covers(unit), expected, "instant {}", instant);
+            }
+            prop_assert_eq!(&IntervalSet::from_intervals(set.ranges().to_vec()), &set);
+        }
     }
 
     #[test]

@@ -72,6 +72,12 @@ impl ModelKind {
     }
 
     /// Whether the model's snapshot has a physical table (or view) of its own.
+    /// Whether the kind adds to its table interval by interval (what a restated parent passes on
+    /// to its children).
+    pub fn is_incremental(&self) -> bool {
+        matches!(self, ModelKind::IncrementalByTimeRange { .. } | ModelKind::IncrementalByUniqueKey { .. })
+    }
+
     pub fn is_materialized(&self) -> bool {
         !matches!(self, ModelKind::Embedded)
     }

@@ -158,6 +158,16 @@ pub enum ViewChange {
     Drop { name: ModelName },
 }
 
+/// Recorded intervals of one physical table that a restatement plan forgets when its first run
+/// begins (in the run's own state transaction), so that its tasks run them again. Resuming the
+/// plan forgets nothing more: what its earlier runs wrote again stays recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restatement {
+    pub name: ModelName,
+    pub version: Version,
+    pub interval: Interval,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     pub id: PlanId,
@@ -179,6 +189,9 @@ pub struct Plan {
     /// The development environment's backfill window (unbounded: every missing interval).
     #[serde(default)]
     pub window: BackfillWindow,
+    /// `plan --restate-model`: the intervals to forget before running them again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restatements: Vec<Restatement>,
 }
 
 impl Plan {
@@ -348,7 +361,6 @@ fn categorize(model: &Model, new: &Fingerprint, old: &Snapshot, forward_only: bo
     }
 }
 
-/// Computes the plan of `project` against the environment in `context`.
 /// The plan of `sluice run`: the environment's own snapshots, unchanged, with every interval
 /// their crons have completed since they were last run (up to `now`) as tasks — a plan like any
 /// other, so it is stored, applied, resumed and promoted (moving no view) the same way.
@@ -360,7 +372,153 @@ pub fn build_run_plan(
     environment_ttl_seconds: i64,
     notification_webhook: Option<String>,
 ) -> Result<Plan, String> {
-    // Parents before children: the stored snapshots name their parents by id.
+    let backfill = |snapshot: &Snapshot, cron: &Cron| {
+        let recorded = recorded_intervals.get(&(snapshot.name.clone(), snapshot.version.clone()));
+        compute_backfill(snapshot, cron, snapshot.start, recorded, now, BackfillWindow::default())
+    };
+    let mut plan = environment_plan(state, now, backfill)?;
+    plan.environment_ttl_seconds = (!state.name.is_prod()).then_some(environment_ttl_seconds);
+    plan.notification_webhook = notification_webhook;
+    Ok(plan)
+}
+
+/// `plan --restate-model`: which models, and the time to restate (`--start`, `--end`, as parsed).
+#[derive(Clone, Debug, Default)]
+pub struct RestatementRequest {
+    /// The selected models; their descendants are restated with them.
+    pub selected: BTreeSet<ModelName>,
+    pub start: Option<Timestamp>,
+    /// Exclusive (a date-only `--end` includes its day).
+    pub end: Option<Timestamp>,
+}
+
+/// A restatement plan and what it had to leave out, to be shown to the user.
+#[derive(Clone, Debug)]
+pub struct RestatementPlan {
+    pub plan: Plan,
+    pub warnings: Vec<String>,
+}
+
+/// The plan of `plan --restate-model`: the environment's own snapshots, as they are (local
+/// changes play no part, as in SQLMesh), with the selected models and every model downstream of
+/// them run again over the restated time. SQLMesh's rules: the time is `[start, end)` widened to
+/// whole cron intervals, from the earliest start (or recorded interval) of the environment to
+/// `now` unless given; a model that can only be rebuilt whole (FULL, INCREMENTAL_BY_UNIQUE_KEY)
+/// restates its whole recorded history up to `now`, and a self-referencing one up to `now`; a
+/// child restates at least what its incremental parents restate; SEED models are not restated;
+/// in a development environment, a model whose version prod uses is left out with a warning
+/// (restate it in prod). The forgotten intervals travel in the plan (`Plan::restatements`).
+pub fn build_restatement_plan(
+    state: &EnvironmentState,
+    prod: Option<&EnvironmentState>,
+    recorded_intervals: &BTreeMap<(ModelName, Version), IntervalSet>,
+    now: Timestamp,
+    request: &RestatementRequest,
+) -> Result<RestatementPlan, String> {
+    let order = parents_first(state);
+    let empty = IntervalSet::new();
+    let recorded_of = |snapshot: &Snapshot| {
+        recorded_intervals.get(&(snapshot.name.clone(), snapshot.version.clone())).unwrap_or(&empty)
+    };
+    let earliest = state
+        .snapshots
+        .iter()
+        .map(|snapshot| snapshot.start)
+        .chain(state.snapshots.iter().filter_map(|snapshot| recorded_of(snapshot).ranges().first().map(|r| r.start)))
+        .min()
+        .unwrap_or(now);
+    let start = request.start.unwrap_or(earliest);
+    let end = request.end.unwrap_or(now);
+    if start >= end {
+        return Err(format!("the restatement's start {start} is not before its end {end}"));
+    }
+    let prod_versions: BTreeMap<&ModelName, &Version> =
+        prod.map(|prod| prod.snapshots.iter().map(|s| (&s.name, &s.version)).collect()).unwrap_or_default();
+    let mut warnings = Vec::new();
+    let mut restated: BTreeMap<&SnapshotId, Interval> = BTreeMap::new();
+    let by_id: BTreeMap<&SnapshotId, &Snapshot> = state.snapshots.iter().map(|s| (&s.id, s)).collect();
+    for index in order {
+        let snapshot = &state.snapshots[index];
+        let restating_parents: Vec<&SnapshotId> =
+            snapshot.parents.iter().filter(|parent| restated.contains_key(parent)).collect();
+        if restating_parents.is_empty() && !request.selected.contains(&snapshot.name) {
+            continue;
+        }
+        if !state.name.is_prod() && prod_versions.get(&snapshot.name) == Some(&&snapshot.version) {
+            warnings
+                .push(format!("{} is not restated: prod uses its version; restate it in prod instead", snapshot.name));
+            continue;
+        }
+        if matches!(snapshot.kind, ModelKind::Seed { .. }) {
+            continue;
+        }
+        let cron = Cron::parse(&snapshot.cron).map_err(|error| format!("{}: stored cron: {error}", snapshot.name))?;
+        // A model that can only be rebuilt whole, or reads itself, depends on everything before:
+        // it restates up to `now`, and the whole one from its first recorded interval.
+        let whole_history =
+            matches!(snapshot.kind, ModelKind::Full | ModelKind::View | ModelKind::IncrementalByUniqueKey { .. });
+        let mut low = cron.tick_at_or_before(start);
+        let mut high = cron.tick_at_or_after(if snapshot.self_referencing || whole_history { now } else { end });
+        if whole_history && let Some(first) = recorded_of(snapshot).ranges().first() {
+            low = cron.tick_at_or_before(first.start);
+        }
+        for parent in restating_parents {
+            if by_id.get(parent).is_some_and(|parent| parent.kind.is_incremental()) {
+                low = low.min(cron.tick_at_or_before(restated[parent].start));
+                high = high.max(cron.tick_at_or_after(restated[parent].end));
+            }
+        }
+        restated.insert(&snapshot.id, Interval::new(low, high));
+    }
+    let restatements: Vec<Restatement> = state
+        .snapshots
+        .iter()
+        .filter(|snapshot| snapshot.kind.is_materialized() && !matches!(snapshot.kind, ModelKind::View))
+        .filter_map(|snapshot| {
+            let interval = *restated.get(&snapshot.id)?;
+            Some(Restatement { name: snapshot.name.clone(), version: snapshot.version.clone(), interval })
+        })
+        .collect();
+    let remaining: BTreeMap<&SnapshotId, IntervalSet> = restatements
+        .iter()
+        .filter_map(|restatement| {
+            let snapshot = state.snapshots.iter().find(|s| s.name == restatement.name)?;
+            let mut set = recorded_of(snapshot).clone();
+            set.remove(restatement.interval);
+            Some((&snapshot.id, set))
+        })
+        .collect();
+    let backfill = |snapshot: &Snapshot, cron: &Cron| {
+        let nothing = Backfill { missing_ranges: Vec::new(), missing_interval_count: 0, batches: Vec::new() };
+        let Some(recorded) = remaining.get(&snapshot.id) else { return nothing };
+        // A FULL model is rebuilt whole once anything is missing; an incremental one runs the
+        // restated intervals again.
+        let window = match snapshot.kind {
+            ModelKind::Full => BackfillWindow::default(),
+            _ => {
+                let interval = restated[&snapshot.id];
+                BackfillWindow { start: Some(interval.start), end: Some(interval.end) }
+            }
+        };
+        compute_backfill(snapshot, cron, snapshot.start, Some(recorded), now, window)
+    };
+    let mut plan = environment_plan(state, now, backfill)?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(plan.id.0.as_bytes());
+    for restatement in &restatements {
+        hasher.update(restatement.name.to_string().as_bytes());
+        hasher.update(&restatement.interval.start.0.to_le_bytes());
+        hasher.update(&restatement.interval.end.0.to_le_bytes());
+    }
+    plan.id = PlanId(short_hash(&hasher.finalize(), 6));
+    plan.restatements = restatements;
+    Ok(RestatementPlan { plan, warnings })
+}
+
+/// The environment's snapshots, parents before children (the stored snapshots name their
+/// parents by id; a parent outside the environment, such as prod's table read by a development
+/// environment, is already built).
+fn parents_first(state: &EnvironmentState) -> Vec<usize> {
     let index_by_id: BTreeMap<&SnapshotId, usize> =
         state.snapshots.iter().enumerate().map(|(index, snapshot)| (&snapshot.id, index)).collect();
     let mut order: Vec<usize> = Vec::with_capacity(state.snapshots.len());
@@ -389,13 +547,25 @@ pub fn build_run_plan(
     for index in 0..state.snapshots.len() {
         place(index, state, &index_by_id, &mut placed, &mut order, 0);
     }
+    order
+}
+
+/// A plan of the environment's own snapshots, unchanged, each with the tasks `backfill` gives
+/// it: what `run` and restatements share. Its id derives from the environment, its current plan
+/// and `now`; the caller sets what the project's config decides.
+fn environment_plan(
+    state: &EnvironmentState,
+    now: Timestamp,
+    mut backfill: impl FnMut(&Snapshot, &Cron) -> Backfill,
+) -> Result<Plan, String> {
+    let index_by_id: BTreeMap<&SnapshotId, usize> =
+        state.snapshots.iter().enumerate().map(|(index, snapshot)| (&snapshot.id, index)).collect();
     let mut position: BTreeMap<&SnapshotId, usize> = BTreeMap::new();
-    let mut planned: Vec<PlannedSnapshot> = Vec::with_capacity(order.len());
-    for index in order {
+    let mut planned: Vec<PlannedSnapshot> = Vec::with_capacity(state.snapshots.len());
+    for index in parents_first(state) {
         let snapshot = &state.snapshots[index];
         let cron = Cron::parse(&snapshot.cron).map_err(|error| format!("{}: stored cron: {error}", snapshot.name))?;
-        let recorded = recorded_intervals.get(&(snapshot.name.clone(), snapshot.version.clone()));
-        let backfill = compute_backfill(snapshot, &cron, snapshot.start, recorded, now, BackfillWindow::default());
+        let backfill = backfill(snapshot, &cron);
         // The materialized snapshots this one waits for: parents, through EMBEDDED ones.
         let mut materialized = BTreeSet::new();
         let mut pending: Vec<&SnapshotId> = snapshot.parents.iter().collect();
@@ -435,9 +605,10 @@ pub fn build_run_plan(
         snapshots: planned,
         removed: Vec::new(),
         environment_exists: true,
-        environment_ttl_seconds: (!state.name.is_prod()).then_some(environment_ttl_seconds),
-        notification_webhook,
+        environment_ttl_seconds: None,
+        notification_webhook: None,
         window: BackfillWindow::default(),
+        restatements: Vec::new(),
     })
 }
 
@@ -499,6 +670,7 @@ pub fn effective_starts(project: &Project, now: Timestamp) -> BTreeMap<ModelName
     starts
 }
 
+/// Computes the plan of `project` against the environment in `context`.
 pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
     let fingerprints = fingerprint_project(project);
     let starts = effective_starts(project, context.now);
@@ -748,5 +920,6 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
         environment_ttl_seconds: (!context.environment.is_prod()).then_some(project.config.environment_ttl_seconds),
         notification_webhook: project.config.notification_webhook.clone(),
         window: context.window,
+        restatements: Vec::new(),
     }
 }

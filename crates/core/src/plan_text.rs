@@ -37,6 +37,12 @@ pub fn format_plan(plan: &Plan, current: Option<&EnvironmentState>, graph: Optio
         let end = plan.window.end.map_or("the plan's time".to_string(), |end| end.to_string());
         let _ = writeln!(out, "Backfill window: from {start} to {end} (exclusive).");
     }
+    if !plan.restatements.is_empty() {
+        let _ = writeln!(out, "Restating (recorded intervals forgotten when the plan first runs, then run again):");
+        for restatement in &plan.restatements {
+            let _ = writeln!(out, "  {}: {}", restatement.name, range(restatement.interval));
+        }
+    }
 
     let _ = writeln!(out, "\nModels:");
     let mut unchanged = 0;

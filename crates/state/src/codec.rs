@@ -428,6 +428,47 @@ pub(crate) fn plan_interval_rewrite(writes: &[IntervalWrite], stored: Vec<Interv
     rewrite
 }
 
+/// The intervals a restatement plan forgets (`Plan::restatements`), grouped like a record batch.
+pub(crate) fn restated_interval_writes(plan: &Plan) -> Result<Vec<IntervalWrite>, StateError> {
+    let records: Vec<IntervalRecord> = plan
+        .restatements
+        .iter()
+        .map(|restatement| IntervalRecord {
+            name: restatement.name.clone(),
+            version: restatement.version.clone(),
+            interval: restatement.interval,
+        })
+        .collect();
+    group_interval_records(&records)
+}
+
+/// What to write to forget intervals: every stored row that a removed range overlaps is deleted,
+/// and what it holds outside the removed ranges is inserted again. Rows that only touch a removed
+/// range stay as they are.
+pub(crate) fn plan_interval_removal(removals: &[IntervalWrite], stored: Vec<IntervalRow>) -> IntervalRewrite {
+    let mut rewrite = IntervalRewrite::default();
+    for row in stored {
+        let Some(removal) = usize::try_from(row.write_index).ok().and_then(|index| removals.get(index)) else {
+            continue;
+        };
+        let whole = Interval { start: Timestamp(row.start_ts), end: Timestamp(row.end_ts) };
+        let mut kept = IntervalSet::from_intervals([whole]);
+        for range in removal.new.ranges() {
+            kept.remove(*range);
+        }
+        if kept.ranges() == [whole] {
+            continue;
+        }
+        rewrite.delete_ids.push(row.id);
+        for range in kept.ranges() {
+            rewrite.insert.push((removal.name.clone(), removal.version.clone(), range.start.0, range.end.0));
+        }
+    }
+    rewrite.delete_ids.sort_unstable();
+    rewrite.delete_ids.dedup();
+    rewrite
+}
+
 /// Folds stored interval rows into one set per requested key (empty when nothing is recorded).
 pub(crate) fn interval_sets_from_rows(
     keys: &[IntervalKey],

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use sluice_core::interval::{Interval, IntervalSet, Timestamp};
 use sluice_core::model::ModelKind;
 use sluice_core::names::{EnvironmentName, ModelName, PlanId, SnapshotId, TaskId, Version};
-use sluice_core::plan::{Change, EnvironmentState, Plan, PlannedSnapshot};
+use sluice_core::plan::{Change, EnvironmentState, Plan, PlannedSnapshot, Restatement};
 use sluice_core::snapshot::{Fingerprint, Snapshot};
 
 use crate::{
@@ -226,6 +226,7 @@ conformance_tests!(
     held_lease_names_its_holder,
     expired_lease_is_taken_over,
     same_plan_takes_over_its_own_lease,
+    a_restatement_forgets_its_intervals_on_its_first_run_only,
     concurrent_begin_runs_exactly_one_wins,
     lease_renew_and_release,
     intervals_are_compacted,
@@ -353,6 +354,7 @@ fn plan(id: &str, environment: &str, previous: Option<&str>, created_at: i64, sn
         environment_ttl_seconds: None,
         notification_webhook: None,
         window: Default::default(),
+        restatements: Vec::new(),
     }
 }
 
@@ -698,6 +700,36 @@ async fn same_plan_takes_over_its_own_lease(backend: Backend) {
     assert_eq!(statuses, vec![(run_id("pa-1"), RunStatus::Aborted), (run_id("pa-2"), RunStatus::Running)]);
     let running: Vec<RunId> = store.running_runs().await.unwrap().into_iter().map(|run| run.id).collect();
     assert_eq!(running, vec![run_id("pa-2")]);
+}
+
+async fn a_restatement_forgets_its_intervals_on_its_first_run_only(backend: Backend) {
+    let store = &*backend.store;
+    let orders = snapshot("sushi.orders", "aaaa");
+    let items = snapshot("sushi.items", "bbbb");
+    let key = |snapshot: &Snapshot| (snapshot.name.clone(), snapshot.version.clone());
+    let record = |snapshot: &Snapshot, start, end| IntervalRecord {
+        name: snapshot.name.clone(),
+        version: snapshot.version.clone(),
+        interval: interval(start, end),
+    };
+    // Two rows for orders (as concurrent writers may leave them), one for items.
+    store.record_intervals(&[record(&orders, 0, 10)]).await.unwrap();
+    store.record_intervals(&[record(&orders, 10, 24), record(&items, 0, 24)]).await.unwrap();
+    let mut restating = plan("pr", "prod", None, 1, &[orders.clone(), items.clone()]);
+    restating.restatements = vec![
+        Restatement { name: orders.name.clone(), version: orders.version.clone(), interval: interval(5, 12) },
+        Restatement { name: items.name.clone(), version: items.version.clone(), interval: interval(20, 30) },
+    ];
+    begin(store, &restating, "pr-1", 1_000).await.unwrap();
+    let recorded = store.get_intervals(&[key(&orders), key(&items)]).await.unwrap();
+    assert_eq!(recorded[&key(&orders)].ranges(), &[interval(0, 5), interval(12, 24)]);
+    assert_eq!(recorded[&key(&items)].ranges(), &[interval(0, 20)]);
+    // The run writes some of them again; its resume forgets nothing more.
+    store.record_intervals(&[record(&orders, 5, 8)]).await.unwrap();
+    begin(store, &restating, "pr-2", 1_010).await.unwrap();
+    let recorded = store.get_intervals(&[key(&orders), key(&items)]).await.unwrap();
+    assert_eq!(recorded[&key(&orders)].ranges(), &[interval(0, 8), interval(12, 24)]);
+    assert_eq!(recorded[&key(&items)].ranges(), &[interval(0, 20)]);
 }
 
 async fn concurrent_begin_runs_exactly_one_wins(backend: Backend) {

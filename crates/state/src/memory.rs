@@ -509,6 +509,15 @@ impl MemoryTables {
                 expires_at,
             },
         );
+        // A restatement forgets its intervals when the plan first runs, never on a resume.
+        if !self.runs.iter().any(|stored| stored.record.plan_id == plan.id) {
+            for restatement in &plan.restatements {
+                let key = (restatement.name.clone(), restatement.version.clone());
+                if let Some(set) = self.intervals.get_mut(&key) {
+                    set.remove(restatement.interval);
+                }
+            }
+        }
         // Every superseded run is aborted with its audit row (oldest run first); stored counters
         // fit their columns, so the audit rows need no check.
         let mut superseded_runs = 0_usize;

@@ -28,9 +28,10 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Postgres, Row, Transaction};
 
 use crate::codec::{
-    AuditRow, EnvironmentRow, IntervalRow, LeaseRow, PlanSummaryRow, RunRow, TaskFailureRow, check_environments_seen,
-    check_running_seen, decode_plan, decode_snapshot, environment_name, environments_from_rows, group_interval_records,
-    interval_key_columns, interval_sets_from_rows, lease_expiry, plan_interval_rewrite, same_plan, snapshot_columns,
+    AuditRow, EnvironmentRow, IntervalRewrite, IntervalRow, IntervalWrite, LeaseRow, PlanSummaryRow, RunRow,
+    TaskFailureRow, check_environments_seen, check_running_seen, decode_plan, decode_snapshot, environment_name,
+    environments_from_rows, group_interval_records, interval_key_columns, interval_sets_from_rows, lease_expiry,
+    plan_interval_removal, plan_interval_rewrite, restated_interval_writes, same_plan, snapshot_columns,
     snapshot_id_texts, task_id, to_json, to_stored_count, tombstone_keys,
 };
 use sluice_core::config::{redact, url_password};
@@ -218,6 +219,27 @@ async fn write_intervals(connection: &mut PgConnection, records: &[IntervalRecor
     let names: Vec<&str> = writes.iter().map(|write| write.name.as_str()).collect();
     let versions: Vec<&str> = writes.iter().map(|write| write.version.as_str()).collect();
     check_not_being_dropped(&mut *connection, &names, &versions).await?;
+    let stored = touching_interval_rows(&mut *connection, &writes).await?;
+    apply_interval_rewrite(connection, plan_interval_rewrite(&writes, stored)).await
+}
+
+/// Forgets the intervals of a restatement plan inside the caller's transaction (`begin_run` of
+/// the plan's first run, after its checks).
+async fn forget_intervals(connection: &mut PgConnection, removals: &[IntervalWrite]) -> Result<(), StateError> {
+    if removals.is_empty() {
+        return Ok(());
+    }
+    let stored = touching_interval_rows(&mut *connection, removals).await?;
+    apply_interval_rewrite(connection, plan_interval_removal(removals, stored)).await
+}
+
+/// The stored rows of each write's key that overlap or touch its envelope.
+async fn touching_interval_rows(
+    connection: &mut PgConnection,
+    writes: &[IntervalWrite],
+) -> Result<Vec<IntervalRow>, StateError> {
+    let names: Vec<&str> = writes.iter().map(|write| write.name.as_str()).collect();
+    let versions: Vec<&str> = writes.iter().map(|write| write.version.as_str()).collect();
     let lows: Vec<i64> = writes.iter().map(|write| write.low).collect();
     let highs: Vec<i64> = writes.iter().map(|write| write.high).collect();
     let stored = sqlx::query_as::<_, IntervalRow>(
@@ -233,7 +255,10 @@ async fn write_intervals(connection: &mut PgConnection, records: &[IntervalRecor
     .bind(highs)
     .fetch_all(&mut *connection)
     .await?;
-    let rewrite = plan_interval_rewrite(&writes, stored);
+    Ok(stored)
+}
+
+async fn apply_interval_rewrite(connection: &mut PgConnection, rewrite: IntervalRewrite) -> Result<(), StateError> {
     if rewrite.is_empty() {
         return Ok(());
     }
@@ -761,6 +786,14 @@ impl IntervalStore for PostgresState {
     }
 }
 
+async fn plan_has_run(connection: &mut PgConnection, plan_id: &PlanId) -> Result<bool, StateError> {
+    let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM sluice_runs WHERE plan_id = $1) AS ran")
+        .bind(&plan_id.0)
+        .fetch_one(&mut *connection)
+        .await?;
+    Ok(row.try_get("ran")?)
+}
+
 async fn insert_plan(connection: &mut PgConnection, plan: &Plan) -> Result<(), StateError> {
     sqlx::query(
         "INSERT INTO sluice_plans (id, environment, previous_plan_id, created_at, body) VALUES ($1, $2, $3, $4, $5)
@@ -865,6 +898,10 @@ impl RunStore for PostgresState {
         insert_plan(&mut transaction, plan).await?;
         insert_snapshots(&mut transaction, start.snapshots).await?;
         take_lease(&mut transaction, &start, expires_at).await?;
+        // A restatement forgets its intervals when the plan first runs, never on a resume.
+        if !plan.restatements.is_empty() && !plan_has_run(&mut transaction, &plan.id).await? {
+            forget_intervals(&mut transaction, &restated_interval_writes(plan)?).await?;
+        }
 
         let superseded = supersede_runs(&mut transaction, &start).await?;
         if superseded > 0 {

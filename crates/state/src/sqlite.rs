@@ -20,9 +20,10 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use crate::codec::{
-    AuditRow, EnvironmentRow, IntervalRow, LeaseRow, PlanSummaryRow, RunRow, TaskFailureRow, check_environments_seen,
-    check_running_seen, decode_plan, decode_snapshot, environment_name, environments_from_rows, group_interval_records,
-    interval_key_columns, interval_sets_from_rows, lease_expiry, plan_interval_rewrite, same_plan, snapshot_columns,
+    AuditRow, EnvironmentRow, IntervalRewrite, IntervalRow, IntervalWrite, LeaseRow, PlanSummaryRow, RunRow,
+    TaskFailureRow, check_environments_seen, check_running_seen, decode_plan, decode_snapshot, environment_name,
+    environments_from_rows, group_interval_records, interval_key_columns, interval_sets_from_rows, lease_expiry,
+    plan_interval_removal, plan_interval_rewrite, restated_interval_writes, same_plan, snapshot_columns,
     snapshot_id_texts, task_id, to_json, to_stored_count, tombstone_keys,
 };
 use crate::error::{StateError, is_foreign_key_violation, is_transient_sqlx, is_unique_violation};
@@ -138,6 +139,25 @@ async fn write_intervals(connection: &mut SqliteConnection, records: &[IntervalR
     }
     let keys: Vec<(&str, &str)> = writes.iter().map(|write| (write.name.as_str(), write.version.as_str())).collect();
     check_not_being_dropped(&mut *connection, &keys).await?;
+    let stored = touching_interval_rows(&mut *connection, &writes).await?;
+    apply_interval_rewrite(connection, plan_interval_rewrite(&writes, stored)).await
+}
+
+/// Forgets the intervals of a restatement plan inside the caller's transaction (`begin_run` of
+/// the plan's first run, after its checks).
+async fn forget_intervals(connection: &mut SqliteConnection, removals: &[IntervalWrite]) -> Result<(), StateError> {
+    if removals.is_empty() {
+        return Ok(());
+    }
+    let stored = touching_interval_rows(&mut *connection, removals).await?;
+    apply_interval_rewrite(connection, plan_interval_removal(removals, stored)).await
+}
+
+/// The stored rows of each write's key that overlap or touch its envelope.
+async fn touching_interval_rows(
+    connection: &mut SqliteConnection,
+    writes: &[IntervalWrite],
+) -> Result<Vec<IntervalRow>, StateError> {
     let envelopes: Vec<(&str, &str, i64, i64)> =
         writes.iter().map(|write| (write.name.as_str(), write.version.as_str(), write.low, write.high)).collect();
     let stored = sqlx::query_as::<_, IntervalRow>(
@@ -149,7 +169,10 @@ async fn write_intervals(connection: &mut SqliteConnection, records: &[IntervalR
     .bind(json_list(&envelopes)?)
     .fetch_all(&mut *connection)
     .await?;
-    let rewrite = plan_interval_rewrite(&writes, stored);
+    Ok(stored)
+}
+
+async fn apply_interval_rewrite(connection: &mut SqliteConnection, rewrite: IntervalRewrite) -> Result<(), StateError> {
     if rewrite.is_empty() {
         return Ok(());
     }
@@ -167,6 +190,14 @@ async fn write_intervals(connection: &mut SqliteConnection, records: &[IntervalR
     .execute(&mut *connection)
     .await?;
     Ok(())
+}
+
+async fn plan_has_run(connection: &mut SqliteConnection, plan_id: &PlanId) -> Result<bool, StateError> {
+    let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM sluice_runs WHERE plan_id = ?1) AS ran")
+        .bind(&plan_id.0)
+        .fetch_one(&mut *connection)
+        .await?;
+    Ok(row.try_get::<i64, _>("ran")? != 0)
 }
 
 async fn insert_snapshots(connection: &mut SqliteConnection, snapshots: &[Snapshot]) -> Result<(), StateError> {
@@ -717,6 +748,10 @@ impl RunStore for SqliteState {
                 Some(holder) => Err(holder.held_error()?),
                 None => Err(StateError::Contention { what: format!("lease of environment {environment}") }),
             };
+        }
+        // A restatement forgets its intervals when the plan first runs, never on a resume.
+        if !plan.restatements.is_empty() && !plan_has_run(&mut transaction, &plan.id).await? {
+            forget_intervals(&mut transaction, &restated_interval_writes(plan)?).await?;
         }
 
         let superseded = supersede_runs(&mut transaction, &start).await?;
