@@ -24,6 +24,12 @@ pub enum ModelKind {
     },
     /// Rows are upserted by `unique_key`.
     IncrementalByUniqueKey { unique_key: Vec<String>, batch_size: Option<u32>, forward_only: bool },
+    /// Each run's rows replace the partitions (values of `partitioned_by`) they hold; always
+    /// forward-only, as in SQLMesh.
+    IncrementalByPartition { partitioned_by: Vec<String>, batch_size: Option<u32> },
+    /// Each run's rows are appended (`insert_overwrite`: they replace the partitions, values of
+    /// `partitioned_by`, they hold); forward-only unless `forward_only false`.
+    IncrementalUnmanaged { insert_overwrite: bool, partitioned_by: Vec<String>, forward_only: bool },
     /// Loaded from a CSV file.
     Seed { path: String, batch_size: Option<u32> },
     /// Never stored: inlined into the queries that read it.
@@ -38,6 +44,8 @@ impl ModelKind {
             ModelKind::Full => "FULL",
             ModelKind::IncrementalByTimeRange { .. } => "INCREMENTAL_BY_TIME_RANGE",
             ModelKind::IncrementalByUniqueKey { .. } => "INCREMENTAL_BY_UNIQUE_KEY",
+            ModelKind::IncrementalByPartition { .. } => "INCREMENTAL_BY_PARTITION",
+            ModelKind::IncrementalUnmanaged { .. } => "INCREMENTAL_UNMANAGED",
             ModelKind::Seed { .. } => "SEED",
             ModelKind::Embedded => "EMBEDDED",
         }
@@ -51,6 +59,7 @@ impl ModelKind {
         match self {
             ModelKind::IncrementalByTimeRange { batch_size, .. }
             | ModelKind::IncrementalByUniqueKey { batch_size, .. }
+            | ModelKind::IncrementalByPartition { batch_size, .. }
             | ModelKind::Seed { batch_size, .. } => *batch_size,
             _ => None,
         }
@@ -68,16 +77,24 @@ impl ModelKind {
             self,
             ModelKind::IncrementalByTimeRange { forward_only: true, .. }
                 | ModelKind::IncrementalByUniqueKey { forward_only: true, .. }
+                | ModelKind::IncrementalByPartition { .. }
+                | ModelKind::IncrementalUnmanaged { forward_only: true, .. }
+        )
+    }
+
+    /// Whether the kind adds to its table interval by interval (what a restated parent passes on
+    /// to its children).
+    pub fn is_incremental(&self) -> bool {
+        matches!(
+            self,
+            ModelKind::IncrementalByTimeRange { .. }
+                | ModelKind::IncrementalByUniqueKey { .. }
+                | ModelKind::IncrementalByPartition { .. }
+                | ModelKind::IncrementalUnmanaged { .. }
         )
     }
 
     /// Whether the model's snapshot has a physical table (or view) of its own.
-    /// Whether the kind adds to its table interval by interval (what a restated parent passes on
-    /// to its children).
-    pub fn is_incremental(&self) -> bool {
-        matches!(self, ModelKind::IncrementalByTimeRange { .. } | ModelKind::IncrementalByUniqueKey { .. })
-    }
-
     pub fn is_materialized(&self) -> bool {
         !matches!(self, ModelKind::Embedded)
     }
@@ -128,6 +145,9 @@ pub struct Model {
     /// The project-relative path of the model's file.
     pub file: String,
     pub kind: ModelKind,
+    /// `disable_restatement`: `plan --restate-model` leaves the model (and what only it leads
+    /// to) alone, with a warning.
+    pub disable_restatement: bool,
     pub cron: Cron,
     /// `None`: derived at plan time as SQLMesh does (see `plan::effective_starts`).
     pub start: Option<Timestamp>,

@@ -52,11 +52,11 @@ const PROPERTIES: &[&str] = &[
     "enabled",
     "depends_on",
     "audits",
+    "partitioned_by",
 ];
 /// Properties SQLMesh accepts that sluice does not use yet: a warning, not an error.
 const SQLMESH_ONLY_PROPERTIES: &[&str] = &[
     "references",
-    "partitioned_by",
     "clustered_by",
     "storage_format",
     "physical_properties",
@@ -249,8 +249,14 @@ impl<'a> FileReader<'a> {
 }
 
 /// The parsed `kind` property.
-fn read_kind(reader: &mut FileReader, key: &TokenWithSpan, value: &[&TokenWithSpan]) -> Option<ModelKind> {
-    const KINDS: &str = "VIEW, FULL, INCREMENTAL_BY_TIME_RANGE, INCREMENTAL_BY_UNIQUE_KEY, SEED or EMBEDDED";
+/// `disable_restatement` (an argument of the incremental kinds) is set when the kind gives it.
+fn read_kind(
+    reader: &mut FileReader,
+    key: &TokenWithSpan,
+    value: &[&TokenWithSpan],
+    disable_restatement: &mut Option<bool>,
+) -> Option<ModelKind> {
+    const KINDS: &str = "VIEW, FULL, INCREMENTAL_BY_TIME_RANGE, INCREMENTAL_BY_UNIQUE_KEY, INCREMENTAL_BY_PARTITION, INCREMENTAL_UNMANAGED, SEED or EMBEDDED";
     let Some(first) = value.first() else {
         reader.error(key, format!("expected a model kind ({KINDS})"));
         return None;
@@ -279,6 +285,16 @@ fn read_kind(reader: &mut FileReader, key: &TokenWithSpan, value: &[&TokenWithSp
         }
     }
     let mut take = |name: &str| arguments.remove(name);
+    if matches!(
+        kind_name.as_str(),
+        "INCREMENTAL_BY_TIME_RANGE"
+            | "INCREMENTAL_BY_UNIQUE_KEY"
+            | "INCREMENTAL_BY_PARTITION"
+            | "INCREMENTAL_UNMANAGED"
+    ) && let Some((token, tokens)) = take("disable_restatement")
+    {
+        *disable_restatement = reader.boolean(token, &tokens);
+    }
     let kind = match kind_name.as_str() {
         "VIEW" => {
             if let Some((token, _)) = take("materialized") {
@@ -339,6 +355,15 @@ fn read_kind(reader: &mut FileReader, key: &TokenWithSpan, value: &[&TokenWithSp
             let unique_key = unique_key.into_iter().map(|column| column.to_ascii_lowercase()).collect();
             ModelKind::IncrementalByUniqueKey { unique_key, batch_size, forward_only }
         }
+        // Its columns come from the model's `partitioned_by` property (filled in by the caller).
+        "INCREMENTAL_BY_PARTITION" => {
+            ModelKind::IncrementalByPartition { partitioned_by: Vec::new(), batch_size: None }
+        }
+        "INCREMENTAL_UNMANAGED" => {
+            let insert_overwrite = take("insert_overwrite").and_then(|(t, v)| reader.boolean(t, &v)).unwrap_or(false);
+            let forward_only = take("forward_only").and_then(|(t, v)| reader.boolean(t, &v)).unwrap_or(true);
+            ModelKind::IncrementalUnmanaged { insert_overwrite, partitioned_by: Vec::new(), forward_only }
+        }
         "SEED" => {
             let path = match take("path") {
                 Some((token, tokens)) => reader.scalar(token, &tokens)?,
@@ -357,13 +382,7 @@ fn read_kind(reader: &mut FileReader, key: &TokenWithSpan, value: &[&TokenWithSp
             );
             return None;
         }
-        "SCD_TYPE_2"
-        | "SCD_TYPE_2_BY_TIME"
-        | "SCD_TYPE_2_BY_COLUMN"
-        | "INCREMENTAL_BY_PARTITION"
-        | "INCREMENTAL_UNMANAGED"
-        | "EXTERNAL"
-        | "MANAGED" => {
+        "SCD_TYPE_2" | "SCD_TYPE_2_BY_TIME" | "SCD_TYPE_2_BY_COLUMN" | "EXTERNAL" | "MANAGED" => {
             reader
                 .unsupported(first, format!("{kind_name} is a SQLMesh kind sluice does not run yet; expected {KINDS}"));
             return None;
@@ -379,7 +398,6 @@ fn read_kind(reader: &mut FileReader, key: &TokenWithSpan, value: &[&TokenWithSp
         "auto_restatement_cron",
         "auto_restatement_intervals",
         "partition_by_time_column",
-        "disable_restatement",
         "when_matched",
         "merge_filter",
         "csv_settings",
@@ -1196,8 +1214,9 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
             None
         }
     };
+    let mut disable_restatement = None;
     let kind = match take("kind") {
-        Some((key, value)) => read_kind(&mut reader, key, &value),
+        Some((key, value)) => read_kind(&mut reader, key, &value, &mut disable_restatement),
         None => match &config.model_defaults.kind {
             Some(default) => match default.to_ascii_uppercase().as_str() {
                 "VIEW" => Some(ModelKind::View),
@@ -1213,6 +1232,40 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
             },
             None => Some(ModelKind::View),
         },
+    };
+    // `partitioned_by` names an INCREMENTAL_BY_PARTITION model's partition columns; on other
+    // kinds it is a storage hint sluice does not use.
+    let partition_columns = |reader: &mut FileReader, key, value: &[&TokenWithSpan]| -> Option<Vec<String>> {
+        reader.list(key, value).map(|columns| columns.into_iter().map(|c| c.to_ascii_lowercase()).collect())
+    };
+    let kind = match (kind, take("partitioned_by")) {
+        (Some(ModelKind::IncrementalByPartition { batch_size, .. }), Some((key, value))) => {
+            partition_columns(&mut reader, key, &value)
+                .map(|partitioned_by| ModelKind::IncrementalByPartition { partitioned_by, batch_size })
+        }
+        (Some(ModelKind::IncrementalByPartition { .. }), None) => {
+            reader.error(
+                model_token,
+                "INCREMENTAL_BY_PARTITION needs a partitioned_by property naming its partition columns",
+            );
+            None
+        }
+        (Some(ModelKind::IncrementalUnmanaged { insert_overwrite, forward_only, .. }), Some((key, value))) => {
+            partition_columns(&mut reader, key, &value).map(|partitioned_by| ModelKind::IncrementalUnmanaged {
+                insert_overwrite,
+                partitioned_by,
+                forward_only,
+            })
+        }
+        (Some(ModelKind::IncrementalUnmanaged { insert_overwrite: true, .. }), None) => {
+            reader.error(model_token, "INCREMENTAL_UNMANAGED with insert_overwrite needs a partitioned_by property naming the partitions it overwrites");
+            None
+        }
+        (kind, Some((key, _))) => {
+            reader.warn(key, "property partitioned_by is accepted by SQLMesh but not used by sluice yet");
+            kind
+        }
+        (kind, None) => kind,
     };
     let cron = match take("cron") {
         Some((key, value)) => reader.scalar(key, &value).and_then(|text| match Cron::parse(&text) {
@@ -1534,9 +1587,12 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
     else {
         return Err(errors.finish(()).err().map(|e| e.0).unwrap_or_default());
     };
+    // SQLMesh never restates an INCREMENTAL_UNMANAGED model unless told it may.
+    let disable_restatement = disable_restatement.unwrap_or(matches!(kind, ModelKind::IncrementalUnmanaged { .. }));
     let model = Model {
         name,
         file: file.to_string(),
+        disable_restatement,
         kind,
         cron,
         start,

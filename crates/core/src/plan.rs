@@ -213,6 +213,22 @@ impl Plan {
         self.snapshots.iter().flat_map(|planned| &planned.batches).map(|batch| u64::from(batch.interval_count)).sum()
     }
 
+    /// Whether the task of `interval` replaces its table's rows instead of adding to them: the
+    /// first batch of a restated model that restates whole and adds by key or appends
+    /// (INCREMENTAL_BY_UNIQUE_KEY, INCREMENTAL_BY_PARTITION, INCREMENTAL_UNMANAGED), as SQLMesh's
+    /// first insert into a table whose intervals were all forgotten replaces it.
+    pub fn replaces_table(&self, snapshot_index: usize, interval: Interval) -> bool {
+        let Some(planned) = self.snapshots.get(snapshot_index) else { return false };
+        let snapshot = &planned.snapshot;
+        matches!(
+            snapshot.kind,
+            ModelKind::IncrementalByUniqueKey { .. }
+                | ModelKind::IncrementalByPartition { .. }
+                | ModelKind::IncrementalUnmanaged { .. }
+        ) && planned.batches.first().is_some_and(|first| first.interval.start == interval.start)
+            && self.restatements.iter().any(|r| r.name == snapshot.name && r.version == snapshot.version)
+    }
+
     /// The environment's state once the plan is promoted: the snapshots it shows (in a
     /// development environment, only those that differ from prod).
     pub fn environment_state(&self) -> EnvironmentState {
@@ -320,9 +336,11 @@ fn compute_backfill(
                     .collect(),
             }
         }
-        ModelKind::IncrementalByUniqueKey { batch_size, .. } => {
+        ModelKind::IncrementalByUniqueKey { .. }
+        | ModelKind::IncrementalByPartition { .. }
+        | ModelKind::IncrementalUnmanaged { .. } => {
             let missing = missing_intervals(cron, range.start, range.end, recorded);
-            let batches = batch_intervals(cron, &missing, *batch_size, 0, range.start);
+            let batches = batch_intervals(cron, &missing, snapshot.kind.batch_size(), 0, range.start);
             Backfill {
                 missing_interval_count: missing.len() as u64,
                 missing_ranges: IntervalSet::from_intervals(missing).ranges().to_vec(),
@@ -449,14 +467,24 @@ pub fn build_restatement_plan(
                 .push(format!("{} is not restated: prod uses its version; restate it in prod instead", snapshot.name));
             continue;
         }
+        if snapshot.disable_restatement {
+            warnings.push(format!("{} is not restated: its kind sets disable_restatement", snapshot.name));
+            continue;
+        }
         if matches!(snapshot.kind, ModelKind::Seed { .. }) {
             continue;
         }
         let cron = Cron::parse(&snapshot.cron).map_err(|error| format!("{}: stored cron: {error}", snapshot.name))?;
         // A model that can only be rebuilt whole, or reads itself, depends on everything before:
         // it restates up to `now`, and the whole one from its first recorded interval.
-        let whole_history =
-            matches!(snapshot.kind, ModelKind::Full | ModelKind::View | ModelKind::IncrementalByUniqueKey { .. });
+        let whole_history = matches!(
+            snapshot.kind,
+            ModelKind::Full
+                | ModelKind::View
+                | ModelKind::IncrementalByUniqueKey { .. }
+                | ModelKind::IncrementalByPartition { .. }
+                | ModelKind::IncrementalUnmanaged { .. }
+        );
         let mut low = cron.tick_at_or_before(start);
         let mut high = cron.tick_at_or_after(if snapshot.self_referencing || whole_history { now } else { end });
         if whole_history && let Some(first) = recorded_of(snapshot).ranges().first() {
@@ -801,6 +829,7 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
                     fingerprint: fingerprint.clone(),
                     version,
                     kind: model.kind.clone(),
+                    disable_restatement: model.disable_restatement,
                     cron: model.cron.text().to_string(),
                     start: starts[name],
                     end: model.end,

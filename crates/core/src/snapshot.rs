@@ -71,6 +71,13 @@ fn data_hash(model: &Model) -> String {
         ModelKind::IncrementalByUniqueKey { unique_key, .. } => {
             hasher.field("unique_key", &unique_key.join(","));
         }
+        ModelKind::IncrementalByPartition { partitioned_by, .. } => {
+            hasher.field("partitioned_by", &partitioned_by.join(","));
+        }
+        ModelKind::IncrementalUnmanaged { insert_overwrite, partitioned_by, .. } => {
+            hasher.field("insert_overwrite", if *insert_overwrite { "1" } else { "0" });
+            hasher.field("partitioned_by", &partitioned_by.join(","));
+        }
         _ => {}
     }
     if let Some(query) = &model.query {
@@ -116,6 +123,10 @@ fn metadata_hash(model: &Model) -> String {
     }
     if let ModelKind::IncrementalByTimeRange { batch_concurrency: Some(concurrency), .. } = &model.kind {
         hasher.field("batch_concurrency", &concurrency.to_string());
+    }
+    // Hashed only where it differs from the kind's default, so earlier fingerprints stand.
+    if model.disable_restatement != matches!(model.kind, ModelKind::IncrementalUnmanaged { .. }) {
+        hasher.field("disable_restatement", if model.disable_restatement { "1" } else { "0" });
     }
     hasher.finish()
 }
@@ -181,6 +192,9 @@ pub struct Snapshot {
     pub fingerprint: Fingerprint,
     pub version: Version,
     pub kind: ModelKind,
+    /// The model's `disable_restatement` (snapshots stored before it: false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disable_restatement: bool,
     pub cron: String,
     pub start: Timestamp,
     pub end: Option<Timestamp>,

@@ -66,8 +66,8 @@ impl TaskGraph {
                 continue;
             }
             let kind = &planned.snapshot.kind;
-            let sequential =
-                planned.snapshot.self_referencing || matches!(kind, ModelKind::IncrementalByUniqueKey { .. });
+            // Batches that add by key, replace partitions or append run in order.
+            let sequential = planned.snapshot.self_referencing || (kind.is_incremental() && !kind.is_time_range());
             if sequential {
                 for task in own.start + 1..own.end {
                     graph.add_edge(NodeIndex::new(task as usize - 1), NodeIndex::new(task as usize), ());

@@ -374,6 +374,18 @@ impl Warehouse for DuckDbWarehouse {
         .await
     }
 
+    async fn append(&mut self, table: &PhysicalTable, query: &str, checks: &[AuditCheck]) -> Result<u64, EngineError> {
+        let insert = sql::insert_all(table, query);
+        let key = table.clone();
+        let checks = checks.to_vec();
+        self.call(move |connection, database| {
+            let _write = lock(database.write_stripe(&key, None));
+            in_checked_transaction(connection, &checks, |transaction| transaction.execute(&insert, []))
+                .map(|inserted| inserted as u64)
+        })
+        .await
+    }
+
     async fn upsert(
         &mut self,
         table: &PhysicalTable,

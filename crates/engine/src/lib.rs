@@ -115,6 +115,10 @@ pub trait Warehouse: Send {
         checks: &[AuditCheck],
     ) -> Result<u64, EngineError>;
 
+    /// One transaction: insert the query's rows after those the table holds, run `checks`. Returns the rows
+    /// inserted.
+    async fn append(&mut self, table: &PhysicalTable, query: &str, checks: &[AuditCheck]) -> Result<u64, EngineError>;
+
     /// One transaction: delete rows whose unique key appears in the query's rows (SQL `=`: a NULL key matches
     /// nothing, as in `MERGE`), insert the query's rows, run `checks`. Returns the rows inserted.
     async fn upsert(

@@ -426,6 +426,10 @@ impl Warehouse for PostgresWarehouse {
         self.run_checked(write_lock(table, None), statement, checks).await
     }
 
+    async fn append(&mut self, table: &PhysicalTable, query: &str, checks: &[AuditCheck]) -> Result<u64, EngineError> {
+        self.run_checked(write_lock(table, None), sql::insert_all(table, query), checks).await
+    }
+
     async fn upsert(
         &mut self,
         table: &PhysicalTable,

@@ -282,6 +282,15 @@ impl Warehouse for SimConnection {
         Ok(1)
     }
 
+    async fn append(
+        &mut self,
+        table: &PhysicalTable,
+        _query: &str,
+        _checks: &[AuditCheck],
+    ) -> Result<u64, EngineError> {
+        Err(EngineError::Unsupported { gateway: self.gateway.clone(), what: format!("append into {table}") })
+    }
+
     async fn upsert(
         &mut self,
         table: &PhysicalTable,

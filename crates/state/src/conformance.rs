@@ -325,6 +325,7 @@ fn snapshot(name: &str, version: &str) -> Snapshot {
         seed: None,
         change_category: None,
         self_referencing: false,
+        disable_restatement: false,
         audits: Vec::new(),
     }
 }

@@ -502,6 +502,9 @@ impl Slot {
             if *is_blocking { blocking.push(check) } else { reported.push(check) }
         }
         let rows = match &snapshot.kind {
+            _ if context.plan.replaces_table(snapshot_index, interval) => {
+                timed.call("replace_all", warehouse.replace_all(&table, query_text, &blocking)).await?
+            }
             ModelKind::IncrementalByTimeRange { time_column, .. } => {
                 let write = warehouse.replace_interval(&table, time_column, interval, query_text, &blocking);
                 timed.call("replace_interval", write).await?
@@ -509,6 +512,14 @@ impl Slot {
             ModelKind::Full => timed.call("replace_all", warehouse.replace_all(&table, query_text, &blocking)).await?,
             ModelKind::IncrementalByUniqueKey { unique_key, .. } => {
                 timed.call("upsert", warehouse.upsert(&table, unique_key, query_text, &blocking)).await?
+            }
+            // A run's partitions replace those the table holds (SQL `=`, as the unique key).
+            ModelKind::IncrementalByPartition { partitioned_by, .. }
+            | ModelKind::IncrementalUnmanaged { insert_overwrite: true, partitioned_by, .. } => {
+                timed.call("upsert", warehouse.upsert(&table, partitioned_by, query_text, &blocking)).await?
+            }
+            ModelKind::IncrementalUnmanaged { .. } => {
+                timed.call("append", warehouse.append(&table, query_text, &blocking)).await?
             }
             // A view or seed is built by DDL: its blocking audits run after the build, which
             // nothing shows before the environment is promoted.

@@ -41,6 +41,7 @@ conformance_suite!(
     replace_interval_replaces_only_its_interval,
     replace_interval_filters_timestamp_columns_half_open,
     replace_all_replaces_every_row,
+    append_adds_rows_and_a_failing_audit_adds_none,
     upsert_replaces_rows_by_key,
     a_failing_blocking_audit_rolls_the_write_back,
     seed_loads_with_declared_types,
@@ -321,6 +322,31 @@ async fn replace_all_replaces_every_row(fixture: Fixture) {
     assert_eq!(warehouse.replace_all(&items, ITEMS_QUERY, &[]).await.unwrap(), 2);
     assert_eq!(count(warehouse.as_mut(), relation).await, 2);
     assert_eq!(count(warehouse.as_mut(), &format!("{relation} WHERE id = 1")).await, 0);
+}
+
+async fn append_adds_rows_and_a_failing_audit_adds_none(fixture: Fixture) {
+    let mut warehouse = fixture.open().await;
+    warehouse.execute(ITEMS).await.unwrap();
+    let items = table("items");
+    let relation = "sluice__shop.shop__items__v1";
+    warehouse.ensure_table(&items, &[], ITEMS_QUERY).await.unwrap();
+    assert_eq!(warehouse.append(&items, ITEMS_QUERY, &[]).await.unwrap(), 3);
+    assert_eq!(warehouse.append(&items, "SELECT id, name FROM raw.items WHERE id = 1", &[]).await.unwrap(), 1);
+    assert_eq!(count(warehouse.as_mut(), relation).await, 4);
+    assert_eq!(count(warehouse.as_mut(), &format!("{relation} WHERE id = 1")).await, 2);
+    let whole = Interval::new(Timestamp(0), Timestamp(86_400));
+    let once = AuditCheck {
+        audit: "once".to_string(),
+        count_query: audit_count_query(
+            &items,
+            None,
+            whole,
+            "SELECT id FROM sluice_this_model GROUP BY id HAVING COUNT(*) > 2",
+        ),
+    };
+    let error = warehouse.append(&items, "SELECT id, name FROM raw.items WHERE id = 1", &[once]).await.unwrap_err();
+    assert!(matches!(&error, EngineError::AuditFailed { audit, rows: 1 } if audit == "once"), "{error}");
+    assert_eq!(count(warehouse.as_mut(), relation).await, 4, "the failed append was rolled back");
 }
 
 async fn upsert_replaces_rows_by_key(fixture: Fixture) {
