@@ -751,6 +751,28 @@ async fn partition_and_unmanaged_kinds_on_duckdb_equal_sqlmeshs() {
     partition_and_unmanaged_kinds_equal_sqlmeshs(Engine::DuckDb, "duckdb").await;
 }
 
+/// `before_all` runs before any model is built (a model reads what it wrote), `after_all` after
+/// the environment is promoted (no model sees its row); both again on the next plan that changes
+/// something, and on a restatement.
+#[tokio::test]
+async fn before_all_and_after_all_equal_sqlmeshs() {
+    let case = Case::new("statements", Engine::Postgres, "postgres", Some("2024-01-01")).await;
+    case.configure(
+        "before_all:\n  - CREATE SCHEMA IF NOT EXISTS meta\n  - CREATE TABLE IF NOT EXISTS meta.log (stage TEXT)\n  - INSERT INTO meta.log VALUES ('before')\nafter_all:\n  - INSERT INTO meta.log VALUES ('after');\n",
+    );
+    let seen = "MODEL (name s.seen, kind FULL);\nSELECT stage, COUNT(*) AS n FROM meta.log GROUP BY stage";
+    case.write("models/seen.sql", seen);
+    case.write(
+        "models/daily.sql",
+        "MODEL (name s.daily, kind INCREMENTAL_BY_TIME_RANGE (time_column ds));\nSELECT CAST(@start_ds AS DATE) AS ds, (SELECT COUNT(*) FROM meta.log) AS logged",
+    );
+    let views = ["s.seen", "s.daily", "meta.log"];
+    case.apply_and_compare("prod", "2024-01-04", &views);
+    case.write("models/seen.sql", &format!("{seen} ORDER BY stage"));
+    case.apply_and_compare("prod", "2024-01-04", &views);
+    case.apply_with_and_compare("prod", "2024-01-04", &["--restate-model", "s.daily"], &views, &[]);
+}
+
 /// Waits out the last two minutes before a multiple of `period` seconds (an hour, a day), so
 /// that two tools reading the wall clock a few seconds apart see the same completed intervals.
 fn away_from_boundary(period: i64) {

@@ -120,4 +120,9 @@ impl GatewayCheck for ProjectWarehouses {
         let mut warehouse = self.connect(gateway).await.map_err(|error| error.to_string())?;
         warehouse.ping().await.map_err(|error| error.to_string())
     }
+
+    async fn run_statements(&self, gateway: &str, statements: &[String]) -> Result<(), String> {
+        let mut warehouse = self.connect(gateway).await.map_err(|error| error.to_string())?;
+        warehouse.execute(&sluice_engine::transaction_script(statements)).await.map_err(|error| error.to_string())
+    }
 }

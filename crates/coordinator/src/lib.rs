@@ -25,8 +25,8 @@ use sluice_core::config::Config;
 use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, PlanId, RunId, TaskId};
 use sluice_core::plan::{
-    BackfillWindow, Change, Plan, PlanContext, RestatementPlan, RestatementRequest, build_plan, build_restatement_plan,
-    build_run_plan, plan_base,
+    BackfillWindow, Change, EnvironmentStatements, Plan, PlanContext, RestatementPlan, RestatementRequest, build_plan,
+    build_restatement_plan, build_run_plan, plan_base,
 };
 use sluice_core::project::Project;
 use sluice_core::selector::{Selectable, select};
@@ -38,10 +38,14 @@ use sluice_state::{RunRecord, RunStart, RunStatus, StateError, StateStore};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
-/// Checks that a gateway's warehouse answers (the CLI implements it with the engine adapters).
+/// A gateway's warehouse as the coordinator reaches it (the CLI implements it with the engine
+/// adapters): whether it answers, and the project's `before_all` statements.
 #[async_trait]
 pub trait GatewayCheck: Send + Sync {
     async fn check(&self, gateway: &str) -> Result<(), String>;
+
+    /// Runs `statements` on the gateway in order, in one transaction.
+    async fn run_statements(&self, gateway: &str, statements: &[String]) -> Result<(), String>;
 }
 
 /// The size of a run when it starts.
@@ -132,6 +136,8 @@ pub enum ApplyError {
     Stale { plan: PlanId, environment: EnvironmentName, expected: String, actual: String },
     #[error("gateway {gateway} does not answer: {reason}")]
     GatewayUnreachable { gateway: String, reason: String },
+    #[error("before_all on gateway {gateway} failed, nothing was run: {reason}")]
+    BeforeAll { gateway: String, reason: String },
     #[error("state store: {0}")]
     State(#[from] StateError),
     #[error("queue: {0}")]
@@ -219,8 +225,16 @@ pub async fn run_plan_against_state(
     let keys: Vec<_> =
         current.state.snapshots.iter().map(|snapshot| (snapshot.name.clone(), snapshot.version.clone())).collect();
     let recorded = state.get_intervals(&keys).await?;
-    build_run_plan(&current.state, &recorded, now, config.environment_ttl_seconds, config.notification_webhook.clone())
-        .map_err(|reason| StateError::Invalid { reason })
+    let mut plan = build_run_plan(
+        &current.state,
+        &recorded,
+        now,
+        config.environment_ttl_seconds,
+        config.notification_webhook.clone(),
+    )
+    .map_err(|reason| StateError::Invalid { reason })?;
+    plan.statements = EnvironmentStatements::of(config);
+    Ok(plan)
 }
 
 /// The plan of `plan --restate-model` for `environment` at `now` (`build_restatement_plan`): the
@@ -253,6 +267,7 @@ pub async fn restatement_plan_against_state(
             .map_err(|reason| StateError::Invalid { reason })?;
     restatement.plan.environment_ttl_seconds = (!environment.is_prod()).then_some(config.environment_ttl_seconds);
     restatement.plan.notification_webhook = config.notification_webhook.clone();
+    restatement.plan.statements = EnvironmentStatements::of(config);
     Ok(restatement)
 }
 
@@ -323,6 +338,14 @@ pub async fn apply(
         Ok(plan) => plan,
         Err(reason) => return Ok(ApplyOutcome::NothingToDo(reason)),
     };
+    // `before_all` first, as SQLMesh runs it: a failure leaves nothing begun.
+    let statements = &plan.statements;
+    if !statements.before_all.is_empty() {
+        deps.gateways
+            .run_statements(&statements.gateway, &statements.before_all)
+            .await
+            .map_err(|reason| ApplyError::BeforeAll { gateway: statements.gateway.clone(), reason })?;
+    }
     let state = &deps.state;
     // Applying again resumes: `begin_run` resets the plan's breaker in the same transaction
     // that supersedes an earlier run of it, never before.

@@ -42,6 +42,11 @@ impl GatewayCheck for Warehouses {
         let mut warehouse = self.connect("pg").await.map_err(|e| e.to_string())?;
         warehouse.ping().await.map_err(|e| e.to_string())
     }
+
+    async fn run_statements(&self, _gateway: &str, statements: &[String]) -> Result<(), String> {
+        let mut warehouse = self.connect("pg").await.map_err(|e| e.to_string())?;
+        warehouse.execute(&sluice_engine::transaction_script(statements)).await.map_err(|e| e.to_string())
+    }
 }
 
 struct Quiet;

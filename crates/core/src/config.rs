@@ -196,6 +196,10 @@ pub struct Config {
     pub environment_ttl_seconds: i64,
     /// Where run summaries are posted, when set.
     pub notification_webhook: Option<String>,
+    /// Statements run on the default gateway before a plan's first task (`before_all`) and once
+    /// its environment is promoted (`after_all`), plain SQL.
+    pub before_all: Vec<String>,
+    pub after_all: Vec<String>,
 }
 
 impl Default for Config {
@@ -212,13 +216,23 @@ impl Default for Config {
             variables: BTreeMap::new(),
             environment_ttl_seconds: DEFAULT_ENVIRONMENT_TTL_SECONDS,
             notification_webhook: None,
+            before_all: Vec::new(),
+            after_all: Vec::new(),
         }
     }
 }
 
 /// Keys SQLMesh accepts at the top of `config.yaml` that sluice reads.
-const USED_KEYS: &[&str] =
-    &["gateways", "default_gateway", "model_defaults", "variables", "environment_ttl", "notification_webhook"];
+const USED_KEYS: &[&str] = &[
+    "gateways",
+    "default_gateway",
+    "model_defaults",
+    "variables",
+    "environment_ttl",
+    "notification_webhook",
+    "before_all",
+    "after_all",
+];
 /// Keys SQLMesh accepts that sluice does not use yet: a warning, not an error.
 const SQLMESH_ONLY_KEYS: &[&str] = &[
     "project",
@@ -244,8 +258,6 @@ const SQLMESH_ONLY_KEYS: &[&str] = &[
     "ignore_patterns",
     "time_column_format",
     "log_limit",
-    "before_all",
-    "after_all",
     "model_naming",
     "janitor",
     "cache_dir",
@@ -286,6 +298,33 @@ impl Reader<'_> {
                 None
             }
         }
+    }
+
+    /// A list of SQL statements. Macros are not rendered in them: a statement naming one is
+    /// refused, never run as written.
+    fn statements(&mut self, field: &str, value: &Value) -> Vec<String> {
+        let Value::Sequence(items) = value else {
+            self.error(field, format!("expected a list of SQL statements, found {}", describe(value)));
+            return Vec::new();
+        };
+        let mut statements = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let entry = format!("{field}[{index}]");
+            let Some(text) = self.string(&entry, item) else { continue };
+            if let Some(at) = text.find('@') {
+                let name: String =
+                    text[at..].chars().take_while(|c| *c == '@' || c.is_alphanumeric() || *c == '_').collect();
+                self.error(
+                    &entry,
+                    format!(
+                        "{name}: macros are not rendered in {field} by sluice yet; write the statement in plain SQL"
+                    ),
+                );
+                continue;
+            }
+            statements.push(text.trim().trim_end_matches(';').to_string());
+        }
+        statements
     }
 
     fn mapping<'v>(&mut self, field: &str, value: &'v Value) -> Option<&'v Mapping> {
@@ -567,6 +606,8 @@ pub fn parse_config(file: &str, text: &str) -> ConfigOutcome {
                 }
             }
             "notification_webhook" => config.notification_webhook = reader.string("notification_webhook", value),
+            "before_all" => config.before_all = reader.statements("before_all", value),
+            "after_all" => config.after_all = reader.statements("after_all", value),
             other if SQLMESH_ONLY_KEYS.contains(&other) => {
                 reader.warn(other, "accepted by SQLMesh but not used by sluice yet")
             }
@@ -671,6 +712,27 @@ project: sushi
                 "config.yaml: gateways.a.connection.type: expected one of duckdb, postgres, mysql, found \"oracle\"",
             ]
         );
+    }
+
+    #[test]
+    fn before_all_and_after_all_are_plain_sql_lists() {
+        let text = "before_all:\n  - CREATE SCHEMA IF NOT EXISTS meta;\n  - '  GRANT USAGE ON SCHEMA meta TO reader '\nafter_all:\n  - \"@grant_select_privileges()\"\n";
+        let outcome = parse_config("config.yaml", text);
+        let errors: Vec<String> = outcome.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            vec![
+                "config.yaml: after_all[0]: @grant_select_privileges: macros are not rendered in after_all by sluice yet; write the statement in plain SQL"
+            ]
+        );
+        let outcome = parse_config("config.yaml", "before_all:\n  - SELECT 1;\nafter_all: SELECT 2\n");
+        let errors: Vec<String> = outcome.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors, vec!["config.yaml: after_all: expected a list of SQL statements, found a string"]);
+        let text =
+            "before_all:\n  - CREATE SCHEMA IF NOT EXISTS meta;\n  - '  GRANT USAGE ON SCHEMA meta TO reader '\n";
+        let config = parse_config("config.yaml", text).config.unwrap();
+        assert_eq!(config.before_all, vec!["CREATE SCHEMA IF NOT EXISTS meta", "GRANT USAGE ON SCHEMA meta TO reader"]);
+        assert!(config.after_all.is_empty());
     }
 
     #[test]

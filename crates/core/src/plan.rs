@@ -158,6 +158,30 @@ pub enum ViewChange {
     Drop { name: ModelName },
 }
 
+/// `before_all` / `after_all` of config.yaml as the plan runs them on `gateway` (the default
+/// one): before its first task (the coordinator, before the run begins; every apply of the plan)
+/// and once its environment is promoted (the promoter that finalizes the run, once).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvironmentStatements {
+    pub gateway: String,
+    pub before_all: Vec<String>,
+    pub after_all: Vec<String>,
+}
+
+impl EnvironmentStatements {
+    pub fn of(config: &crate::config::Config) -> EnvironmentStatements {
+        EnvironmentStatements {
+            gateway: config.default_gateway.clone(),
+            before_all: config.before_all.clone(),
+            after_all: config.after_all.clone(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.before_all.is_empty() && self.after_all.is_empty()
+    }
+}
+
 /// Recorded intervals of one physical table that a restatement plan forgets when its first run
 /// begins (in the run's own state transaction), so that its tasks run them again. Resuming the
 /// plan forgets nothing more: what its earlier runs wrote again stays recorded.
@@ -192,6 +216,9 @@ pub struct Plan {
     /// `plan --restate-model`: the intervals to forget before running them again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restatements: Vec<Restatement>,
+    /// `before_all` / `after_all`.
+    #[serde(default, skip_serializing_if = "EnvironmentStatements::is_empty")]
+    pub statements: EnvironmentStatements,
 }
 
 impl Plan {
@@ -637,6 +664,7 @@ fn environment_plan(
         notification_webhook: None,
         window: BackfillWindow::default(),
         restatements: Vec::new(),
+        statements: EnvironmentStatements::default(),
     })
 }
 
@@ -931,6 +959,11 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
     }
     hasher.update(&context.now.0.to_le_bytes());
     hasher.update(&[u8::from(context.forward_only)]);
+    // Statements change what applying does, so they are part of the id (none: ids as before).
+    for statement in project.config.before_all.iter().chain(&project.config.after_all) {
+        hasher.update(statement.as_bytes());
+        hasher.update(&[0]);
+    }
     if !context.window.is_unbounded() {
         for bound in [context.window.start, context.window.end] {
             hasher.update(&bound.map_or(i64::MIN, |bound| bound.0).to_le_bytes());
@@ -950,5 +983,6 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
         notification_webhook: project.config.notification_webhook.clone(),
         window: context.window,
         restatements: Vec::new(),
+        statements: EnvironmentStatements::of(&project.config),
     }
 }

@@ -42,6 +42,17 @@ impl AuditCheck {
     }
 }
 
+/// `statements` as one script in one transaction (`execute` rolls it back when one fails).
+pub fn transaction_script(statements: &[String]) -> String {
+    let mut script = String::from("BEGIN;\n");
+    for statement in statements {
+        script.push_str(statement);
+        script.push_str(";\n");
+    }
+    script.push_str("COMMIT");
+    script
+}
+
 /// The statement counting the rows that break an audit of `table`'s model. The audit reads the
 /// model as `sluice_this_model` (`sluice_core::snapshot::THIS_MODEL`): here the rows the write
 /// covers, that is the interval's rows when `time_column` is given, else the whole table.

@@ -267,12 +267,36 @@ pub async fn finalize_run(deps: &PromoterDeps, run_id: &RunId, plan_id: &PlanId)
         info!(outcome = recorded_outcome, "the run was finalized by another promoter");
         return Ok(result);
     }
+    if record.status == RunStatus::Succeeded {
+        run_after_all(deps, &plan).await;
+    }
     deps.notifier.notify(&result, plan.notification_webhook.as_deref()).await;
     deps.events
         .publish(RunEvent::RunFinished { run_id: run_id.clone(), outcome: recorded_outcome.to_string() })
         .await?;
     info!(outcome = recorded_outcome, "run finalized");
     Ok(result)
+}
+
+/// `after_all`, by the promoter that finalized the run as promoted (at most once: a promoter that
+/// dies between the two does not run it). The environment is promoted whatever it does: a
+/// failure is logged, naming the gateway.
+async fn run_after_all(deps: &PromoterDeps, plan: &Plan) {
+    let statements = &plan.statements;
+    if statements.after_all.is_empty() {
+        return;
+    }
+    let script = sluice_engine::transaction_script(&statements.after_all);
+    let outcome = match deps.warehouses.connect(&statements.gateway).await {
+        Ok(mut warehouse) => warehouse.execute(&script).await,
+        Err(error) => Err(error),
+    };
+    match outcome {
+        Ok(()) => info!(gateway = %statements.gateway, "after_all ran"),
+        Err(error) => {
+            warn!(gateway = %statements.gateway, error = %error, "after_all failed; the environment is promoted")
+        }
+    }
 }
 
 /// Checks every task is done and the environment still shows the plan this one was made

@@ -44,6 +44,12 @@ impl sluice_coordinator::GatewayCheck for SimWarehouses {
     async fn check(&self, _gateway: &str) -> Result<(), String> {
         Ok(())
     }
+
+    /// The simulated projects have no `before_all`: asked to run statements, the simulation
+    /// says so rather than pretending.
+    async fn run_statements(&self, gateway: &str, _statements: &[String]) -> Result<(), String> {
+        Err(format!("the simulated gateway {gateway} runs no before_all statements"))
+    }
 }
 
 fn failed(world: &Shared) -> bool {

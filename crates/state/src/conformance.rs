@@ -356,6 +356,7 @@ fn plan(id: &str, environment: &str, previous: Option<&str>, created_at: i64, sn
         notification_webhook: None,
         window: Default::default(),
         restatements: Vec::new(),
+        statements: Default::default(),
     }
 }
 
