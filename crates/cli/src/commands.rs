@@ -59,6 +59,8 @@ pub struct PlanOptions<'a> {
     pub window: BackfillWindow,
     /// `--skip-unsupported`: leave out the models sluice cannot run.
     pub skip_unsupported: bool,
+    /// `--skip-backfill`: promote the new tables empty.
+    pub skip_backfill: bool,
 }
 
 fn open_context(common: &Common<'_>) -> Result<ProjectContext> {
@@ -92,6 +94,11 @@ pub async fn plan(common: &Common<'_>, options: &PlanOptions<'_>) -> Result<Appl
         let names: Vec<&str> = project.unsupported.iter().filter_map(|model| model.name.as_deref()).collect();
         println!("Left out (--skip-unsupported): {}\n", names.join(", "));
     }
+    if options.skip_backfill && environment.is_prod() {
+        crate::console::say(
+            "warning: skipping the backfill in prod leaves the tables everyone reads empty or with gaps; a development environment shows a change without it",
+        );
+    }
     let current = state.get_environment(&environment).await?;
     let current_state = current.as_ref().map(|record| record.state.clone());
     let plan = sluice_coordinator::plan_against_state(
@@ -101,6 +108,7 @@ pub async fn plan(common: &Common<'_>, options: &PlanOptions<'_>) -> Result<Appl
         options.now,
         options.forward_only,
         options.window,
+        options.skip_backfill,
     )
     .await?;
     let graph = options.explain.then(|| TaskGraph::build(&plan));

@@ -89,6 +89,10 @@ enum Command {
         /// showing what it showed of them.
         #[arg(long, env = "SLUICE_SKIP_UNSUPPORTED")]
         skip_unsupported: bool,
+        /// Backfill nothing: new tables are promoted empty (VIEW and SEED models are built); a
+        /// later plan or `run` fills them.
+        #[arg(long, env = "SLUICE_SKIP_BACKFILL")]
+        skip_backfill: bool,
         /// Run these models of the environment again, with every model downstream of them, over
         /// `--start`/`--end` (default: all their history). A name, a glob (`sales.*`) or
         /// `tag:NAME`; repeatable. Local changes play no part in a restatement plan.
@@ -372,7 +376,18 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             };
             commands::restate(&common, &options).await.map(exit)
         }
-        Command::Plan { environment, explain, forward_only, now, auto_apply, start, end, skip_unsupported, .. } => {
+        Command::Plan {
+            environment,
+            explain,
+            forward_only,
+            now,
+            auto_apply,
+            start,
+            end,
+            skip_unsupported,
+            skip_backfill,
+            ..
+        } => {
             let now = now_or(now.as_deref())?;
             let target = sluice_core::names::EnvironmentName::parse(environment)
                 .map_err(|message| anyhow!("environment: {message}"))?;
@@ -386,6 +401,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 auto_apply: *auto_apply,
                 window,
                 skip_unsupported: *skip_unsupported,
+                skip_backfill: *skip_backfill,
             };
             commands::plan(&common, &options).await.map(exit)
         }

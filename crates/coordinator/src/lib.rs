@@ -173,6 +173,7 @@ pub async fn plan_against_state(
     now: Timestamp,
     forward_only: bool,
     window: BackfillWindow,
+    skip_backfill: bool,
 ) -> Result<Plan, StateError> {
     let current = state.get_environment(environment).await?;
     let prod = if environment.is_prod() { None } else { state.get_environment(&EnvironmentName::prod()).await? };
@@ -196,6 +197,7 @@ pub async fn plan_against_state(
                 now,
                 forward_only,
                 window,
+                skip_backfill,
             },
         )
     };

@@ -172,6 +172,7 @@ async fn coordinator_workers_and_promoter_apply_a_plan_then_a_change() {
                     now: Timestamp::parse("2024-03-01").unwrap(),
                     forward_only: false,
                     window: Default::default(),
+                    skip_backfill: false,
                 },
             );
             state.put_plan(&plan).await.unwrap();

@@ -49,6 +49,9 @@ pub struct PlanContext<'a> {
     pub forward_only: bool,
     /// `--start`/`--end` of a development environment: backfill only inside it.
     pub window: BackfillWindow,
+    /// `--skip-backfill`: no table is backfilled (SEED models are still loaded, as in SQLMesh);
+    /// new tables are created empty, and new views, at promotion.
+    pub skip_backfill: bool,
 }
 
 /// A development plan's backfill window (`plan dev --start S --end E`): every snapshot's
@@ -219,6 +222,9 @@ pub struct Plan {
     /// `before_all` / `after_all`.
     #[serde(default, skip_serializing_if = "EnvironmentStatements::is_empty")]
     pub statements: EnvironmentStatements,
+    /// `--skip-backfill`: tables are promoted empty.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_backfill: bool,
 }
 
 impl Plan {
@@ -254,6 +260,26 @@ impl Plan {
                 | ModelKind::IncrementalUnmanaged { .. }
         ) && planned.batches.first().is_some_and(|first| first.interval.start == interval.start)
             && self.restatements.iter().any(|r| r.name == snapshot.name && r.version == snapshot.version)
+    }
+
+    /// The promoted snapshots whose tables (or physical views) this plan shows without building
+    /// them (no task: a `--skip-backfill` plan, a model whose first interval has not ended),
+    /// parents first: the promoter creates each, a table empty, before moving any view to it.
+    pub fn tables_to_create(&self, current: Option<&EnvironmentState>) -> Vec<&Snapshot> {
+        let moved: BTreeSet<ModelName> = self
+            .view_changes(current)
+            .into_iter()
+            .filter_map(|change| match change {
+                ViewChange::Point { name, .. } => Some(name),
+                ViewChange::Drop { .. } => None,
+            })
+            .collect();
+        self.snapshots
+            .iter()
+            .filter(|planned| planned.batches.is_empty() && moved.contains(&planned.snapshot.name))
+            .map(|planned| &planned.snapshot)
+            .filter(|snapshot| !matches!(snapshot.kind, ModelKind::Seed { .. } | ModelKind::Embedded))
+            .collect()
     }
 
     /// The environment's state once the plan is promoted: the snapshots it shows (in a
@@ -665,6 +691,7 @@ fn environment_plan(
         window: BackfillWindow::default(),
         restatements: Vec::new(),
         statements: EnvironmentStatements::default(),
+        skip_backfill: false,
     })
 }
 
@@ -703,6 +730,7 @@ pub fn first_plan(project: &Project, now: Timestamp) -> Plan {
         now,
         forward_only: false,
         window: BackfillWindow::default(),
+        skip_backfill: false,
     };
     build_plan(project, context)
 }
@@ -890,7 +918,11 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
         }
 
         let recorded = context.recorded_intervals.get(&(name.clone(), snapshot.version.clone()));
-        let backfill = compute_backfill(&snapshot, &model.cron, starts[name], recorded, context.now, context.window);
+        let mut backfill =
+            compute_backfill(&snapshot, &model.cron, starts[name], recorded, context.now, context.window);
+        if context.skip_backfill && !matches!(snapshot.kind, ModelKind::Seed { .. }) {
+            backfill = Backfill { missing_ranges: Vec::new(), missing_interval_count: 0, batches: Vec::new() };
+        }
         let materialized_parents = project
             .materialized_parents(name)
             .iter()
@@ -959,6 +991,9 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
     }
     hasher.update(&context.now.0.to_le_bytes());
     hasher.update(&[u8::from(context.forward_only)]);
+    if context.skip_backfill {
+        hasher.update(b"skip_backfill");
+    }
     // Statements change what applying does, so they are part of the id (none: ids as before).
     for statement in project.config.before_all.iter().chain(&project.config.after_all) {
         hasher.update(statement.as_bytes());
@@ -984,5 +1019,6 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
         window: context.window,
         restatements: Vec::new(),
         statements: EnvironmentStatements::of(&project.config),
+        skip_backfill: context.skip_backfill,
     }
 }

@@ -37,6 +37,9 @@ pub fn format_plan(plan: &Plan, current: Option<&EnvironmentState>, graph: Optio
         let end = plan.window.end.map_or("the plan's time".to_string(), |end| end.to_string());
         let _ = writeln!(out, "Backfill window: from {start} to {end} (exclusive).");
     }
+    if plan.skip_backfill {
+        let _ = writeln!(out, "Backfill skipped (--skip-backfill): new tables are shown empty.");
+    }
     if !plan.restatements.is_empty() {
         let _ = writeln!(out, "Restating (recorded intervals forgotten when the plan first runs, then run again):");
         for restatement in &plan.restatements {

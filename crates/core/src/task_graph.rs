@@ -289,6 +289,7 @@ mod tests {
                 now,
                 forward_only: false,
                 window: Default::default(),
+                skip_backfill: false,
             },
         )
     }

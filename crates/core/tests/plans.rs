@@ -102,6 +102,7 @@ impl State {
                 now: Timestamp::parse("2024-01-10").unwrap(),
                 forward_only,
                 window,
+                skip_backfill: false,
             },
         )
     }

@@ -11,9 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use sluice_core::interval::Timestamp;
+use sluice_core::cron::Cron;
+use sluice_core::interval::{Interval, Timestamp};
+use sluice_core::model::ModelKind;
 use sluice_core::names::{EnvironmentName, ModelName, PhysicalTable, PlanId};
 use sluice_core::plan::{EnvironmentState, Plan, ViewChange};
+use sluice_core::query::QueryTemplate;
 use sluice_core::snapshot::Snapshot;
 use sluice_core::task_graph::{TaskGraph, finished_tasks, task_tables};
 use sluice_engine::{EngineError, GatewayPromotion, PromotionOutcome, ViewUpdate, WarehouseFactory};
@@ -278,6 +281,39 @@ pub async fn finalize_run(deps: &PromoterDeps, run_id: &RunId, plan_id: &PlanId)
     Ok(result)
 }
 
+/// Creates the tables the plan shows without writing them (`Plan::tables_to_create`), empty, from
+/// their declared columns or their query's shape (rendered for their first interval), and the
+/// physical views, parents first, before the promotion's intent is recorded: a failure leaves
+/// every view as it was.
+async fn create_empty_tables(
+    deps: &PromoterDeps,
+    plan: &Plan,
+    current: Option<&EnvironmentState>,
+) -> Result<(), PromoterError> {
+    for snapshot in plan.tables_to_create(current) {
+        let Some(table) = snapshot.physical_table() else { continue };
+        let warehouse_error = |source| PromoterError::Warehouse { gateway: snapshot.gateway.clone(), source };
+        let first = match Cron::parse(&snapshot.cron) {
+            Ok(cron) => Interval::new(snapshot.start, cron.next_tick_after(snapshot.start)),
+            Err(error) => {
+                return Err(PromoterError::State(StateError::Invalid {
+                    reason: format!("{}: stored cron: {error}", snapshot.name),
+                }));
+            }
+        };
+        let now = deps.clock.now();
+        let query = snapshot.rendered_query.as_deref().map(|sql| QueryTemplate::from_sql(sql).fill(first, now));
+        let query = query.as_deref().unwrap_or("");
+        let mut warehouse = deps.warehouses.connect(&snapshot.gateway).await.map_err(warehouse_error)?;
+        let created = match snapshot.kind {
+            ModelKind::View => warehouse.create_physical_view(&table, query).await,
+            _ => warehouse.ensure_table(&table, &snapshot.columns, query).await,
+        };
+        created.map_err(warehouse_error)?;
+    }
+    Ok(())
+}
+
 /// `after_all`, by the promoter that finalized the run as promoted (at most once: a promoter that
 /// dies between the two does not run it). The environment is promoted whatever it does: a
 /// failure is logged, naming the gateway.
@@ -341,6 +377,7 @@ async fn promote(
         expected_plan: plan.previous_plan_id.as_ref(),
         plan: Some(&plan.id),
     };
+    create_empty_tables(deps, plan, current_state).await?;
     if !state.begin_promotion(run_id, &plan.id).await? {
         return Err(PromoterError::NotBegun);
     }

@@ -437,6 +437,7 @@ async fn simulate(seed: u64) -> Outcome {
             now,
             false,
             Default::default(),
+            false,
         )
         .await
         {

@@ -357,6 +357,7 @@ fn plan(id: &str, environment: &str, previous: Option<&str>, created_at: i64, sn
         window: Default::default(),
         restatements: Vec::new(),
         statements: Default::default(),
+        skip_backfill: false,
     }
 }
 
