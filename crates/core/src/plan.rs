@@ -549,7 +549,10 @@ pub fn build_restatement_plan(
                 high = high.max(cron.tick_at_or_after(restated[parent].end));
             }
         }
-        restated.insert(&snapshot.id, Interval::new(low, high));
+        // A window wholly after `now` restates nothing of a model that stops at `now`.
+        if low < high {
+            restated.insert(&snapshot.id, Interval::new(low, high));
+        }
     }
     let restatements: Vec<Restatement> = state
         .snapshots

@@ -695,6 +695,56 @@ fn a_run_plans_the_environments_snapshots_with_the_intervals_completed_since() {
     assert!(nothing.has_nothing_to_do(Some(prod)));
 }
 
+/// `plan --restate-model`: the selected model over the window widened to whole intervals, its
+/// FULL child over all its history up to now; nothing of a version prod uses from a development
+/// environment.
+#[test]
+fn a_restatement_restates_the_selection_and_its_descendants_by_sqlmeshs_rules() {
+    use sluice_core::plan::{RestatementRequest, build_restatement_plan};
+    let open_ended = ORDERS.replace("  end '2024-01-05'\n", "");
+    let project = project(&[
+        ("models/orders.sql", open_ended.as_str()),
+        ("models/summary.sql", "MODEL (name shop.summary, kind FULL);\nSELECT COUNT(*) AS n FROM shop.orders"),
+    ]);
+    let mut state = State::default();
+    state.apply(&state.plan(&project, "prod", false));
+    let prod = &state.environments[&EnvironmentName::prod()];
+    let now = Timestamp::parse("2024-01-10").unwrap();
+    let orders = ModelName::parse("shop.orders").unwrap();
+    let request = |start: &str, end: &str| RestatementRequest {
+        selected: [orders.clone()].into(),
+        start: Some(Timestamp::parse(start).unwrap()),
+        end: Some(Timestamp::parse(end).unwrap()),
+    };
+    let restated =
+        build_restatement_plan(prod, None, &state.recorded, now, &request("2024-01-03 05:00", "2024-01-04 01:00"))
+            .unwrap();
+    assert!(restated.warnings.is_empty());
+    let listed: Vec<String> = restated.plan.restatements.iter().map(|r| format!("{} {}", r.name, r.interval)).collect();
+    expect![[r#"
+        [
+            "shop.orders [2024-01-03 00:00:00, 2024-01-05 00:00:00)",
+            "shop.summary [2024-01-01 00:00:00, 2024-01-10 00:00:00)",
+        ]
+    "#]]
+    .assert_debug_eq(&listed);
+    let tasks: Vec<usize> = restated.plan.snapshots.iter().map(|planned| planned.batches.len()).collect();
+    assert_eq!(tasks, vec![1, 1], "the two days of orders in one batch, the summary rebuilt");
+    assert!(restated.plan.view_changes(Some(prod)).is_empty());
+
+    let mut dev = prod.clone();
+    dev.name = EnvironmentName::parse("dev").unwrap();
+    let from_dev =
+        build_restatement_plan(&dev, Some(prod), &state.recorded, now, &request("2024-01-03", "2024-01-04")).unwrap();
+    assert!(from_dev.plan.restatements.is_empty());
+    assert_eq!(from_dev.warnings, ["shop.orders is not restated: prod uses its version; restate it in prod instead"]);
+
+    // A window after now runs nothing of the incremental model; its FULL child rebuilds.
+    let later = build_restatement_plan(prod, None, &state.recorded, now, &request("2024-02-01", "2024-02-02")).unwrap();
+    let tasks: Vec<usize> = later.plan.snapshots.iter().map(|planned| planned.batches.len()).collect();
+    assert_eq!(tasks, vec![0, 1]);
+}
+
 /// A snapshot carries its model's audits rendered against the plan's tables: the model itself
 /// read as the write's rows (`sluice_this_model`), every other model as its physical table. A
 /// changed audit is a metadata-only change: nothing is rebuilt.
