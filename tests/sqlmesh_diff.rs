@@ -202,12 +202,7 @@ impl Case {
         now: &str,
         oracle_options: &[&str],
     ) -> (std::process::Output, std::process::Output) {
-        let oracle = Command::new(python())
-            .arg(oracle_script())
-            .args([verb, &self.oracle.project.display().to_string(), now, environment])
-            .args(oracle_options)
-            .output()
-            .unwrap();
+        let oracle = self.oracle(verb, environment, now, oracle_options);
         let sluice = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .arg("--project")
             .arg(&self.sluice.project)
@@ -217,6 +212,36 @@ impl Case {
             .output()
             .unwrap();
         (oracle, sluice)
+    }
+
+    /// Runs oracle.py's `verb` on SQLMesh's copy.
+    fn oracle(&self, verb: &str, environment: &str, now: &str, options: &[&str]) -> std::process::Output {
+        Command::new(python())
+            .arg(oracle_script())
+            .args([verb, &self.oracle.project.display().to_string(), now, environment])
+            .args(options)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs sluice alone on its copy; returns its exit code and everything it printed.
+    fn sluice(&self, arguments: &[&str]) -> (Option<i32>, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("--project")
+            .arg(&self.sluice.project)
+            .args(arguments)
+            .env("SLUICE_LOG", "warn")
+            .env_remove("SLUICE_STATE_URL")
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        (output.status.code(), text)
+    }
+
+    /// Runs `sql` in sluice's PostgreSQL warehouse only.
+    async fn execute_in_sluices(&self, sql: &str) {
+        let mut connection = sqlx::PgConnection::connect(&self.sluice.warehouse).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut connection).await.unwrap();
     }
 
     fn compare(&self, environment: &str, now: &str, views: &[&str], hidden: &[&str]) {
@@ -792,6 +817,53 @@ async fn skip_backfill_equals_sqlmeshs() {
     let views = ["q__dev.items", "q__dev.daily", "q__dev.total", "q__dev.shown"];
     case.apply_with_and_compare("dev", "2024-01-04", &["--skip-backfill"], &views, &[]);
     case.apply_and_compare("dev", "2024-01-04", &views);
+}
+
+/// A restatement that fails on one day keeps the days it wrote again: once the data is fixed,
+/// `sluice apply PLAN` runs only the failed day and what waits for it (the restated intervals
+/// are forgotten once, when the plan first runs), and the result equals SQLMesh's restatement.
+#[tokio::test]
+async fn a_failed_restatement_resumes_where_it_stopped() {
+    let case = Case::new("restate_resume", Engine::Postgres, "postgres", Some("2024-01-01")).await;
+    case.execute(
+        "CREATE SCHEMA raw;
+         CREATE TABLE raw.events (ds DATE, amount INT);
+         CREATE TABLE raw.broken (ds DATE);
+         INSERT INTO raw.events SELECT d::date, 1 FROM generate_series(DATE '2024-01-01', DATE '2024-01-05', INTERVAL '1 day') AS d;",
+    )
+    .await;
+    case.write(
+        "models/daily.sql",
+        "MODEL (name r.daily, kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 1));\nSELECT ds, SUM(amount) / CASE WHEN EXISTS (SELECT 1 FROM raw.broken AS b WHERE b.ds = CAST(@start_ds AS DATE)) THEN 0 ELSE 1 END AS amount FROM raw.events WHERE ds BETWEEN @start_ds AND @end_ds GROUP BY ds",
+    );
+    case.write(
+        "models/doubled.sql",
+        "MODEL (name r.doubled, kind INCREMENTAL_BY_TIME_RANGE (time_column ds, batch_size 1));\nSELECT ds, amount * 2 AS amount FROM r.daily WHERE ds BETWEEN @start_ds AND @end_ds",
+    );
+    let views = ["r.daily", "r.doubled"];
+    case.apply_and_compare("prod", "2024-01-06", &views);
+    case.execute("UPDATE raw.events SET amount = 10").await;
+    case.execute_in_sluices("INSERT INTO raw.broken VALUES ('2024-01-03')").await;
+    let restate = ["--restate-model", "r.daily", "--start", "2024-01-02", "--end", "2024-01-04"];
+    let mut arguments = vec!["plan", "prod", "--auto-apply", "--now", "2024-01-06"];
+    arguments.extend(restate);
+    let (code, failed) = case.sluice(&arguments);
+    assert_eq!(code, Some(1), "the restatement fails on 2024-01-03:\n{failed}");
+    assert!(failed.contains("division by zero"), "{failed}");
+    let plan = failed
+        .lines()
+        .find_map(|line| line.strip_prefix("Stored as plan ").and_then(|rest| rest.split(';').next()))
+        .unwrap()
+        .to_string();
+    case.execute_in_sluices("DELETE FROM raw.broken").await;
+    let (code, resumed) = case.sluice(&["apply", &plan]);
+    assert_eq!(code, Some(0), "{resumed}");
+    // Six tasks (three days of each model): the two other days of each were written again and
+    // stay recorded; the broken day and its doubled day run now.
+    assert!(resumed.contains("6 tasks over 2 models, 4 already done"), "{resumed}");
+    let oracle = case.oracle("apply", "prod", "2024-01-06", &restate);
+    assert!(oracle.status.success(), "SQLMesh failed:\n{}", String::from_utf8_lossy(&oracle.stderr));
+    case.compare("prod", "2024-01-06", &views, &[]);
 }
 
 /// Waits out the last two minutes before a multiple of `period` seconds (an hour, a day), so
