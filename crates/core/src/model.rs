@@ -94,6 +94,12 @@ impl ModelKind {
         )
     }
 
+    /// Whether the kind can only be restated over its whole history (SQLMesh's rule): it is
+    /// rebuilt whole, or adds by key, by partition or by appending.
+    pub fn restates_whole_history(&self) -> bool {
+        matches!(self, ModelKind::Full | ModelKind::View) || (self.is_incremental() && !self.is_time_range())
+    }
+
     /// Whether the model's snapshot has a physical table (or view) of its own.
     pub fn is_materialized(&self) -> bool {
         !matches!(self, ModelKind::Embedded)

@@ -246,20 +246,22 @@ impl Plan {
         self.snapshots.iter().flat_map(|planned| &planned.batches).map(|batch| u64::from(batch.interval_count)).sum()
     }
 
-    /// Whether the task of `interval` replaces its table's rows instead of adding to them: the
-    /// first batch of a restated model that restates whole and adds by key or appends
-    /// (INCREMENTAL_BY_UNIQUE_KEY, INCREMENTAL_BY_PARTITION, INCREMENTAL_UNMANAGED), as SQLMesh's
-    /// first insert into a table whose intervals were all forgotten replaces it.
-    pub fn replaces_table(&self, snapshot_index: usize, interval: Interval) -> bool {
-        let Some(planned) = self.snapshots.get(snapshot_index) else { return false };
-        let snapshot = &planned.snapshot;
-        matches!(
-            snapshot.kind,
-            ModelKind::IncrementalByUniqueKey { .. }
-                | ModelKind::IncrementalByPartition { .. }
-                | ModelKind::IncrementalUnmanaged { .. }
-        ) && planned.batches.first().is_some_and(|first| first.interval.start == interval.start)
-            && self.restatements.iter().any(|r| r.name == snapshot.name && r.version == snapshot.version)
+    /// Per snapshot, the start of the batch that replaces its table's rows instead of adding to
+    /// them: the first batch of a restated model that adds by key, by partition or by appending
+    /// (its whole history is restated), as SQLMesh's first insert into a table whose intervals
+    /// were all forgotten replaces it. Computed once per run (workers read it per task).
+    pub fn replacing_batch_starts(&self) -> Vec<Option<Timestamp>> {
+        let restated: BTreeSet<(&ModelName, &Version)> =
+            self.restatements.iter().map(|restatement| (&restatement.name, &restatement.version)).collect();
+        self.snapshots
+            .iter()
+            .map(|planned| {
+                let snapshot = &planned.snapshot;
+                let keyed = snapshot.kind.is_incremental() && !snapshot.kind.is_time_range();
+                let first = planned.batches.first().map(|batch| batch.interval.start);
+                first.filter(|_| keyed && restated.contains(&(&snapshot.name, &snapshot.version)))
+            })
+            .collect()
     }
 
     /// The promoted snapshots whose tables (or physical views) this plan shows without building
@@ -530,14 +532,7 @@ pub fn build_restatement_plan(
         let cron = Cron::parse(&snapshot.cron).map_err(|error| format!("{}: stored cron: {error}", snapshot.name))?;
         // A model that can only be rebuilt whole, or reads itself, depends on everything before:
         // it restates up to `now`, and the whole one from its first recorded interval.
-        let whole_history = matches!(
-            snapshot.kind,
-            ModelKind::Full
-                | ModelKind::View
-                | ModelKind::IncrementalByUniqueKey { .. }
-                | ModelKind::IncrementalByPartition { .. }
-                | ModelKind::IncrementalUnmanaged { .. }
-        );
+        let whole_history = snapshot.kind.restates_whole_history();
         let mut low = cron.tick_at_or_before(start);
         let mut high = cron.tick_at_or_after(if snapshot.self_referencing || whole_history { now } else { end });
         if whole_history && let Some(first) = recorded_of(snapshot).ranges().first() {
@@ -554,24 +549,19 @@ pub fn build_restatement_plan(
             restated.insert(&snapshot.id, Interval::new(low, high));
         }
     }
-    let restatements: Vec<Restatement> = state
-        .snapshots
-        .iter()
-        .filter(|snapshot| snapshot.kind.is_materialized() && !matches!(snapshot.kind, ModelKind::View))
-        .filter_map(|snapshot| {
-            let interval = *restated.get(&snapshot.id)?;
-            Some(Restatement { name: snapshot.name.clone(), version: snapshot.version.clone(), interval })
-        })
-        .collect();
-    let remaining: BTreeMap<&SnapshotId, IntervalSet> = restatements
-        .iter()
-        .filter_map(|restatement| {
-            let snapshot = state.snapshots.iter().find(|s| s.name == restatement.name)?;
-            let mut set = recorded_of(snapshot).clone();
-            set.remove(restatement.interval);
-            Some((&snapshot.id, set))
-        })
-        .collect();
+    // What is forgotten, and what stays recorded of each restated table once it is.
+    let mut restatements = Vec::new();
+    let mut remaining: BTreeMap<&SnapshotId, IntervalSet> = BTreeMap::new();
+    for snapshot in &state.snapshots {
+        let Some(&interval) = restated.get(&snapshot.id) else { continue };
+        if !snapshot.kind.is_materialized() || matches!(snapshot.kind, ModelKind::View) {
+            continue;
+        }
+        restatements.push(Restatement { name: snapshot.name.clone(), version: snapshot.version.clone(), interval });
+        let mut set = recorded_of(snapshot).clone();
+        set.remove(interval);
+        remaining.insert(&snapshot.id, set);
+    }
     let backfill = |snapshot: &Snapshot, cron: &Cron| {
         let nothing = Backfill { missing_ranges: Vec::new(), missing_interval_count: 0, batches: Vec::new() };
         let Some(recorded) = remaining.get(&snapshot.id) else { return nothing };

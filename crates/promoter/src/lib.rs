@@ -19,7 +19,7 @@ use sluice_core::plan::{EnvironmentState, Plan, ViewChange};
 use sluice_core::query::QueryTemplate;
 use sluice_core::snapshot::Snapshot;
 use sluice_core::task_graph::{TaskGraph, finished_tasks, task_tables};
-use sluice_engine::{EngineError, GatewayPromotion, PromotionOutcome, ViewUpdate, WarehouseFactory};
+use sluice_engine::{EngineError, GatewayPromotion, PromotionOutcome, ViewUpdate, Warehouse, WarehouseFactory};
 use sluice_queue::{EventBus, QueueError, RunEvent, RunId};
 use sluice_state::host::{Clock, offload};
 use sluice_state::{
@@ -290,7 +290,19 @@ async fn create_empty_tables(
     plan: &Plan,
     current: Option<&EnvironmentState>,
 ) -> Result<(), PromoterError> {
-    for snapshot in plan.tables_to_create(current) {
+    let candidates = plan.tables_to_create(current);
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    // A table with an interval recorded exists (a view switched to a version built before, the
+    // common case): only the others are created, one connection per gateway.
+    let keys: Vec<_> = candidates.iter().map(|s| (s.name.clone(), s.version.clone())).collect();
+    let recorded = deps.state.get_intervals(&keys).await?;
+    let mut connections: BTreeMap<&str, Box<dyn Warehouse>> = BTreeMap::new();
+    for snapshot in candidates {
+        if recorded.get(&(snapshot.name.clone(), snapshot.version.clone())).is_some_and(|set| !set.is_empty()) {
+            continue;
+        }
         let Some(table) = snapshot.physical_table() else { continue };
         let warehouse_error = |source| PromoterError::Warehouse { gateway: snapshot.gateway.clone(), source };
         let first = match Cron::parse(&snapshot.cron) {
@@ -304,7 +316,12 @@ async fn create_empty_tables(
         let now = deps.clock.now();
         let query = snapshot.rendered_query.as_deref().map(|sql| QueryTemplate::from_sql(sql).fill(first, now));
         let query = query.as_deref().unwrap_or("");
-        let mut warehouse = deps.warehouses.connect(&snapshot.gateway).await.map_err(warehouse_error)?;
+        let warehouse = match connections.entry(snapshot.gateway.as_str()) {
+            std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::btree_map::Entry::Vacant(entry) => {
+                entry.insert(deps.warehouses.connect(&snapshot.gateway).await.map_err(warehouse_error)?)
+            }
+        };
         let created = match snapshot.kind {
             ModelKind::View => warehouse.create_physical_view(&table, query).await,
             _ => warehouse.ensure_table(&table, &snapshot.columns, query).await,

@@ -175,6 +175,8 @@ struct RunContext {
     post_statements: Vec<Vec<QueryTemplate>>,
     /// Per snapshot: its audits (blocking or not) and their queries, pre-split.
     audits: Vec<Vec<(bool, String, QueryTemplate)>>,
+    /// Per snapshot: the start of the batch that replaces its table (`Plan::replacing_batch_starts`).
+    replacing_batch_starts: Vec<Option<Timestamp>>,
     /// Tasks this worker already settled without success (aborted or below a failure), so that
     /// draining a large aborted run does not walk the same descendants again and again.
     settled: Mutex<BTreeSet<u32>>,
@@ -199,7 +201,17 @@ impl RunContext {
                 audits.iter().map(|a| (a.blocking, a.call.clone(), QueryTemplate::from_sql(&a.query))).collect()
             })
             .collect();
-        RunContext { plan, graph, queries, pre_statements, post_statements, audits, settled: Mutex::default() }
+        let replacing_batch_starts = plan.replacing_batch_starts();
+        RunContext {
+            plan,
+            graph,
+            queries,
+            pre_statements,
+            post_statements,
+            audits,
+            replacing_batch_starts,
+            settled: Mutex::default(),
+        }
     }
 
     /// `task` and every task that transitively waits for it, leaving out (and not walking
@@ -502,7 +514,7 @@ impl Slot {
             if *is_blocking { blocking.push(check) } else { reported.push(check) }
         }
         let rows = match &snapshot.kind {
-            _ if context.plan.replaces_table(snapshot_index, interval) => {
+            _ if context.replacing_batch_starts[snapshot_index] == Some(interval.start) => {
                 timed.call("replace_all", warehouse.replace_all(&table, query_text, &blocking)).await?
             }
             ModelKind::IncrementalByTimeRange { time_column, .. } => {
