@@ -819,6 +819,63 @@ async fn skip_backfill_equals_sqlmeshs() {
     case.apply_and_compare("dev", "2024-01-04", &views);
 }
 
+/// `plan --select-model`: in dev, only the selected model's change is taken and shown (a
+/// changed parent keeps the environment's definition, a changed child is not shown, a new model
+/// stays out); `+M` takes M's ancestors' changes too; in prod, `M+` with M's descendants; then
+/// the plan of every change. A prod selection that would show a changed child unbuilt is
+/// refused by sluice (SQLMesh fails it while moving the views).
+#[tokio::test]
+async fn selective_plans_equal_sqlmeshs() {
+    let case = Case::new("select", Engine::Postgres, "postgres", Some("2024-01-01")).await;
+    let a = "MODEL (name k.a, kind INCREMENTAL_BY_TIME_RANGE (time_column ds));\nSELECT CAST(@start_ds AS DATE) AS ds, 10 AS v";
+    let b = "MODEL (name k.b, kind FULL);\nSELECT ds, v * 2 AS w FROM k.a";
+    let c = "MODEL (name k.c, kind INCREMENTAL_BY_TIME_RANGE (time_column ds));\nSELECT ds, w + 1 AS x FROM k.b WHERE ds BETWEEN @start_ds AND @end_ds";
+    case.write("models/a.sql", a);
+    case.write("models/b.sql", b);
+    case.write("models/c.sql", c);
+    case.apply_and_compare("prod", "2024-01-05", &["k.a", "k.b", "k.c"]);
+
+    case.write("models/a.sql", &a.replace("10 AS v", "100 AS v"));
+    case.write("models/b.sql", &b.replace("v * 2", "v * 3"));
+    case.write("models/c.sql", &c.replace("w + 1", "w + 7"));
+    case.write("models/d.sql", "MODEL (name k.d, kind FULL);\nSELECT COUNT(*) AS n FROM k.a");
+    let hidden = ["k__dev.a", "k__dev.c", "k__dev.d"];
+    case.apply_with_and_compare("dev", "2024-01-05", &["--select-model", "k.b"], &["k__dev.b", "k.b"], &hidden);
+    case.apply_with_and_compare(
+        "dev",
+        "2024-01-05",
+        &["--select-model", "+k.c"],
+        &["k__dev.a", "k__dev.b", "k__dev.c"],
+        &["k__dev.d"],
+    );
+
+    let (code, text) = case.sluice(&["plan", "--select-model", "k.b", "--auto-apply", "--now", "2024-01-05"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("--select-model: k.c would get new tables in prod"), "{text}");
+    case.apply_with_and_compare("prod", "2024-01-05", &["--select-model", "k.b+"], &["k.a", "k.b", "k.c"], &["k.d"]);
+    case.apply_and_compare("prod", "2024-01-06", &["k.a", "k.b", "k.c", "k.d"]);
+}
+
+/// `kind EXTERNAL` in a model file declares a table outside the project: its query is never
+/// run, no view is made for it, and a model reading it reads the table as it is.
+#[tokio::test]
+async fn an_external_kind_equals_sqlmeshs() {
+    let case = Case::new("external", Engine::Postgres, "postgres", Some("2024-01-01")).await;
+    case.execute(
+        "CREATE SCHEMA raw; CREATE TABLE raw.src (id INT, v INT); INSERT INTO raw.src VALUES (1, 10), (2, 20)",
+    )
+    .await;
+    case.write(
+        "models/src.sql",
+        "MODEL (name raw.src, kind EXTERNAL, columns (id INT, v INT));\nSELECT 7 AS id, 70 AS v",
+    );
+    case.write("models/b.sql", "MODEL (name k.b, kind FULL);\nSELECT id, v * 2 AS w FROM raw.src");
+    case.apply_and_compare("prod", "2024-01-03", &["k.b", "raw.src"]);
+    let (code, text) = case.sluice(&["plan", "--now", "2024-01-03"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("raw.src"), "an external table is no model of the plan:\n{text}");
+}
+
 /// A restatement that fails on one day keeps the days it wrote again: once the data is fixed,
 /// `sluice apply PLAN` runs only the failed day and what waits for it (the restated intervals
 /// are forgotten once, when the plan first runs), and the result equals SQLMesh's restatement.

@@ -61,6 +61,8 @@ pub struct PlanOptions<'a> {
     pub skip_unsupported: bool,
     /// `--skip-backfill`: promote the new tables empty.
     pub skip_backfill: bool,
+    /// `--select-model`: only these models' local changes.
+    pub select_model: Vec<String>,
 }
 
 fn open_context(common: &Common<'_>) -> Result<ProjectContext> {
@@ -106,9 +108,12 @@ pub async fn plan(common: &Common<'_>, options: &PlanOptions<'_>) -> Result<Appl
         project,
         &environment,
         options.now,
-        options.forward_only,
-        options.window,
-        options.skip_backfill,
+        &sluice_coordinator::PlanOptions {
+            forward_only: options.forward_only,
+            window: options.window,
+            skip_backfill: options.skip_backfill,
+            select: options.select_model.clone(),
+        },
     )
     .await?;
     let graph = options.explain.then(|| TaskGraph::build(&plan));

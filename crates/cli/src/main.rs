@@ -98,6 +98,11 @@ enum Command {
         /// `tag:NAME`; repeatable. Local changes play no part in a restatement plan.
         #[arg(long = "restate-model", value_name = "SELECTOR", env = "SLUICE_RESTATE_MODEL", value_delimiter = ',')]
         restate_model: Vec<String>,
+        /// Take only these models' local changes (as `--restate-model` selects, plus `+M` for M
+        /// and its upstream, `M+` for M and its downstream); every other model keeps what the
+        /// environment shows. Only they and what they read are backfilled; repeatable.
+        #[arg(long = "select-model", value_name = "SELECTOR", env = "SLUICE_SELECT_MODEL", value_delimiter = ',')]
+        select_model: Vec<String>,
     },
     /// Run an environment's models as they are: every interval whose cron has elapsed since it
     /// was last run, through the same tasks (and, with an AMQP URL, the same queues) as a plan.
@@ -354,12 +359,26 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Run { environment, now } => {
             commands::run(&common, environment, now_or(now.as_deref())?).await.map(exit)
         }
-        Command::Plan { environment, explain, now, auto_apply, start, end, restate_model, forward_only, .. }
-            if !restate_model.is_empty() =>
-        {
+        Command::Plan {
+            environment,
+            explain,
+            now,
+            auto_apply,
+            start,
+            end,
+            restate_model,
+            forward_only,
+            select_model,
+            ..
+        } if !restate_model.is_empty() => {
             if *forward_only {
                 bail!(
                     "--forward-only categorizes changes; a restatement plan (--restate-model) runs the environment's models as they are"
+                );
+            }
+            if !select_model.is_empty() {
+                bail!(
+                    "--select-model picks local changes; a restatement plan (--restate-model) runs the environment's models as they are"
                 );
             }
             let parse = |flag: &str, text: &Option<String>, read: fn(&str) -> Result<Timestamp, _>| {
@@ -386,6 +405,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             end,
             skip_unsupported,
             skip_backfill,
+            select_model,
             ..
         } => {
             let now = now_or(now.as_deref())?;
@@ -402,6 +422,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 window,
                 skip_unsupported: *skip_unsupported,
                 skip_backfill: *skip_backfill,
+                select_model: select_model.clone(),
             };
             commands::plan(&common, &options).await.map(exit)
         }

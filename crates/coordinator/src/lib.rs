@@ -23,12 +23,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sluice_core::config::Config;
 use sluice_core::interval::Timestamp;
-use sluice_core::names::{EnvironmentName, PlanId, RunId, TaskId};
+use sluice_core::names::{EnvironmentName, ModelName, PlanId, RunId, SnapshotId, TaskId};
 use sluice_core::plan::{
     BackfillWindow, Change, EnvironmentStatements, Plan, PlanContext, RestatementPlan, RestatementRequest, build_plan,
     build_restatement_plan, build_run_plan, plan_base,
 };
 use sluice_core::project::Project;
+use sluice_core::selection::{select_models, unbuilt_in_prod};
 use sluice_core::selector::{Selectable, select};
 use sluice_core::snapshot::fingerprint_project;
 use sluice_core::task_graph::{TaskGraph, finished_tasks, task_tables};
@@ -163,6 +164,19 @@ fn plan_label(id: Option<&PlanId>) -> String {
     id.map_or_else(|| "none".to_string(), ToString::to_string)
 }
 
+/// How a plan is made beyond the project and the environment (`plan`'s options).
+#[derive(Clone, Debug, Default)]
+pub struct PlanOptions {
+    /// Every change forward-only.
+    pub forward_only: bool,
+    /// A development environment's backfill window.
+    pub window: BackfillWindow,
+    /// Backfill nothing (SEED models are loaded).
+    pub skip_backfill: bool,
+    /// `--select-model`: only these models' local changes (empty: every change).
+    pub select: Vec<String>,
+}
+
 /// Plans `project` against what the state store holds for `environment` (its state, or prod's
 /// for a new environment; the snapshots known by fingerprint; the intervals recorded for the
 /// plan's tables) at `now`. The plan is not stored.
@@ -171,15 +185,19 @@ pub async fn plan_against_state(
     project: &Project,
     environment: &EnvironmentName,
     now: Timestamp,
-    forward_only: bool,
-    window: BackfillWindow,
-    skip_backfill: bool,
+    options: &PlanOptions,
 ) -> Result<Plan, StateError> {
     let current = state.get_environment(environment).await?;
     let prod = if environment.is_prod() { None } else { state.get_environment(&EnvironmentName::prod()).await? };
     let current_state = current.map(|record| record.state);
     let prod_state = prod.map(|record| record.state);
     let base = plan_base(environment, current_state.as_ref(), prod_state.as_ref());
+    let selection = if options.select.is_empty() {
+        None
+    } else {
+        Some(select_models(project, base.as_ref(), &options.select).map_err(|reason| StateError::Invalid { reason })?)
+    };
+    let project = selection.as_ref().map_or(project, |selection| &selection.project);
     let ids: Vec<_> =
         fingerprint_project(project).iter().map(|(name, fingerprint)| fingerprint.snapshot_id(name)).collect();
     let known = state.get_snapshots(&ids).await?;
@@ -195,9 +213,10 @@ pub async fn plan_against_state(
                 known_snapshots: &known,
                 recorded_intervals: recorded,
                 now,
-                forward_only,
-                window,
-                skip_backfill,
+                forward_only: options.forward_only,
+                window: options.window,
+                skip_backfill: options.skip_backfill,
+                selected: selection.as_ref().map(|selection| &selection.selected),
             },
         )
     };
@@ -208,7 +227,19 @@ pub async fn plan_against_state(
         .map(|planned| (planned.snapshot.name.clone(), planned.snapshot.version.clone()))
         .collect();
     let recorded = state.get_intervals(&keys).await?;
-    Ok(make(&recorded))
+    let plan = make(&recorded);
+    if let Some(selection) = &selection {
+        let unbuilt = unbuilt_in_prod(&plan, project, &selection.selected);
+        if !unbuilt.is_empty() {
+            return Err(StateError::Invalid {
+                reason: format!(
+                    "--select-model: {} would get new tables in prod that this plan does not build (they read a selected model that changes); select them too, for example with `MODEL+`",
+                    unbuilt.join(", ")
+                ),
+            });
+        }
+    }
+    Ok(plan)
 }
 
 /// The plan of `sluice run` for `environment` at `now` (`build_run_plan`), against what the state
@@ -259,7 +290,18 @@ pub async fn restatement_plan_against_state(
     let prod = if environment.is_prod() { None } else { state.get_environment(&EnvironmentName::prod()).await? };
     let selectable =
         current.state.snapshots.iter().map(|snapshot| Selectable { name: &snapshot.name, tags: &snapshot.tags });
-    let selected = select(selectable, selectors).map_err(|reason| StateError::Invalid { reason })?;
+    let names: BTreeMap<&SnapshotId, &ModelName> =
+        current.state.snapshots.iter().map(|snapshot| (&snapshot.id, &snapshot.name)).collect();
+    let parents = current
+        .state
+        .snapshots
+        .iter()
+        .map(|snapshot| {
+            let its_parents = snapshot.parents.iter().filter_map(|id| names.get(id).map(|name| (*name).clone()));
+            (snapshot.name.clone(), its_parents.collect())
+        })
+        .collect();
+    let selected = select(selectable, &parents, selectors).map_err(|reason| StateError::Invalid { reason })?;
     let keys: Vec<_> =
         current.state.snapshots.iter().map(|snapshot| (snapshot.name.clone(), snapshot.version.clone())).collect();
     let recorded = state.get_intervals(&keys).await?;

@@ -173,6 +173,7 @@ async fn coordinator_workers_and_promoter_apply_a_plan_then_a_change() {
                     forward_only: false,
                     window: Default::default(),
                     skip_backfill: false,
+                    selected: None,
                 },
             );
             state.put_plan(&plan).await.unwrap();

@@ -14,6 +14,7 @@ pub mod plan;
 pub mod plan_text;
 pub mod project;
 pub mod query;
+pub mod selection;
 pub mod selector;
 pub mod snapshot;
 pub mod synthetic;

@@ -179,6 +179,21 @@ pub struct Model {
     pub seed: Option<SeedData>,
     /// The audits run after each write, in the order the model names them (skipped ones left out).
     pub audits: Vec<ModelAudit>,
+    /// `--select-model` left this model out: it keeps the definition the environment shows,
+    /// read back from its stored snapshot (`None`: read from its file).
+    pub stored: Option<StoredDefinition>,
+}
+
+/// What a model read back from a stored snapshot keeps of it that its fields cannot say again:
+/// its own hashes (so its fingerprint is the stored one) and its audits as they were rendered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredDefinition {
+    pub data_hash: String,
+    pub metadata_hash: String,
+    /// Audits as stored: parents read through the physical tables named in `parent_tables`.
+    pub audits: Vec<crate::snapshot::SnapshotAudit>,
+    /// Each physical table (`schema.table`) of a parent the stored snapshot read, by parent.
+    pub parent_tables: std::collections::BTreeMap<String, ModelName>,
 }
 
 /// One audit of a model, rendered for it.
@@ -192,6 +207,61 @@ pub struct ModelAudit {
 }
 
 impl Model {
+    /// The definition `snapshot` was planned from, as a model (`--select-model` keeps an
+    /// unselected model's stored definition); `parents` are the snapshots it read.
+    pub fn from_snapshot(
+        snapshot: &crate::snapshot::Snapshot,
+        parents: &[&crate::snapshot::Snapshot],
+    ) -> Result<Model, String> {
+        let unreadable = |what: &str, error: String| {
+            format!(
+                "{}: the environment's definition (snapshot {}) cannot be read back: {what}: {error}",
+                snapshot.name, snapshot.id
+            )
+        };
+        let cron = Cron::parse(&snapshot.cron).map_err(|error| unreadable("cron", error.to_string()))?;
+        let query = match &snapshot.normalized_query {
+            Some(text) => Some(
+                crate::query::parse_query(text, &snapshot.dialect)
+                    .map_err(|error| unreadable("query", error.message))?,
+            ),
+            None => None,
+        };
+        let parent_tables = parents
+            .iter()
+            .filter_map(|parent| Some((parent.physical_table()?.to_string(), parent.name.clone())))
+            .collect();
+        Ok(Model {
+            name: snapshot.name.clone(),
+            file: format!("snapshot {}", snapshot.id),
+            kind: snapshot.kind.clone(),
+            disable_restatement: snapshot.disable_restatement,
+            cron,
+            start: Some(snapshot.start),
+            end: snapshot.end,
+            owner: snapshot.owner.clone(),
+            description: snapshot.description.clone(),
+            grain: snapshot.grain.clone(),
+            gateway: snapshot.gateway.clone(),
+            dialect: snapshot.dialect.clone(),
+            tags: snapshot.tags.clone(),
+            depends_on: Vec::new(),
+            columns: snapshot.columns.clone(),
+            enabled: true,
+            pre_statements: snapshot.pre_statements.clone(),
+            post_statements: snapshot.post_statements.clone(),
+            query,
+            seed: snapshot.seed.clone(),
+            audits: Vec::new(),
+            stored: Some(StoredDefinition {
+                data_hash: snapshot.fingerprint.data_hash.clone(),
+                metadata_hash: snapshot.fingerprint.metadata_hash.clone(),
+                audits: snapshot.audits.clone(),
+                parent_tables,
+            }),
+        })
+    }
+
     /// Whether the query reads the model's own table (`@this_model` or its own name).
     pub fn is_self_referencing(&self) -> bool {
         self.query

@@ -1087,11 +1087,10 @@ fn render_audit(
     }
 }
 
-/// The model name a model file declares (its MODEL block's `name`), when it can be read: what
-/// a file sluice cannot run is known by.
-pub fn declared_name(text: &str) -> Option<ModelName> {
-    let tokens = Tokenizer::new(&GenericDialect {}, text).with_unescape(false).tokenize_with_location().ok()?;
-    let significant = significant(&tokens);
+/// The tokens of one property of a file's MODEL block (its key, then its value), when the block
+/// can be read.
+fn declared_property(tokens: &[TokenWithSpan], key: &str) -> Option<Vec<TokenWithSpan>> {
+    let significant = significant(tokens);
     let (model, rest) = significant.split_first()?;
     if !is_word(&model.token, "MODEL") || !matches!(rest.first().map(|t| &t.token), Some(Token::LParen)) {
         return None;
@@ -1110,12 +1109,29 @@ pub fn declared_name(text: &str) -> Option<ModelName> {
         block.push(*token);
     }
     let items = split_top_level_commas(block.get(1..)?);
-    let (key, value) = items.iter().find_map(|item| {
-        let (key, value) = item.split_first()?;
-        is_word(&key.token, "name").then_some((*key, value))
-    })?;
+    let item = items.into_iter().find(|item| item.first().is_some_and(|first| is_word(&first.token, key)))?;
+    Some(item.into_iter().cloned().collect())
+}
+
+/// The model name a model file declares (its MODEL block's `name`), when it can be read: what
+/// a file sluice cannot run is known by.
+pub fn declared_name(text: &str) -> Option<ModelName> {
+    let tokens = Tokenizer::new(&GenericDialect {}, text).with_unescape(false).tokenize_with_location().ok()?;
+    let property = declared_property(&tokens, "name")?;
+    let (key, value) = property.split_first()?;
+    let value: Vec<&TokenWithSpan> = value.iter().collect();
     let mut reader = FileReader::new("");
-    ModelName::parse(&reader.scalar(key, value)?).ok()
+    ModelName::parse(&reader.scalar(key, &value)?).ok()
+}
+
+/// Whether a model file declares `kind EXTERNAL`: a table outside the project, which SQLMesh
+/// reads as it is (the file's query is never run), as `external_models.yaml` declares one.
+pub fn declares_external(text: &str) -> bool {
+    let Ok(tokens) = Tokenizer::new(&GenericDialect {}, text).with_unescape(false).tokenize_with_location() else {
+        return false;
+    };
+    let Some(property) = declared_property(&tokens, "kind") else { return false };
+    matches!(property.as_slice(), [_, kind] if is_word(&kind.token, "EXTERNAL"))
 }
 
 /// Reads one model file. `file` is its project-relative path, used in messages and for seed paths.
@@ -1611,6 +1627,7 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
         query: model_query,
         seed,
         audits,
+        stored: None,
     };
     errors.finish(ParsedModel { model, warnings }).map_err(|errors| errors.0)
 }

@@ -52,6 +52,10 @@ pub struct PlanContext<'a> {
     /// `--skip-backfill`: no table is backfilled (SEED models are still loaded, as in SQLMesh);
     /// new tables are created empty, and new views, at promotion.
     pub skip_backfill: bool,
+    /// `--select-model`: the models selected (the project is then `selection::select_models`'s):
+    /// only they and their ancestors are backfilled, and a development environment shows only
+    /// them and what it showed before at the same snapshot.
+    pub selected: Option<&'a BTreeSet<ModelName>>,
 }
 
 /// A development plan's backfill window (`plan dev --start S --end E`): every snapshot's
@@ -724,6 +728,7 @@ pub fn first_plan(project: &Project, now: Timestamp) -> Plan {
         forward_only: false,
         window: BackfillWindow::default(),
         skip_backfill: false,
+        selected: None,
     };
     build_plan(project, context)
 }
@@ -759,6 +764,9 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
         context.prod.map(|prod| prod.snapshots.iter().map(|s| (&s.name, &s.version)).collect()).unwrap_or_default();
     let base_by_name: BTreeMap<&ModelName, &Snapshot> =
         context.base.map(|base| base.snapshots.iter().map(|s| (&s.name, s)).collect()).unwrap_or_default();
+    let shown_ids: BTreeSet<&SnapshotId> =
+        context.current.map(|current| current.snapshots.iter().map(|s| &s.id).collect()).unwrap_or_default();
+    let backfilled = context.selected.map(|selected| crate::selection::backfilled_models(project, selected));
 
     let mut planned: Vec<PlannedSnapshot> = Vec::with_capacity(project.order.len());
     let mut index_of: BTreeMap<&ModelName, usize> = BTreeMap::new();
@@ -854,7 +862,7 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
                 let own_table = PhysicalTable::of(name, &version);
                 let own_table = Replacement::Table { schema: own_table.schema, table: own_table.table };
                 let rendered_query = model.query.as_ref().map(|query| render(&query.query, own_table.clone()));
-                let audits = model
+                let mut audits: Vec<SnapshotAudit> = model
                     .audits
                     .iter()
                     .map(|audit| SnapshotAudit {
@@ -863,6 +871,22 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
                         query: render(&audit.query.query, Replacement::Relation(THIS_MODEL.to_string())).to_string(),
                     })
                     .collect();
+                if let Some(stored) = &model.stored {
+                    // Rendered when stored: only the parents' tables move.
+                    let target = project.config.gateways.get(&model.gateway).map(|g| g.connection.default_dialect());
+                    let moved = |reference: &str| -> Option<Replacement> {
+                        let parent = stored.parent_tables.get(reference)?;
+                        let table = planned[*index_of.get(parent)?].snapshot.physical_table()?;
+                        Some(Replacement::Table { schema: table.schema, table: table.table })
+                    };
+                    for audit in &stored.audits {
+                        let query = match crate::query::parse_query(&audit.query, target.unwrap_or(&model.dialect)) {
+                            Ok(parsed) => rewrite_references(&parsed.query, &moved).to_string(),
+                            Err(_) => audit.query.clone(),
+                        };
+                        audits.push(SnapshotAudit { query, ..audit.clone() });
+                    }
+                }
                 let category = match &change {
                     Change::Direct(category) => Some(*category),
                     Change::Indirect { breaking: true, .. } | Change::Added => Some(ChangeCategory::Breaking),
@@ -921,9 +945,25 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
             .iter()
             .filter_map(|parent| index_of.get(parent).map(|index| *index as u32))
             .collect();
-        let promoted = context.environment.is_prod()
-            || prod_versions.get(name) != Some(&&snapshot.version)
-            || shown.contains(name);
+        let promoted = match context.selected {
+            // SQLMesh's rule: the selected models, and what the environment showed at this snapshot.
+            Some(selected) if !context.environment.is_prod() => {
+                selected.contains(name) || shown_ids.contains(&snapshot.id)
+            }
+            _ => {
+                context.environment.is_prod()
+                    || prod_versions.get(name) != Some(&&snapshot.version)
+                    || shown.contains(name)
+            }
+        };
+        if let Some(backfilled) = &backfilled
+            && !backfilled.contains(name)
+            && (!context.environment.is_prod() || previous.is_some_and(|old| old.version == snapshot.version))
+        {
+            // Left to a later plan; in prod a new table outside the selection keeps its tasks and
+            // the plan is refused (`selection_gaps`).
+            backfill = Backfill { missing_ranges: Vec::new(), missing_interval_count: 0, batches: Vec::new() };
+        }
         index_of.insert(name, planned.len());
         planned.push(PlannedSnapshot {
             snapshot,
@@ -986,6 +1026,13 @@ pub fn build_plan(project: &Project, context: PlanContext) -> Plan {
     hasher.update(&[u8::from(context.forward_only)]);
     if context.skip_backfill {
         hasher.update(b"skip_backfill");
+    }
+    if let Some(selected) = context.selected {
+        hasher.update(b"selected");
+        for name in selected {
+            hasher.update(name.to_string().as_bytes());
+            hasher.update(&[0]);
+        }
     }
     // Statements change what applying does, so they are part of the id (none: ids as before).
     for statement in project.config.before_all.iter().chain(&project.config.after_all) {

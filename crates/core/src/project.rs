@@ -10,7 +10,7 @@ use serde_yaml_ng::Value;
 use crate::config::{CONFIG_FILE, Config, parse_config};
 use crate::error::{ErrorSink, ProjectError, ProjectErrors, SourceLocation};
 use crate::model::{Model, ModelKind};
-use crate::model_file::{ModelFileContext, declared_name, expand_blueprints, parse_model_file};
+use crate::model_file::{ModelFileContext, declared_name, declares_external, expand_blueprints, parse_model_file};
 use crate::names::ModelName;
 
 pub const EXTERNAL_MODELS_FILE: &str = "external_models.yaml";
@@ -183,6 +183,33 @@ fn read_external_models(text: &str, errors: &mut ErrorSink) -> BTreeSet<String> 
     names
 }
 
+/// The models of `parents` (each model's parents), parents before children: Kahn's order,
+/// smallest name first so that it is stable. Models on a cycle are left out.
+pub(crate) fn topological_order(parents: &BTreeMap<ModelName, Vec<ModelName>>) -> Vec<ModelName> {
+    let mut waiting: BTreeMap<&ModelName, usize> = parents.iter().map(|(name, p)| (name, p.len())).collect();
+    let mut children: BTreeMap<&ModelName, Vec<&ModelName>> = BTreeMap::new();
+    for (child, child_parents) in parents {
+        for parent in child_parents {
+            children.entry(parent).or_default().push(child);
+        }
+    }
+    let mut ready: BTreeSet<&ModelName> =
+        waiting.iter().filter(|(_, count)| **count == 0).map(|(name, _)| *name).collect();
+    let mut order = Vec::with_capacity(parents.len());
+    while let Some(name) = ready.pop_first() {
+        order.push(name.clone());
+        for child in children.get(name).into_iter().flatten() {
+            if let Some(count) = waiting.get_mut(child) {
+                *count -= 1;
+                if *count == 0 {
+                    ready.insert(child);
+                }
+            }
+        }
+    }
+    order
+}
+
 /// Reads and checks a whole project; every error of every file is reported together.
 pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
     let mut errors = ErrorSink::default();
@@ -215,8 +242,16 @@ pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
         Ok(texts) => texts.into_iter().map(|text| (path, Ok(text))).collect::<Vec<_>>(),
         Err(file_errors) => vec![(path, Err(file_errors))],
     });
+    let mut declared_external = BTreeSet::new();
     for (path, text) in texts {
         let name = text.as_ref().ok().and_then(|text| declared_name(text));
+        if let (Ok(text), Some(name)) = (&text, &name)
+            && declares_external(text)
+        {
+            // A table outside the project, read as it is: never built, no view.
+            declared_external.insert(name.to_string());
+            continue;
+        }
         match text.and_then(|text| parse_model_file(path, &text, context)) {
             Ok(parsed) => {
                 warnings.extend(parsed.warnings);
@@ -244,10 +279,11 @@ pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
         }
     }
     leave_out_readers_of_unsupported(&mut models, &mut unsupported);
-    let external_models = match &files.external_models {
+    let mut external_models = match &files.external_models {
         Some(text) => read_external_models(text, &mut errors),
         None => BTreeSet::new(),
     };
+    external_models.extend(declared_external);
 
     // Parents: table references that name another model.
     let by_key: BTreeMap<String, ModelName> = models.keys().map(|name| (name.to_string(), name.clone())).collect();
@@ -283,28 +319,7 @@ pub fn load_project(files: &ProjectFiles) -> Result<Project, ProjectErrors> {
         parents.insert(name.clone(), model_parents);
     }
 
-    // Topological order (Kahn's, smallest name first, so that it is stable); a cycle is named in full.
-    let mut waiting: BTreeMap<&ModelName, usize> = parents.iter().map(|(name, p)| (name, p.len())).collect();
-    let mut children: BTreeMap<&ModelName, Vec<&ModelName>> = BTreeMap::new();
-    for (child, child_parents) in &parents {
-        for parent in child_parents {
-            children.entry(parent).or_default().push(child);
-        }
-    }
-    let mut ready: BTreeSet<&ModelName> =
-        waiting.iter().filter(|(_, count)| **count == 0).map(|(name, _)| *name).collect();
-    let mut order = Vec::with_capacity(models.len());
-    while let Some(name) = ready.pop_first() {
-        order.push(name.clone());
-        for child in children.get(name).into_iter().flatten() {
-            if let Some(count) = waiting.get_mut(child) {
-                *count -= 1;
-                if *count == 0 {
-                    ready.insert(child);
-                }
-            }
-        }
-    }
+    let order = topological_order(&parents);
     if order.len() < models.len() {
         report_cycles(&models, &parents, &mut errors);
     }

@@ -62,6 +62,9 @@ impl FieldHasher {
 }
 
 fn data_hash(model: &Model) -> String {
+    if let Some(stored) = &model.stored {
+        return stored.data_hash.clone();
+    }
     let mut hasher = FieldHasher::new();
     hasher.field("kind", model.kind.name()).field("gateway", &model.gateway).field("dialect", &model.dialect);
     match &model.kind {
@@ -102,6 +105,9 @@ fn data_hash(model: &Model) -> String {
 }
 
 fn metadata_hash(model: &Model) -> String {
+    if let Some(stored) = &model.stored {
+        return stored.metadata_hash.clone();
+    }
     let mut hasher = FieldHasher::new();
     hasher
         .field("cron", model.cron.text())
@@ -129,6 +135,12 @@ fn metadata_hash(model: &Model) -> String {
         hasher.field("disable_restatement", if model.disable_restatement { "1" } else { "0" });
     }
     hasher.finish()
+}
+
+/// A model's own hashes (data, metadata), its parents left out: what `--select-model` compares
+/// to tell a model changed in its file from one changed only through its parents.
+pub fn own_hashes(model: &Model) -> (String, String) {
+    (data_hash(model), metadata_hash(model))
 }
 
 /// Every model's fingerprint, parents before children.

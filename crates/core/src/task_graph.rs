@@ -290,6 +290,7 @@ mod tests {
                 forward_only: false,
                 window: Default::default(),
                 skip_backfill: false,
+                selected: None,
             },
         )
     }

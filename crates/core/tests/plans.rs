@@ -11,6 +11,7 @@ use sluice_core::names::{EnvironmentName, ModelName, SnapshotId, Version};
 use sluice_core::plan::{BackfillWindow, Change, EnvironmentState, Plan, PlanContext, build_plan, plan_base};
 use sluice_core::plan_text::format_plan;
 use sluice_core::project::{Project, ProjectFiles, load_project};
+use sluice_core::selection::{select_models, unbuilt_in_prod};
 use sluice_core::snapshot::{ChangeCategory, Snapshot};
 use sluice_core::task_graph::TaskGraph;
 
@@ -103,8 +104,37 @@ impl State {
                 forward_only,
                 window,
                 skip_backfill: false,
+                selected: None,
             },
         )
+    }
+
+    /// A `--select-model` plan: the project as `select_models` makes it, then planned.
+    fn plan_selecting(&self, project: &Project, environment: &str, selectors: &[&str]) -> Result<Plan, String> {
+        let environment = EnvironmentName::parse(environment).unwrap();
+        let current = self.environments.get(&environment);
+        let prod = if environment.is_prod() { None } else { self.environments.get(&EnvironmentName::prod()) };
+        let base = plan_base(&environment, current, prod);
+        let selectors: Vec<String> = selectors.iter().map(ToString::to_string).collect();
+        let selection = select_models(project, base.as_ref(), &selectors)?;
+        let plan = build_plan(
+            &selection.project,
+            PlanContext {
+                environment: &environment,
+                current,
+                base: base.as_ref(),
+                prod,
+                known_snapshots: &self.known,
+                recorded_intervals: &self.recorded,
+                now: Timestamp::parse("2024-01-10").unwrap(),
+                forward_only: false,
+                window: BackfillWindow::default(),
+                skip_backfill: false,
+                selected: Some(&selection.selected),
+            },
+        );
+        let unbuilt = unbuilt_in_prod(&plan, &selection.project, &selection.selected);
+        if unbuilt.is_empty() { Ok(plan) } else { Err(format!("unbuilt: {}", unbuilt.join(", "))) }
     }
 
     fn print(&self, plan: &Plan, expected: Expect) {
@@ -855,4 +885,79 @@ fn a_development_window_clips_the_backfill() {
     // As SQLMesh: an end on the plan's own day is not in the future (it includes that day, up
     // to the plan's time).
     assert!(BackfillWindow::parse(None, Some("2024-01-10"), &dev, now).is_ok());
+}
+
+/// Each model's change, whether the environment shows it, and its task count: one line each.
+fn summary_of(plan: &Plan) -> Vec<String> {
+    plan.snapshots
+        .iter()
+        .map(|planned| {
+            let change = match &planned.change {
+                Change::Unchanged => "unchanged".to_string(),
+                Change::Added => "added".to_string(),
+                Change::Direct(category) => format!("direct {}", category.label()),
+                Change::Indirect { breaking, .. } => format!("indirect{}", if *breaking { " breaking" } else { "" }),
+            };
+            let shown = if planned.promoted { "shown" } else { "hidden" };
+            format!("{} {change}, {shown}, {} tasks", planned.snapshot.name, planned.batches.len())
+        })
+        .collect()
+}
+
+/// `--select-model`, by SQLMesh's rules: an unselected model keeps the environment's definition
+/// (its local change waits), a new unselected model stays out, only the selection and its
+/// ancestors are backfilled, and a development environment shows only the selection. In prod,
+/// a changed model the plan would not build is refused; `M+` selects it.
+#[test]
+fn a_selective_plan_takes_only_the_selected_changes_by_sqlmeshs_rules() {
+    let mut state = State::default();
+    state.apply(&state.plan(&shop(DAILY), "prod", false));
+    let orders_changed = ORDERS.replace("SELECT id, ds, amount", "SELECT id, ds, amount * 2 AS amount");
+    let extra = "MODEL (name shop.extra, kind FULL, end '2024-01-05');\nSELECT COUNT(*) AS n FROM shop.orders";
+    let changed = project(&[
+        ("models/orders.sql", orders_changed.as_str()),
+        ("models/daily.sql", DAILY_BREAKING),
+        ("models/summary.sql", SUMMARY),
+        ("models/extra.sql", extra),
+    ]);
+
+    let dev = state.plan_selecting(&changed, "dev", &["shop.daily"]).unwrap();
+    expect![[r#"
+        [
+            "shop.orders unchanged, hidden, 0 tasks",
+            "shop.daily direct breaking, shown, 3 tasks",
+            "shop.summary indirect breaking, hidden, 0 tasks",
+        ]
+    "#]]
+    .assert_debug_eq(&summary_of(&dev));
+    let prod_daily = &state.environments[&EnvironmentName::prod()].snapshots[1];
+    assert_eq!(dev.snapshots[0].snapshot.id, state.environments[&EnvironmentName::prod()].snapshots[0].id);
+    assert_ne!(dev.snapshots[1].snapshot.version, prod_daily.version);
+
+    let upstream = state.plan_selecting(&changed, "dev", &["+shop.daily"]).unwrap();
+    expect![[r#"
+        [
+            "shop.orders direct breaking, shown, 1 tasks",
+            "shop.daily direct breaking, shown, 3 tasks",
+            "shop.summary indirect breaking, hidden, 0 tasks",
+        ]
+    "#]]
+    .assert_debug_eq(&summary_of(&upstream));
+    assert_ne!(upstream.id, dev.id);
+
+    let error = state.plan_selecting(&changed, "prod", &["shop.daily"]).unwrap_err();
+    assert_eq!(error, "unbuilt: shop.summary");
+    let prod = state.plan_selecting(&changed, "prod", &["shop.daily+"]).unwrap();
+    expect![[r#"
+        [
+            "shop.orders unchanged, shown, 0 tasks",
+            "shop.daily direct breaking, shown, 3 tasks",
+            "shop.summary indirect breaking, shown, 1 tasks",
+        ]
+    "#]]
+    .assert_debug_eq(&summary_of(&prod));
+    assert!(prod.removed.is_empty(), "an unselected model is not removed");
+
+    let error = state.plan_selecting(&changed, "dev", &["shop.nothing"]).unwrap_err();
+    assert!(error.contains("matches no model"), "{error}");
 }

@@ -435,9 +435,7 @@ async fn simulate(seed: u64) -> Outcome {
             &project,
             &environment,
             now,
-            false,
-            Default::default(),
-            false,
+            &Default::default(),
         )
         .await
         {
