@@ -130,11 +130,21 @@ impl Case {
         self.config_file = "config.yml";
     }
 
-    /// Runs `sql` in both copies' PostgreSQL warehouses (tables the models read from outside).
+    /// Runs `sql` in both copies' warehouses (tables the models read from outside); a DuckDB
+    /// file through oracle.py, by the DuckDB of the tool that owns it.
     async fn execute(&self, sql: &str) {
-        for side in [&self.oracle, &self.sluice] {
-            let mut connection = sqlx::PgConnection::connect(&side.warehouse).await.unwrap();
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut connection).await.unwrap();
+        for (side, duckdb) in [(&self.oracle, "sqlmesh"), (&self.sluice, "reader")] {
+            if side.warehouse.starts_with("postgresql://") {
+                let mut connection = sqlx::PgConnection::connect(&side.warehouse).await.unwrap();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut connection).await.unwrap();
+                continue;
+            }
+            let output = Command::new(python())
+                .arg(oracle_script())
+                .args(["execute", &side.warehouse, sql, duckdb])
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "execute failed:\n{}", String::from_utf8_lossy(&output.stderr));
         }
     }
 
@@ -874,6 +884,54 @@ async fn an_external_kind_equals_sqlmeshs() {
     let (code, text) = case.sluice(&["plan", "--now", "2024-01-03"]);
     assert_eq!(code, Some(0), "{text}");
     assert!(!text.contains("raw.src"), "an external table is no model of the plan:\n{text}");
+}
+
+/// SCD_TYPE_2 by time and by column: a first run, then the source changes (a row updated, one
+/// deleted, one added) and later plans run the missing days, then a deleted key comes back.
+async fn scd_type_2_kinds_equal_sqlmeshs(engine: Engine, dialect: &str) {
+    let case = Case::new("scd", engine, dialect, Some("2024-01-01")).await;
+    case.execute(
+        "CREATE SCHEMA raw; CREATE TABLE raw.people (id INT, name TEXT, updated_at TIMESTAMP); \
+         INSERT INTO raw.people VALUES (1, 'ann', '2024-01-01 10:00'), (2, 'bob', '2024-01-01 11:00'), (4, NULL, '2024-01-01 12:00')",
+    )
+    .await;
+    case.write(
+        "models/by_time.sql",
+        "MODEL (name k.by_time, kind SCD_TYPE_2_BY_TIME (unique_key id, invalidate_hard_deletes true));\nSELECT id, name, updated_at FROM raw.people",
+    );
+    case.write(
+        "models/kept.sql",
+        "MODEL (name k.kept, kind SCD_TYPE_2 (unique_key (id), updated_at_as_valid_from true, valid_from_name since, valid_to_name until));\nSELECT id, name, updated_at FROM raw.people",
+    );
+    case.write(
+        "models/by_column.sql",
+        "MODEL (name k.by_column, kind SCD_TYPE_2_BY_COLUMN (unique_key id, columns [name]));\nSELECT id, name FROM raw.people",
+    );
+    case.write(
+        "models/every_column.sql",
+        "MODEL (name k.every_column, kind SCD_TYPE_2_BY_COLUMN (unique_key id, columns *, invalidate_hard_deletes true, execution_time_as_valid_from true));\nSELECT id, name, updated_at FROM raw.people",
+    );
+    let views = ["k.by_time", "k.kept", "k.by_column", "k.every_column"];
+    case.apply_and_compare("prod", "2024-01-03", &views);
+    case.execute(
+        "UPDATE raw.people SET name = 'anne', updated_at = '2024-01-03 09:00' WHERE id = 1; \
+         UPDATE raw.people SET name = 'dan' WHERE id = 4; \
+         DELETE FROM raw.people WHERE id = 2; INSERT INTO raw.people VALUES (3, 'cy', '2024-01-03 10:00')",
+    )
+    .await;
+    case.apply_and_compare("prod", "2024-01-05", &views);
+    case.execute("INSERT INTO raw.people VALUES (2, 'bobby', '2024-01-05 08:00')").await;
+    case.apply_and_compare("prod", "2024-01-07", &views);
+}
+
+#[tokio::test]
+async fn scd_type_2_kinds_on_postgres_equal_sqlmeshs() {
+    scd_type_2_kinds_equal_sqlmeshs(Engine::Postgres, "postgres").await;
+}
+
+#[tokio::test]
+async fn scd_type_2_kinds_on_duckdb_equal_sqlmeshs() {
+    scd_type_2_kinds_equal_sqlmeshs(Engine::DuckDb, "duckdb").await;
 }
 
 /// A restatement that fails on one day keeps the days it wrote again: once the data is fixed,

@@ -4,6 +4,10 @@ virtual environment that scripts/services.sh installs.
   oracle.py apply PROJECT EXECUTION_TIME [ENV [OPTION...]]
                                                  runs `sqlmesh plan ENV --auto-apply [OPTION...]` on PROJECT
   oracle.py run PROJECT NOW [ENV]                runs `sqlmesh run ENV` on PROJECT (at the wall clock)
+  oracle.py execute DUCKDB_FILE SQL [reader]      runs SQL in a DuckDB file (tables the models read from
+                                                   outside): with SQLMesh's DuckDB, or with `reader` the
+                                                   DuckDB sluice links, so each tool's file stays in its
+                                                   own DuckDB's format
   oracle.py dump DUCKDB_FILE|POSTGRES_URL VIEW...  prints each view's columns with their type family,
                                                    row count and an order-independent checksum, one
                                                    JSON line each (and its exact types on a # line)
@@ -147,13 +151,25 @@ def dump(target: str, views) -> None:
         print(json.dumps({"view": view, **summary}, sort_keys=True))
 
 
+def execute(target: str, sql: str, which: str = "sqlmesh") -> None:
+    if which == "reader":
+        sys.path.insert(0, str(Path(sys.executable).parent.parent / "reader"))
+    import duckdb
+
+    connection = duckdb.connect(target)
+    connection.execute(sql)
+    connection.close()
+
+
 if __name__ == "__main__":
     verb, *arguments = sys.argv[1:]
     if verb == "apply":
         apply(*arguments)
     elif verb == "run":
         run(*arguments)
+    elif verb == "execute":
+        execute(*arguments)
     elif verb == "dump":
         dump(arguments[0], arguments[1:])
     else:
-        sys.exit(f"unknown verb {verb}; expected apply, run or dump")
+        sys.exit(f"unknown verb {verb}; expected apply, run, execute or dump")

@@ -30,6 +30,10 @@ pub enum ModelKind {
     /// Each run's rows are appended (`insert_overwrite`: they replace the partitions, values of
     /// `partitioned_by`, they hold); forward-only unless `forward_only false`.
     IncrementalUnmanaged { insert_overwrite: bool, partitioned_by: Vec<String>, forward_only: bool },
+    /// A slowly changing dimension, type 2: each run sets the query's rows against the
+    /// table's current ones by `unique_key` and keeps every version, dated by `valid_from` and
+    /// `valid_to` (the table is rebuilt from its rows and the query's, as SQLMesh does).
+    ScdType2(ScdType2),
     /// Loaded from a CSV file.
     Seed { path: String, batch_size: Option<u32> },
     /// Never stored: inlined into the queries that read it.
@@ -46,6 +50,8 @@ impl ModelKind {
             ModelKind::IncrementalByUniqueKey { .. } => "INCREMENTAL_BY_UNIQUE_KEY",
             ModelKind::IncrementalByPartition { .. } => "INCREMENTAL_BY_PARTITION",
             ModelKind::IncrementalUnmanaged { .. } => "INCREMENTAL_UNMANAGED",
+            ModelKind::ScdType2(ScdType2 { change: ScdChange::ByTime { .. }, .. }) => "SCD_TYPE_2_BY_TIME",
+            ModelKind::ScdType2(ScdType2 { change: ScdChange::ByColumn { .. }, .. }) => "SCD_TYPE_2_BY_COLUMN",
             ModelKind::Seed { .. } => "SEED",
             ModelKind::Embedded => "EMBEDDED",
         }
@@ -61,6 +67,7 @@ impl ModelKind {
             | ModelKind::IncrementalByUniqueKey { batch_size, .. }
             | ModelKind::IncrementalByPartition { batch_size, .. }
             | ModelKind::Seed { batch_size, .. } => *batch_size,
+            ModelKind::ScdType2(scd) => scd.batch_size,
             _ => None,
         }
     }
@@ -79,6 +86,7 @@ impl ModelKind {
                 | ModelKind::IncrementalByUniqueKey { forward_only: true, .. }
                 | ModelKind::IncrementalByPartition { .. }
                 | ModelKind::IncrementalUnmanaged { forward_only: true, .. }
+                | ModelKind::ScdType2(ScdType2 { forward_only: true, .. })
         )
     }
 
@@ -91,6 +99,7 @@ impl ModelKind {
                 | ModelKind::IncrementalByUniqueKey { .. }
                 | ModelKind::IncrementalByPartition { .. }
                 | ModelKind::IncrementalUnmanaged { .. }
+                | ModelKind::ScdType2(_)
         )
     }
 
@@ -100,10 +109,39 @@ impl ModelKind {
         matches!(self, ModelKind::Full | ModelKind::View) || (self.is_incremental() && !self.is_time_range())
     }
 
+    /// SQLMesh's default `disable_restatement`: the kinds whose history cannot be rebuilt.
+    pub fn disables_restatement_by_default(&self) -> bool {
+        matches!(self, ModelKind::IncrementalUnmanaged { .. } | ModelKind::ScdType2(_))
+    }
+
     /// Whether the model's snapshot has a physical table (or view) of its own.
     pub fn is_materialized(&self) -> bool {
         !matches!(self, ModelKind::Embedded)
     }
+}
+
+/// The arguments of an SCD_TYPE_2 kind (SQLMesh's defaults: `valid_from`, `valid_to`,
+/// `updated_at`, hard deletes not invalidated, forward-only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScdType2 {
+    pub unique_key: Vec<String>,
+    pub valid_from: String,
+    pub valid_to: String,
+    /// A key gone from the query's rows closes its current version at the execution time.
+    pub invalidate_hard_deletes: bool,
+    pub change: ScdChange,
+    pub batch_size: Option<u32>,
+    pub forward_only: bool,
+}
+
+/// How an SCD_TYPE_2 kind tells that a row changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScdChange {
+    /// SCD_TYPE_2 / SCD_TYPE_2_BY_TIME: a newer `updated_at`; a new version is valid from it.
+    ByTime { updated_at: String, updated_at_as_valid_from: bool },
+    /// SCD_TYPE_2_BY_COLUMN: a value of `columns` differs (`None`: every column); a new version is
+    /// valid from the execution time (or from the `updated_at` column when one is named).
+    ByColumn { columns: Option<Vec<String>>, execution_time_as_valid_from: bool, updated_at: Option<String> },
 }
 
 /// The rows of a SEED model's CSV file.

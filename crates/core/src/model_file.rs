@@ -12,7 +12,7 @@ use crate::cron::Cron;
 use crate::error::{ErrorSink, ProjectError, SourceLocation};
 use crate::interval::{TimeMacro, Timestamp};
 use crate::macro_functions::{self, MacroFunction};
-use crate::model::{Model, ModelAudit, ModelKind, SeedData};
+use crate::model::{Model, ModelAudit, ModelKind, ScdChange, ScdType2, SeedData};
 use crate::names::{IDENTIFIER_EXPECTATION, ModelName, is_valid_identifier};
 use crate::query::{dialect_for, parse_query, time_placeholder};
 
@@ -256,7 +256,7 @@ fn read_kind(
     value: &[&TokenWithSpan],
     disable_restatement: &mut Option<bool>,
 ) -> Option<ModelKind> {
-    const KINDS: &str = "VIEW, FULL, INCREMENTAL_BY_TIME_RANGE, INCREMENTAL_BY_UNIQUE_KEY, INCREMENTAL_BY_PARTITION, INCREMENTAL_UNMANAGED, SEED or EMBEDDED";
+    const KINDS: &str = "VIEW, FULL, INCREMENTAL_BY_TIME_RANGE, INCREMENTAL_BY_UNIQUE_KEY, INCREMENTAL_BY_PARTITION, INCREMENTAL_UNMANAGED, SCD_TYPE_2_BY_TIME, SCD_TYPE_2_BY_COLUMN, SEED or EMBEDDED";
     let Some(first) = value.first() else {
         reader.error(key, format!("expected a model kind ({KINDS})"));
         return None;
@@ -291,6 +291,9 @@ fn read_kind(
             | "INCREMENTAL_BY_UNIQUE_KEY"
             | "INCREMENTAL_BY_PARTITION"
             | "INCREMENTAL_UNMANAGED"
+            | "SCD_TYPE_2"
+            | "SCD_TYPE_2_BY_TIME"
+            | "SCD_TYPE_2_BY_COLUMN"
     ) && let Some((token, tokens)) = take("disable_restatement")
     {
         *disable_restatement = reader.boolean(token, &tokens);
@@ -382,7 +385,73 @@ fn read_kind(
             );
             return None;
         }
-        "SCD_TYPE_2" | "SCD_TYPE_2_BY_TIME" | "SCD_TYPE_2_BY_COLUMN" | "EXTERNAL" | "MANAGED" => {
+        "SCD_TYPE_2" | "SCD_TYPE_2_BY_TIME" | "SCD_TYPE_2_BY_COLUMN" => {
+            let by_column = kind_name == "SCD_TYPE_2_BY_COLUMN";
+            let unique_key = match take("unique_key") {
+                Some((token, tokens)) => reader.list(token, &tokens)?,
+                None => {
+                    reader.error(first, format!("{kind_name} needs a unique_key argument"));
+                    return None;
+                }
+            };
+            let lower =
+                |names: Vec<String>| names.into_iter().map(|name| name.to_ascii_lowercase()).collect::<Vec<_>>();
+            let mut column = |reader: &mut FileReader, name: &str| -> Option<Option<String>> {
+                match take(name) {
+                    Some((token, tokens)) => Some(Some(reader.scalar(token, &tokens)?.to_ascii_lowercase())),
+                    None => Some(None),
+                }
+            };
+            let valid_from = column(reader, "valid_from_name")?.unwrap_or_else(|| "valid_from".to_string());
+            let valid_to = column(reader, "valid_to_name")?.unwrap_or_else(|| "valid_to".to_string());
+            let updated_at = column(reader, "updated_at_name")?;
+            if let Some((token, tokens)) = take("time_data_type")
+                && !matches!(&tokens[..], [t] if is_word(&t.token, "TIMESTAMP"))
+            {
+                reader.error(
+                    token,
+                    format!(
+                        "{kind_name} time_data_type {} is not read by sluice yet; expected TIMESTAMP (the default)",
+                        join_tokens(&tokens)
+                    ),
+                );
+                return None;
+            }
+            let mut flag = |reader: &mut FileReader, name: &str, default: bool| {
+                take(name).and_then(|(t, v)| reader.boolean(t, &v)).unwrap_or(default)
+            };
+            let invalidate_hard_deletes = flag(reader, "invalidate_hard_deletes", false);
+            let forward_only = flag(reader, "forward_only", true);
+            let change = if by_column {
+                let execution_time_as_valid_from = flag(reader, "execution_time_as_valid_from", false);
+                let columns = match take("columns") {
+                    Some((_, tokens)) if matches!(&tokens[..], [t] if matches!(t.token, Token::Mul)) => None,
+                    Some((token, tokens)) => Some(lower(reader.list(token, &tokens)?)),
+                    None => {
+                        reader.error(first, "SCD_TYPE_2_BY_COLUMN needs a columns argument (a list, or *)");
+                        return None;
+                    }
+                };
+                ScdChange::ByColumn { columns, execution_time_as_valid_from, updated_at }
+            } else {
+                let updated_at_as_valid_from = flag(reader, "updated_at_as_valid_from", false);
+                ScdChange::ByTime {
+                    updated_at: updated_at.unwrap_or_else(|| "updated_at".to_string()),
+                    updated_at_as_valid_from,
+                }
+            };
+            let batch_size = take("batch_size").and_then(|(t, v)| reader.count(t, &v, 1));
+            ModelKind::ScdType2(ScdType2 {
+                unique_key: lower(unique_key),
+                valid_from,
+                valid_to,
+                invalidate_hard_deletes,
+                change,
+                batch_size,
+                forward_only,
+            })
+        }
+        "EXTERNAL" | "MANAGED" => {
             reader
                 .unsupported(first, format!("{kind_name} is a SQLMesh kind sluice does not run yet; expected {KINDS}"));
             return None;
@@ -1604,7 +1673,7 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
         return Err(errors.finish(()).err().map(|e| e.0).unwrap_or_default());
     };
     // SQLMesh never restates an INCREMENTAL_UNMANAGED model unless told it may.
-    let disable_restatement = disable_restatement.unwrap_or(matches!(kind, ModelKind::IncrementalUnmanaged { .. }));
+    let disable_restatement = disable_restatement.unwrap_or(kind.disables_restatement_by_default());
     let model = Model {
         name,
         file: file.to_string(),
@@ -2109,6 +2178,38 @@ SELECT 1;
     }
 
     #[test]
+    fn scd_type_2_kinds_take_sqlmeshs_defaults() {
+        use crate::model::{ScdChange, ScdType2};
+        let by_time = parse("MODEL (name s.m, kind SCD_TYPE_2 (unique_key [ID]));\nSELECT 1 AS id").unwrap().model;
+        assert_eq!(
+            by_time.kind,
+            ModelKind::ScdType2(ScdType2 {
+                unique_key: vec!["id".to_string()],
+                valid_from: "valid_from".to_string(),
+                valid_to: "valid_to".to_string(),
+                invalidate_hard_deletes: false,
+                change: ScdChange::ByTime { updated_at: "updated_at".to_string(), updated_at_as_valid_from: false },
+                batch_size: None,
+                forward_only: true,
+            })
+        );
+        assert!(by_time.disable_restatement && by_time.kind.is_forward_only());
+        assert_eq!(by_time.kind.name(), "SCD_TYPE_2_BY_TIME");
+        let by_column = parse(
+            "MODEL (name s.m, kind SCD_TYPE_2_BY_COLUMN (unique_key id, columns *, valid_to_name until, disable_restatement false));\nSELECT 1 AS id",
+        )
+        .unwrap()
+        .model;
+        let ModelKind::ScdType2(scd) = &by_column.kind else { panic!("{:?}", by_column.kind) };
+        assert_eq!(
+            scd.change,
+            ScdChange::ByColumn { columns: None, execution_time_as_valid_from: false, updated_at: None }
+        );
+        assert_eq!(scd.valid_to, "until");
+        assert!(!by_column.disable_restatement);
+    }
+
+    #[test]
     fn bad_values_name_their_position_and_what_was_expected() {
         let errors = parse(
             "MODEL (\n  name s.m,\n  kind INCREMENTAL_BY_TIME_RANGE (batch_size 0),\n  cron 'sometimes',\n  start 'yesterday-ish',\n  enabled maybe\n);\nSELECT 1",
@@ -2123,11 +2224,18 @@ SELECT 1;
         assert!(errors[1].starts_with("models/m.sql:4:8: expected @hourly, @daily"), "{errors:#?}");
         let custom = messages(parse("MODEL (name s.m, kind CUSTOM (materialization 'x'));\nSELECT 1").unwrap_err());
         assert!(custom[0].starts_with("models/m.sql:1:23: CUSTOM kinds run a Python materialization"), "{custom:?}");
-        let scd = messages(parse("MODEL (name s.m, kind SCD_TYPE_2 (unique_key id));\nSELECT 1").unwrap_err());
+        let managed = messages(parse("MODEL (name s.m, kind MANAGED);\nSELECT 1").unwrap_err());
         assert!(
-            scd[0].starts_with("models/m.sql:1:23: SCD_TYPE_2 is a SQLMesh kind sluice does not run yet"),
-            "{scd:?}"
+            managed[0].starts_with("models/m.sql:1:23: MANAGED is a SQLMesh kind sluice does not run yet"),
+            "{managed:?}"
         );
+        let scd =
+            messages(parse("MODEL (name s.m, kind SCD_TYPE_2_BY_COLUMN (unique_key id));\nSELECT 1").unwrap_err());
+        assert!(scd[0].starts_with("models/m.sql:1:23: SCD_TYPE_2_BY_COLUMN needs a columns argument"), "{scd:?}");
+        let typed = messages(
+            parse("MODEL (name s.m, kind SCD_TYPE_2 (unique_key id, time_data_type DATE));\nSELECT 1").unwrap_err(),
+        );
+        assert!(typed[0].contains("time_data_type DATE is not read by sluice yet"), "{typed:?}");
         assert!(errors[2].starts_with("models/m.sql:5:9: expected a date"), "{errors:#?}");
         assert!(errors[3].starts_with("models/m.sql:6:11: expected true or false"), "{errors:#?}");
     }

@@ -397,7 +397,8 @@ fn compute_backfill(
         }
         ModelKind::IncrementalByUniqueKey { .. }
         | ModelKind::IncrementalByPartition { .. }
-        | ModelKind::IncrementalUnmanaged { .. } => {
+        | ModelKind::IncrementalUnmanaged { .. }
+        | ModelKind::ScdType2(_) => {
             let missing = missing_intervals(cron, range.start, range.end, recorded);
             let batches = batch_intervals(cron, &missing, snapshot.kind.batch_size(), 0, range.start);
             Backfill {

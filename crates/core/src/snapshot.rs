@@ -81,6 +81,27 @@ fn data_hash(model: &Model) -> String {
             hasher.field("insert_overwrite", if *insert_overwrite { "1" } else { "0" });
             hasher.field("partitioned_by", &partitioned_by.join(","));
         }
+        ModelKind::ScdType2(scd) => {
+            let flag = |value: bool| if value { "1" } else { "0" };
+            hasher
+                .field("unique_key", &scd.unique_key.join(","))
+                .field("valid_from", &scd.valid_from)
+                .field("valid_to", &scd.valid_to)
+                .field("invalidate_hard_deletes", flag(scd.invalidate_hard_deletes));
+            match &scd.change {
+                crate::model::ScdChange::ByTime { updated_at, updated_at_as_valid_from } => {
+                    hasher
+                        .field("updated_at", updated_at)
+                        .field("updated_at_as_valid_from", flag(*updated_at_as_valid_from));
+                }
+                crate::model::ScdChange::ByColumn { columns, execution_time_as_valid_from, updated_at } => {
+                    hasher
+                        .field("columns", &columns.as_ref().map_or("*".to_string(), |columns| columns.join(",")))
+                        .field("execution_time_as_valid_from", flag(*execution_time_as_valid_from))
+                        .field("updated_at", updated_at.as_deref().unwrap_or(""));
+                }
+            }
+        }
         _ => {}
     }
     if let Some(query) = &model.query {
@@ -131,7 +152,7 @@ fn metadata_hash(model: &Model) -> String {
         hasher.field("batch_concurrency", &concurrency.to_string());
     }
     // Hashed only where it differs from the kind's default, so earlier fingerprints stand.
-    if model.disable_restatement != matches!(model.kind, ModelKind::IncrementalUnmanaged { .. }) {
+    if model.disable_restatement != model.kind.disables_restatement_by_default() {
         hasher.field("disable_restatement", if model.disable_restatement { "1" } else { "0" });
     }
     hasher.finish()

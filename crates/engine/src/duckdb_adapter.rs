@@ -374,6 +374,44 @@ impl Warehouse for DuckDbWarehouse {
         .await
     }
 
+    async fn rebuild(&mut self, table: &PhysicalTable, query: &str, checks: &[AuditCheck]) -> Result<u64, EngineError> {
+        // The query's rows are taken before the table is emptied: it reads the rows as they were.
+        let staged = "\"sluice_rebuilt\"";
+        let stage = format!("CREATE TEMPORARY TABLE {staged} AS {}", sql::query_body(query));
+        let delete = format!("DELETE FROM {}", sql::physical_name(table));
+        let insert = format!("INSERT INTO {} SELECT * FROM {staged}", sql::physical_name(table));
+        let drop = format!("DROP TABLE {staged}");
+        let key = table.clone();
+        let checks = checks.to_vec();
+        self.call(move |connection, database| {
+            let _write = lock(database.write_stripe(&key, None));
+            in_checked_transaction(connection, &checks, |transaction| {
+                transaction.execute(&stage, [])?;
+                transaction.execute(&delete, [])?;
+                let inserted = transaction.execute(&insert, [])?;
+                transaction.execute(&drop, [])?;
+                Ok(inserted)
+            })
+            .map(|inserted| inserted as u64)
+        })
+        .await
+    }
+
+    async fn table_columns(&mut self, table: &PhysicalTable) -> Result<Vec<String>, EngineError> {
+        let (schema, name) = (table.schema.clone(), table.table.clone());
+        self.call(move |connection, _| {
+            let mut statement = connection
+                .prepare(
+                    "SELECT column_name FROM information_schema.columns \
+                     WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+                )
+                .map_err(classify)?;
+            let rows = statement.query_map([&schema, &name], |row| row.get::<_, String>(0)).map_err(classify)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(classify)
+        })
+        .await
+    }
+
     async fn append(&mut self, table: &PhysicalTable, query: &str, checks: &[AuditCheck]) -> Result<u64, EngineError> {
         let insert = sql::insert_all(table, query);
         let key = table.clone();

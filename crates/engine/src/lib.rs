@@ -13,10 +13,12 @@ pub mod duckdb_adapter;
 mod error;
 mod factory;
 pub mod postgres_adapter;
+mod scd;
 mod sql;
 
 pub use error::EngineError;
 pub use factory::WarehouseFactory;
+pub use scd::{scd_type_2_columns, scd_type_2_query, scd_type_2_shape};
 
 /// The two statements an interval write amounts to, without sluice's lock or transaction:
 /// delete the interval's rows, then insert the query's rows of the interval. The benchmark's
@@ -125,6 +127,13 @@ pub trait Warehouse: Send {
         query: &str,
         checks: &[AuditCheck],
     ) -> Result<u64, EngineError>;
+
+    /// One transaction: replace every row with the query's rows, the query reading the table as it was before
+    /// (an SCD_TYPE_2 table is rebuilt from its own rows), then run `checks`. Returns the rows the table holds.
+    async fn rebuild(&mut self, table: &PhysicalTable, query: &str, checks: &[AuditCheck]) -> Result<u64, EngineError>;
+
+    /// The table's column names, in order.
+    async fn table_columns(&mut self, table: &PhysicalTable) -> Result<Vec<String>, EngineError>;
 
     /// One transaction: insert the query's rows after those the table holds, run `checks`. Returns the rows
     /// inserted.

@@ -426,6 +426,28 @@ impl Warehouse for PostgresWarehouse {
         self.run_checked(write_lock(table, None), statement, checks).await
     }
 
+    async fn rebuild(&mut self, table: &PhysicalTable, query: &str, checks: &[AuditCheck]) -> Result<u64, EngineError> {
+        // One statement: the DELETE and the query read the same snapshot, the rows as they were.
+        self.replace_all(table, query, checks).await
+    }
+
+    async fn table_columns(&mut self, table: &PhysicalTable) -> Result<Vec<String>, EngineError> {
+        let connection = self.connection().await?;
+        let result = sqlx::query(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
+        )
+        .bind(&table.schema)
+        .bind(&table.table)
+        .fetch_all(connection)
+        .await;
+        let rows = self.settle(result)?;
+        rows.iter()
+            .map(|row| row.try_get::<String, _>(0))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| EngineError::UnexpectedResult { engine: ENGINE, message: error.to_string() })
+    }
+
     async fn append(&mut self, table: &PhysicalTable, query: &str, checks: &[AuditCheck]) -> Result<u64, EngineError> {
         self.run_checked(write_lock(table, None), sql::insert_all(table, query), checks).await
     }

@@ -288,6 +288,19 @@ impl Warehouse for SimConnection {
         Ok(1)
     }
 
+    async fn rebuild(
+        &mut self,
+        table: &PhysicalTable,
+        _query: &str,
+        _checks: &[AuditCheck],
+    ) -> Result<u64, EngineError> {
+        Err(EngineError::Unsupported { gateway: self.gateway.clone(), what: format!("rebuild of {table}") })
+    }
+
+    async fn table_columns(&mut self, table: &PhysicalTable) -> Result<Vec<String>, EngineError> {
+        Err(EngineError::Unsupported { gateway: self.gateway.clone(), what: format!("the columns of {table}") })
+    }
+
     async fn append(
         &mut self,
         table: &PhysicalTable,

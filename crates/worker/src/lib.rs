@@ -494,7 +494,15 @@ impl Slot {
         let query_text = query.as_deref().unwrap_or("");
         let needs_table = !matches!(snapshot.kind, ModelKind::View | ModelKind::Seed { .. });
         if needs_table && !ensured {
-            timed.call("ensure_table", warehouse.ensure_table(&table, &snapshot.columns, query_text)).await?;
+            let ensure = match &snapshot.kind {
+                ModelKind::ScdType2(scd) => {
+                    let columns = sluice_engine::scd_type_2_columns(scd, &snapshot.columns);
+                    let shape = sluice_engine::scd_type_2_shape(scd, query_text);
+                    timed.call("ensure_table", warehouse.ensure_table(&table, &columns, &shape)).await
+                }
+                _ => timed.call("ensure_table", warehouse.ensure_table(&table, &snapshot.columns, query_text)).await,
+            };
+            ensure?;
         }
         // Audits read the rows the write covers: an incremental-by-time model's interval, else
         // the table. Blocking ones run inside the write's transaction (a failure rolls it back);
@@ -513,10 +521,18 @@ impl Slot {
             };
             if *is_blocking { blocking.push(check) } else { reported.push(check) }
         }
+        let replacing = context.replacing_batch_starts[snapshot_index] == Some(interval.start);
         let rows = match &snapshot.kind {
-            _ if context.replacing_batch_starts[snapshot_index] == Some(interval.start) => {
-                timed.call("replace_all", warehouse.replace_all(&table, query_text, &blocking)).await?
+            // Rebuilt from its own rows and the query's; its first run (or a restatement) from
+            // the query's alone.
+            ModelKind::ScdType2(scd) => {
+                let columns = timed.call("table_columns", warehouse.table_columns(&table)).await?;
+                let first = replacing || interval.start <= snapshot.start;
+                let rebuilt =
+                    sluice_engine::scd_type_2_query(&table, scd, &columns, query_text, execution_time, first)?;
+                timed.call("rebuild", warehouse.rebuild(&table, &rebuilt, &blocking)).await?
             }
+            _ if replacing => timed.call("replace_all", warehouse.replace_all(&table, query_text, &blocking)).await?,
             ModelKind::IncrementalByTimeRange { time_column, .. } => {
                 let write = warehouse.replace_interval(&table, time_column, interval, query_text, &blocking);
                 timed.call("replace_interval", write).await?

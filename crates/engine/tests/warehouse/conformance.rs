@@ -42,6 +42,7 @@ conformance_suite!(
     replace_interval_filters_timestamp_columns_half_open,
     replace_all_replaces_every_row,
     append_adds_rows_and_a_failing_audit_adds_none,
+    rebuild_reads_the_table_as_it_was,
     upsert_replaces_rows_by_key,
     a_failing_blocking_audit_rolls_the_write_back,
     seed_loads_with_declared_types,
@@ -347,6 +348,29 @@ async fn append_adds_rows_and_a_failing_audit_adds_none(fixture: Fixture) {
     let error = warehouse.append(&items, "SELECT id, name FROM raw.items WHERE id = 1", &[once]).await.unwrap_err();
     assert!(matches!(&error, EngineError::AuditFailed { audit, rows: 1 } if audit == "once"), "{error}");
     assert_eq!(count(warehouse.as_mut(), relation).await, 4, "the failed append was rolled back");
+}
+
+async fn rebuild_reads_the_table_as_it_was(fixture: Fixture) {
+    let mut warehouse = fixture.open().await;
+    warehouse.execute(ITEMS).await.unwrap();
+    let items = table("items");
+    let relation = "sluice__shop.shop__items__v1";
+    warehouse.ensure_table(&items, &[], ITEMS_QUERY).await.unwrap();
+    assert_eq!(warehouse.table_columns(&items).await.unwrap(), ["id", "name"]);
+    assert_eq!(warehouse.append(&items, ITEMS_QUERY, &[]).await.unwrap(), 3);
+    // The query reads the table's own rows: every row twice, once as it was and once renamed.
+    let doubled = format!("SELECT id, name FROM {relation} UNION ALL SELECT id + 10, name FROM {relation}");
+    assert_eq!(warehouse.rebuild(&items, &doubled, &[]).await.unwrap(), 6);
+    assert_eq!(count(warehouse.as_mut(), relation).await, 6);
+    assert_eq!(count(warehouse.as_mut(), &format!("{relation} WHERE id > 10")).await, 3);
+    let whole = Interval::new(Timestamp(0), Timestamp(86_400));
+    let never = AuditCheck {
+        audit: "never".to_string(),
+        count_query: audit_count_query(&items, None, whole, "SELECT id FROM sluice_this_model"),
+    };
+    let error = warehouse.rebuild(&items, &doubled, &[never]).await.unwrap_err();
+    assert!(matches!(&error, EngineError::AuditFailed { audit, .. } if audit == "never"), "{error}");
+    assert_eq!(count(warehouse.as_mut(), relation).await, 6, "the failed rebuild was rolled back");
 }
 
 async fn upsert_replaces_rows_by_key(fixture: Fixture) {
