@@ -934,6 +934,48 @@ async fn scd_type_2_kinds_on_duckdb_equal_sqlmeshs() {
     scd_type_2_kinds_equal_sqlmeshs(Engine::DuckDb, "duckdb").await;
 }
 
+/// Time columns written in a format (`time_column (col, '%Y%m%d')`, in the dialect's own
+/// convention: `'YYYYMMDD'` in postgres): a number, text, and a DATE column (whose format is
+/// ignored); a restatement replaces a day, a later plan adds one.
+async fn formatted_time_columns_equal_sqlmeshs(engine: Engine, dialect: &str, formats: [&str; 2]) {
+    let case = Case::new("time_formats", engine, dialect, Some("2024-01-01")).await;
+    case.execute(
+        "CREATE SCHEMA raw; CREATE TABLE raw.sales (day DATE, amount INT); \
+         INSERT INTO raw.sales VALUES ('2024-01-01', 10), ('2024-01-02', 20), ('2024-01-02', 1), ('2024-01-03', 30)",
+    )
+    .await;
+    let day_key = "CAST(REPLACE(CAST(day AS TEXT), '-', '') AS INT)";
+    case.write(
+        "models/by_number.sql",
+        &format!("MODEL (name k.by_number, kind INCREMENTAL_BY_TIME_RANGE (time_column (day_key, '{}')));\nSELECT {day_key} AS day_key, SUM(amount) AS amount FROM raw.sales WHERE day BETWEEN @start_ds AND @end_ds GROUP BY 1", formats[0]),
+    );
+    case.write(
+        "models/by_text.sql",
+        &format!("MODEL (name k.by_text, kind INCREMENTAL_BY_TIME_RANGE (time_column (day_text, '{}')));\nSELECT REPLACE(CAST(day AS TEXT), '-', '/') AS day_text, COUNT(*) AS sales FROM raw.sales WHERE day BETWEEN @start_ds AND @end_ds GROUP BY 1", formats[1]),
+    );
+    case.write(
+        "models/by_date.sql",
+        "MODEL (name k.by_date, kind INCREMENTAL_BY_TIME_RANGE (time_column (day, '%m')));\nSELECT day, SUM(amount) AS amount FROM raw.sales WHERE day BETWEEN @start_ds AND @end_ds GROUP BY 1",
+    );
+    let views = ["k.by_number", "k.by_text", "k.by_date"];
+    case.apply_and_compare("prod", "2024-01-03", &views);
+    case.execute("UPDATE raw.sales SET amount = 25 WHERE amount = 20; INSERT INTO raw.sales VALUES ('2024-01-01', 5)")
+        .await;
+    let restate = ["--restate-model", "k.*", "--start", "2024-01-02", "--end", "2024-01-02"];
+    case.apply_with_and_compare("prod", "2024-01-03", &restate, &views, &[]);
+    case.apply_and_compare("prod", "2024-01-04", &views);
+}
+
+#[tokio::test]
+async fn formatted_time_columns_on_postgres_equal_sqlmeshs() {
+    formatted_time_columns_equal_sqlmeshs(Engine::Postgres, "postgres", ["YYYYMMDD", "YYYY/MM/DD"]).await;
+}
+
+#[tokio::test]
+async fn formatted_time_columns_on_duckdb_equal_sqlmeshs() {
+    formatted_time_columns_equal_sqlmeshs(Engine::DuckDb, "duckdb", ["%Y%m%d", "%Y/%m/%d"]).await;
+}
+
 /// A restatement that fails on one day keeps the days it wrote again: once the data is fixed,
 /// `sluice apply PLAN` runs only the failed day and what waits for it (the restated intervals
 /// are forgotten once, when the plan first runs), and the result equals SQLMesh's restatement.

@@ -349,7 +349,12 @@ async fn run_floor(warehouse: &mut dyn Warehouse, plan: &Plan, graph: &TaskGraph
         let task = graph.tasks[task_index as usize];
         let (table, time_column, template) = &statements[task.snapshot as usize];
         let query = template.fill(task.interval, now);
-        for statement in sluice_engine::interval_statements(table, time_column, task.interval, &query) {
+        for statement in sluice_engine::interval_statements(
+            table,
+            sluice_engine::TimeColumn::Native(time_column),
+            task.interval,
+            &query,
+        ) {
             warehouse.execute(&statement).await?;
         }
     }

@@ -20,6 +20,68 @@ pub fn translate(query: &mut Query, from: &str, to: &str) {
     }
 }
 
+/// Postgres' time format patterns and the strftime directives they stand for (sqlglot's, as
+/// SQLMesh reads a postgres model's `time_column` format).
+const POSTGRES_TIME_PATTERNS: &[(&str, &str)] = &[
+    ("FMHH12", "%-I"),
+    ("FMHH24", "%-H"),
+    ("TMMonth", "%B"),
+    ("FMDDD", "%-j"),
+    ("TMDay", "%A"),
+    ("FMDD", "%-d"),
+    ("FMMI", "%-M"),
+    ("FMMM", "%-m"),
+    ("FMSS", "%-S"),
+    ("TMMon", "%b"),
+    ("HH12", "%I"),
+    ("HH24", "%H"),
+    ("TMDy", "%a"),
+    ("yyyy", "%Y"),
+    ("YYYY", "%Y"),
+    ("ddd", "%j"),
+    ("DDD", "%j"),
+    ("dd", "%d"),
+    ("DD", "%d"),
+    ("mi", "%M"),
+    ("MI", "%M"),
+    ("mm", "%m"),
+    ("MM", "%m"),
+    ("OF", "%z"),
+    ("ss", "%S"),
+    ("SS", "%S"),
+    ("TZ", "%Z"),
+    ("US", "%f"),
+    ("ww", "%U"),
+    ("WW", "%U"),
+    ("yy", "%y"),
+    ("YY", "%y"),
+    ("d", "%u"),
+    ("D", "%u"),
+];
+
+/// A `time_column` format written in `dialect`'s convention as a strftime format: a postgres
+/// model writes `YYYYMMDD` (each pattern replaced, longest first, as SQLMesh reads it); DuckDB
+/// and the others write strftime already.
+pub fn time_format_as_strftime(dialect: &str, format: &str) -> String {
+    if !is_postgres(dialect) {
+        return format.to_string();
+    }
+    let mut converted = String::with_capacity(format.len() + 8);
+    let mut rest = format;
+    'scan: while let Some(first) = rest.chars().next() {
+        for (pattern, directive) in POSTGRES_TIME_PATTERNS {
+            if let Some(after) = rest.strip_prefix(pattern) {
+                converted.push_str(directive);
+                rest = after;
+                continue 'scan;
+            }
+        }
+        converted.push(first);
+        rest = &rest[first.len_utf8()..];
+    }
+    converted
+}
+
 fn is_duckdb(dialect: &str) -> bool {
     dialect.eq_ignore_ascii_case("duckdb")
 }
@@ -94,6 +156,14 @@ fn call(name: &str, arguments: Vec<Expr>) -> Expr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_time_formats_read_as_strftime() {
+        assert_eq!(time_format_as_strftime("postgres", "YYYYMMDD"), "%Y%m%d");
+        assert_eq!(time_format_as_strftime("postgres", "YYYY/MM/DD HH24:MI"), "%Y/%m/%d %H:%M");
+        assert_eq!(time_format_as_strftime("postgres", "FMDD.FMMM.YY"), "%-d.%-m.%y");
+        assert_eq!(time_format_as_strftime("duckdb", "%Y%m%d"), "%Y%m%d");
+    }
     use crate::query::parse_query;
 
     fn translated(sql: &str, from: &str, to: &str) -> String {

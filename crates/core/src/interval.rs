@@ -26,7 +26,22 @@ pub enum TimeParseError {
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Timestamp(pub i64);
 
+/// Whether `format` is a strftime format (every `%` directive known): what `time_column (col,
+/// 'FORMAT')` may give.
+pub fn is_time_format(format: &str) -> bool {
+    use chrono::format::{Item, StrftimeItems};
+    StrftimeItems::new(format).all(|item| !matches!(item, Item::Error))
+}
+
 impl Timestamp {
+    /// The time written in a strftime `format` (`%Y%m%d`: `20240101`), `micros` microseconds
+    /// after it: how a text or numeric time column with a format holds it.
+    pub fn formatted(&self, format: &str, micros: u32) -> String {
+        chrono::DateTime::from_timestamp(self.0, micros * 1_000)
+            .map(|time| time.format(format).to_string())
+            .unwrap_or_default()
+    }
+
     /// The earliest representable timestamp; also used as "no such time" by cron searches.
     pub const MIN: Timestamp = Timestamp(i64::MIN);
     /// The latest representable timestamp; also used as "no such time" by cron searches.

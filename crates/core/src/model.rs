@@ -17,6 +17,10 @@ pub enum ModelKind {
     /// One cron interval at a time: each run replaces the rows whose `time_column` lies in the interval.
     IncrementalByTimeRange {
         time_column: String,
+        /// `time_column (col, 'FORMAT')`: how a text or numeric column writes times (a strftime
+        /// format); `None`: SQLMesh's default, `%Y-%m-%d`, or a DATE/TIMESTAMP column.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        time_format: Option<String>,
         batch_size: Option<u32>,
         batch_concurrency: Option<u32>,
         lookback: u32,

@@ -308,25 +308,34 @@ fn read_kind(
         "FULL" => ModelKind::Full,
         "EMBEDDED" => ModelKind::Embedded,
         "INCREMENTAL_BY_TIME_RANGE" => {
+            let mut time_format = None;
             let time_column = match take("time_column") {
                 Some((token, tokens)) => {
-                    // `time_column ds` or `time_column (ds, '%Y-%m-%d')`. The engines compare the
-                    // column with `YYYY-MM-DD` dates (or timestamps): SQLMesh's default format,
-                    // and the only one sluice reads so far.
+                    // `time_column ds` or `time_column (ds, '%Y%m%d')`: a text or numeric column
+                    // writes times in the format (SQLMesh's default: `%Y-%m-%d`); a DATE or
+                    // TIMESTAMP column ignores it.
                     let column_tokens = match tokens.first().map(|t| &t.token) {
                         Some(Token::LParen) => {
                             let mut items = split_top_level_commas(&tokens[1..tokens.len().saturating_sub(1)]);
-                            if let Some(format) = items.get(1)
-                                && !matches!(&format[..], [t] if matches!(&t.token, Token::SingleQuotedString(f) if f == "%Y-%m-%d"))
-                            {
-                                reader.error(
-                                    format.first().copied().unwrap_or(token),
-                                    format!(
-                                        "time_column format {} is not read by sluice yet; expected '%Y-%m-%d' (or no format)",
-                                        join_tokens(format)
-                                    ),
-                                );
-                                return None;
+                            if let Some(format) = items.get(1) {
+                                match &format[..] {
+                                    [t] if matches!(&t.token, Token::SingleQuotedString(f) if f == "%Y-%m-%d") => {}
+                                    [t] if matches!(&t.token, Token::SingleQuotedString(f) if crate::interval::is_time_format(f)) => {
+                                        if let Token::SingleQuotedString(f) = &t.token {
+                                            time_format = Some(f.clone());
+                                        }
+                                    }
+                                    _ => {
+                                        reader.error(
+                                            format.first().copied().unwrap_or(token),
+                                            format!(
+                                                "time_column format {} is not a time format; expected a quoted strftime format such as '%Y%m%d'",
+                                                join_tokens(format)
+                                            ),
+                                        );
+                                        return None;
+                                    }
+                                }
                             }
                             items.drain(..).next().unwrap_or_default()
                         }
@@ -343,7 +352,14 @@ fn read_kind(
             let batch_concurrency = take("batch_concurrency").and_then(|(t, v)| reader.count(t, &v, 1));
             let lookback = take("lookback").and_then(|(t, v)| reader.count(t, &v, 0)).unwrap_or(0);
             let forward_only = take("forward_only").and_then(|(t, v)| reader.boolean(t, &v)).unwrap_or(false);
-            ModelKind::IncrementalByTimeRange { time_column, batch_size, batch_concurrency, lookback, forward_only }
+            ModelKind::IncrementalByTimeRange {
+                time_column,
+                time_format,
+                batch_size,
+                batch_concurrency,
+                lookback,
+                forward_only,
+            }
         }
         "INCREMENTAL_BY_UNIQUE_KEY" => {
             let unique_key = match take("unique_key") {
@@ -1408,6 +1424,28 @@ pub fn parse_model_file(file: &str, text: &str, context: ModelFileContext) -> Re
             format!("unknown dialect {dialect_name:?}; expected duckdb, postgres, mysql or another sqlparser dialect"),
         );
     }
+    // A time column's format is written in the model's dialect.
+    let kind = match kind {
+        Some(ModelKind::IncrementalByTimeRange {
+            time_column,
+            time_format: Some(format),
+            batch_size,
+            batch_concurrency,
+            lookback,
+            forward_only,
+        }) => {
+            let format = crate::dialect::time_format_as_strftime(dialect.as_deref().unwrap_or(""), &format);
+            Some(ModelKind::IncrementalByTimeRange {
+                time_column,
+                time_format: (format != "%Y-%m-%d").then_some(format),
+                batch_size,
+                batch_concurrency,
+                lookback,
+                forward_only,
+            })
+        }
+        kind => kind,
+    };
     let catalog =
         gateway.as_ref().and_then(|gateway| config.gateways.get(gateway)).and_then(|g| g.connection.catalog());
     if let (Some((written, at)), Some(gateway)) = (&name_catalog, &gateway)
@@ -1897,6 +1935,7 @@ ANALYZE;
             model.kind,
             ModelKind::IncrementalByTimeRange {
                 time_column: "ds".into(),
+                time_format: None,
                 batch_size: Some(3),
                 batch_concurrency: None,
                 lookback: 2,
@@ -2229,6 +2268,11 @@ SELECT 1;
             managed[0].starts_with("models/m.sql:1:23: MANAGED is a SQLMesh kind sluice does not run yet"),
             "{managed:?}"
         );
+        let format = messages(
+            parse("MODEL (name s.m, kind INCREMENTAL_BY_TIME_RANGE (time_column (ds, '%Q')));\nSELECT 1 AS ds")
+                .unwrap_err(),
+        );
+        assert!(format[0].contains("time_column format '%Q' is not a time format"), "{format:?}");
         let scd =
             messages(parse("MODEL (name s.m, kind SCD_TYPE_2_BY_COLUMN (unique_key id));\nSELECT 1").unwrap_err());
         assert!(scd[0].starts_with("models/m.sql:1:23: SCD_TYPE_2_BY_COLUMN needs a columns argument"), "{scd:?}");

@@ -68,8 +68,12 @@ fn data_hash(model: &Model) -> String {
     let mut hasher = FieldHasher::new();
     hasher.field("kind", model.kind.name()).field("gateway", &model.gateway).field("dialect", &model.dialect);
     match &model.kind {
-        ModelKind::IncrementalByTimeRange { time_column, .. } => {
+        ModelKind::IncrementalByTimeRange { time_column, time_format, .. } => {
             hasher.field("time_column", time_column);
+            // Hashed only when set, so earlier fingerprints stand.
+            if let Some(format) = time_format {
+                hasher.field("time_format", format);
+            }
         }
         ModelKind::IncrementalByUniqueKey { unique_key, .. } => {
             hasher.field("unique_key", &unique_key.join(","));

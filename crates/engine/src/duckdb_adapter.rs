@@ -13,7 +13,8 @@ use sluice_core::names::PhysicalTable;
 
 use crate::sql::{self, Dialect};
 use crate::{
-    AuditCheck, Canceller, EngineError, GatewayPromotion, PromotionOutcome, TableChecksum, ViewUpdate, Warehouse,
+    AuditCheck, Canceller, EngineError, GatewayPromotion, PromotionOutcome, TableChecksum, TimeColumn, ViewUpdate,
+    Warehouse,
 };
 
 const ENGINE: &str = "duckdb";
@@ -333,7 +334,7 @@ impl Warehouse for DuckDbWarehouse {
     async fn replace_interval(
         &mut self,
         table: &PhysicalTable,
-        time_column: &str,
+        time_column: TimeColumn<'_>,
         interval: Interval,
         query: &str,
         checks: &[AuditCheck],
@@ -397,16 +398,18 @@ impl Warehouse for DuckDbWarehouse {
         .await
     }
 
-    async fn table_columns(&mut self, table: &PhysicalTable) -> Result<Vec<String>, EngineError> {
+    async fn table_columns(&mut self, table: &PhysicalTable) -> Result<Vec<(String, String)>, EngineError> {
         let (schema, name) = (table.schema.clone(), table.table.clone());
         self.call(move |connection, _| {
             let mut statement = connection
                 .prepare(
-                    "SELECT column_name FROM information_schema.columns \
+                    "SELECT column_name, data_type FROM information_schema.columns \
                      WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
                 )
                 .map_err(classify)?;
-            let rows = statement.query_map([&schema, &name], |row| row.get::<_, String>(0)).map_err(classify)?;
+            let rows = statement
+                .query_map([&schema, &name], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))
+                .map_err(classify)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(classify)
         })
         .await

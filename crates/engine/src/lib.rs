@@ -23,8 +23,42 @@ pub use scd::{scd_type_2_columns, scd_type_2_query, scd_type_2_shape};
 /// The two statements an interval write amounts to, without sluice's lock or transaction:
 /// delete the interval's rows, then insert the query's rows of the interval. The benchmark's
 /// raw floor runs exactly these, back to back on one connection.
-pub fn interval_statements(table: &PhysicalTable, time_column: &str, interval: Interval, query: &str) -> [String; 2] {
+pub fn interval_statements(
+    table: &PhysicalTable,
+    time_column: TimeColumn<'_>,
+    interval: Interval,
+    query: &str,
+) -> [String; 2] {
     [sql::delete_interval(table, time_column, interval), sql::insert_interval(table, time_column, interval, query)]
+}
+
+/// How an incremental model's time column is compared with an interval.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeColumn<'a> {
+    /// A DATE or TIMESTAMP column, or text holding `YYYY-MM-DD` dates: `>= start AND < end`.
+    Native(&'a str),
+    /// Text or numbers written in a strftime format (`time_column (col, '%Y%m%d')`): between the
+    /// interval's start and its last microsecond, both written in the format, as SQLMesh
+    /// compares them.
+    Formatted { column: &'a str, format: &'a str, numeric: bool },
+}
+
+impl<'a> TimeColumn<'a> {
+    pub fn name(&self) -> &'a str {
+        match self {
+            TimeColumn::Native(column) | TimeColumn::Formatted { column, .. } => column,
+        }
+    }
+
+    /// The comparison for a column whose engine type is `data_type` (as the information
+    /// schema names it), written in `format`: a DATE or TIMESTAMP column ignores the format.
+    pub fn for_type(column: &'a str, format: &'a str, data_type: &str) -> TimeColumn<'a> {
+        let data_type = data_type.to_ascii_lowercase();
+        let text = ["char", "text", "string"].iter().any(|name| data_type.contains(name));
+        let numeric =
+            ["int", "numeric", "decimal", "double", "real", "float"].iter().any(|name| data_type.contains(name));
+        if text || numeric { TimeColumn::Formatted { column, format, numeric } } else { TimeColumn::Native(column) }
+    }
 }
 
 /// A blocking audit, run inside a write's transaction after the write.
@@ -58,7 +92,12 @@ pub fn transaction_script(statements: &[String]) -> String {
 /// The statement counting the rows that break an audit of `table`'s model. The audit reads the
 /// model as `sluice_this_model` (`sluice_core::snapshot::THIS_MODEL`): here the rows the write
 /// covers, that is the interval's rows when `time_column` is given, else the whole table.
-pub fn audit_count_query(table: &PhysicalTable, time_column: Option<&str>, interval: Interval, audit: &str) -> String {
+pub fn audit_count_query(
+    table: &PhysicalTable,
+    time_column: Option<TimeColumn<'_>>,
+    interval: Interval,
+    audit: &str,
+) -> String {
     let filter = time_column.map(|column| format!(" WHERE {}", sql::interval_filter(column, interval)));
     format!(
         "WITH {} AS (SELECT * FROM {}{}) SELECT COUNT(*) FROM ({}) AS \"sluice_audit\"",
@@ -114,7 +153,7 @@ pub trait Warehouse: Send {
     async fn replace_interval(
         &mut self,
         table: &PhysicalTable,
-        time_column: &str,
+        time_column: TimeColumn<'_>,
         interval: Interval,
         query: &str,
         checks: &[AuditCheck],
@@ -132,8 +171,9 @@ pub trait Warehouse: Send {
     /// (an SCD_TYPE_2 table is rebuilt from its own rows), then run `checks`. Returns the rows the table holds.
     async fn rebuild(&mut self, table: &PhysicalTable, query: &str, checks: &[AuditCheck]) -> Result<u64, EngineError>;
 
-    /// The table's column names, in order.
-    async fn table_columns(&mut self, table: &PhysicalTable) -> Result<Vec<String>, EngineError>;
+    /// The table's columns, in order: each name and its type as the engine's information schema
+    /// names it.
+    async fn table_columns(&mut self, table: &PhysicalTable) -> Result<Vec<(String, String)>, EngineError>;
 
     /// One transaction: insert the query's rows after those the table holds, run `checks`. Returns the rows
     /// inserted.

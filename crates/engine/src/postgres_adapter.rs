@@ -15,7 +15,8 @@ use sqlx::{AssertSqlSafe, Column, Connection, Row, TypeInfo};
 
 use crate::sql::{self, Dialect, ROWS_ALIAS};
 use crate::{
-    AuditCheck, Canceller, EngineError, GatewayPromotion, PromotionOutcome, TableChecksum, ViewUpdate, Warehouse,
+    AuditCheck, Canceller, EngineError, GatewayPromotion, PromotionOutcome, TableChecksum, TimeColumn, ViewUpdate,
+    Warehouse,
 };
 
 const ENGINE: &str = "postgres";
@@ -398,7 +399,7 @@ impl Warehouse for PostgresWarehouse {
     async fn replace_interval(
         &mut self,
         table: &PhysicalTable,
-        time_column: &str,
+        time_column: TimeColumn<'_>,
         interval: Interval,
         query: &str,
         checks: &[AuditCheck],
@@ -431,10 +432,10 @@ impl Warehouse for PostgresWarehouse {
         self.replace_all(table, query, checks).await
     }
 
-    async fn table_columns(&mut self, table: &PhysicalTable) -> Result<Vec<String>, EngineError> {
+    async fn table_columns(&mut self, table: &PhysicalTable) -> Result<Vec<(String, String)>, EngineError> {
         let connection = self.connection().await?;
         let result = sqlx::query(
-            "SELECT column_name::text FROM information_schema.columns \
+            "SELECT column_name::text, data_type::text FROM information_schema.columns \
              WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
         )
         .bind(&table.schema)
@@ -443,7 +444,7 @@ impl Warehouse for PostgresWarehouse {
         .await;
         let rows = self.settle(result)?;
         rows.iter()
-            .map(|row| row.try_get::<String, _>(0))
+            .map(|row| Ok::<_, sqlx::Error>((row.try_get::<String, _>(0)?, row.try_get::<String, _>(1)?)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|error| EngineError::UnexpectedResult { engine: ENGINE, message: error.to_string() })
     }

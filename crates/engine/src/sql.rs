@@ -6,7 +6,7 @@ use sluice_core::interval::{Interval, Timestamp};
 use sluice_core::model::SeedData;
 use sluice_core::names::PhysicalTable;
 
-use crate::{EngineError, ViewUpdate};
+use crate::{EngineError, TimeColumn, ViewUpdate};
 
 /// The subquery alias every generated statement gives the model's query.
 pub(crate) const ROWS_ALIAS: &str = "\"sluice_rows\"";
@@ -74,8 +74,19 @@ pub(crate) fn query_body(query: &str) -> &str {
 /// strings, which the engine reads as the column's type: a DATE or TIMESTAMP column compares
 /// them as times, a text column holding `YYYY-MM-DD` dates (SQLMesh's default time format) as
 /// text, with the same rows. Other bounds are `CAST('…' AS TIMESTAMP)`.
-pub(crate) fn interval_filter(time_column: &str, interval: Interval) -> String {
-    let column = quote_identifier(time_column);
+pub(crate) fn interval_filter(time_column: TimeColumn<'_>, interval: Interval) -> String {
+    let column = quote_identifier(time_column.name());
+    if let TimeColumn::Formatted { format, numeric, .. } = time_column {
+        // SQLMesh's comparison: BETWEEN the start and the end less a microsecond, formatted.
+        let last = Timestamp(interval.end.0 - 1);
+        let (low, high) = (interval.start.formatted(format, 0), last.formatted(format, 999_999));
+        let literal = |text: String| if numeric { text } else { string_literal(&text) };
+        if numeric && [&low, &high].iter().any(|bound| bound.parse::<f64>().is_err()) {
+            // Not a number in this format: nothing compares (SQLMesh's statement would fail).
+            return "FALSE".to_string();
+        }
+        return format!("{column} BETWEEN {} AND {}", literal(low), literal(high));
+    }
     let midnight = |timestamp: Timestamp| timestamp.0.rem_euclid(86_400) == 0;
     let bound = |timestamp: Timestamp| {
         if midnight(interval.start) && midnight(interval.end) {
@@ -121,11 +132,16 @@ pub(crate) fn create_table(
     Ok(format!("CREATE TABLE IF NOT EXISTS {} ({})", physical_name(table), definitions.join(", ")))
 }
 
-pub(crate) fn delete_interval(table: &PhysicalTable, time_column: &str, interval: Interval) -> String {
+pub(crate) fn delete_interval(table: &PhysicalTable, time_column: TimeColumn<'_>, interval: Interval) -> String {
     format!("DELETE FROM {} WHERE {}", physical_name(table), interval_filter(time_column, interval))
 }
 
-pub(crate) fn insert_interval(table: &PhysicalTable, time_column: &str, interval: Interval, query: &str) -> String {
+pub(crate) fn insert_interval(
+    table: &PhysicalTable,
+    time_column: TimeColumn<'_>,
+    interval: Interval,
+    query: &str,
+) -> String {
     format!(
         "INSERT INTO {} SELECT * FROM ({}) AS {ROWS_ALIAS} WHERE {}",
         physical_name(table),
@@ -463,12 +479,15 @@ mod tests {
     fn interval_statements_filter_half_open() {
         let day = Interval::new(Timestamp(86_400), Timestamp(2 * 86_400));
         assert_eq!(
-            delete_interval(&table(), "ds", day),
+            delete_interval(&table(), TimeColumn::Native("ds"), day),
             "DELETE FROM \"sluice__shop\".\"shop__items__abc\" WHERE \"ds\" >= '1970-01-02' AND \"ds\" < '1970-01-03'"
         );
-        assert!(insert_interval(&table(), "ds", day, "SELECT 1 AS ds;").contains("FROM (SELECT 1 AS ds) AS"));
+        assert!(
+            insert_interval(&table(), TimeColumn::Native("ds"), day, "SELECT 1 AS ds;")
+                .contains("FROM (SELECT 1 AS ds) AS")
+        );
         let hour = Interval::new(Timestamp(3_600), Timestamp(7_200));
-        assert!(delete_interval(&table(), "ts", hour).ends_with(
+        assert!(delete_interval(&table(), TimeColumn::Native("ts"), hour).ends_with(
             "\"ts\" >= CAST('1970-01-01 01:00:00' AS TIMESTAMP) AND \"ts\" < CAST('1970-01-01 02:00:00' AS TIMESTAMP)"
         ));
     }

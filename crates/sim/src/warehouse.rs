@@ -241,7 +241,7 @@ impl Warehouse for SimConnection {
     async fn replace_interval(
         &mut self,
         table: &PhysicalTable,
-        _time_column: &str,
+        _time_column: sluice_engine::TimeColumn<'_>,
         interval: Interval,
         _query: &str,
         _checks: &[AuditCheck],
@@ -297,7 +297,7 @@ impl Warehouse for SimConnection {
         Err(EngineError::Unsupported { gateway: self.gateway.clone(), what: format!("rebuild of {table}") })
     }
 
-    async fn table_columns(&mut self, table: &PhysicalTable) -> Result<Vec<String>, EngineError> {
+    async fn table_columns(&mut self, table: &PhysicalTable) -> Result<Vec<(String, String)>, EngineError> {
         Err(EngineError::Unsupported { gateway: self.gateway.clone(), what: format!("the columns of {table}") })
     }
 

@@ -301,6 +301,7 @@ fn snapshot(name: &str, version: &str) -> Snapshot {
         version: Version(version.to_string()),
         kind: ModelKind::IncrementalByTimeRange {
             time_column: "ts".to_string(),
+            time_format: None,
             batch_size: Some(24),
             batch_concurrency: None,
             lookback: 0,

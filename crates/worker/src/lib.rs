@@ -22,7 +22,7 @@ use sluice_core::names::PlanId;
 use sluice_core::plan::Plan;
 use sluice_core::query::QueryTemplate;
 use sluice_core::task_graph::TaskGraph;
-use sluice_engine::{AuditCheck, EngineError, Warehouse, WarehouseFactory, audit_count_query};
+use sluice_engine::{AuditCheck, EngineError, TimeColumn, Warehouse, WarehouseFactory, audit_count_query};
 use sluice_ops::metrics as metric;
 use sluice_queue::{Delivery, DependencyGate, EventBus, QueueError, RunEvent, RunId, TaskMessage, TaskQueue};
 use sluice_state::host::offload;
@@ -507,8 +507,16 @@ impl Slot {
         // Audits read the rows the write covers: an incremental-by-time model's interval, else
         // the table. Blocking ones run inside the write's transaction (a failure rolls it back);
         // the others after it commits, reported and not failing the task.
-        let time_column = match &snapshot.kind {
-            ModelKind::IncrementalByTimeRange { time_column, .. } => Some(time_column.as_str()),
+        let time_filter = match &snapshot.kind {
+            ModelKind::IncrementalByTimeRange { time_column, time_format: None, .. } => {
+                Some(TimeColumn::Native(time_column))
+            }
+            // A format applies to a text or numeric column: the table says which it is.
+            ModelKind::IncrementalByTimeRange { time_column, time_format: Some(format), .. } => {
+                let columns = timed.call("table_columns", warehouse.table_columns(&table)).await?;
+                let data_type = columns.iter().find(|(name, _)| name.eq_ignore_ascii_case(time_column));
+                Some(TimeColumn::for_type(time_column, format, data_type.map_or("", |(_, data_type)| data_type)))
+            }
             _ => None,
         };
         let mut blocking = Vec::new();
@@ -517,7 +525,7 @@ impl Slot {
             let audit_query = template.fill(interval, execution_time);
             let check = AuditCheck {
                 audit: call.clone(),
-                count_query: audit_count_query(&table, time_column, interval, &audit_query),
+                count_query: audit_count_query(&table, time_filter, interval, &audit_query),
             };
             if *is_blocking { blocking.push(check) } else { reported.push(check) }
         }
@@ -526,7 +534,12 @@ impl Slot {
             // Rebuilt from its own rows and the query's; its first run (or a restatement) from
             // the query's alone.
             ModelKind::ScdType2(scd) => {
-                let columns = timed.call("table_columns", warehouse.table_columns(&table)).await?;
+                let columns: Vec<String> = timed
+                    .call("table_columns", warehouse.table_columns(&table))
+                    .await?
+                    .into_iter()
+                    .map(|(name, _)| name)
+                    .collect();
                 let first = replacing || interval.start <= snapshot.start;
                 let rebuilt =
                     sluice_engine::scd_type_2_query(&table, scd, &columns, query_text, execution_time, first)?;
@@ -534,6 +547,7 @@ impl Slot {
             }
             _ if replacing => timed.call("replace_all", warehouse.replace_all(&table, query_text, &blocking)).await?,
             ModelKind::IncrementalByTimeRange { time_column, .. } => {
+                let time_column = time_filter.unwrap_or(TimeColumn::Native(time_column));
                 let write = warehouse.replace_interval(&table, time_column, interval, query_text, &blocking);
                 timed.call("replace_interval", write).await?
             }

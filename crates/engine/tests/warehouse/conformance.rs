@@ -4,7 +4,7 @@ use sluice_core::interval::{Interval, Timestamp};
 use sluice_core::model::SeedData;
 use sluice_core::names::PhysicalTable;
 use sluice_engine::{
-    AuditCheck, EngineError, GatewayPromotion, PromotionOutcome, ViewUpdate, Warehouse, audit_count_query,
+    AuditCheck, EngineError, GatewayPromotion, PromotionOutcome, TimeColumn, ViewUpdate, Warehouse, audit_count_query,
 };
 
 use crate::support::{Fixture, table};
@@ -135,7 +135,10 @@ async fn declared_columns_create_the_table_a_self_reading_query_needs(fixture: F
     warehouse.ensure_table(&ledger, &columns, &query).await.unwrap();
     warehouse.ensure_table(&ledger, &columns, &query).await.unwrap();
     assert_eq!(
-        warehouse.replace_interval(&ledger, "day", days("2024-01-01", "2024-01-02"), &query, &[]).await.unwrap(),
+        warehouse
+            .replace_interval(&ledger, TimeColumn::Native("day"), days("2024-01-01", "2024-01-02"), &query, &[])
+            .await
+            .unwrap(),
         1
     );
     assert_eq!(scalar(warehouse.as_mut(), &format!("SELECT entries FROM {relation}")).await, Some(1));
@@ -185,8 +188,8 @@ async fn two_writes_of_one_interval_at_once_leave_it_written_once(fixture: Fixtu
     let mut first = fixture.open().await;
     let mut second = fixture.open().await;
     let (one, two) = tokio::join!(
-        first.replace_interval(&events, "ds", first_day, query, &[]),
-        second.replace_interval(&events, "ds", first_day, query, &[])
+        first.replace_interval(&events, TimeColumn::Native("ds"), first_day, query, &[]),
+        second.replace_interval(&events, TimeColumn::Native("ds"), first_day, query, &[])
     );
     for outcome in [one, two] {
         match outcome {
@@ -194,7 +197,10 @@ async fn two_writes_of_one_interval_at_once_leave_it_written_once(fixture: Fixtu
             // A write-write conflict is transient: the worker retries it.
             Err(error) => {
                 assert!(error.is_transient(), "{error}");
-                assert_eq!(first.replace_interval(&events, "ds", first_day, query, &[]).await.unwrap(), 2);
+                assert_eq!(
+                    first.replace_interval(&events, TimeColumn::Native("ds"), first_day, query, &[]).await.unwrap(),
+                    2
+                );
             }
         }
     }
@@ -211,16 +217,28 @@ async fn replace_interval_replaces_only_its_interval(fixture: Fixture) {
 
     let first_day = days("2024-01-01", "2024-01-02");
     let second_day = days("2024-01-02", "2024-01-03");
-    assert_eq!(warehouse.replace_interval(&events, "ds", first_day, EVENTS_QUERY, &[]).await.unwrap(), 2);
-    assert_eq!(warehouse.replace_interval(&events, "ds", second_day, EVENTS_QUERY, &[]).await.unwrap(), 1);
-    assert_eq!(warehouse.replace_interval(&events, "ds", first_day, EVENTS_QUERY, &[]).await.unwrap(), 2);
+    assert_eq!(
+        warehouse.replace_interval(&events, TimeColumn::Native("ds"), first_day, EVENTS_QUERY, &[]).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        warehouse.replace_interval(&events, TimeColumn::Native("ds"), second_day, EVENTS_QUERY, &[]).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        warehouse.replace_interval(&events, TimeColumn::Native("ds"), first_day, EVENTS_QUERY, &[]).await.unwrap(),
+        2
+    );
     assert_eq!(count(warehouse.as_mut(), relation).await, 3, "replacing an interval twice duplicates nothing");
     let third_day = format!("{relation} WHERE ds = DATE '2024-01-03'");
     assert_eq!(count(warehouse.as_mut(), &third_day).await, 0, "rows outside the interval are not inserted");
 
     // The source changes on both days; replacing the first day leaves the second as it was.
     warehouse.execute("UPDATE raw.events SET amount = amount + 100").await.unwrap();
-    assert_eq!(warehouse.replace_interval(&events, "ds", first_day, EVENTS_QUERY, &[]).await.unwrap(), 2);
+    assert_eq!(
+        warehouse.replace_interval(&events, TimeColumn::Native("ds"), first_day, EVENTS_QUERY, &[]).await.unwrap(),
+        2
+    );
     let first_sum = format!("SELECT SUM(amount) FROM {relation} WHERE ds = DATE '2024-01-01'");
     let second_sum = format!("SELECT SUM(amount) FROM {relation} WHERE ds = DATE '2024-01-02'");
     assert_eq!(scalar(warehouse.as_mut(), &first_sum).await, Some(230));
@@ -228,7 +246,10 @@ async fn replace_interval_replaces_only_its_interval(fixture: Fixture) {
 
     // A multi-day batch replaces every day it covers.
     let batch = days("2024-01-01", "2024-01-04");
-    assert_eq!(warehouse.replace_interval(&events, "ds", batch, EVENTS_QUERY, &[]).await.unwrap(), 4);
+    assert_eq!(
+        warehouse.replace_interval(&events, TimeColumn::Native("ds"), batch, EVENTS_QUERY, &[]).await.unwrap(),
+        4
+    );
     assert_eq!(count(warehouse.as_mut(), relation).await, 4);
     assert_eq!(scalar(warehouse.as_mut(), &second_sum).await, Some(130));
 }
@@ -245,18 +266,31 @@ async fn a_failing_blocking_audit_rolls_the_write_back(fixture: Fixture) {
     warehouse.ensure_table(&events, &[], EVENTS_QUERY).await.unwrap();
     let first_day = days("2024-01-01", "2024-01-02");
     let second_day = days("2024-01-02", "2024-01-03");
-    let check = |name: &str, table: &PhysicalTable, time_column: Option<&str>, interval: Interval, audit: &str| {
-        AuditCheck { audit: name.to_string(), count_query: audit_count_query(table, time_column, interval, audit) }
-    };
+    let check =
+        |name: &str, table: &PhysicalTable, time_column: Option<TimeColumn>, interval: Interval, audit: &str| {
+            AuditCheck { audit: name.to_string(), count_query: audit_count_query(table, time_column, interval, audit) }
+        };
     // Two rows on the first day (written unchecked), one on the second: "one item a day" holds
     // for the second day's write, which audits its own interval only, and fails the first's.
-    assert_eq!(warehouse.replace_interval(&events, "ds", first_day, EVENTS_QUERY, &[]).await.unwrap(), 2);
+    assert_eq!(
+        warehouse.replace_interval(&events, TimeColumn::Native("ds"), first_day, EVENTS_QUERY, &[]).await.unwrap(),
+        2
+    );
     let one_item_a_day = "SELECT ds FROM sluice_this_model GROUP BY ds HAVING COUNT(*) > 1";
-    let passes = check("one_item", &events, Some("ds"), second_day, one_item_a_day);
-    assert_eq!(warehouse.replace_interval(&events, "ds", second_day, EVENTS_QUERY, &[passes]).await.unwrap(), 1);
+    let passes = check("one_item", &events, Some(TimeColumn::Native("ds")), second_day, one_item_a_day);
+    assert_eq!(
+        warehouse
+            .replace_interval(&events, TimeColumn::Native("ds"), second_day, EVENTS_QUERY, &[passes])
+            .await
+            .unwrap(),
+        1
+    );
     warehouse.execute("UPDATE raw.events SET amount = amount + 100 WHERE ds = '2024-01-01'").await.unwrap();
-    let fails = check("one_item", &events, Some("ds"), first_day, one_item_a_day);
-    let error = warehouse.replace_interval(&events, "ds", first_day, EVENTS_QUERY, &[fails]).await.unwrap_err();
+    let fails = check("one_item", &events, Some(TimeColumn::Native("ds")), first_day, one_item_a_day);
+    let error = warehouse
+        .replace_interval(&events, TimeColumn::Native("ds"), first_day, EVENTS_QUERY, &[fails])
+        .await
+        .unwrap_err();
     assert!(matches!(&error, EngineError::AuditFailed { audit, rows: 1 } if audit == "one_item"), "{error}");
     assert!(!error.is_transient());
     assert_eq!(error.to_string(), "audit one_item failed: 1 row(s) break it; the write was rolled back");
@@ -304,7 +338,10 @@ async fn replace_interval_filters_timestamp_columns_half_open(fixture: Fixture) 
     let query = "SELECT ts, n FROM raw.clicks";
     warehouse.ensure_table(&clicks, &[], query).await.unwrap();
     assert_eq!(
-        warehouse.replace_interval(&clicks, "ts", days("2024-01-01", "2024-01-02"), query, &[]).await.unwrap(),
+        warehouse
+            .replace_interval(&clicks, TimeColumn::Native("ts"), days("2024-01-01", "2024-01-02"), query, &[])
+            .await
+            .unwrap(),
         2
     );
     assert_eq!(scalar(warehouse.as_mut(), "SELECT SUM(n) FROM sluice__shop.shop__clicks__v1").await, Some(3));
@@ -356,7 +393,10 @@ async fn rebuild_reads_the_table_as_it_was(fixture: Fixture) {
     let items = table("items");
     let relation = "sluice__shop.shop__items__v1";
     warehouse.ensure_table(&items, &[], ITEMS_QUERY).await.unwrap();
-    assert_eq!(warehouse.table_columns(&items).await.unwrap(), ["id", "name"]);
+    let columns = warehouse.table_columns(&items).await.unwrap();
+    let names: Vec<&str> = columns.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["id", "name"]);
+    assert!(columns[0].1.to_lowercase().contains("int") && !columns[1].1.to_lowercase().contains("int"), "{columns:?}");
     assert_eq!(warehouse.append(&items, ITEMS_QUERY, &[]).await.unwrap(), 3);
     // The query reads the table's own rows: every row twice, once as it was and once renamed.
     let doubled = format!("SELECT id, name FROM {relation} UNION ALL SELECT id + 10, name FROM {relation}");
@@ -646,7 +686,7 @@ async fn errors_are_classified_and_the_connection_survives(fixture: Fixture) {
     let absent_table = warehouse
         .replace_interval(
             &table("absent"),
-            "ds",
+            TimeColumn::Native("ds"),
             days("2024-01-01", "2024-01-02"),
             "SELECT CAST('2024-01-01' AS DATE) AS ds",
             &[],
