@@ -34,18 +34,38 @@ fn leftover_databases(pid: &str) -> Vec<String> {
 
 #[test]
 fn bench_apply_measures_floor_embedded_and_distributed_on_equal_data() {
-    let (code, stdout, stderr) =
-        sluice(&["bench", "apply", "--models", "4", "--layers", "2", "--days", "6", "--rows", "3", "--workers", "1,2"]);
+    let (code, stdout, stderr) = sluice(&[
+        "bench",
+        "apply",
+        "--models",
+        "4",
+        "--layers",
+        "2",
+        "--days",
+        "6",
+        "--rows",
+        "3",
+        "--workers",
+        "1,2",
+        "--repeats",
+        "2",
+    ]);
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(stdout.contains("4 models in 2 layers x 6 daily intervals x 3 rows, batch_size 1, 24 tasks"), "{stdout}");
-    for run in [
-        "| floor (1 connection) |",
-        "| embedded, 1 worker |",
-        "| embedded, 2 workers |",
-        "| distributed, 1 worker process |",
-        "| distributed, 2 worker processes |",
+    // Each configuration ran twice after its own fair floor; the serial floor once.
+    for (run, runs) in [
+        ("| serial floor (1 connection) |", 1),
+        ("| fair floor, 1 connection |", 2),
+        ("| fair floor, 2 connections |", 2),
+        ("| embedded, 1 worker |", 2),
+        ("| embedded, 2 workers |", 2),
+        ("| distributed, 1 worker process |", 2),
+        ("| distributed, 2 worker processes |", 2),
     ] {
-        assert!(stdout.contains(run), "no row {run} in:\n{stdout}");
+        let row =
+            stdout.lines().find(|line| line.starts_with(run)).unwrap_or_else(|| panic!("no row {run} in:\n{stdout}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(cells[4], runs.to_string(), "{row}");
     }
     // Peak RSS is reported for every process of a distributed run.
     assert!(
@@ -102,7 +122,22 @@ fn bench_promote_and_bench_plan_with_services_run() {
 #[test]
 fn the_benchmark_leaves_no_database_queue_or_key_behind() {
     let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["bench", "apply", "--models", "2", "--layers", "1", "--days", "2", "--rows", "1", "--workers", "1"])
+        .args([
+            "bench",
+            "apply",
+            "--models",
+            "2",
+            "--layers",
+            "1",
+            "--days",
+            "2",
+            "--rows",
+            "1",
+            "--workers",
+            "1",
+            "--repeats",
+            "1",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -139,6 +174,8 @@ fn bench_apply_on_duckdb_measures_floor_and_embedded() {
         "2",
         "--workers",
         "1,2",
+        "--repeats",
+        "1",
     ]);
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(stdout.contains("DuckDB warehouse"), "{stdout}");

@@ -1,15 +1,22 @@
 //! `sluice bench apply`: the raw floor against sluice embedded and distributed, on the same
 //! synthetic project and data.
 //!
-//! - **floor**: the rendered statements of every task (delete the interval, insert … select)
-//!   run in dependency order on one connection by this process, no framework;
+//! - **fair floor, N connections**: what a skilled engineer hand-writes with the same
+//!   parallelism: N connections, each task one round trip and one transaction
+//!   (`BEGIN; DELETE …; INSERT … SELECT …; COMMIT`), a task started as soon as the tasks it
+//!   reads are done (interval-level pipelining), tables created before the clock;
+//! - **serial floor**: the same statements, two round trips per task, one connection, model by
+//!   model (a secondary line);
 //! - **embedded N**: `sluice apply --workers N` (SQLite state, in-process queue), a child
 //!   process;
 //! - **distributed N**: N `sluice worker --concurrency 1` processes, a promoter and the
 //!   coordinator (`sluice apply`), on RabbitMQ, Redis and PostgreSQL state.
 //!
-//! Every run starts from an empty warehouse database (and state); its tables are checked equal
-//! (row counts and checksums) to the floor's. Wall time is the apply process's, from start to
+//! Each configuration runs `--repeats` times, interleaved with its fair floor (floor, sluice,
+//! floor, sluice, …); the table shows medians, the spread (fastest to slowest) and the 1-minute
+//! load average when the configuration began, so a reader can judge the noise. Every run
+//! starts from an empty warehouse database (and state); its tables are checked equal (row
+//! counts and checksums) to the serial floor's. Wall time is the apply process's, from start to
 //! exit (promotion included); peak RSS is each process's VmHWM, sampled while it runs.
 
 use std::collections::BTreeMap;
@@ -21,14 +28,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use sluice_core::config::{Secret, redact, url_password};
-use sluice_core::interval::Timestamp;
+use sluice_core::interval::{Interval, Timestamp};
 use sluice_core::model::ModelKind;
 use sluice_core::names::PhysicalTable;
 use sluice_core::plan::{Plan, first_plan};
 use sluice_core::project::load_project;
 use sluice_core::query::QueryTemplate;
 use sluice_core::synthetic::{SYNTHETIC_START, SyntheticProject};
-use sluice_core::task_graph::TaskGraph;
+use sluice_core::task_graph::{Readiness, TaskGraph};
 use sluice_engine::postgres_adapter::{PostgresSettings, PostgresWarehouse};
 use sluice_engine::{TableChecksum, ViewUpdate, Warehouse};
 use sluice_queue::rabbitmq::{RabbitBroker, RabbitConfig};
@@ -128,6 +135,8 @@ pub struct ApplyBenchConfig {
     pub redis_url: String,
     /// Keep the databases, queues and project folders (for inspection).
     pub keep: bool,
+    /// Runs of each configuration (and of its fair floor), interleaved.
+    pub repeats: usize,
 }
 
 /// One measured run.
@@ -211,53 +220,131 @@ async fn measure_all(config: &ApplyBenchConfig, tag: &str, root: &Path, leftover
     let floor_wall = run_floor(floor_warehouse.as_mut(), &plan, &graph, now).await?;
     let expected = floor_checksums(floor_warehouse.as_mut(), &plan).await?;
     drop(floor_warehouse);
-    let mut results = vec![Measured {
-        label: "floor (1 connection)".to_string(),
+    let serial = Measured {
+        label: "serial floor (1 connection)".to_string(),
         wall: floor_wall,
         peaks: vec![("bench".to_string(), peak_rss_mib().unwrap_or(0.0))],
-    }];
-    print_row(&results[0], floor_wall, tasks);
+    };
+    print_row(&serial, floor_wall, tasks);
+    let mut rows = vec![Row::of(std::slice::from_ref(&serial), None, load_average())];
 
-    if config.embedded {
-        for &workers in &config.workers {
-            let database = format!("{tag}_e{workers}");
-            let dir = root.join(format!("embedded_{workers}"));
+    let repeats = config.repeats.max(1);
+    for &workers in &config.workers {
+        let load = load_average();
+        let plural = if workers == 1 { "" } else { "s" };
+        let floor_label = format!("fair floor, {workers} connection{plural}");
+        let embedded_label = format!("embedded, {workers} worker{plural}");
+        let distributed_label =
+            format!("distributed, {workers} worker process{}", if workers == 1 { "" } else { "es" });
+        let mut floors = Vec::new();
+        let mut embedded = Vec::new();
+        let mut distributed = Vec::new();
+        for round in 0..repeats {
+            let database = format!("{tag}_f{workers}_{round}");
+            let dir = root.join(format!("floor_{workers}_{round}"));
             write_project(&dir, &shape(&database))?;
-            drop(open_warehouse(config, leftovers, &database, &dir).await?);
-            let run = Runner { exe: &exe, dir: &dir, state: None, services: None };
-            let plan_id = run.plan(&now_text).await?;
-            let label = format!("embedded, {workers} worker{}", if workers == 1 { "" } else { "s" });
-            let measured = run.embedded_apply(&label, &plan_id, workers).await?;
+            let mut connections = vec![open_warehouse(config, leftovers, &database, &dir).await?];
+            for _ in 1..workers {
+                connections.push(open_warehouse_again(config, &database, &dir).await?);
+            }
+            let wall = run_fair_floor(connections, &plan, &graph, now).await?;
             let mut warehouse = open_warehouse_again(config, &database, &dir).await?;
-            verify(warehouse.as_mut(), &plan, &expected, &label).await?;
+            verify_tables(warehouse.as_mut(), &plan, &expected, &floor_label).await?;
+            drop(warehouse);
+            let measured = Measured { label: floor_label.clone(), wall, peaks: Vec::new() };
             print_row(&measured, floor_wall, tasks);
-            results.push(measured);
+            floors.push(measured);
+
+            if config.embedded {
+                let database = format!("{tag}_e{workers}_{round}");
+                let dir = root.join(format!("embedded_{workers}_{round}"));
+                write_project(&dir, &shape(&database))?;
+                drop(open_warehouse(config, leftovers, &database, &dir).await?);
+                let run = Runner { exe: &exe, dir: &dir, state: None, services: None };
+                let plan_id = run.plan(&now_text).await?;
+                let measured = run.embedded_apply(&embedded_label, &plan_id, workers).await?;
+                let mut warehouse = open_warehouse_again(config, &database, &dir).await?;
+                verify(warehouse.as_mut(), &plan, &expected, &embedded_label).await?;
+                print_row(&measured, floor_wall, tasks);
+                embedded.push(measured);
+            }
+            if config.distributed {
+                let database = format!("{tag}_d{workers}_{round}");
+                let state_database = format!("{database}_state");
+                let prefix = database.clone();
+                let dir = root.join(format!("distributed_{workers}_{round}"));
+                write_project(&dir, &shape(&database))?;
+                drop(open_warehouse(config, leftovers, &database, &dir).await?);
+                drop(open_warehouse(config, leftovers, &state_database, &dir).await?);
+                leftovers.prefixes.push(prefix.clone());
+                let services = Services { amqp_url: &config.amqp_url, redis_url: &config.redis_url, prefix: &prefix };
+                let state_url = config.postgres.url(&state_database);
+                let run = Runner { exe: &exe, dir: &dir, state: Some(&state_url), services: Some(services) };
+                let measured = run.distributed_apply(&distributed_label, &now_text, workers).await?;
+                let mut warehouse = open_warehouse_again(config, &database, &dir).await?;
+                verify(warehouse.as_mut(), &plan, &expected, &distributed_label).await?;
+                print_row(&measured, floor_wall, tasks);
+                distributed.push(measured);
+            }
         }
-    }
-    if config.distributed {
-        for &workers in &config.workers {
-            let database = format!("{tag}_d{workers}");
-            let state_database = format!("{tag}_d{workers}_state");
-            let prefix = format!("{tag}_d{workers}");
-            let dir = root.join(format!("distributed_{workers}"));
-            write_project(&dir, &shape(&database))?;
-            drop(open_warehouse(config, leftovers, &database, &dir).await?);
-            drop(open_warehouse(config, leftovers, &state_database, &dir).await?);
-            leftovers.prefixes.push(prefix.clone());
-            let services = Services { amqp_url: &config.amqp_url, redis_url: &config.redis_url, prefix: &prefix };
-            let state_url = config.postgres.url(&state_database);
-            let run = Runner { exe: &exe, dir: &dir, state: Some(&state_url), services: Some(services) };
-            let label = format!("distributed, {workers} worker process{}", if workers == 1 { "" } else { "es" });
-            let measured = run.distributed_apply(&label, &now_text, workers).await?;
-            let mut warehouse = open_warehouse_again(config, &database, &dir).await?;
-            verify(warehouse.as_mut(), &plan, &expected, &label).await?;
-            print_row(&measured, floor_wall, tasks);
-            results.push(measured);
+        let floor_median = median(&floors.iter().map(|measured| measured.wall).collect::<Vec<_>>());
+        rows.push(Row::of(&floors, None, load));
+        for runs in [embedded, distributed] {
+            if !runs.is_empty() {
+                rows.push(Row::of(&runs, Some(floor_median), load));
+            }
         }
     }
     println!();
-    print_table(&results, floor_wall, tasks);
+    print_table(&rows, tasks);
     Ok(())
+}
+
+/// One line of the table: a configuration's runs.
+struct Row {
+    label: String,
+    walls: Vec<Duration>,
+    /// The median of the fair floor with the same parallelism (none for the floors).
+    floor: Option<Duration>,
+    /// The 1-minute load average when the configuration began.
+    load: Option<f64>,
+    /// Each process's highest peak over the runs.
+    peaks: Vec<(String, f64)>,
+}
+
+impl Row {
+    fn of(runs: &[Measured], floor: Option<Duration>, load: Option<f64>) -> Row {
+        let mut peaks: Vec<(String, f64)> = Vec::new();
+        for (name, mib) in runs.iter().flat_map(|measured| &measured.peaks) {
+            match peaks.iter_mut().find(|(known, _)| known == name) {
+                Some((_, highest)) => *highest = highest.max(*mib),
+                None => peaks.push((name.clone(), *mib)),
+            }
+        }
+        Row {
+            label: runs.first().map(|measured| measured.label.clone()).unwrap_or_default(),
+            walls: runs.iter().map(|measured| measured.wall).collect(),
+            floor,
+            load,
+            peaks,
+        }
+    }
+}
+
+/// The middle of the durations (the mean of the two middle ones for an even count).
+fn median(walls: &[Duration]) -> Duration {
+    let mut sorted = walls.to_vec();
+    sorted.sort();
+    match sorted.len() {
+        0 => Duration::ZERO,
+        count if count % 2 == 1 => sorted[count / 2],
+        count => (sorted[count / 2 - 1] + sorted[count / 2]) / 2,
+    }
+}
+
+/// The 1-minute load average (`/proc/loadavg`), where the system has one.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
 fn write_project(dir: &Path, shape: &SyntheticProject) -> Result<()> {
@@ -313,10 +400,13 @@ fn plan_of(shape: &SyntheticProject, now: Timestamp) -> Result<(Plan, TaskGraph)
     Ok((plan, graph))
 }
 
-/// The floor: tables created first (not timed), then every task's two statements (delete the
-/// interval, insert … select), each in its own implicit transaction, model by model in
-/// dependency order on one connection.
-async fn run_floor(warehouse: &mut dyn Warehouse, plan: &Plan, graph: &TaskGraph, now: Timestamp) -> Result<Duration> {
+/// Every snapshot's table (created here, not timed), time column and query template: what
+/// both floors run.
+async fn floor_statements(
+    warehouse: &mut dyn Warehouse,
+    plan: &Plan,
+    now: Timestamp,
+) -> Result<Vec<(PhysicalTable, String, QueryTemplate)>> {
     let mut statements = Vec::with_capacity(plan.snapshots.len());
     for planned in &plan.snapshots {
         let snapshot = &planned.snapshot;
@@ -330,6 +420,14 @@ async fn run_floor(warehouse: &mut dyn Warehouse, plan: &Plan, graph: &TaskGraph
         };
         statements.push((table, time_column.clone(), template));
     }
+    Ok(statements)
+}
+
+/// The serial floor: tables created first (not timed), then every task's two statements (delete the
+/// interval, insert … select), each in its own implicit transaction, model by model in
+/// dependency order on one connection.
+async fn run_floor(warehouse: &mut dyn Warehouse, plan: &Plan, graph: &TaskGraph, now: Timestamp) -> Result<Duration> {
+    let statements = floor_statements(warehouse, plan, now).await?;
     // What a hand-written script does: model by model in dependency order (the plan's order),
     // each model's intervals oldest first.
     let mut order: Vec<u32> = (0..graph.len() as u32).collect();
@@ -361,6 +459,68 @@ async fn run_floor(warehouse: &mut dyn Warehouse, plan: &Plan, graph: &TaskGraph
     Ok(began.elapsed())
 }
 
+/// The fair floor: tables created first (not timed), then every task as one round trip and one
+/// transaction (`BEGIN; DELETE …; INSERT … SELECT …; COMMIT`) on one of the connections, each
+/// started as soon as the tasks it reads are done.
+async fn run_fair_floor(
+    mut connections: Vec<Box<dyn Warehouse>>,
+    plan: &Plan,
+    graph: &TaskGraph,
+    now: Timestamp,
+) -> Result<Duration> {
+    let first = connections.first_mut().ok_or_else(|| anyhow!("no connection"))?;
+    let statements = Arc::new(floor_statements(first.as_mut(), plan, now).await?);
+    let (work_sender, work) = tokio::sync::mpsc::unbounded_channel::<(u32, usize, Interval)>();
+    let work = Arc::new(tokio::sync::Mutex::new(work));
+    let (done_sender, mut done) = tokio::sync::mpsc::unbounded_channel::<Result<u32>>();
+    let began = Instant::now();
+    let mut slots = Vec::new();
+    for mut connection in connections {
+        let (work, done, statements) = (work.clone(), done_sender.clone(), statements.clone());
+        slots.push(tokio::spawn(async move {
+            loop {
+                let next = work.lock().await.recv().await;
+                let Some((task, snapshot, interval)) = next else { return };
+                let (table, time_column, template) = &statements[snapshot];
+                let query = template.fill(interval, now);
+                let script = sluice_engine::transaction_script(&sluice_engine::interval_statements(
+                    table,
+                    sluice_engine::TimeColumn::Native(time_column),
+                    interval,
+                    &query,
+                ));
+                let outcome = connection.execute(&script).await.map(|()| task).map_err(anyhow::Error::from);
+                if done.send(outcome).is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    drop(done_sender);
+    let mut readiness = Readiness::new(graph);
+    let send = |task: u32| -> Result<()> {
+        let spec = graph.tasks[task as usize];
+        work_sender
+            .send((task, spec.snapshot as usize, spec.interval))
+            .map_err(|_| anyhow!("the floor's slots stopped"))
+    };
+    for task in readiness.ready() {
+        send(task)?;
+    }
+    while readiness.outstanding() > 0 {
+        let task = done.recv().await.ok_or_else(|| anyhow!("the floor's slots stopped"))??;
+        for ready in readiness.complete(graph, task) {
+            send(ready)?;
+        }
+    }
+    let wall = began.elapsed();
+    drop(work_sender);
+    for slot in slots {
+        slot.await.context("a floor slot panicked")?;
+    }
+    Ok(wall)
+}
+
 async fn floor_checksums(warehouse: &mut dyn Warehouse, plan: &Plan) -> Result<BTreeMap<String, TableChecksum>> {
     let mut sums = BTreeMap::new();
     for planned in &plan.snapshots {
@@ -369,6 +529,29 @@ async fn floor_checksums(warehouse: &mut dyn Warehouse, plan: &Plan) -> Result<B
         sums.insert(snapshot.name.to_string(), warehouse.checksum(&table.schema, &table.table).await?);
     }
     Ok(sums)
+}
+
+/// Checks every model's physical table (a floor's) against the serial floor's.
+async fn verify_tables(
+    warehouse: &mut dyn Warehouse,
+    plan: &Plan,
+    expected: &BTreeMap<String, TableChecksum>,
+    label: &str,
+) -> Result<()> {
+    let actual = floor_checksums(warehouse, plan).await?;
+    for (name, sums) in &actual {
+        let floor = &expected[name];
+        if sums != floor {
+            bail!(
+                "{label}: {name} differs from the serial floor: {} rows, checksum {} (serial floor: {} rows, checksum {})",
+                sums.rows,
+                sums.checksum,
+                floor.rows,
+                floor.checksum
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Checks every model's view (prod) against the floor's table.
@@ -632,22 +815,38 @@ fn peaks_text(measured: &Measured) -> String {
 fn print_row(measured: &Measured, floor: Duration, tasks: usize) {
     let (wall, rate, ratio, overhead) = row_figures(measured, floor, tasks);
     println!(
-        "  {:<32} {wall:>8.2} s {rate:>9.0} tasks/s {ratio:>6.2}x floor {overhead:>+8.3} ms/task   peak RSS MiB: {}",
+        "  {:<32} {wall:>8.2} s {rate:>9.0} tasks/s {ratio:>6.2}x serial floor {overhead:>+8.3} ms/task   peak RSS MiB: {}",
         measured.label,
-        peaks_text(measured)
+        if measured.peaks.is_empty() { "—".to_string() } else { peaks_text(measured) }
     );
 }
 
-/// The results as a Markdown table (the README's).
-fn print_table(results: &[Measured], floor: Duration, tasks: usize) {
-    println!("| run | wall (s) | tasks/s | x floor | overhead (ms/task) | peak RSS (MiB) |");
-    println!("| --- | ---: | ---: | ---: | ---: | --- |");
-    for measured in results {
-        let (wall, rate, ratio, overhead) = row_figures(measured, floor, tasks);
+/// The results as a Markdown table (the README's): per configuration the median wall time and
+/// the spread over its runs, against the median of the fair floor with the same parallelism.
+fn print_table(rows: &[Row], tasks: usize) {
+    println!(
+        "| run | median wall (s) | spread (s) | runs | tasks/s | x fair floor | overhead (ms/task) | load (1 min) | peak RSS (MiB) |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
+    for row in rows {
+        let wall = median(&row.walls).as_secs_f64();
+        let fastest = row.walls.iter().min().copied().unwrap_or_default().as_secs_f64();
+        let slowest = row.walls.iter().max().copied().unwrap_or_default().as_secs_f64();
+        let (ratio, overhead) = match row.floor {
+            Some(floor) => {
+                let floor = floor.as_secs_f64();
+                (format!("{:.2}", wall / floor), format!("{:+.3}", (wall - floor) * 1000.0 / tasks as f64))
+            }
+            None => ("—".to_string(), "—".to_string()),
+        };
+        let load = row.load.map_or("—".to_string(), |load| format!("{load:.2}"));
+        let peaks = row.peaks.iter().map(|(name, mib)| format!("{name} {mib:.0}")).collect::<Vec<_>>().join(", ");
         println!(
-            "| {} | {wall:.2} | {rate:.0} | {ratio:.2} | {overhead:+.3} | {} |",
-            measured.label,
-            peaks_text(measured)
+            "| {} | {wall:.2} | {fastest:.2}–{slowest:.2} | {} | {:.0} | {ratio} | {overhead} | {load} | {} |",
+            row.label,
+            row.walls.len(),
+            tasks as f64 / wall,
+            if peaks.is_empty() { "—".to_string() } else { peaks }
         );
     }
 }

@@ -242,6 +242,10 @@ enum BenchCommand {
         /// Keep the databases, queues and project folders.
         #[arg(long)]
         keep: bool,
+        /// Runs of each configuration, each after a run of its fair floor; the table shows the
+        /// medians and the spread.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
     },
     /// Promote N views in one transaction on PostgreSQL (create them, then point them all at
     /// new tables), timing each promotion.
@@ -472,6 +476,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             no_distributed,
             postgres,
             keep,
+            repeats,
         }) => {
             let config = bench_apply::ApplyBenchConfig {
                 models: *models,
@@ -488,6 +493,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 amqp_url: bench_amqp_url(cli),
                 redis_url: bench_redis_url(cli),
                 keep: *keep,
+                repeats: *repeats,
             };
             done(bench_apply::bench_apply(config).await)
         }
