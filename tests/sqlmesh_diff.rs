@@ -976,6 +976,32 @@ async fn formatted_time_columns_on_duckdb_equal_sqlmeshs() {
     formatted_time_columns_equal_sqlmeshs(Engine::DuckDb, "duckdb", ["%Y%m%d", "%Y/%m/%d"]).await;
 }
 
+/// A prod restatement forgets the same days in development versions of the restated model and
+/// of what reads it there: the development environment's next plan fills them again from the
+/// restated source.
+#[tokio::test]
+async fn a_prod_restatement_clears_development_versions_as_sqlmesh_does() {
+    let case = Case::new("restate_dev", Engine::Postgres, "postgres", Some("2024-01-01")).await;
+    case.execute(
+        "CREATE SCHEMA raw; CREATE TABLE raw.src (day DATE, v INT); \
+         INSERT INTO raw.src VALUES ('2024-01-01', 1), ('2024-01-02', 2), ('2024-01-03', 3)",
+    )
+    .await;
+    case.write(
+        "models/a.sql",
+        "MODEL (name k.a, kind INCREMENTAL_BY_TIME_RANGE (time_column day));\nSELECT day, v FROM raw.src WHERE day BETWEEN @start_ds AND @end_ds",
+    );
+    let b = "MODEL (name k.b, kind INCREMENTAL_BY_TIME_RANGE (time_column day));\nSELECT day, v * 2 AS w FROM k.a WHERE day BETWEEN @start_ds AND @end_ds";
+    case.write("models/b.sql", b);
+    case.apply_and_compare("prod", "2024-01-04", &["k.a", "k.b"]);
+    case.write("models/b.sql", &b.replace("v * 2", "v * 3"));
+    case.apply_and_compare("dev", "2024-01-04", &["k__dev.b"]);
+    case.execute("UPDATE raw.src SET v = 100 WHERE day = '2024-01-02'").await;
+    let restate = ["--restate-model", "k.a", "--start", "2024-01-02", "--end", "2024-01-02"];
+    case.apply_with_and_compare("prod", "2024-01-04", &restate, &["k.a", "k.b", "k__dev.b"], &[]);
+    case.apply_and_compare("dev", "2024-01-04", &["k__dev.b", "k.b"]);
+}
+
 /// A restatement that fails on one day keeps the days it wrote again: once the data is fixed,
 /// `sluice apply PLAN` runs only the failed day and what waits for it (the restated intervals
 /// are forgotten once, when the plan first runs), and the result equals SQLMesh's restatement.

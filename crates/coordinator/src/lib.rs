@@ -26,7 +26,7 @@ use sluice_core::interval::Timestamp;
 use sluice_core::names::{EnvironmentName, ModelName, PlanId, RunId, SnapshotId, TaskId};
 use sluice_core::plan::{
     BackfillWindow, Change, EnvironmentStatements, Plan, PlanContext, RestatementPlan, RestatementRequest, build_plan,
-    build_restatement_plan, build_run_plan, plan_base,
+    build_restatement_plan, build_run_plan, development_restatements, plan_base,
 };
 use sluice_core::project::Project;
 use sluice_core::selection::{select_models, unbuilt_in_prod};
@@ -309,6 +309,19 @@ pub async fn restatement_plan_against_state(
     let mut restatement =
         build_restatement_plan(&current.state, prod.as_ref().map(|record| &record.state), &recorded, now, &request)
             .map_err(|reason| StateError::Invalid { reason })?;
+    if environment.is_prod() {
+        // What the restatement also forgets in development versions (SQLMesh's rule).
+        let mut developments = Vec::new();
+        for record in state.list_environments().await? {
+            if record.state.name.is_prod() || record.expires_at.is_some_and(|expires| expires <= now) {
+                continue;
+            }
+            developments.extend(plan_base(&record.state.name, Some(&record.state), Some(&current.state)));
+        }
+        let stored = state.all_snapshots().await?;
+        let extra = development_restatements(&restatement.plan.restatements, &current.state, &developments, &stored);
+        restatement.plan.forget_in_development(extra);
+    }
     restatement.plan.environment_ttl_seconds = (!environment.is_prod()).then_some(config.environment_ttl_seconds);
     restatement.plan.notification_webhook = config.notification_webhook.clone();
     restatement.plan.statements = EnvironmentStatements::of(config);

@@ -594,6 +594,105 @@ pub fn build_restatement_plan(
     Ok(RestatementPlan { plan, warnings })
 }
 
+/// What a prod restatement also forgets in development versions, as SQLMesh clears them so
+/// that each development environment's next plan or run fills them again with the restated
+/// data: in every development environment (`developments`, each as a plan sees it, over prod)
+/// showing a restated model, that model and every model downstream of it there, at versions
+/// prod does not use (prod's own are restated by the plan itself), over the model's restated
+/// interval; then every other stored version of those models (`stored`) that prod does not
+/// use, over the widest interval restated for its name. Models that disable restatement, views,
+/// seeds and embedded models are left alone, as in the plan itself.
+pub fn development_restatements(
+    prod_restatements: &[Restatement],
+    prod: &EnvironmentState,
+    developments: &[EnvironmentState],
+    stored: &[Snapshot],
+) -> Vec<Restatement> {
+    let in_prod: BTreeSet<(&ModelName, &Version)> = prod.snapshots.iter().map(|s| (&s.name, &s.version)).collect();
+    let mut restated: BTreeMap<&ModelName, Interval> = BTreeMap::new();
+    for restatement in prod_restatements {
+        let entry = restated.entry(&restatement.name).or_insert(restatement.interval);
+        *entry = Interval::new(entry.start.min(restatement.interval.start), entry.end.max(restatement.interval.end));
+    }
+    let forgettable = |snapshot: &Snapshot| {
+        !snapshot.disable_restatement
+            && snapshot.kind.is_materialized()
+            && !matches!(snapshot.kind, ModelKind::View | ModelKind::Seed { .. })
+            && !in_prod.contains(&(&snapshot.name, &snapshot.version))
+    };
+    let mut cleared: BTreeMap<(ModelName, Version), Interval> = BTreeMap::new();
+    fn widen(cleared: &mut BTreeMap<(ModelName, Version), Interval>, snapshot: &Snapshot, interval: Interval) {
+        let entry = cleared.entry((snapshot.name.clone(), snapshot.version.clone())).or_insert(interval);
+        *entry = Interval::new(entry.start.min(interval.start), entry.end.max(interval.end));
+    }
+    for development in developments {
+        let by_name: BTreeMap<&ModelName, &Snapshot> = development.snapshots.iter().map(|s| (&s.name, s)).collect();
+        let name_of: BTreeMap<&SnapshotId, &ModelName> =
+            development.snapshots.iter().map(|s| (&s.id, &s.name)).collect();
+        let mut children: BTreeMap<&ModelName, Vec<&ModelName>> = BTreeMap::new();
+        for snapshot in &development.snapshots {
+            for parent in snapshot.parents.iter().filter_map(|id| name_of.get(id)) {
+                children.entry(parent).or_default().push(&snapshot.name);
+            }
+        }
+        for (name, interval) in &restated {
+            if !by_name.contains_key(name) {
+                continue;
+            }
+            let mut pending = vec![*name];
+            let mut seen = BTreeSet::new();
+            while let Some(model) = pending.pop() {
+                if !seen.insert(model) {
+                    continue;
+                }
+                let Some(snapshot) = by_name.get(model) else { continue };
+                if snapshot.disable_restatement {
+                    continue;
+                }
+                if forgettable(snapshot) {
+                    widen(&mut cleared, snapshot, *interval);
+                }
+                pending.extend(children.get(model).into_iter().flatten());
+            }
+        }
+    }
+    // Versions no environment shows: the widest interval forgotten for their name.
+    let mut widest: BTreeMap<ModelName, Interval> = BTreeMap::new();
+    for ((name, _), interval) in &cleared {
+        let entry = widest.entry(name.clone()).or_insert(*interval);
+        *entry = Interval::new(entry.start.min(interval.start), entry.end.max(interval.end));
+    }
+    for snapshot in stored.iter().filter(|snapshot| forgettable(snapshot)) {
+        if let Some(interval) = widest.get(&snapshot.name)
+            && !cleared.contains_key(&(snapshot.name.clone(), snapshot.version.clone()))
+        {
+            let interval = *interval;
+            widen(&mut cleared, snapshot, interval);
+        }
+    }
+    cleared.into_iter().map(|((name, version), interval)| Restatement { name, version, interval }).collect()
+}
+
+impl Plan {
+    /// Adds what a prod restatement also forgets in development versions
+    /// (`development_restatements`); they are part of the plan's id.
+    pub fn forget_in_development(&mut self, restatements: Vec<Restatement>) {
+        if restatements.is_empty() {
+            return;
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(self.id.0.as_bytes());
+        for restatement in &restatements {
+            hasher.update(restatement.name.to_string().as_bytes());
+            hasher.update(restatement.version.0.as_bytes());
+            hasher.update(&restatement.interval.start.0.to_le_bytes());
+            hasher.update(&restatement.interval.end.0.to_le_bytes());
+        }
+        self.id = PlanId(short_hash(&hasher.finalize(), 6));
+        self.restatements.extend(restatements);
+    }
+}
+
 /// The environment's snapshots, parents before children (the stored snapshots name their
 /// parents by id; a parent outside the environment, such as prod's table read by a development
 /// environment, is already built).

@@ -1,9 +1,11 @@
 //! The printed plan: what a reviewer needs to approve it.
 
+use std::collections::BTreeSet;
 use std::fmt::Write;
 
 use crate::interval::{Interval, Timestamp};
 use crate::model::ModelKind;
+use crate::names::{ModelName, Version};
 use crate::plan::{Change, EnvironmentState, Plan, ViewChange};
 use crate::snapshot::ChangeCategory;
 use crate::task_graph::TaskGraph;
@@ -42,8 +44,18 @@ pub fn format_plan(plan: &Plan, current: Option<&EnvironmentState>, graph: Optio
     }
     if !plan.restatements.is_empty() {
         let _ = writeln!(out, "Restating (recorded intervals forgotten when the plan first runs, then run again):");
+        let planned: BTreeSet<(&ModelName, &Version)> =
+            plan.snapshots.iter().map(|planned| (&planned.snapshot.name, &planned.snapshot.version)).collect();
         for restatement in &plan.restatements {
-            let _ = writeln!(out, "  {}: {}", restatement.name, range(restatement.interval));
+            let note = if planned.contains(&(&restatement.name, &restatement.version)) {
+                String::new()
+            } else {
+                format!(
+                    " (development version {}: forgotten only; its environment's next plan or run fills it)",
+                    restatement.version
+                )
+            };
+            let _ = writeln!(out, "  {}: {}{note}", restatement.name, range(restatement.interval));
         }
     }
 
