@@ -961,3 +961,45 @@ fn a_selective_plan_takes_only_the_selected_changes_by_sqlmeshs_rules() {
     let error = state.plan_selecting(&changed, "dev", &["shop.nothing"]).unwrap_err();
     assert!(error.contains("matches no model"), "{error}");
 }
+
+/// What a prod restatement forgets in development versions: the restated model and its readers
+/// in each development environment at versions prod does not use, over the restated time, and
+/// versions no environment shows over the widest time forgotten for their name; never prod's
+/// own versions.
+#[test]
+fn a_prod_restatement_forgets_development_versions_by_sqlmeshs_rules() {
+    use sluice_core::interval::Interval;
+    use sluice_core::plan::{Restatement, development_restatements};
+    let mut state = State::default();
+    state.apply(&state.plan(&shop(DAILY), "prod", false));
+    state.apply(&state.plan(&shop(DAILY_BREAKING), "dev", false));
+    let prod = state.environments[&EnvironmentName::prod()].clone();
+    let dev = state.environments[&EnvironmentName::parse("dev").unwrap()].clone();
+    let dev_view = plan_base(&dev.name, Some(&dev), Some(&prod)).unwrap();
+    let orders = &prod.snapshots[0];
+    let window = Interval::new(Timestamp::parse("2024-01-02").unwrap(), Timestamp::parse("2024-01-03").unwrap());
+    let restated = [Restatement { name: orders.name.clone(), version: orders.version.clone(), interval: window }];
+    // A version of the summary that no environment shows any more.
+    let mut orphan = dev.snapshots.iter().find(|s| s.name.to_string() == "shop.summary").unwrap().clone();
+    orphan.version = Version("orphan".to_string());
+    let stored: Vec<Snapshot> = state.known.values().cloned().chain([orphan]).collect();
+
+    let forgotten = development_restatements(&restated, &prod, std::slice::from_ref(&dev_view), &stored);
+    let listed: Vec<String> = forgotten
+        .iter()
+        .map(|r| format!("{} {} {}", r.name, if r.version.0 == "orphan" { "orphan" } else { "dev" }, r.interval))
+        .collect();
+    expect![[r#"
+        [
+            "shop.daily dev [2024-01-02 00:00:00, 2024-01-03 00:00:00)",
+            "shop.summary dev [2024-01-02 00:00:00, 2024-01-03 00:00:00)",
+            "shop.summary orphan [2024-01-02 00:00:00, 2024-01-03 00:00:00)",
+        ]
+    "#]]
+    .assert_debug_eq(&listed);
+    assert!(forgotten.iter().all(|r| !prod.snapshots.iter().any(|p| p.name == r.name && p.version == r.version)));
+    // Nothing shown in development reads a restated model: nothing to forget.
+    let unrelated =
+        [Restatement { name: ModelName::parse("shop.other").unwrap(), version: Version("x".into()), interval: window }];
+    assert!(development_restatements(&unrelated, &prod, &[dev_view], &stored).is_empty());
+}
