@@ -87,11 +87,32 @@ impl State {
     }
 
     fn plan_within(&self, project: &Project, environment: &str, forward_only: bool, window: BackfillWindow) -> Plan {
+        self.try_build(project, environment, forward_only, window, None).unwrap()
+    }
+
+    /// The plan against this state; with `selectors`, a `--select-model` plan of the project as
+    /// `select_models` makes it (a prod plan that would show a table unbuilt is an error).
+    fn try_build(
+        &self,
+        project: &Project,
+        environment: &str,
+        forward_only: bool,
+        window: BackfillWindow,
+        selectors: Option<&[&str]>,
+    ) -> Result<Plan, String> {
         let environment = EnvironmentName::parse(environment).unwrap();
         let current = self.environments.get(&environment);
         let prod = if environment.is_prod() { None } else { self.environments.get(&EnvironmentName::prod()) };
         let base = plan_base(&environment, current, prod);
-        build_plan(
+        let selection = match selectors {
+            Some(selectors) => {
+                let selectors: Vec<String> = selectors.iter().map(ToString::to_string).collect();
+                Some(select_models(project, base.as_ref(), &selectors)?)
+            }
+            None => None,
+        };
+        let project = selection.as_ref().map_or(project, |selection| &selection.project);
+        let plan = build_plan(
             project,
             PlanContext {
                 environment: &environment,
@@ -104,37 +125,19 @@ impl State {
                 forward_only,
                 window,
                 skip_backfill: false,
-                selected: None,
-            },
-        )
-    }
-
-    /// A `--select-model` plan: the project as `select_models` makes it, then planned.
-    fn plan_selecting(&self, project: &Project, environment: &str, selectors: &[&str]) -> Result<Plan, String> {
-        let environment = EnvironmentName::parse(environment).unwrap();
-        let current = self.environments.get(&environment);
-        let prod = if environment.is_prod() { None } else { self.environments.get(&EnvironmentName::prod()) };
-        let base = plan_base(&environment, current, prod);
-        let selectors: Vec<String> = selectors.iter().map(ToString::to_string).collect();
-        let selection = select_models(project, base.as_ref(), &selectors)?;
-        let plan = build_plan(
-            &selection.project,
-            PlanContext {
-                environment: &environment,
-                current,
-                base: base.as_ref(),
-                prod,
-                known_snapshots: &self.known,
-                recorded_intervals: &self.recorded,
-                now: Timestamp::parse("2024-01-10").unwrap(),
-                forward_only: false,
-                window: BackfillWindow::default(),
-                skip_backfill: false,
-                selected: Some(&selection.selected),
+                selected: selection.as_ref().map(|selection| &selection.selected),
             },
         );
-        let unbuilt = unbuilt_in_prod(&plan, &selection.project, &selection.selected);
+        let unbuilt = selection
+            .as_ref()
+            .map(|selection| unbuilt_in_prod(&plan, &selection.project, &selection.selected))
+            .unwrap_or_default();
         if unbuilt.is_empty() { Ok(plan) } else { Err(format!("unbuilt: {}", unbuilt.join(", "))) }
+    }
+
+    /// A `--select-model` plan.
+    fn plan_selecting(&self, project: &Project, environment: &str, selectors: &[&str]) -> Result<Plan, String> {
+        self.try_build(project, environment, false, BackfillWindow::default(), Some(selectors))
     }
 
     fn print(&self, plan: &Plan, expected: Expect) {
