@@ -532,7 +532,7 @@ fn every_error_of_a_project_is_reported_with_file_line_and_column() {
     );
     expect![[r#"
         the project has 10 errors:
-          models/a.sql:1:26: unknown model kind SNAPSHOT; expected VIEW, FULL, INCREMENTAL_BY_TIME_RANGE, INCREMENTAL_BY_UNIQUE_KEY, INCREMENTAL_BY_PARTITION, INCREMENTAL_UNMANAGED, SEED or EMBEDDED
+          models/a.sql:1:26: unknown model kind SNAPSHOT; expected VIEW, FULL, INCREMENTAL_BY_TIME_RANGE, INCREMENTAL_BY_UNIQUE_KEY, INCREMENTAL_BY_PARTITION, INCREMENTAL_UNMANAGED, SCD_TYPE_2_BY_TIME, SCD_TYPE_2_BY_COLUMN, SEED or EMBEDDED
           models/b.sql:1:21: unknown property colour; expected one of name, kind, cron, start, end, owner, description, grain, grains, gateway, dialect, tags, columns, enabled, depends_on, audits, partitioned_by
           models/c.sql:1:1: the MODEL block has no name property; expected name schema.table
           models/d.sql:2:8: unknown macro @nope; expected a time macro such as @start_ds or @end_ts, @this_model, @gateway, @model_kind_name, @VAR('name') or a name defined with @DEF
@@ -620,7 +620,7 @@ fn models_sluice_cannot_run_are_named_and_left_out_with_their_readers() {
                 "MODEL (name s.b, kind FULL);\nJINJA_QUERY_BEGIN;\nSELECT {{ x }} AS x;\nJINJA_END;\nAUDIT (name b_ok);\nSELECT 1 AS x",
             ),
             ("models/d.sql", "MODEL (name s.d, kind FULL);\nSELECT @STAR(s.a)"),
-            ("models/e.sql", "MODEL (name s.e, kind SCD_TYPE_2 (unique_key id));\nSELECT 1 AS id"),
+            ("models/e.sql", "MODEL (name s.e, kind MANAGED);\nSELECT 1 AS id"),
             ("models/f.sql", "MODEL (name s.f, kind FULL);\nSELECT x FROM s.py_model"),
             ("models/g.sql", "MODEL (name s.g, kind FULL);\nSELECT x FROM s.f"),
             ("models/h.sql", "MODEL (name s.h, kind FULL);\nSELECT 1 AS x"),
@@ -635,7 +635,7 @@ fn models_sluice_cannot_run_are_named_and_left_out_with_their_readers() {
           models/a.sql:2:8: @add_one is a Python macro (macros/util.py), which sluice cannot run; write its SQL in the model, or as a @DEF
           models/b.sql:2:1: Jinja blocks are not rendered by sluice yet; write the model in SQL with SQLMesh macros
           models/d.sql:2:8: @STAR is a SQLMesh macro sluice does not evaluate yet; write its SQL out in the model
-          models/e.sql:1:23: SCD_TYPE_2 is a SQLMesh kind sluice does not run yet; expected VIEW, FULL, INCREMENTAL_BY_TIME_RANGE, INCREMENTAL_BY_UNIQUE_KEY, INCREMENTAL_BY_PARTITION, INCREMENTAL_UNMANAGED, SEED or EMBEDDED
+          models/e.sql:1:23: MANAGED is a SQLMesh kind sluice does not run yet; expected VIEW, FULL, INCREMENTAL_BY_TIME_RANGE, INCREMENTAL_BY_UNIQUE_KEY, INCREMENTAL_BY_PARTITION, INCREMENTAL_UNMANAGED, SCD_TYPE_2_BY_TIME, SCD_TYPE_2_BY_COLUMN, SEED or EMBEDDED
           models/f.sql: s.f reads s.py_model, which sluice cannot run (models/py_model.py)
           models/g.sql: s.g reads s.f, which sluice cannot run (models/f.sql)
           models/py_model.py: a Python model (s.py_model), which sluice cannot run; rewrite it as a SQL model in models/*.sql, or remove it and declare its table in external_models.yaml
